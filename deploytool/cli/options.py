@@ -1,0 +1,23 @@
+"""Options that recur across commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
+OutDir = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")]
+OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file (written atomically).")]
+Backends = Annotated[str, typer.Option("--backends", "-b",
+                                       help="Comma-separated backends: torch, torch-dense, torch-sparse, "
+                                            "onnxruntime, tensorrt.")]
+Data = Annotated[str, typer.Option("--data", help="digits, blobs, or a path to an .npz with arrays x and y.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def split_list(value: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [part.strip() for part in value.split(",") if part.strip()]

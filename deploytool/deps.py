@@ -1,0 +1,45 @@
+"""Optional imports: heavy or optional packages are imported where used, through `require`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from deploytool.errors import MissingDependency
+
+# module -> what to install when it is missing
+_INSTALL_HINTS = {
+    "onnx": 'pip install onnx',
+    "onnxruntime": 'pip install onnxruntime (or "deploytool[gpu]" for CUDA)',
+    "onnxscript": "pip install onnxscript",
+    "tensorrt": 'pip install "deploytool[tensorrt]" (needs an NVIDIA GPU and driver)',
+    "triton": 'pip install "deploytool[gpu]" (Triton compiler)',
+    "pytriton": 'pip install "deploytool[serve]"',
+    "tritonclient": 'pip install "deploytool[serve]"',
+    "matplotlib": "pip install matplotlib",
+}
+
+
+def install_hint(module: str) -> str:
+    root = module.split(".")[0]
+    return _INSTALL_HINTS.get(root, f"pip install {root}")
+
+
+def require(module: str, why: str | None = None) -> ModuleType:
+    """Import `module` or raise MissingDependency with one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        purpose = f" (needed for {why})" if why else ""
+        raise MissingDependency(
+            f"{module.split('.')[0]} is not available{purpose}: {install_hint(module)} [{exc}]"
+        ) from exc
+
+
+def available(module: str) -> bool:
+    """True when `module` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

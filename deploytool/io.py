@@ -1,0 +1,161 @@
+"""Atomic writes, safetensors checkpoints and run directories.
+
+Every artifact is written to a temporary file beside its target and renamed into place, so a crash
+or a failed check never leaves a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from deploytool.errors import BadInput
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+ROUTING_PLOT = "routing.png"
+
+
+def check_parent_dir(path: str | os.PathLike) -> Path:
+    """Refuse an output path whose directory does not exist or that is a directory itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"output path {path} is a directory; give a file path")
+    if not path.parent.exists():
+        raise BadInput(f"output directory {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
+    target = check_parent_dir(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_out_dir(path: str | os.PathLike) -> Path:
+    """Create an output directory (and parents); refuse a path that is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"output directory {path} exists and is a file")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and swap it into place when complete.
+
+    An existing directory at `path` stays intact until the new one is whole.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise BadInput(f"{target} exists and is a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- safetensors checkpoints -------------------------------------------------------------------
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len < path.stat().st_size
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_weights(path: str | os.PathLike) -> dict:
+    """Load a safetensors file; anything else (a pickle included) is refused, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint {path} does not exist")
+    if not _looks_like_safetensors(path):
+        raise BadInput(
+            f"checkpoint {path} is not a safetensors file (pickled checkpoints are refused: "
+            "convert with safetensors.torch.save_file)"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInput(f"checkpoint {path} is corrupt: {exc}") from exc

@@ -1,0 +1,150 @@
+"""Routing losses: the confidence penalty that pushes a router to one-hot, balance terms, baselines.
+
+The confidence penalty (K. Frank): for probabilities p over n classes, q = p**(log 2 / log n)
+maps 1/n to 1/2, and q - q**2 peaks there and vanishes at 0 and 1. Summed over classes it is 0 for a
+one-hot row and n/4 for the uniform row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+Reduction = Literal["mean", "sum", "none"]
+PENALTIES = ("frank", "entropy", "none")
+BALANCES = ("entropy", "switch", "none")
+
+ONE_CLASS_MESSAGE = (
+    "a softmax over 1 output always says 'class 0' (its probability is 1 whatever the input), so "
+    "there is nothing to route or penalise; use 2 outputs, or a 1-logit sigmoid router "
+    "(router='sigmoid'), which is a 2-way softmax"
+)
+
+
+def _exponent(n: int) -> float:
+    if n < 2:
+        raise ValueError(ONE_CLASS_MESSAGE)
+    return math.log(2.0) / math.log(n)
+
+
+def _reduce(rows: "torch.Tensor", reduction: Reduction) -> "torch.Tensor":
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "none":
+        return rows
+    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+
+
+def _penalty_from_q(q: "torch.Tensor", alpha: float, dim: int, reduction: Reduction) -> "torch.Tensor":
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    return alpha * _reduce((q - q * q).sum(dim=dim), reduction)
+
+
+def confidence_penalty(probs: "torch.Tensor", alpha: float = 1.0, dim: int = -1,
+                       reduction: Reduction = "mean") -> "torch.Tensor":
+    """alpha * sum(q - q**2) per row, q = p**(log 2 / log n); reduced over rows.
+
+    p**k with k < 1 has an infinite slope at p = 0, so p is clamped to the smallest normal number
+    first: the gradient is finite everywhere (zero below the clamp).
+    """
+    import torch
+
+    k = _exponent(probs.shape[dim])
+    tiny = torch.finfo(probs.dtype).tiny
+    q = torch.exp(k * torch.log(probs.clamp(min=tiny)))
+    return _penalty_from_q(q, alpha, dim, reduction)
+
+
+def confidence_penalty_from_logits(logits: "torch.Tensor", temperature: float = 1.0, alpha: float = 1.0,
+                                   dim: int = -1, reduction: Reduction = "mean") -> "torch.Tensor":
+    """The same value as `confidence_penalty(softmax(logits / T))`, computed in log space.
+
+    q = exp(k * log_softmax(logits / T)) never takes a power of an underflowed probability, so the
+    gradient stays finite and informative when probabilities are far below float precision.
+    """
+    import torch
+
+    k = _exponent(logits.shape[dim])
+    q = torch.exp(k * torch.log_softmax(logits / temperature, dim=dim))
+    return _penalty_from_q(q, alpha, dim, reduction)
+
+
+def entropy_penalty(logits: "torch.Tensor", temperature: float = 1.0, alpha: float = 1.0, dim: int = -1,
+                    reduction: Reduction = "mean") -> "torch.Tensor":
+    """alpha * Shannon entropy of each row, normalised by log n: the baseline users try first."""
+    import torch
+
+    n = logits.shape[dim]
+    _exponent(n)
+    logp = torch.log_softmax(logits / temperature, dim=dim)
+    rows = -(logp.exp() * logp).sum(dim=dim) / math.log(n)
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    return alpha * _reduce(rows, reduction)
+
+
+def routing_penalty(kind: str, logits: "torch.Tensor", temperature: float, alpha: float) -> "torch.Tensor":
+    """Dispatch on a penalty name (frank | entropy | none)."""
+    if kind == "frank":
+        return confidence_penalty_from_logits(logits, temperature, alpha)
+    if kind == "entropy":
+        return entropy_penalty(logits, temperature, alpha)
+    if kind == "none":
+        return logits.new_zeros(())
+    raise ValueError(f"unknown penalty {kind!r}; choose one of {', '.join(PENALTIES)}")
+
+
+def batch_entropy_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor":
+    """log n - H(mean routing distribution over the batch): 0 when experts share traffic evenly.
+
+    It asks the batch, not each row, to be spread out, so it does not fight the confidence penalty.
+    """
+    import torch
+
+    n = probs.shape[dim]
+    mean = probs.mean(dim=0)
+    tiny = torch.finfo(probs.dtype).tiny
+    return math.log(n) + (mean * torch.log(mean.clamp(min=tiny))).sum()
+
+
+def switch_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor":
+    """Switch Transformer load balancing, E * sum_i f_i * P_i (1 when balanced).
+
+    f_i (share of rows whose top-1 is i) carries no gradient; P_i is the mean router probability.
+    """
+    import torch
+
+    n = probs.shape[dim]
+    f = torch.nn.functional.one_hot(probs.argmax(dim=dim), n).to(probs.dtype).mean(dim=0)
+    return n * (f * probs.mean(dim=0)).sum()
+
+
+def balance_loss(kind: str, probs: "torch.Tensor", beta: float) -> "torch.Tensor":
+    """Dispatch on a balance name (entropy | switch | none)."""
+    if beta < 0:
+        raise ValueError(f"balance weight must be >= 0, got {beta}")
+    if kind == "entropy":
+        return beta * batch_entropy_balance(probs)
+    if kind == "switch":
+        return beta * switch_balance(probs)
+    if kind == "none":
+        return probs.new_zeros(())
+    raise ValueError(f"unknown balance {kind!r}; choose one of {', '.join(BALANCES)}")
+
+
+def gumbel_straight_through(logits: "torch.Tensor", temperature: float = 1.0, dim: int = -1,
+                            generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """Hard one-hot samples in the forward pass, soft Gumbel-softmax gradients in the backward pass."""
+    import torch
+
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    soft = torch.softmax((logits + gumbel) / temperature, dim=dim)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=dim), logits.shape[dim]).to(soft.dtype)
+    return hard - soft.detach() + soft

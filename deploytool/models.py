@@ -1,0 +1,59 @@
+"""Built-in routed architectures, built from a plain config dict (what config.json stores)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploytool.errors import BadInput
+from deploytool.nn import RoutedExperts, RoutedOutput, Router, RoutingLoss
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class RoutedMLP(nn.Module):
+    """router + E expert MLPs + linear head; returns (output, index, probs)."""
+
+    def __init__(self, in_features: int, n_classes: int, n_experts: int = 4, expert_hidden: int = 64,
+                 width: int = 32, router_hidden: int = 0, temperature: float = 1.0,
+                 router: str = "softmax", dispatch: str = "dense", loss: RoutingLoss | None = None):
+        super().__init__()
+        self.in_features = in_features
+        experts = [_mlp([in_features, expert_hidden, width]) for _ in range(n_experts)]
+        self.routed = RoutedExperts(Router(in_features, n_experts, temperature, router, router_hidden),
+                                    [nn.Sequential(e, nn.ReLU()) for e in experts], dispatch, loss)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> RoutedOutput:
+        routed = self.routed(x)
+        return RoutedOutput(self.head(routed.output), routed.index, routed.probs)
+
+
+MODELS = {"routed-mlp": RoutedMLP}
+
+# config.json keys that become constructor arguments
+ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden",
+             "temperature", "router", "dispatch")
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its config (`config["model"]` names the architecture)."""
+    name = config.get("model")
+    if name not in MODELS:
+        raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+    kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
+    loss = RoutingLoss(config.get("penalty", "frank"), config.get("alpha", 0.1),
+                       config.get("balance", "entropy"), config.get("beta", 1.0))
+    try:
+        return MODELS[name](loss=loss, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"cannot build {name}: {exc}") from exc

@@ -1,0 +1,191 @@
+"""Router and RoutedExperts: modules a user drops into their own model.
+
+Training blends experts with the router's soft weights and records the routing losses (confidence
+penalty, balance) on the module; `collect_routing_loss(model)` sums them. Evaluation commits to one
+expert per row (hard top-1): dense dispatch runs every expert and masks, sparse dispatch runs only
+the chosen expert on its rows. Both give the same output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from deploytool import losses
+from deploytool.ops.functional import hard_select, tempered_softmax
+
+RouterKind = Literal["softmax", "sigmoid"]
+Dispatch = Literal["dense", "sparse"]
+RoutingMode = Literal["auto", "soft", "hard", "gumbel"]
+
+
+class RouterOutput(NamedTuple):
+    logits: torch.Tensor  # [B, E] before the temperature
+    probs: torch.Tensor   # [B, E] tempered softmax
+    index: torch.Tensor   # [B] int64 top-1
+
+
+class RoutedOutput(NamedTuple):
+    output: torch.Tensor
+    index: torch.Tensor
+    probs: torch.Tensor
+
+
+def check_temperature(value: float, what: str = "temperature") -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")
+    return value
+
+
+class Router(nn.Module):
+    """Linear (or small MLP) router: logits -> tempered softmax -> top-1.
+
+    `kind="sigmoid"` is the binary router: one logit z, read as the 2-way softmax over [z, 0]
+    (sigmoid(z) = softmax([z, 0])[0]), so everything downstream sees two experts.
+    """
+
+    def __init__(self, in_features: int, n_experts: int, temperature: float = 1.0,
+                 kind: RouterKind = "softmax", hidden: int = 0):
+        super().__init__()
+        if kind == "softmax" and n_experts < 2:
+            raise ValueError(f"n_experts={n_experts}: {losses.ONE_CLASS_MESSAGE}")
+        if kind == "sigmoid" and n_experts != 2:
+            raise ValueError(f"a sigmoid router chooses between exactly 2 experts, got n_experts={n_experts}")
+        if kind not in ("softmax", "sigmoid"):
+            raise ValueError(f"router kind must be softmax or sigmoid, got {kind!r}")
+        self.kind = kind
+        self.n_experts = n_experts
+        n_logits = 1 if kind == "sigmoid" else n_experts
+        layers: list[nn.Module] = []
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.ReLU()]
+        layers.append(nn.Linear(hidden or in_features, n_logits))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("temperature", torch.tensor(check_temperature(temperature)))
+
+    def set_temperature(self, value: float) -> None:
+        self.temperature.fill_(check_temperature(value))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        if self.kind == "sigmoid":
+            z = torch.cat([z, torch.zeros_like(z)], dim=-1)
+        return z
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = self.logits(x)
+        probs = tempered_softmax(logits, float(self.temperature))
+        _, index = hard_select(probs)
+        return RouterOutput(logits, probs, index)
+
+
+@dataclass(frozen=True)
+class RoutingLoss:
+    """Which routing losses training adds, and how strongly."""
+
+    penalty: str = "frank"     # frank | entropy | none
+    alpha: float = 0.1
+    balance: str = "entropy"   # entropy | switch | none
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.penalty not in losses.PENALTIES:
+            raise ValueError(f"unknown penalty {self.penalty!r}; choose one of {', '.join(losses.PENALTIES)}")
+        if self.balance not in losses.BALANCES:
+            raise ValueError(f"unknown balance {self.balance!r}; choose one of {', '.join(losses.BALANCES)}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+    def __call__(self, routing: RouterOutput, temperature: float) -> torch.Tensor:
+        return (losses.routing_penalty(self.penalty, routing.logits, temperature, self.alpha)
+                + losses.balance_loss(self.balance, routing.probs, self.beta))
+
+
+class RoutedExperts(nn.Module):
+    """Routes each row to experts: soft blend in training, one expert per row in evaluation."""
+
+    def __init__(self, router: Router, experts: Sequence[nn.Module], dispatch: Dispatch = "dense",
+                 loss: RoutingLoss | None = None):
+        super().__init__()
+        if len(experts) != router.n_experts:
+            raise ValueError(f"router has {router.n_experts} experts, got {len(experts)} expert modules")
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.dispatch = dispatch
+        self.loss = loss or RoutingLoss()
+        self.mode: RoutingMode = "auto"
+        self.routing_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> RoutedOutput:
+        routing = self.router(x)
+        mode = self.mode if self.mode != "auto" else ("soft" if self.training else "hard")
+        if self.training:
+            self.routing_loss = self.loss(routing, float(self.router.temperature))
+        if mode == "soft":
+            weights = routing.probs
+        elif mode == "gumbel":
+            weights = losses.gumbel_straight_through(routing.logits, float(self.router.temperature))
+        elif mode == "hard":
+            if self.dispatch == "sparse" and not torch.onnx.is_in_onnx_export():
+                return RoutedOutput(self.sparse(x, routing.index), routing.index, routing.probs)
+            weights, _ = hard_select(routing.probs)
+        else:
+            raise ValueError(f"unknown routing mode {mode!r}")
+        output = sum(weights[:, e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        index = weights.argmax(dim=-1) if mode == "gumbel" else routing.index
+        return RoutedOutput(output, index, routing.probs)
+
+    def sparse(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Only the chosen expert computes each row: rows grouped by expert, one slice per expert."""
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=len(self.experts)).tolist()
+        xs = x.index_select(0, order)
+        chunks = [expert(part) for expert, part in zip(self.experts, xs.split(counts)) if part.shape[0]]
+        out = torch.empty((x.shape[0], *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=x.device)
+        out.index_copy_(0, order, torch.cat(chunks))
+        return out
+
+
+def routed_modules(model: nn.Module) -> list[RoutedExperts]:
+    return [m for m in model.modules() if isinstance(m, RoutedExperts)]
+
+
+def collect_routing_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the routing losses recorded by every RoutedExperts in the last training forward."""
+    terms = [m.routing_loss for m in routed_modules(model) if m.routing_loss is not None]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+@contextlib.contextmanager
+def routing_mode(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
+    """Temporarily force every RoutedExperts in `model` to soft, hard or gumbel routing."""
+    modules = routed_modules(model)
+    saved = [m.mode for m in modules]
+    for m in modules:
+        m.mode = mode
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            m.mode = old
+
+
+def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
+    for m in routed_modules(model):
+        m.dispatch = dispatch
+
+
+def set_temperature(model: nn.Module, value: float) -> None:
+    for m in routed_modules(model):
+        m.router.set_temperature(value)

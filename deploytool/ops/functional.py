@@ -1,0 +1,39 @@
+"""The torch implementations of the ops; under `torch.onnx.export` they become custom nodes.
+
+Outside export they are plain, differentiable torch. During export each call is recorded as one node
+in domain `deploytool` (the export step attaches the ONNX function bodies afterwards), so the graph
+shows the routing step as the ops the rest of the toolchain knows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX, VERSION
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature) over the last axis (torch's softmax subtracts the max)."""
+    if _exporting():
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{TEMPERED_SOFTMAX}", (logits,), {"temperature": float(temperature)},
+            dtype=logits.dtype, shape=logits.shape, version=VERSION,
+        )
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def hard_select(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one-hot mask in probs' dtype, int64 index of the top-1); ties go to the lowest index."""
+    if _exporting():
+        mask, index = torch.onnx.ops.symbolic_multi_out(
+            f"{DOMAIN}::{HARD_SELECT}", (probs,), {},
+            dtypes=(probs.dtype, torch.int64), shapes=(probs.shape, probs.shape[:-1]), version=VERSION,
+        )
+        return mask, index
+    index = probs.argmax(dim=-1)
+    mask = torch.nn.functional.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return mask, index

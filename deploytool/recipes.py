@@ -1,0 +1,129 @@
+"""Training recipes: the TOML files under models/ and the flags of `deploytool train` map to TrainConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploytool.errors import BadInput
+from deploytool.losses import BALANCES, ONE_CLASS_MESSAGE, PENALTIES
+
+ROUTINGS = ("soft", "gumbel")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; stored in config.json so the model can be rebuilt."""
+
+    model: str = "routed-mlp"
+    dataset: str = "digits"
+    experts: int = 4
+    router: str = "softmax"          # softmax | sigmoid (binary: experts must be 2)
+    routing: str = "soft"            # soft blend or gumbel straight-through while training
+    penalty: str = "frank"           # frank | entropy | none
+    alpha: float = 0.5
+    balance: str = "entropy"         # entropy | switch | none
+    beta: float = 1.0
+    temperature: float = 1.0
+    temperature_end: float | None = 0.1
+    epochs: int = 40
+    lr: float = 3e-3
+    batch_size: int = 64
+    seed: int = 0
+    expert_hidden: int = 64
+    width: int = 32
+    router_hidden: int = 0
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        from deploytool.models import MODELS
+
+        if self.model not in MODELS:
+            raise BadInput(f"unknown model {self.model!r}; built-in models: {', '.join(MODELS)}")
+        if self.router not in ("softmax", "sigmoid"):
+            raise BadInput(f"router must be softmax or sigmoid, got {self.router!r}")
+        if self.router == "softmax" and self.experts < 2:
+            raise BadInput(f"--experts {self.experts}: {ONE_CLASS_MESSAGE}")
+        if self.router == "sigmoid" and self.experts != 2:
+            raise BadInput(f"a sigmoid router routes between exactly 2 experts, got experts={self.experts}")
+        if self.penalty not in PENALTIES:
+            raise BadInput(f"unknown penalty {self.penalty!r}; choose one of {', '.join(PENALTIES)}")
+        if self.balance not in BALANCES:
+            raise BadInput(f"unknown balance {self.balance!r}; choose one of {', '.join(BALANCES)}")
+        if self.routing not in ROUTINGS:
+            raise BadInput(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        for name in ("temperature", "temperature_end", "lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BadInput(f"{name} must be a finite number > 0, got {value}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise BadInput(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("epochs", "batch_size", "expert_hidden", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BadInput(f"{name} must be a whole number >= 1, got {value}")
+        if not isinstance(self.router_hidden, int) or self.router_hidden < 0:
+            raise BadInput(f"router_hidden must be a whole number >= 0, got {self.router_hidden}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise BadInput(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise BadInput(f"{source}: {exc}") from exc
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a recipe TOML (flat keys, or a [train] table) and apply `overrides` (flags) on top."""
+    path = resolve_recipe(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"recipe {path} is not valid TOML: {exc}") from exc
+    values = dict(values.get("train", values))
+    values.pop("name", None)
+    values.pop("description", None)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(values, f"recipe {path}")
+
+
+def builtin_models_dir() -> Path:
+    """models/ in a source checkout, or the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data" / "models", here.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "models"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A path, or the name of a built-in recipe (`digits-4` for models/digits-4.toml)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    builtin = builtin_models_dir() / f"{path.stem}.toml"
+    if builtin.is_file() and path.parent == Path("."):
+        return builtin
+    raise BadInput(f"recipe {path} does not exist (built-in recipes: {', '.join(list_recipes()) or 'none'})")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in builtin_models_dir().glob("*.toml"))

@@ -1,0 +1,78 @@
+"""The Runner interface: `with runner: outputs = runner.infer(feed)`.
+
+Every backend (torch, onnxruntime, tensorrt) implements it, so callers never name a backend. Feeds and
+outputs are dicts of NumPy arrays keyed by tensor name (inputs: `x`; outputs: `output`, `index`,
+`probs`). Backends import their libraries in `activate`, never at module import.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, NumPy dtype name and shape of one input or output; a str or None dim is dynamic."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+
+class Runner(abc.ABC):
+    """Base of every backend runner.
+
+    Subclasses implement `_activate`, `_deactivate`, `_infer` and the `inputs`/`outputs` metadata.
+    `activate` loads the model (session, engine); `infer` may only be called while active.
+    """
+
+    #: backend name as the CLI spells it ("torch", "onnxruntime", "tensorrt", ...)
+    backend: str = ""
+
+    def __init__(self, name: str | None = None):
+        self.name = name or self.backend
+        self.is_active = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def activate(self) -> None:
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # --- inference ---------------------------------------------------------------------------
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} runner is not active; use `with runner:` or call activate()")
+        return self._infer(feed)
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> list[TensorMeta]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> list[TensorMeta]: ...
+
+    @abc.abstractmethod
+    def _activate(self) -> None: ...
+
+    def _deactivate(self) -> None:
+        """Release sessions and buffers; the default holds nothing."""
+
+    @abc.abstractmethod
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
