@@ -51,7 +51,7 @@ def load_blobs(seed: int = 0, n_samples: int = 4096, n_features: int = 64, n_cla
     from sklearn.datasets import make_blobs
 
     if n_samples < 10 or n_features < 1 or n_classes < 2:
-        raise BadInput(f"blobs needs n_samples >= 10, n_features >= 1, n_classes >= 2")
+        raise BadInput("blobs needs n_samples >= 10, n_features >= 1, n_classes >= 2")
     x, y = make_blobs(n_samples=n_samples, n_features=n_features, centers=n_classes, cluster_std=4.0,
                       random_state=seed)
     x = (x - x.mean(0)) / x.std(0)
@@ -68,6 +68,8 @@ def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Dat
             if "x" not in npz or "y" not in npz:
                 raise BadInput(f"{path} must hold arrays named 'x' and 'y', found {sorted(npz.files)}")
             x, y = npz["x"], npz["y"]
+    except BadInput:
+        raise
     except ValueError as exc:  # object arrays need pickle, which is refused
         raise BadInput(f"{path} holds pickled objects, which are refused: save plain numeric arrays") from exc
     except (OSError, EOFError) as exc:

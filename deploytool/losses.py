@@ -138,13 +138,13 @@ def balance_loss(kind: str, probs: "torch.Tensor", beta: float) -> "torch.Tensor
     raise ValueError(f"unknown balance {kind!r}; choose one of {', '.join(BALANCES)}")
 
 
-def gumbel_straight_through(logits: "torch.Tensor", temperature: float = 1.0, dim: int = -1,
+def gumbel_straight_through(logits: "torch.Tensor", temperature: float = 1.0,
                             generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """Hard one-hot samples in the forward pass, soft Gumbel-softmax gradients in the backward pass."""
+    """Hard one-hot samples (over the last axis) forward, soft Gumbel-softmax gradients backward."""
     import torch
 
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
-    soft = torch.softmax((logits + gumbel) / temperature, dim=dim)
-    hard = torch.nn.functional.one_hot(soft.argmax(dim=dim), logits.shape[dim]).to(soft.dtype)
+    soft = torch.softmax((logits + gumbel) / temperature, dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft

@@ -76,7 +76,7 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
     counts = np.asarray(metrics["class_expert_counts"])
     im = axes[2].imshow(counts, aspect="auto", cmap="viridis")
     axes[2].set(title="which expert each class goes to", xlabel="expert", ylabel="class",
-                xticks=range(counts.shape[1]))
+                xticks=range(counts.shape[1]), yticks=range(counts.shape[0]))
     fig.colorbar(im, ax=axes[2], label="samples")
     fig.suptitle(title or (f"hard acc {metrics['hard_accuracy']:.3f} vs soft {metrics['soft_accuracy']:.3f}"))
     fig.tight_layout()

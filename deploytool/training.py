@@ -66,6 +66,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     from deploytool.metrics import plot_routing, routing_metrics
     from deploytool.models import build_model
     from deploytool.nn import collect_routing_loss, routing_mode, set_temperature
+    from deploytool.progress import progress_bar
 
     config = resolve_config(config, overrides)
     out = io.prepare_out_dir(out or default_out_dir())
@@ -83,7 +84,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     total = config.epochs * steps_per_epoch
     step = 0
     start = time.perf_counter()
-    with _progress(progress, config.epochs) as bar:
+    with progress_bar("training", config.epochs, progress, loss=float("nan")) as advance:
         for epoch in range(config.epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
@@ -99,7 +100,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     opt.step()
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
-            bar(epoch, epoch_loss)
+            advance(loss=epoch_loss)
             if on_epoch:
                 on_epoch(epoch, epoch_loss)
     set_temperature(model, arch["temperature"])
@@ -124,33 +125,6 @@ def resolve_config(config: TrainConfig | str | Path | None, overrides: dict[str,
     if isinstance(config, TrainConfig):
         return config_from_dict({**config.to_dict(), **overrides}, "options")
     return load_recipe(config, overrides)
-
-
-class _progress:
-    """A rich progress bar over epochs (on stderr), or nothing."""
-
-    def __init__(self, enabled: bool, epochs: int):
-        self.enabled, self.epochs, self._bar = enabled, epochs, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                                 console=Console(stderr=True), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task("train", total=self.epochs, loss=float("nan"))
-        return self
-
-    def __call__(self, epoch: int, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=epoch + 1, loss=loss)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def load_run(path: str | Path) -> RunDir:

@@ -44,3 +44,29 @@ def trained_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     return train(None, out, progress=False, epochs=8, seed=0)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the deploytool CLI in-process as a user would: returns (exit code, stdout, stderr)."""
+    from deploytool.cli.app import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, match: str) -> None:
+    """The contract for bad input: the exit code, one `error:` line naming the problem, no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    assert match.lower() in lines[0].lower(), lines[0]

@@ -1,5 +1,64 @@
-"""One Runner per backend (Polygraphy-style); parity, bench, demo and serve loop over runners."""
+"""One Runner per backend (Polygraphy-style); parity, bench, demo and serve loop over runners.
 
+`make_runner(name, ...)` is the only place that maps a backend name to a runner class, so callers
+(verify, bench, serve) take backend names from the user and never import a backend themselves.
+Backend modules are imported lazily: importing this package loads neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploytool.errors import BadInput, MissingDependency
 from deploytool.runners.base import Runner, TensorMeta
 
-__all__ = ["Runner", "TensorMeta"]
+#: tensor names every deploytool model uses, in every backend
+INPUT_NAME = "x"
+OUTPUT_NAMES = ("output", "index", "probs")
+
+#: backend names as the CLI spells them; "torch" keeps the model's own dispatch
+BACKENDS = ("torch", "torch-dense", "torch-sparse", "onnxruntime", "tensorrt")
+
+_TORCH_DISPATCH = {"torch": None, "torch-dense": "dense", "torch-sparse": "sparse"}
+
+
+def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: str | Path | None = None,
+                engine_path: str | Path | None = None, **options: Any) -> Runner:
+    """Build the runner for `backend` from the artifact it needs.
+
+    torch*: `run_dir` (a run directory, or an nn.Module); onnxruntime: `onnx_path`; tensorrt:
+    `engine_path`. `options` go to the runner class (e.g. checkpoint=, device=, threads=).
+    Raises BadInput for an unknown name or a missing artifact, MissingDependency when the backend's
+    library is not installed.
+    """
+    if backend not in BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend in _TORCH_DISPATCH:
+        from deploytool.deps import require
+
+        require("torch", f"the {backend} backend")
+        from deploytool.runners.torch import TorchRunner
+
+        if run_dir is None:
+            raise BadInput(f"backend {backend} needs the run directory (--checkpoint DIR) of the model")
+        return TorchRunner(run_dir, dispatch=_TORCH_DISPATCH[backend], name=backend, **options)
+    if backend == "onnxruntime":
+        from deploytool.deps import require
+
+        require("onnxruntime", "the onnxruntime backend")
+        from deploytool.runners.ort import OnnxRuntimeRunner
+
+        if onnx_path is None:
+            raise BadInput("backend onnxruntime needs an ONNX model path")
+        return OnnxRuntimeRunner(onnx_path, **options)
+    try:
+        from deploytool.runners.trt import TensorRTRunner
+    except ImportError as exc:
+        raise MissingDependency(f"the tensorrt backend is not available: {exc}") from exc
+    if engine_path is None:
+        raise BadInput("backend tensorrt needs an engine path (build one with `deploytool build-engine`)")
+    return TensorRTRunner(engine_path, **options)
+
+
+__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "make_runner"]

@@ -1,0 +1,86 @@
+"""The CLI as a user meets it: light --help, JSON output, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import assert_one_line_error
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["export", "--help"], ["verify", "--help"],
+                                  ["bench", "--help"], ["build-engine", "--help"], ["doctor", "--help"]])
+def test_help_does_not_import_torch(argv):
+    code = ("import sys\nfrom deploytool.cli.app import main\ntry:\n    main(%r)\nexcept SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\nheavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'tensorrt', "
+            "'triton', 'sklearn', 'matplotlib') if m in sys.modules]\nassert not heavy, heavy\n" % argv)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_train_json_reports_the_routing_metrics(cli, tmp_path):
+    code, out, err = cli("train", "--epochs", "2", "--out", tmp_path / "run", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["metrics"]["epochs"] == 2
+    assert {"hard_accuracy", "soft_accuracy", "frac_confident", "expert_load"} <= set(result["metrics"])
+
+
+def test_report_shows_a_trained_run(cli, trained_run):
+    code, out, err = cli("report", trained_run.path)
+    assert code == 0, err
+    assert "hard_accuracy" in out and "routing.png" in out
+    code, out, _ = cli("report", trained_run.path, "--json")
+    assert json.loads(out)["metrics"]["seed"] == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--experts", "1"], "always says 'class 0'"),
+    (["--temperature", "0"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--alpha", "-1"], "alpha"),
+    (["--model", "resnet"], "unknown model"),
+    (["--dataset", "mnist"], "unknown data set"),
+    (["--recipe", "no-such-recipe.toml"], "does not exist"),
+    (["--penalty", "l2"], "unknown penalty"),
+])
+def test_train_bad_input_is_one_line_exit_2(cli, tmp_path, args, match):
+    code, _, err = cli("train", *args, "--epochs", "1", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, 2, match)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_malformed_recipe_is_one_line_exit_2(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train\nexperts = 4")
+    code, _, err = cli("train", "--recipe", recipe, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, 2, "not valid TOML")
+
+
+def test_pickled_npz_is_one_line_exit_2(cli, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.array([object()] * 20, dtype=object), y=np.zeros(20, int))
+    code, _, err = cli("train", "--dataset", data, "--epochs", "1", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, 2, "pickled")
+
+
+def test_output_dir_that_is_a_file_is_one_line_exit_2(cli, tmp_path):
+    target = tmp_path / "f"
+    target.write_text("x")
+    code, _, err = cli("train", "--epochs", "1", "--out", target)
+    assert_one_line_error(code, err, 2, "is a file")
+
+
+def test_report_of_a_missing_run_is_one_line_exit_2(cli, tmp_path):
+    code, _, err = cli("report", tmp_path / "nope")
+    assert_one_line_error(code, err, 2, "does not exist")
+
+
+def test_version(cli):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("deploytool ")
