@@ -21,27 +21,33 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class RoutedMLP(nn.Module):
-    """router + E expert MLPs + linear head; returns (output, index, probs)."""
+    """[shared trunk] + router + E expert MLPs + linear head; returns (output, index, probs).
+
+    The optional trunk (a Linear + ReLU of width `trunk`) learns from every sample, so experts that each
+    see a share of the data still start from good features.
+    """
 
     def __init__(self, in_features: int, n_classes: int, n_experts: int = 4, expert_hidden: int = 64,
-                 width: int = 32, router_hidden: int = 0, temperature: float = 1.0,
+                 width: int = 32, router_hidden: int = 0, trunk: int = 0, temperature: float = 1.0,
                  router: str = "softmax", dispatch: str = "dense", loss: RoutingLoss | None = None):
         super().__init__()
         self.in_features = in_features
-        experts = [_mlp([in_features, expert_hidden, width]) for _ in range(n_experts)]
-        self.routed = RoutedExperts(Router(in_features, n_experts, temperature, router, router_hidden),
+        self.trunk = nn.Sequential(nn.Linear(in_features, trunk), nn.ReLU()) if trunk else nn.Identity()
+        features = trunk or in_features
+        experts = [_mlp([features, expert_hidden, width]) for _ in range(n_experts)]
+        self.routed = RoutedExperts(Router(features, n_experts, temperature, router, router_hidden),
                                     [nn.Sequential(e, nn.ReLU()) for e in experts], dispatch, loss)
         self.head = nn.Linear(width, n_classes)
 
     def forward(self, x: torch.Tensor) -> RoutedOutput:
-        routed = self.routed(x)
+        routed = self.routed(self.trunk(x))
         return RoutedOutput(self.head(routed.output), routed.index, routed.probs)
 
 
 MODELS = {"routed-mlp": RoutedMLP}
 
 # config.json keys that become constructor arguments
-ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden",
+ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden", "trunk",
              "temperature", "router", "dispatch")
 
 
@@ -51,8 +57,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
     kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
-    loss = RoutingLoss(config.get("penalty", "frank"), config.get("alpha", 0.1),
-                       config.get("balance", "entropy"), config.get("beta", 1.0))
+    loss = RoutingLoss(**{k: config[k] for k in ("penalty", "alpha", "balance", "beta") if k in config})
     try:
         return MODELS[name](loss=loss, **kwargs)
     except (TypeError, ValueError) as exc:

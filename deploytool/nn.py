@@ -91,9 +91,9 @@ class RoutingLoss:
     """Which routing losses training adds, and how strongly."""
 
     penalty: str = "frank"     # frank | entropy | none
-    alpha: float = 0.1
+    alpha: float = losses.DEFAULT_ALPHA
     balance: str = "entropy"   # entropy | switch | none
-    beta: float = 1.0
+    beta: float = losses.DEFAULT_BETA
 
     def __post_init__(self):
         if self.penalty not in losses.PENALTIES:

@@ -76,12 +76,14 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     torch.manual_seed(config.seed)
     arch = model_config(config, data.n_features, data.n_classes)
     model = build_model({**arch, "temperature": config.temperature})
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     x = torch.from_numpy(data.x_train)
     y = torch.from_numpy(data.y_train)
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, -(-len(x) // config.batch_size))
     total = config.epochs * steps_per_epoch
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if config.lr_schedule == "cosine"
+                else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     step = 0
     start = time.perf_counter()
     with progress_bar("training", config.epochs, progress, loss=float("nan")) as advance:
@@ -98,6 +100,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    schedule.step()
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
             advance(loss=epoch_loss)
