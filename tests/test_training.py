@@ -45,9 +45,9 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
 
 
 def test_binary_sigmoid_router_trains(tmp_path):
-    run = train(None, tmp_path / "bin", progress=False, epochs=2, experts=2, router="sigmoid")
+    run = train(None, tmp_path / "bin", progress=False, epochs=5, experts=2, router="sigmoid")
     assert len(run.metrics["expert_load"]) == 2
-    assert run.metrics["hard_accuracy"] > 0.5
+    assert run.metrics["hard_accuracy"] > 0.7  # chance is 0.1
 
 
 def test_temperature_anneals_geometrically_from_start_to_end():

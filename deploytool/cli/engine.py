@@ -1,5 +1,58 @@
-"""Placeholder while this command group is being built."""
+"""`deploytool build-engine`: ONNX model -> TensorRT engine + manifest (or, with --dry-run, the plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from deploytool.cli.options import Json
+from deploytool.cli.render import console, print_json, table
+
 app = typer.Typer()
+
+
+@app.command("build-engine")
+def build_engine(
+    model: Annotated[Path, typer.Argument(help="ONNX model (from deploytool export).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Engine file to write, e.g. model.plan "
+                                                "(written atomically, with model.plan.json beside it).")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")] = "fp32",
+    min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch the engine accepts.")] = 1,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 64,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engine accepts.")] = 1024,
+    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = 1024,
+    timing_cache: Annotated[Optional[Path], typer.Option(
+        "--timing-cache", help="Timing cache file: read if present, updated after the build.")] = None,
+    plugin: Annotated[bool, typer.Option(
+        "--plugin/--no-plugin", help="Run deploytool's ops as the embedded Triton kernel (plugin) or as their "
+                                     "ONNX functions in standard layers.")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the build plan as JSON; needs no TensorRT.")] = False,
+    json: Json = False,
+) -> None:
+    """Build a TensorRT engine; exit 3 when TensorRT or a GPU is missing (nothing is written then)."""
+    from deploytool.engine.build import build_engine as build
+
+    result = build(model, out, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                   workspace_mib=workspace, timing_cache=timing_cache, plugin=plugin, dry_run=dry_run)
+    if dry_run or json:
+        print_json(result.to_dict())
+        return
+    data = result.to_dict()
+    plan = data["plan"]
+    con = console()
+    con.print(table(f"engine {data['engine']}", ["", ""], [
+        ("precision", f"{plan['precision']} ({plan['typing']} typing)"),
+        ("profile", "; ".join(f"{name} {s['min']} .. {s['opt']} .. {s['max']}" for name, s in plan["profile"].items())),
+        ("deploytool ops", _op_path_line(data, plan)),
+        ("manifest", data["manifest"]),
+    ]))
+
+
+def _op_path_line(data: dict, plan: dict) -> str:
+    if data["op_path"] == "plugin":
+        return f"plugin path: {len(data['plugin_layers'])} plugin layer(s), Triton kernel embedded as PTX"
+    if plan["op_path"] == "plugin":
+        return "local-function path: the parser did not map the nodes to the plugin (see the TensorRT log)"
+    return "local-function path (ONNX function bodies as standard layers)"

@@ -21,13 +21,15 @@ def print_json(obj: Any) -> None:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]):
+    """A rich table; cells are plain text (escaped), so `deploytool[tensorrt]` is not read as markup."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
+    t = Table(title=escape(title), title_justify="left")
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(escape(col), justify="left" if i == 0 else "right")
     for row in rows:
-        t.add_row(*(fmt(v) for v in row))
+        t.add_row(*(escape(fmt(v)) for v in row))
     return t
 
 

@@ -1,0 +1,141 @@
+"""`doctor`: what this machine can do, and whether a given engine will load here.
+
+Each probe is independent and never raises: a missing or broken package shows up as `None` plus the
+reason, so doctor works on the machines that most need it (no GPU, no TensorRT).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+from pathlib import Path
+
+from deploytool.deps import install_hint
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _import(module: str):
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:  # ImportError, or a broken install raising anything on import
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def gpu() -> dict | None:
+    """Name and compute capability ("9.0") of CUDA device 0 as torch sees it, or None."""
+    torch, _ = _import("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def describe_machine() -> dict:
+    """The facts an engine depends on: TensorRT and CUDA versions, GPU name and compute capability."""
+    trt, _ = _import("tensorrt")
+    torch, _ = _import("torch")
+    device = gpu()
+    return {
+        "tensorrt": getattr(trt, "__version__", None),
+        "cuda": getattr(getattr(torch, "version", None), "cuda", None),
+        "gpu": device and device["name"],
+        "compute_capability": device and device["compute_capability"],
+    }
+
+
+def doctor(engine: str | Path | None = None) -> dict:
+    """Report Python, torch/CUDA, GPU, onnxruntime, TensorRT (+ deploytool plugins), triton, and which
+    commands will work; with `engine`, whether that engine will load here and why not."""
+    report = {"python": platform.python_version(), "platform": platform.platform(),
+              "torch": _torch(), "gpu": gpu(), "onnxruntime": _onnxruntime(), "tensorrt": _tensorrt(),
+              "triton": {"version": _version("triton")} if _version("triton") else None}
+    report["commands"] = _commands(report)
+    if engine is not None:
+        report["engine"] = check_engine(engine)
+    return report
+
+
+def _torch() -> dict:
+    torch, error = _import("torch")
+    if torch is None:
+        return {"version": None, "error": error}
+    return {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+
+
+def _onnxruntime() -> dict:
+    ort, error = _import("onnxruntime")
+    if ort is None:
+        return {"version": None, "error": error}
+    return {"version": ort.__version__, "providers": list(ort.get_available_providers())}
+
+
+def _tensorrt() -> dict:
+    trt, error = _import("tensorrt")
+    if trt is None:
+        return {"version": None, "error": error, "plugins": None}
+    from deploytool.engine.plan import PLUGIN_OPS
+    from deploytool.engine.plugins import load_plugins
+    from deploytool.ops import DOMAIN
+
+    try:
+        load_plugins()
+        plugins = {"registered": True, "ids": [f"{DOMAIN}::{op}" for op in PLUGIN_OPS]}
+    except Exception as exc:  # MissingDependency (no triton, TRT < 10.8) or a registration failure
+        plugins = {"registered": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"version": trt.__version__, "plugins": plugins}
+
+
+def _commands(report: dict) -> dict:
+    """command -> {"works": bool, "missing": [...], "hint": how to fix it}."""
+    have = {
+        "torch": bool(report["torch"].get("version")),
+        "onnx": _version("onnx") is not None,
+        "onnxscript": _version("onnxscript") is not None,
+        "onnxruntime": bool(report["onnxruntime"].get("version")),
+        "tensorrt": bool(report["tensorrt"].get("version")),
+        "gpu": report["gpu"] is not None,
+        "triton": report["triton"] is not None,
+        "deploytool plugins": bool((report["tensorrt"].get("plugins") or {}).get("registered")),
+        "tritonclient": _version("tritonclient") is not None,
+    }
+    needs = {
+        "train": ["torch"],
+        "export": ["torch", "onnx", "onnxscript"],
+        "verify / bench (torch, onnxruntime)": ["torch", "onnxruntime"],
+        "build-engine --dry-run": ["onnx"],
+        "build-engine --no-plugin": ["onnx", "tensorrt", "gpu"],
+        "build-engine (plugin path)": ["onnx", "tensorrt", "gpu", "triton", "deploytool plugins"],
+        "verify / bench --backends tensorrt": ["torch", "tensorrt", "gpu"],
+        "fused kernel on GPU (tempered_softmax_select)": ["torch", "triton", "gpu"],
+        "serve": ["tritonclient"],
+    }
+    hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"', "deploytool plugins": "TensorRT >= 10.8 and triton",
+             "tritonclient": 'pip install "deploytool[serve]"'}
+    commands = {}
+    for command, required in needs.items():
+        missing = [r for r in required if not have[r]]
+        commands[command] = {"works": not missing, "missing": missing,
+                             "hint": "; ".join(hints.get(m) or install_hint(m) for m in missing)}
+    return commands
+
+
+def check_engine(engine: str | Path) -> dict:
+    """Compare an engine's manifest with this machine: will it load, and if not, why."""
+    from deploytool.engine.manifest import load_problems, read_manifest
+
+    manifest = read_manifest(engine)
+    here = describe_machine()
+    problems = load_problems(manifest, here)
+    plugin = ("kernels embedded as PTX (AOT plugin): no plugin library or Python needed to load"
+              if manifest.get("op_path") == "plugin" else "standard TensorRT layers (ONNX local functions)")
+    return {"path": str(engine), "will_load": not problems, "problems": problems,
+            "built": {k: manifest.get(k) for k in ("tensorrt", "cuda", "gpu", "compute_capability", "precision",
+                                                   "op_path", "plugin_ids", "deploytool")},
+            "here": here, "plugin": plugin}

@@ -1,0 +1,196 @@
+"""`build_engine`: apply an EngineBuildPlan with the TensorRT API and write the engine plus its manifest.
+
+Everything that can be decided without TensorRT is in plan.py; this layer only talks to TensorRT
+(>= 10.8, written against the documented 10.x/11.x Python API). It checks for TensorRT and a GPU
+before touching any file, and writes the engine, manifest and timing cache atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploytool.engine.manifest import build_manifest, manifest_path
+from deploytool.engine.plan import (FIRST_STRONG_ONLY_TENSORRT, FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH,
+                                    EngineBuildPlan, plan_engine)
+from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.ops import DOMAIN
+
+INSTALL = 'pip install "deploytool[tensorrt]" on a machine with an NVIDIA GPU and driver'
+
+
+@dataclass
+class EngineBuildResult:
+    engine: str
+    manifest: str
+    #: the path the ONNX parser actually took for deploytool's ops (it may differ from the plan's wish)
+    op_path: str
+    plugin_layers: list[str]
+    plan: EngineBuildPlan
+    manifest_data: dict
+
+    def to_dict(self) -> dict:
+        return {"engine": self.engine, "manifest": self.manifest, "op_path": self.op_path,
+                "plugin_layers": self.plugin_layers, "plan": self.plan.to_dict()}
+
+
+def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precision: str = "fp32",
+                 min_batch: int = 1, opt_batch: int = 64, max_batch: int = 1024, workspace_mib: int = 1024,
+                 timing_cache: str | Path | None = None, plugin: bool = True,
+                 dry_run: bool = False) -> EngineBuildPlan | EngineBuildResult:
+    """Build a TensorRT engine from an ONNX model; with dry_run, return the plan and touch nothing."""
+    plan = plan_engine(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
+                       max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin)
+    if dry_run:
+        return plan
+    if out is None:
+        raise BadInput("give the engine path with --out (e.g. --out model.plan)")
+    from deploytool.io import check_parent_dir
+
+    out = check_parent_dir(out)
+    trt = require_tensorrt_and_gpu()
+    return _build(trt, plan, out)
+
+
+def require_tensorrt_and_gpu(purpose: str = "build-engine"):
+    """The tensorrt module, or MissingDependency naming everything that is missing, in one line."""
+    import importlib
+
+    from deploytool.diagnostics import gpu
+
+    missing = []
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        trt = None
+        missing.append("TensorRT")
+    if gpu() is None:
+        missing.append("an NVIDIA GPU with a working CUDA driver")
+    if missing:
+        raise MissingDependency(f"{purpose} needs {' and '.join(missing)}: {INSTALL}")
+    if _version_tuple(trt.__version__) < _version_tuple(MIN_TENSORRT):
+        raise MissingDependency(f"TensorRT {trt.__version__} is too old; deploytool needs >= {MIN_TENSORRT}: "
+                                'pip install -U "deploytool[tensorrt]"')
+    return trt
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
+    from deploytool.diagnostics import describe_machine
+    from deploytool.engine import plugins
+    from deploytool.io import atomic_path, write_bytes, write_json
+
+    if plan.typing == "weak" and _version_tuple(trt.__version__)[0] >= FIRST_STRONG_ONLY_TENSORRT:
+        raise BadInput(f"TensorRT {trt.__version__} builds only strongly typed networks, so an fp32 model cannot be "
+                       f"lowered to {plan.precision} here: export the model in {plan.precision} or build --precision fp32")
+    plugin_module = plugins.load_plugins() if plan.op_path == PLUGIN_PATH else None
+
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network_flags = 0
+    for name in plan.network_flags:
+        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(_model_bytes(plan), plan.onnx_path):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CheckFailed(f"TensorRT could not parse {plan.onnx_path}: {errors}")
+    plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
+                     if network.get_layer(i).type == trt.LayerType.PLUGIN_V3]
+    op_path = PLUGIN_PATH if plugin_layers else FUNCTION_PATH
+
+    config = builder.create_builder_config()
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared_builder_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mib << 20)
+    profile = builder.create_optimization_profile()
+    for name, shapes in plan.profile.items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
+    if cache_path is not None:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    _pin_fp32(trt, network, plan.fp32_nodes)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CheckFailed(f"TensorRT could not build the engine: {logger.last_error or 'see the TensorRT log'}")
+
+    manifest = build_manifest(
+        plan, machine=describe_machine(), op_path=op_path, plugin_layers=plugin_layers,
+        embedded_ptx=dict(plugin_module.EMBEDDED_PTX) if plugin_module and plugin_layers else {},
+        kernel_source_sha256=plugins.kernel_source_sha256(), io=_io(trt, network))
+    meta_path = manifest_path(out)
+    with atomic_path(out) as engine_tmp, atomic_path(meta_path) as meta_tmp:
+        engine_tmp.write_bytes(bytes(serialized))
+        write_json(meta_tmp, manifest)
+    if cache_path is not None:
+        write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return EngineBuildResult(str(out), str(meta_path), op_path, plugin_layers, plan, manifest)
+
+
+def _model_bytes(plan: EngineBuildPlan) -> bytes:
+    """The ONNX model as the parser should see it: on the plugin path, deploytool nodes name the plugin
+    namespace and ask for the AOT implementation; otherwise the parser inlines their ONNX functions."""
+    import onnx
+
+    model = onnx.load(plan.onnx_path, load_external_data=False)
+    if plan.op_path == PLUGIN_PATH:
+        for node in model.graph.node:
+            if node.domain == DOMAIN and f"{DOMAIN}::{node.op_type}" in plan.plugin_ids:
+                kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "aot")]
+                del node.attribute[:]
+                node.attribute.extend(kept)
+                node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", DOMAIN),
+                                       onnx.helper.make_attribute("aot", 1)])
+    return model.SerializeToString()
+
+
+def _pin_fp32(trt, network, node_names: list[str]) -> None:
+    """Weak typing: keep the routing decision (softmax and top-1) in float32 so fp16 cannot flip it."""
+    if not node_names:
+        return
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if any(layer.name == n or layer.name.startswith(f"{n}_") or layer.name.startswith(f"{n}/")
+               for n in node_names):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                if layer.get_output_type(j) in (trt.float16, trt.bfloat16, trt.float32):
+                    layer.set_output_type(j, trt.float32)
+
+
+def dtype_name(trt, dtype) -> str:
+    """NumPy/torch spelling of a TensorRT data type ("float16"); also used by the TensorRT runner."""
+    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32",
+             trt.int64: "int64", trt.int8: "int8", trt.uint8: "uint8", trt.bool: "bool"}
+    return names[dtype]
+
+
+def _io(trt, network) -> dict:
+    def meta(tensor):
+        return {"name": tensor.name, "dtype": dtype_name(trt, tensor.dtype), "shape": list(tensor.shape)}
+
+    return {"inputs": [meta(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [meta(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def _logger(trt):
+    """A trt.ILogger that keeps the last error for the one-line failure message."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.last_error = None
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.last_error = msg
+
+    return Logger()

@@ -1,0 +1,77 @@
+"""The manifest written beside every engine (`model.plan.json`): what it was built from, with what, for what.
+
+A TensorRT engine only loads under the TensorRT version and on the GPU architecture it was built for;
+the manifest records both so `deploytool doctor --engine` can say, before loading, whether it will.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from deploytool.errors import BadInput
+from deploytool.io import read_json
+
+SCHEMA = 1
+
+
+def manifest_path(engine_path: str | Path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str], embedded_ptx: dict[str, str],
+                   kernel_source_sha256: str | None, io: dict) -> dict:
+    """The manifest of an engine just built from `plan` on `machine` (diagnostics.describe_machine())."""
+    from deploytool import __version__
+
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "deploytool": __version__,
+        "tensorrt": machine.get("tensorrt"),
+        "cuda": machine.get("cuda"),
+        "gpu": machine.get("gpu"),
+        "compute_capability": machine.get("compute_capability"),
+        "precision": plan.precision,
+        "typing": plan.typing,
+        "profile": plan.profile,
+        "io": io,
+        "op_path": op_path,
+        "plugin_ids": plan.plugin_ids if op_path == "plugin" else [],
+        "plugin_layers": plugin_layers,
+        "kernel_source_sha256": kernel_source_sha256 if op_path == "plugin" else None,
+        "embedded_ptx_sha256": embedded_ptx if op_path == "plugin" else {},
+        "onnx": {"path": plan.onnx_path, "sha256": plan.onnx_sha256},
+        "plan": plan.to_dict(),
+    }
+
+
+def read_manifest(engine_path: str | Path) -> dict:
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise BadInput(f"engine {engine_path} does not exist")
+    path = manifest_path(engine_path)
+    if not path.is_file():
+        raise BadInput(f"engine {engine_path} has no manifest {path.name}; rebuild it with deploytool build-engine")
+    manifest = read_json(path, "engine manifest")
+    if not isinstance(manifest, dict) or "tensorrt" not in manifest:
+        raise BadInput(f"{path} is not a deploytool engine manifest")
+    return manifest
+
+
+def load_problems(manifest: dict, machine: dict) -> list[str]:
+    """Why the engine described by `manifest` would not load on `machine`; empty when it should."""
+    problems = []
+    if not machine.get("tensorrt"):
+        problems.append('TensorRT is not installed here (pip install "deploytool[tensorrt]")')
+    elif machine["tensorrt"] != manifest.get("tensorrt"):
+        problems.append(f"built with TensorRT {manifest.get('tensorrt')}, this machine has {machine['tensorrt']} "
+                        "(engines load only under the TensorRT version that built them): rebuild here")
+    if not machine.get("compute_capability"):
+        problems.append("no CUDA GPU is visible here")
+    elif machine["compute_capability"] != manifest.get("compute_capability"):
+        problems.append(f"built for compute capability {manifest.get('compute_capability')} "
+                        f"({manifest.get('gpu')}), this GPU is {machine['compute_capability']} "
+                        f"({machine.get('gpu')}): rebuild on this GPU")
+    return problems

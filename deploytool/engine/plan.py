@@ -1,0 +1,183 @@
+"""EngineBuildPlan: the whole TensorRT build configuration as plain data, decided before TensorRT loads.
+
+Everything a build depends on (typing mode and flags, the optimisation profile derived from the ONNX
+inputs, workspace, timing cache, which deploytool ops become plugins) is computed here from the ONNX
+file and the options, validated, and printed by `build-engine --dry-run`. engine/build.py only applies
+it, so this part is tested on machines without TensorRT or a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from deploytool.errors import BadInput
+from deploytool.io import sha256_file
+from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: deploytool ops that have a TensorRT plugin (plugins/deploytool_trt_plugin.py)
+PLUGIN_OPS = (TEMPERED_SOFTMAX, HARD_SELECT)
+PLUGIN_PATH = "plugin"
+FUNCTION_PATH = "local-function"
+#: TensorRT releases: the Python AOT plugin API appeared in 10.8; 11 builds strongly typed networks only
+MIN_TENSORRT = "10.8"
+FIRST_STRONG_ONLY_TENSORRT = 11
+
+_ONNX_FLOATS = {1: "fp32", 10: "fp16", 16: "bf16"}
+_ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool"}
+
+
+@dataclass
+class EngineBuildPlan:
+    """What build-engine will do; `to_dict()` is the --dry-run output and part of the manifest."""
+
+    onnx_path: str
+    onnx_sha256: str
+    precision: str
+    #: "strong": tensor types come from the ONNX model; "weak": builder flags allow lower precision
+    typing: str
+    network_flags: list[str]
+    builder_flags: list[str]
+    cleared_builder_flags: list[str]
+    #: one optimisation profile: input name -> {"min": shape, "opt": shape, "max": shape}
+    profile: dict[str, dict[str, list[int]]]
+    inputs: list[dict]
+    workspace_mib: int
+    timing_cache: str | None
+    plugin_requested: bool
+    #: how deploytool's ops enter the network: "plugin" (embedded Triton kernel) or "local-function"
+    op_path: str
+    plugin_ids: list[str]
+    deploytool_nodes: list[str]
+    #: nodes pinned to float32 when lower precision is allowed (the routing decision)
+    fp32_nodes: list[str] = field(default_factory=list)
+    requires_tensorrt: str = f">={MIN_TENSORRT}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: int = 1, opt_batch: int = 64,
+                max_batch: int = 1024, workspace_mib: int = 1024, timing_cache: str | Path | None = None,
+                plugin: bool = True) -> EngineBuildPlan:
+    """Read the ONNX model and the options into a validated EngineBuildPlan (no TensorRT needed)."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _check_batches(min_batch, opt_batch, max_batch)
+    if not isinstance(workspace_mib, int) or workspace_mib < 1:
+        raise BadInput(f"--workspace must be a whole number of MiB >= 1, got {workspace_mib}")
+    model = _load(onnx_path)
+    inputs = _graph_inputs(model)
+    profile = _profile(inputs, min_batch, opt_batch, max_batch)
+    model_precision = _model_precision(inputs)
+    typing, builder_flags, network_flags = _typing(model_precision, precision)
+
+    ours = [n for n in model.graph.node if n.domain == DOMAIN]
+    functions = {f.name for f in model.functions if f.domain == DOMAIN}
+    no_body = sorted({n.op_type for n in ours} - functions)
+    unknown = sorted({n.op_type for n in ours} - set(PLUGIN_OPS))
+    if unknown and set(unknown) & set(no_body):
+        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(unknown)} have neither a plugin nor an ONNX "
+                       "function body; re-export the model with deploytool export")
+    use_plugin = plugin and any(n.op_type in PLUGIN_OPS for n in ours)
+    if not use_plugin and no_body:
+        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(no_body)} have no ONNX function body, so they "
+                       "need the plugin: drop --no-plugin or re-export with deploytool export")
+    plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
+    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
+    return EngineBuildPlan(
+        onnx_path=str(onnx_path),
+        onnx_sha256=sha256_file(onnx_path),
+        precision=precision,
+        typing=typing,
+        network_flags=network_flags,
+        builder_flags=builder_flags,
+        # TF32 would round float32 matmuls to 10 mantissa bits: parity with ONNX Runtime needs it off
+        cleared_builder_flags=["TF32"] if precision == "fp32" else [],
+        profile=profile,
+        inputs=inputs,
+        workspace_mib=workspace_mib,
+        timing_cache=None if timing_cache is None else str(timing_cache),
+        plugin_requested=plugin,
+        op_path=PLUGIN_PATH if use_plugin else FUNCTION_PATH,
+        plugin_ids=plugin_ids,
+        deploytool_nodes=names,
+        fp32_nodes=names if typing == "weak" else [],
+        requires_tensorrt=f">={MIN_TENSORRT},<{FIRST_STRONG_ONLY_TENSORRT}" if typing == "weak" else f">={MIN_TENSORRT}",
+    )
+
+
+def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    for name, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        if not isinstance(value, int) or value < 1:
+            raise BadInput(f"{name} must be a whole number >= 1, got {value}")
+    if not min_batch <= opt_batch <= max_batch:
+        raise BadInput(f"batch profile needs min <= opt <= max, got {min_batch} / {opt_batch} / {max_batch}")
+
+
+def _load(onnx_path: str | Path):
+    from deploytool.deps import require
+
+    onnx = require("onnx", "reading the model for build-engine")
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise BadInput(f"ONNX model {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise BadInput(f"{path} is not a valid ONNX model: {exc}") from exc
+
+
+def _graph_inputs(model) -> list[dict]:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        inputs.append({"name": value.name, "dtype": _ONNX_TYPE_NAMES.get(tensor.elem_type, str(tensor.elem_type)),
+                       "elem_type": tensor.elem_type, "shape": dims})
+    if not inputs:
+        raise BadInput("the ONNX model has no inputs")
+    return inputs
+
+
+def _profile(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int) -> dict:
+    """Batch = axis 0 of every input; every other axis must be static (TensorRT needs its extent)."""
+    profile = {}
+    for inp in inputs:
+        shape = inp["shape"]
+        if not shape:
+            raise BadInput(f"input {inp['name']} is a scalar; build-engine needs a batch axis")
+        rest = shape[1:]
+        dynamic = [i + 1 for i, d in enumerate(rest) if not isinstance(d, int) or d < 1]
+        if dynamic:
+            raise BadInput(f"input {inp['name']} has dynamic axes {dynamic} besides the batch axis; "
+                           "re-export with only the batch dynamic")
+        batch = shape[0]
+        if isinstance(batch, int) and batch > 0:
+            if not min_batch == opt_batch == max_batch == batch:
+                raise BadInput(f"input {inp['name']} has a static batch of {batch}: pass --min-batch "
+                               f"{batch} --opt-batch {batch} --max-batch {batch}, or re-export with a dynamic batch")
+        profile[inp["name"]] = {"min": [min_batch, *rest], "opt": [opt_batch, *rest], "max": [max_batch, *rest]}
+    return profile
+
+
+def _model_precision(inputs: list[dict]) -> str:
+    floats = {_ONNX_FLOATS[i["elem_type"]] for i in inputs if i["elem_type"] in _ONNX_FLOATS}
+    if len(floats) > 1:
+        raise BadInput(f"the model mixes float input types {sorted(floats)}; export it in one precision")
+    return floats.pop() if floats else "fp32"
+
+
+def _typing(model_precision: str, precision: str) -> tuple[str, list[str], list[str]]:
+    """Strong typing when the model already is in the requested precision; weak typing (TensorRT 10's
+    FP16/BF16 builder flags, routing pinned to fp32) to lower an fp32 model."""
+    if model_precision == precision:
+        return "strong", [], ["STRONGLY_TYPED"]
+    if model_precision == "fp32":
+        return "weak", [precision.upper(), "OBEY_PRECISION_CONSTRAINTS"], []
+    raise BadInput(f"the model is {model_precision}; it cannot be built as {precision}: build it as "
+                   f"{model_precision} or export it in {precision}")

@@ -1,0 +1,222 @@
+"""The Triton kernel behind the fused op, its launcher, and its ahead-of-time (PTX) compilation.
+
+One kernel serves three callers: the torch op (probs + index), the TensorRT `TemperedSoftmax` plugin
+(probs only) and the `HardSelect` plugin (mask + index from probs). Outputs a caller does not want are
+passed as None, which Triton specialises away, so every variant keeps TensorRT's AOT argument order:
+input pointer, int32 scalars (n_rows, n_cols, temperature as float32 bits), output pointers.
+The temperature travels as bits because TensorRT AOT plugins pass only int32 extra arguments.
+
+Imported only when a kernel is needed (a CUDA tensor, the interpreter, a TensorRT build): it imports
+triton at the top. The CPU interpreter needs TRITON_INTERPRET=1 before triton is first imported
+(triton.language's own helpers are built for one mode at import), so it is a per-process choice.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+#: widest column block; rows with more experts loop over blocks of this size (online softmax)
+MAX_BLOCK_E = 4096
+#: elements per program: compiled programs keep a tile in registers; the interpreter is fastest with
+#: few, large programs
+GPU_TILE = 8192
+INTERPRETER_TILE = 1 << 16
+
+
+@triton.jit
+def tempered_softmax_select_kernel(
+    x_ptr, n_rows, n_cols, temp_bits,
+    probs_ptr, mask_ptr, index_ptr,
+    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr, ONE_BLOCK: tl.constexpr, SOFTMAX: tl.constexpr,
+):
+    """Per row of x[n_rows, n_cols]: probs = softmax(x / T) (if SOFTMAX), then top-1 of probs.
+
+    The top-1 is taken over the probabilities as stored (rounded to the output dtype), so the result
+    equals TemperedSoftmax followed by HardSelect; ties go to the lowest index and a NaN wins at its
+    first position, as torch.argmax does. Rows hit by +inf, NaN or all -inf logits become NaN rows,
+    as torch.softmax makes them. Accumulation is float32.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < n_rows
+    row_start = rows.to(tl.int64) * n_cols
+    cols0 = tl.arange(0, BLOCK_E)
+    neg_inf = float("-inf")
+    no_col = tl.zeros([BLOCK_B], tl.int32) + n_cols  # "no such column" sentinel for min-reductions
+    if SOFTMAX:
+        temperature = temp_bits.to(tl.float32, bitcast=True)
+
+    if ONE_BLOCK:
+        ok = row_ok[:, None] & (cols0[None, :] < n_cols)
+        offs = row_start[:, None] + cols0[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=neg_inf).to(tl.float32)
+        if SOFTMAX:
+            z = x / temperature
+            e = tl.exp(z - tl.max(z, axis=1)[:, None])
+            p = (e / tl.sum(e, axis=1)[:, None]).to(probs_ptr.dtype.element_ty)
+            tl.store(probs_ptr + offs, p, mask=ok)
+            v = tl.where(ok, p.to(tl.float32), neg_inf)
+        else:
+            v = x
+        nan_col = tl.min(tl.where(v != v, cols0[None, :], no_col[:, None]), axis=1)
+        top = tl.max(v, axis=1)
+        top_col = tl.min(tl.where(v == top[:, None], cols0[None, :], no_col[:, None]), axis=1)
+        index = tl.where(nan_col < n_cols, nan_col, top_col)
+        if mask_ptr is not None:
+            hot = (cols0[None, :] == index[:, None]).to(mask_ptr.dtype.element_ty)
+            tl.store(mask_ptr + offs, hot, mask=ok)
+    else:
+        if SOFTMAX:
+            # pass 1: running max and rescaled running sum (online softmax)
+            run_max = tl.full([BLOCK_B], neg_inf, tl.float32)
+            run_sum = tl.zeros([BLOCK_B], tl.float32)
+            for start in range(0, n_cols, BLOCK_E):
+                cols = start + cols0
+                ok = row_ok[:, None] & (cols[None, :] < n_cols)
+                z = tl.load(x_ptr + row_start[:, None] + cols[None, :], mask=ok, other=neg_inf)
+                z = z.to(tl.float32) / temperature
+                new_max = tl.maximum(run_max, tl.max(z, axis=1))
+                # subtracting -inf would turn all-(-inf) prefixes into NaN; their sum is 0 anyway
+                shift = tl.where(new_max == neg_inf, 0.0, new_max)
+                run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+                run_max = new_max
+        # pass 2: write probs, track the top-1 across blocks (earlier blocks win ties)
+        best = tl.full([BLOCK_B], neg_inf, tl.float32)
+        best_col = tl.zeros([BLOCK_B], tl.int32)
+        nan_col = no_col
+        for start in range(0, n_cols, BLOCK_E):
+            cols = start + cols0
+            ok = row_ok[:, None] & (cols[None, :] < n_cols)
+            offs = row_start[:, None] + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=ok, other=neg_inf).to(tl.float32)
+            if SOFTMAX:
+                p = (tl.exp(x / temperature - run_max[:, None]) / run_sum[:, None]).to(probs_ptr.dtype.element_ty)
+                tl.store(probs_ptr + offs, p, mask=ok)
+                v = tl.where(ok, p.to(tl.float32), neg_inf)
+            else:
+                v = x
+            nan_col = tl.minimum(nan_col, tl.min(tl.where(v != v, cols[None, :], no_col[:, None]), axis=1))
+            top = tl.max(v, axis=1)
+            top_col = tl.min(tl.where(v == top[:, None], cols[None, :], no_col[:, None]), axis=1)
+            take = top > best
+            best = tl.where(take, top, best)
+            best_col = tl.where(take, top_col, best_col)
+        index = tl.where(nan_col < n_cols, nan_col, best_col)
+        if mask_ptr is not None:
+            for start in range(0, n_cols, BLOCK_E):
+                cols = start + cols0
+                ok = row_ok[:, None] & (cols[None, :] < n_cols)
+                hot = (cols[None, :] == index[:, None]).to(mask_ptr.dtype.element_ty)
+                tl.store(mask_ptr + row_start[:, None] + cols[None, :], hot, mask=ok)
+    if index_ptr is not None:
+        tl.store(index_ptr + rows, index.to(index_ptr.dtype.element_ty), mask=row_ok)
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    block_b: int
+    block_e: int
+    one_block: bool
+    num_warps: int
+
+
+def blocks(n_rows: int | None, n_cols: int | None, *, interpret: bool = False,
+           max_block_e: int = MAX_BLOCK_E) -> Blocks:
+    """Tile shape: a whole row per block when it fits, as many rows per program as the tile allows.
+
+    n_cols None (unknown at build time) loops over max_block_e blocks, which is correct for any width.
+    """
+    tile = INTERPRETER_TILE if interpret else GPU_TILE
+    block_e = max_block_e if n_cols is None else min(triton.next_power_of_2(n_cols), max_block_e)
+    block_b = max(1, tile // block_e)
+    if n_rows is not None:
+        block_b = min(block_b, triton.next_power_of_2(max(n_rows, 1)))
+    num_warps = 8 if block_b * block_e >= 4096 else 4
+    return Blocks(block_b, block_e, n_cols is not None and n_cols <= block_e, num_warps)
+
+
+def temperature_bits(temperature: float) -> int:
+    """float32 bit pattern of the temperature as a signed int32 (the kernel bitcasts it back)."""
+    return struct.unpack("<i", struct.pack("<f", float(temperature)))[0]
+
+
+def launch(logits, temperature: float, index_dtype=None, *, max_block_e: int = MAX_BLOCK_E):
+    """Run the fused kernel on a 2-D tensor: compiled on CUDA, in the interpreter for CPU tensors."""
+    import torch
+
+    interpret = interpreting()
+    if not (interpret or logits.is_cuda):
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+    index_dtype = index_dtype or torch.int64
+    logits = logits.contiguous()
+    n_rows, n_cols = logits.shape
+    probs = torch.empty_like(logits)
+    index = torch.empty(n_rows, dtype=index_dtype, device=logits.device)
+    if n_rows == 0:
+        return probs, index
+    cfg = blocks(n_rows, n_cols, interpret=interpret, max_block_e=max_block_e)
+    grid = (triton.cdiv(n_rows, cfg.block_b),)
+    options = {} if interpret else {"num_warps": cfg.num_warps}
+    tempered_softmax_select_kernel[grid](
+        logits, n_rows, n_cols, temperature_bits(temperature), probs, None, index,
+        BLOCK_B=cfg.block_b, BLOCK_E=cfg.block_e, ONE_BLOCK=cfg.one_block, SOFTMAX=True, **options,
+    )
+    return probs, index
+
+
+# --- ahead-of-time compilation for the TensorRT plugin ----------------------------------------
+
+#: TensorRT / torch dtype names -> Triton pointer element types
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    name: str
+    ptx: str
+    num_warps: int
+    shared: int
+    blocks: Blocks
+
+
+def compile_ptx(x_dtype: str, *, probs_dtype: str | None = None, mask_dtype: str | None = None,
+                index_dtype: str | None = None, n_cols: int | None = None, target=None) -> CompiledKernel:
+    """Compile one variant to PTX for embedding in an engine (TensorRT AOT plugin).
+
+    Dtypes are names ("float16"); an output left None is compiled out. With probs_dtype the kernel
+    computes the tempered softmax; without it, it is HardSelect over x. `target` is a
+    triton.backends.compiler.GPUTarget (default: the current GPU).
+    """
+    pointer = {name: f"*{TRITON_TYPES[dtype]}" for name, dtype in
+               (("x_ptr", x_dtype), ("probs_ptr", probs_dtype), ("mask_ptr", mask_dtype),
+                ("index_ptr", index_dtype)) if dtype is not None}
+    cfg = blocks(None, n_cols)
+    signature = {"x_ptr": pointer["x_ptr"], "n_rows": "i32", "n_cols": "i32", "temp_bits": "i32"}
+    constexprs = {"BLOCK_B": cfg.block_b, "BLOCK_E": cfg.block_e, "ONE_BLOCK": cfg.one_block,
+                  "SOFTMAX": probs_dtype is not None}
+    for name in ("probs_ptr", "mask_ptr", "index_ptr"):
+        if name in pointer:
+            signature[name] = pointer[name]
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = None
+    for name in ("BLOCK_B", "BLOCK_E", "ONE_BLOCK", "SOFTMAX"):
+        signature[name] = "constexpr"
+    src = triton.compiler.ASTSource(fn=tempered_softmax_select_kernel, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=target, options={"num_warps": cfg.num_warps})
+    meta = kernel.metadata
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(meta, field, 0):
+            # TensorRT passes null for Triton's hidden scratch pointers; a kernel using them would fault
+            raise RuntimeError(f"kernel {meta.name} needs {field}={getattr(meta, field)}; TensorRT cannot supply it")
+    return CompiledKernel(meta.name, kernel.asm["ptx"], meta.num_warps, meta.shared, cfg)

@@ -1,0 +1,100 @@
+"""TensorRT runner: a deserialized engine behind the Runner interface, buffers as torch CUDA tensors.
+
+Uses TensorRT 10's name-based I/O API (set_input_shape, set_tensor_address, execute_async_v3) on a
+torch CUDA stream; no pycuda. Metadata comes from the engine's manifest until the engine is loaded, so
+`inputs`/`outputs` work on machines that cannot run it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.runners.base import Runner, TensorMeta
+
+
+class TensorRTRunner(Runner):
+    backend = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, *, name: str | None = None):
+        from deploytool.engine.manifest import read_manifest
+
+        super().__init__(name)
+        self.engine_path = Path(engine_path)
+        self.manifest = read_manifest(self.engine_path)
+        self.engine = self.context = self.stream = None
+
+    def _activate(self) -> None:
+        import torch
+
+        from deploytool.diagnostics import describe_machine
+        from deploytool.engine.build import require_tensorrt_and_gpu
+        from deploytool.engine.manifest import load_problems
+
+        trt = self._trt = require_tensorrt_and_gpu("the tensorrt backend")
+        problems = load_problems(self.manifest, describe_machine())
+        if problems:
+            raise MissingDependency(f"engine {self.engine_path} will not load here: {'; '.join(problems)}")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise CheckFailed(f"TensorRT could not deserialize {self.engine_path}; rebuild it with build-engine")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if n not in self._inputs]
+
+    def _deactivate(self) -> None:
+        self.context = self.engine = self.stream = None
+
+    def _meta(self, kind: str) -> list[TensorMeta]:
+        return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
+                for t in self.manifest["io"][kind]]
+
+    @property
+    def inputs(self) -> list[TensorMeta]:
+        return self._meta("inputs")
+
+    @property
+    def outputs(self) -> list[TensorMeta]:
+        return self._meta("outputs")
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        missing = [n for n in self._inputs if n not in feed]
+        if missing:
+            raise BadInput(f"feed lacks input(s) {', '.join(missing)} of engine {self.engine_path.name}")
+        keep = []  # device buffers must outlive the asynchronous launch
+        with torch.cuda.stream(self.stream):
+            for name in self._inputs:
+                dtype = _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
+                tensor = torch.as_tensor(np.ascontiguousarray(feed[name])).to("cuda", dtype, non_blocking=True)
+                if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                    raise BadInput(f"input {name} shape {tuple(tensor.shape)} is outside the engine's profile "
+                                   f"{self.manifest['profile'].get(name)}")
+                self.context.set_tensor_address(name, tensor.data_ptr())
+                keep.append(tensor)
+            outputs = {}
+            for name in self._outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                out = torch.empty(shape, dtype=_torch_dtype(self._trt, self.engine.get_tensor_dtype(name)),
+                                  device="cuda")
+                self.context.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise CheckFailed(f"TensorRT failed to run {self.engine_path.name}")
+        self.stream.synchronize()
+        # NumPy has no bfloat16: such outputs come back as float32 (exact)
+        return {name: (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy() for name, t in outputs.items()}
+
+
+def _torch_dtype(trt, dtype):
+    import torch
+
+    from deploytool.engine.build import dtype_name
+
+    return getattr(torch, dtype_name(trt, dtype))

@@ -1,0 +1,71 @@
+"""`deploytool build-engine` from the command line: dry run, missing TensorRT, bad options."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from test_engine_plan import write_routing_model
+
+from deploytool.cli.app import main
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_routing_model(tmp_path / "model.onnx")
+
+
+def test_dry_run_prints_the_plan_as_json_and_writes_nothing(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # the dry run must not need TensorRT
+    code, out, _ = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan"), "--precision", "fp16",
+                         "--min-batch", "1", "--opt-batch", "8", "--max-batch", "64", "--no-plugin", "--dry-run"],
+                        capsys)
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["precision"] == "fp16" and plan["typing"] == "weak" and plan["op_path"] == "local-function"
+    assert plan["profile"]["x"] == {"min": [1, 16], "opt": [8, 16], "max": [64, 16]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_missing_tensorrt_exits_3_with_one_line_and_writes_no_file(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code, out, err = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan")], capsys)
+    assert code == 3
+    assert err.startswith("error: build-engine needs TensorRT") and err.count("\n") == 1
+    assert 'pip install "deploytool[tensorrt]"' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_bad_batch_profile_exits_2_before_anything_else(model, tmp_path, capsys):
+    code, _, err = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan"),
+                         "--min-batch", "16", "--opt-batch", "4"], capsys)
+    assert code == 2 and "min <= opt <= max" in err and err.count("\n") == 1
+
+
+def test_build_without_out_exits_2(model, capsys):
+    code, _, err = _run(["build-engine", str(model)], capsys)
+    assert code == 2 and "--out" in err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("plugin", [True, False])
+def test_build_writes_engine_and_manifest_and_reports_the_op_path(model, tmp_path, capsys, plugin):
+    engine = tmp_path / "model.plan"
+    code, out, _ = _run(["build-engine", str(model), "--out", str(engine), "--max-batch", "64", "--json",
+                         "--plugin" if plugin else "--no-plugin"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["op_path"] == ("plugin" if plugin else "local-function")
+    manifest = json.loads((tmp_path / "model.plan.json").read_text())
+    assert engine.stat().st_size > 0 and manifest["op_path"] == result["op_path"]
+    assert manifest["compute_capability"] and manifest["tensorrt"]
+    if plugin:
+        assert set(manifest["embedded_ptx_sha256"]) == {"deploytool::TemperedSoftmax", "deploytool::HardSelect"}

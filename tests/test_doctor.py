@@ -1,0 +1,70 @@
+"""doctor: machine report, command availability, and whether an engine will load here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from deploytool import diagnostics
+from deploytool.cli.app import main
+from deploytool.engine.manifest import load_problems, manifest_path
+
+BUILT = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100", "op_path": "plugin"}
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_engine_loads_only_under_the_same_tensorrt_and_compute_capability():
+    assert load_problems(BUILT, {"tensorrt": "10.9.0", "compute_capability": "9.0"}) == []
+    (trt_problem,) = load_problems(BUILT, {"tensorrt": "10.13.1", "compute_capability": "9.0"})
+    assert "TensorRT 10.9.0" in trt_problem and "10.13.1" in trt_problem
+    (cc_problem,) = load_problems(BUILT, {"tensorrt": "10.9.0", "compute_capability": "8.6", "gpu": "A10"})
+    assert "compute capability 9.0" in cc_problem and "8.6" in cc_problem
+    assert len(load_problems(BUILT, {"tensorrt": None, "compute_capability": None})) == 2
+
+
+def test_doctor_without_tensorrt_says_which_commands_fail_and_how_to_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as on a machine without it
+    monkeypatch.setattr(diagnostics, "gpu", lambda: None)
+    report = diagnostics.doctor()
+    assert report["tensorrt"]["version"] is None and report["gpu"] is None
+    assert report["onnxruntime"]["version"] and "CPUExecutionProvider" in report["onnxruntime"]["providers"]
+    build = report["commands"]["build-engine (plugin path)"]
+    assert not build["works"] and {"tensorrt", "gpu"} <= set(build["missing"])
+    assert 'pip install "deploytool[tensorrt]"' in build["hint"]
+    assert report["commands"]["build-engine --dry-run"]["works"]
+    assert report["commands"]["verify / bench (torch, onnxruntime)"]["works"]
+
+
+def test_doctor_cli_json_is_machine_readable(capsys):
+    code, out, _ = _run(["doctor", "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert {"python", "torch", "gpu", "onnxruntime", "tensorrt", "triton", "commands"} <= set(report)
+
+
+def test_doctor_engine_check_says_why_it_will_not_load(tmp_path, capsys, monkeypatch):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    manifest_path(engine).write_text(json.dumps(BUILT))
+    monkeypatch.setattr(diagnostics, "describe_machine",
+                        lambda: {"tensorrt": "10.9.0", "compute_capability": "8.9", "gpu": "L4", "cuda": "12.4"})
+    code, out, _ = _run(["doctor", "--engine", str(engine), "--json"], capsys)
+    assert code == 1
+    verdict = json.loads(out)["engine"]
+    assert not verdict["will_load"] and "compute capability 9.0" in verdict["problems"][0]
+    assert verdict["built"]["tensorrt"] == "10.9.0" and "embedded" in verdict["plugin"]
+
+
+def test_doctor_engine_without_manifest_is_bad_input(tmp_path, capsys):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    code, _, err = _run(["doctor", "--engine", str(engine)], capsys)
+    assert code == 2 and "no manifest" in err and err.count("\n") == 1

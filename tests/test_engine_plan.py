@@ -1,0 +1,132 @@
+"""EngineBuildPlan from real (small) ONNX files, without TensorRT."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from deploytool.engine.build import _model_bytes
+from deploytool.engine.plan import plan_engine
+from deploytool.errors import BadInput
+from deploytool.io import sha256_file
+
+
+def write_routing_model(path, *, batch="batch", features=16, experts=4, elem=TensorProto.FLOAT,
+                        functions=True, extra_dynamic=False):
+    """x[batch, features] -> MatMul -> TemperedSoftmax -> HardSelect, the deploytool nodes in domain
+    `deploytool` with (placeholder) function bodies, as the exporter writes them."""
+    weight = helper.make_tensor("w", elem, [features, experts], [0.0] * (features * experts))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["logits"], name="router"),
+        helper.make_node("TemperedSoftmax", ["logits"], ["probs"], domain="deploytool", name="softmax",
+                         temperature=0.5),
+        helper.make_node("HardSelect", ["probs"], ["mask", "index"], domain="deploytool", name="select"),
+    ]
+    second = "feat" if extra_dynamic else features
+    graph = helper.make_graph(
+        nodes, "routing", [helper.make_tensor_value_info("x", elem, [batch, second])],
+        [helper.make_tensor_value_info("probs", elem, [batch, experts]),
+         helper.make_tensor_value_info("index", TensorProto.INT64, [batch])], initializer=[weight])
+    bodies = [
+        helper.make_function("deploytool", "TemperedSoftmax", ["logits"], ["probs"],
+                             [helper.make_node("Softmax", ["logits"], ["probs"])], [helper.make_opsetid("", 20)],
+                             attributes=["temperature"]),
+        helper.make_function("deploytool", "HardSelect", ["probs"], ["mask", "index"],
+                             [helper.make_node("Identity", ["probs"], ["mask"]),
+                              helper.make_node("ArgMax", ["probs"], ["index"], axis=-1, keepdims=0)],
+                             [helper.make_opsetid("", 20)]),
+    ]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("deploytool", 1)],
+                              functions=bodies if functions else [])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_routing_model(tmp_path / "model.onnx")
+
+
+def test_fp32_plan_is_strongly_typed_with_dynamic_batch_profile_and_plugins(model):
+    plan = plan_engine(model, min_batch=2, opt_batch=32, max_batch=512, workspace_mib=256)
+    assert plan.typing == "strong" and plan.network_flags == ["STRONGLY_TYPED"] and plan.builder_flags == []
+    assert plan.cleared_builder_flags == ["TF32"]
+    assert plan.profile == {"x": {"min": [2, 16], "opt": [32, 16], "max": [512, 16]}}
+    assert plan.op_path == "plugin"
+    assert plan.plugin_ids == ["deploytool::HardSelect", "deploytool::TemperedSoftmax"]
+    assert plan.deploytool_nodes == ["softmax", "select"]
+    assert plan.onnx_sha256 == sha256_file(model)
+    assert plan.workspace_mib == 256 and plan.timing_cache is None
+    json.dumps(plan.to_dict())  # the --dry-run output
+
+
+def test_no_plugin_plans_the_local_function_path(model):
+    plan = plan_engine(model, plugin=False)
+    assert plan.op_path == "local-function" and plan.plugin_ids == [] and not plan.plugin_requested
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_lowering_an_fp32_model_uses_weak_typing_with_routing_pinned_to_fp32(model, precision):
+    plan = plan_engine(model, precision=precision)
+    assert plan.typing == "weak" and plan.network_flags == []
+    assert plan.builder_flags == [precision.upper(), "OBEY_PRECISION_CONSTRAINTS"]
+    assert plan.fp32_nodes == ["softmax", "select"]
+    assert plan.requires_tensorrt == ">=10.8,<11"  # TensorRT 11 builds strongly typed networks only
+
+
+def test_fp16_model_builds_strongly_typed_as_fp16_and_refuses_fp32(tmp_path):
+    path = write_routing_model(tmp_path / "half.onnx", elem=TensorProto.FLOAT16)
+    assert plan_engine(path, precision="fp16").typing == "strong"
+    with pytest.raises(BadInput, match="model is fp16"):
+        plan_engine(path, precision="fp32")
+
+
+@pytest.mark.parametrize("batches", [(8, 4, 16), (1, 64, 32), (0, 1, 2), (1, 1, -3)])
+def test_batch_profile_out_of_order_or_below_one_is_bad_input(model, batches):
+    lo, opt, hi = batches
+    with pytest.raises(BadInput, match="batch"):
+        plan_engine(model, min_batch=lo, opt_batch=opt, max_batch=hi)
+
+
+def test_static_batch_model_needs_that_batch_everywhere(tmp_path):
+    path = write_routing_model(tmp_path / "static.onnx", batch=8)
+    with pytest.raises(BadInput, match="static batch of 8"):
+        plan_engine(path)
+    assert plan_engine(path, min_batch=8, opt_batch=8, max_batch=8).profile["x"]["max"] == [8, 16]
+
+
+def test_dynamic_axis_besides_batch_is_bad_input(tmp_path):
+    with pytest.raises(BadInput, match="dynamic axes"):
+        plan_engine(write_routing_model(tmp_path / "m.onnx", extra_dynamic=True))
+
+
+def test_unknown_precision_missing_file_and_garbage_are_bad_input(model, tmp_path):
+    with pytest.raises(BadInput, match="unknown precision"):
+        plan_engine(model, precision="int8")
+    with pytest.raises(BadInput, match="does not exist"):
+        plan_engine(tmp_path / "nope.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a model")
+    with pytest.raises(BadInput, match="not a valid ONNX model"):
+        plan_engine(garbage)
+
+
+def test_ops_without_function_bodies_need_the_plugin(tmp_path):
+    path = write_routing_model(tmp_path / "bare.onnx", functions=False)
+    assert plan_engine(path).op_path == "plugin"
+    with pytest.raises(BadInput, match="no ONNX function body"):
+        plan_engine(path, plugin=False)
+
+
+def test_parser_input_names_the_plugin_only_on_the_plugin_path(model):
+    """TensorRT's parser takes a node to a plugin when it carries plugin_namespace; else it inlines the function."""
+    plugged = onnx.load_from_string(_model_bytes(plan_engine(model)))
+    attrs = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in plugged.graph.node}
+    assert attrs["softmax"] == {"temperature": pytest.approx(0.5), "plugin_namespace": b"deploytool", "aot": 1}
+    assert attrs["select"] == {"plugin_namespace": b"deploytool", "aot": 1}
+    assert "plugin_namespace" not in attrs["router"]
+    plain = onnx.load_from_string(_model_bytes(plan_engine(model, plugin=False)))
+    assert all(a.name != "plugin_namespace" for n in plain.graph.node for a in n.attribute)

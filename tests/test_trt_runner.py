@@ -1,0 +1,65 @@
+"""TensorRTRunner: metadata from the manifest anywhere; inference against the reference with TensorRT."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from deploytool.engine.manifest import manifest_path
+from deploytool.errors import BadInput, MissingDependency
+from deploytool.runners.trt import TensorRTRunner
+
+IO = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 16]}],
+      "outputs": [{"name": "index", "dtype": "int64", "shape": [-1]}]}
+
+
+def _fake_engine(tmp_path):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not really an engine")
+    manifest_path(engine).write_text(json.dumps({"tensorrt": "10.9.0", "compute_capability": "9.0", "io": IO,
+                                                 "profile": {}}))
+    return engine
+
+
+def test_runner_reads_io_metadata_from_the_manifest_without_tensorrt(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    runner = TensorRTRunner(_fake_engine(tmp_path))
+    assert [(t.name, t.dtype, t.shape) for t in runner.inputs] == [("x", "float32", (None, 16))]
+    assert [(t.name, t.dtype, t.shape) for t in runner.outputs] == [("index", "int64", (None,))]
+    with pytest.raises(MissingDependency, match="TensorRT"):
+        runner.activate()
+    assert not runner.is_active
+
+
+def test_runner_refuses_an_engine_without_manifest(tmp_path):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"x")
+    with pytest.raises(BadInput, match="no manifest"):
+        TensorRTRunner(engine)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("plugin", [True, False])
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_engine_routing_matches_reference_on_both_op_paths(tmp_path, plugin, dtype, atol):
+    import onnx
+
+    from deploytool.engine.build import build_engine
+    from deploytool.ops import onnx_functions, reference
+
+    model = tmp_path / "routing.onnx"
+    onnx.save(onnx_functions.routing_model(8, 0.7, dtype=dtype), str(model))
+    result = build_engine(model, tmp_path / "routing.plan", precision="fp32" if dtype == "float32" else "fp16",
+                          max_batch=256, plugin=plugin)
+    assert result.op_path == ("plugin" if plugin else "local-function")
+    logits = np.random.default_rng(0).normal(0, 3, size=(100, 8)).astype(dtype)
+    with TensorRTRunner(result.engine) as runner:
+        out = runner.infer({"logits": logits})
+    ref_probs, ref_index = reference.tempered_softmax_select(logits.astype(np.float64), 0.7)
+    np.testing.assert_allclose(out["probs"].astype(np.float64), ref_probs, atol=atol, rtol=0)
+    clear = reference.top2_margin(ref_probs) > 2 * atol
+    np.testing.assert_array_equal(out["index"][clear], ref_index[clear])
+    np.testing.assert_array_equal(out["mask"].argmax(-1), out["index"])
