@@ -46,6 +46,16 @@ def trained_run(tmp_path_factory):
     return train(None, out, progress=False, epochs=8, seed=0)
 
 
+@pytest.fixture(scope="session")
+def exported_onnx(trained_run, tmp_path_factory):
+    """The trained run exported to ONNX once per session (a dynamo export takes seconds)."""
+    from deploytool.export.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "routed-mlp.onnx"
+    export_onnx(trained_run.path, path)
+    return path
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the deploytool CLI in-process as a user would: returns (exit code, stdout, stderr)."""

@@ -1,5 +1,59 @@
-"""Placeholder while this command group is being built."""
+"""`deploytool export`: run directory -> validated ONNX model with the deploytool ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from deploytool.cli.options import Json, OutFile
+from deploytool.cli.render import console, print_json
+from deploytool.cli.verify import Atol, Rtol, show_parity
+from deploytool.ops.onnx_functions import DEFAULT_OPSET
+
 app = typer.Typer()
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
+    out: OutFile,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset of the standard domain.")] = DEFAULT_OPSET,
+    static_batch: Annotated[Optional[int], typer.Option(
+        "--static-batch", help="Fix the batch dimension to this size (default: dynamic batch).")] = None,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate",
+                                           help="Compare ONNX Runtime with PyTorch right after export.")] = True,
+    keep_invalid: Annotated[bool, typer.Option("--keep-invalid",
+                                               help="Keep the file even when validation fails.")] = False,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Held-out data for validation (default: the run's own data set).")] = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    json: Json = False,
+) -> None:
+    """Export to ONNX (custom ops + their function bodies), validate against PyTorch; exit 1 on failure."""
+    from deploytool.errors import CheckFailed
+    from deploytool.export.onnx import export_onnx
+
+    try:
+        result = export_onnx(run_dir, out, opset=opset, static_batch=static_batch, validate=validate,
+                             keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol)
+    except CheckFailed as exc:
+        if exc.report is not None:
+            _show(exc.report.to_dict(), json)
+        raise
+    _show(result.to_dict(), json)
+
+
+def _show(result: dict, json: bool) -> None:
+    if json:
+        print_json(result)
+        return
+    if result["validation"]:
+        show_parity(result["validation"], False, title="validation")
+    con = console()
+    meta = result["metadata"]
+    con.print(f"{'wrote' if result['passed'] else 'validation failed for'} {result['path']} (opset {result['opset']}, "
+              f"batch {result['static_batch'] or 'dynamic'}, {meta.get('deploytool.experts')} experts, "
+              f"temperature {meta.get('deploytool.temperature')}) in {result['seconds']:.1f} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploytool.errors import BadInput, MissingDependency
+from deploytool.errors import BadInput
 from deploytool.runners.base import Runner, TensorMeta
 
 #: tensor names every deploytool model uses, in every backend
@@ -21,6 +21,7 @@ OUTPUT_NAMES = ("output", "index", "probs")
 BACKENDS = ("torch", "torch-dense", "torch-sparse", "onnxruntime", "tensorrt")
 
 _TORCH_DISPATCH = {"torch": None, "torch-dense": "dense", "torch-sparse": "sparse"}
+_LIBRARY = {name: "torch" for name in _TORCH_DISPATCH}  # the module each backend imports
 
 
 def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: str | Path | None = None,
@@ -34,28 +35,23 @@ def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: st
     """
     if backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend in _TORCH_DISPATCH:
-        from deploytool.deps import require
+    from deploytool.deps import require
 
-        require("torch", f"the {backend} backend")
+    require(_LIBRARY.get(backend, backend), f"the {backend} backend")
+    if backend in _TORCH_DISPATCH:
         from deploytool.runners.torch import TorchRunner
 
         if run_dir is None:
             raise BadInput(f"backend {backend} needs the run directory (--checkpoint DIR) of the model")
         return TorchRunner(run_dir, dispatch=_TORCH_DISPATCH[backend], name=backend, **options)
     if backend == "onnxruntime":
-        from deploytool.deps import require
-
-        require("onnxruntime", "the onnxruntime backend")
         from deploytool.runners.ort import OnnxRuntimeRunner
 
         if onnx_path is None:
             raise BadInput("backend onnxruntime needs an ONNX model path")
         return OnnxRuntimeRunner(onnx_path, **options)
-    try:
-        from deploytool.runners.trt import TensorRTRunner
-    except ImportError as exc:
-        raise MissingDependency(f"the tensorrt backend is not available: {exc}") from exc
+    from deploytool.runners.trt import TensorRTRunner
+
     if engine_path is None:
         raise BadInput("backend tensorrt needs an engine path (build one with `deploytool build-engine`)")
     return TensorRTRunner(engine_path, **options)

@@ -43,8 +43,9 @@ def outputs_as_dict(result: Any) -> dict[str, Any]:
 class TorchRunner(Runner):
     """Runs an eval-mode nn.Module, from a run directory or a module the caller built.
 
-    `dispatch` ("dense" | "sparse" | None for the model's own) is applied to every RoutedExperts while
-    active and restored afterwards, so a caller's module is left as it was given.
+    While active the module is in eval mode and `dispatch` ("dense" | "sparse" | None for the model's
+    own) applies to every RoutedExperts; both are restored afterwards, so a caller's module is left
+    as it was given.
     """
 
     backend = "torch"
@@ -103,6 +104,7 @@ class TorchRunner(Runner):
 
         from deploytool.nn import routed_modules
 
+        self._was_training = self.model.training
         model = self.model.to(self.device).eval()
         self._torch = torch
         self._routed = routed_modules(model)
@@ -115,6 +117,7 @@ class TorchRunner(Runner):
     def _deactivate(self) -> None:
         for m, old in zip(self._routed, self._saved_dispatch):
             m.dispatch = old
+        self._module.train(self._was_training)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

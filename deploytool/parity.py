@@ -1,0 +1,176 @@
+"""`verify`: run the same inputs through several backends and compare every pair, routing-aware.
+
+`verify` returns a ParityReport whether or not it passed (`report.passed`); the CLI renders it and
+exits 1 on a failure, a Python caller decides for itself. Bad input (missing or broken files, a
+checkpoint that does not match the model, a feature mismatch, NaN inputs, an unknown backend) raises
+BadInput before anything runs. Export reuses `compare_runners` for its validation right after export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploytool.compare import Comparison, compare
+from deploytool.errors import BadInput
+from deploytool.io import WEIGHTS_FILE
+from deploytool.runners import BACKENDS, INPUT_NAME, Runner, make_runner
+
+DEFAULT_SAMPLES = 512
+DEFAULT_BATCH = 256
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+@dataclass
+class ParityReport:
+    model: str
+    backends: list[str]
+    inputs: dict[str, int]             # input set name -> rows
+    comparisons: list[Comparison]
+    checkpoint: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def failures(self) -> list[str]:
+        return [c.summary() for c in self.comparisons if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
+
+
+def check_inputs(x: np.ndarray, n_features: int | str | None, what: str = "inputs") -> np.ndarray:
+    """float32 [N, F] with F matching the model, and no NaN (a NaN row would be routed silently)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise BadInput(f"{what} must be 2-D [rows, features], got shape {list(x.shape)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise BadInput(f"{what} must be numeric, got {x.dtype}")
+    if np.isnan(x).any():
+        raise BadInput(f"{what} contain NaN; refusing to route: clean or drop those rows")
+    if isinstance(n_features, int) and x.shape[1] != n_features:
+        raise BadInput(f"{what} have {x.shape[1]} features but the model expects {n_features}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def run_batched(runner: Runner, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+    """Feed `x` in chunks (engines have a maximum batch) and concatenate each output."""
+    parts = [runner.infer({INPUT_NAME: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, atol: float | None = None,
+                    rtol: float | None = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
+    """Every pair of runners on every input set; the earlier runner of a pair is the reference."""
+    comparisons = []
+    with contextlib.ExitStack() as stack:
+        for runner in runners:
+            stack.enter_context(runner)
+        for label, x in inputs.items():
+            results = [run_batched(r, x, batch_size) for r in runners]
+            for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
+                comparisons.append(compare(ref, cand, atol=atol, rtol=rtol, reference_name=runners[i].name,
+                                           candidate_name=runners[j].name, inputs=label))
+    return comparisons
+
+
+def parse_backends(backends: str | Sequence[str]) -> list[str]:
+    names = [b.strip() for b in backends.split(",")] if isinstance(backends, str) else list(backends)
+    names = [b for b in names if b]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise BadInput(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if len(names) < 2:
+        raise BadInput(f"verify compares backends: give at least two, got {names}")
+    return names
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """(run directory, weights file or None for the run's own): a run dir, or a weights file inside one."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path, None
+    if path.is_file():
+        return path.parent, path
+    raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
+
+
+def load_inputs(data: str | Path | np.ndarray, samples: int | None = None, seed: int = 0,
+                **data_options: Any) -> tuple[str, np.ndarray]:
+    """(label, rows): a data set's held-out rows (all of them for samples=None), training rows after
+    them when more are asked for; an array is taken as given."""
+    if samples is not None and samples < 1:
+        raise BadInput(f"samples must be >= 1, got {samples}")
+    if isinstance(data, np.ndarray):
+        return "array", data[:samples]
+    from deploytool.data import load_dataset
+
+    ds = load_dataset(str(data), seed, **data_options)
+    if samples is None or samples <= len(ds.x_test):
+        return f"{ds.name} held-out", ds.x_test[:samples]
+    return f"{ds.name} held-out + train", np.concatenate([ds.x_test, ds.x_train])[:samples]
+
+
+def verify(model_path: str | Path, checkpoint: str | Path | None = None,
+           backends: str | Sequence[str] = ("torch", "onnxruntime"), data: str | Path | np.ndarray = "digits",
+           samples: int = DEFAULT_SAMPLES, atol: float | None = None, rtol: float | None = None, *,
+           engine_path: str | Path | None = None, batch_size: int = DEFAULT_BATCH, seed: int = 0) -> ParityReport:
+    """Compare `backends` pairwise on `samples` rows of `data`; returns the report (see `.passed`).
+
+    `model_path` is the ONNX model (or a TensorRT engine when only tensorrt needs a file);
+    `checkpoint` is the run directory (or its weights file) the torch backends load.
+    """
+    from deploytool.export.onnx import read_onnx_metadata
+
+    names = parse_backends(backends)
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise BadInput(f"model {model_path} does not exist")
+    is_engine = model_path.suffix in ENGINE_SUFFIXES
+    engine_path = engine_path or (model_path if is_engine else None)
+    onnx_path = None if is_engine else model_path
+    metadata = read_onnx_metadata(onnx_path) if onnx_path else {}
+    run_dir = weights = None
+    if any(n.startswith("torch") for n in names):
+        if checkpoint is None:
+            raise BadInput("the torch backends need the model's weights: give --checkpoint RUN_DIR")
+        run_dir, weights = resolve_checkpoint(checkpoint)
+    runners = [make_runner(n, run_dir=run_dir, onnx_path=onnx_path, engine_path=engine_path,
+                           **({"checkpoint": weights} if n.startswith("torch") else {})) for n in names]
+    notes = _check_checkpoint(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
+    n_features = runners[0].inputs[0].shape[-1]
+    label, x = load_inputs(data, samples, seed)
+    x = check_inputs(x, n_features, what=f"{label} rows")
+    comparisons = compare_runners(runners, {label: x}, atol=atol, rtol=rtol, batch_size=batch_size)
+    return ParityReport(str(model_path), names, {label: len(x)}, comparisons,
+                        str(checkpoint) if checkpoint else None, metadata, notes)
+
+
+def _check_checkpoint(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:
+    """Refuse runners whose shapes disagree (a checkpoint for another model); note a different sha256."""
+    from deploytool.runners.torch import TorchRunner
+
+    shapes = {r.name: ([m.shape[-1] for m in r.inputs], {m.name: m.shape[1:] for m in r.outputs})
+              for r in runners}
+    (first, ref), *rest = shapes.items()
+    for name, other in rest:
+        if other[0] != ref[0] or any(other[1].get(k, v) != v for k, v in ref[1].items()):
+            raise BadInput(f"{name} and {first} disagree on shapes (inputs {other[0]} vs {ref[0]}, outputs "
+                           f"{other[1]} vs {ref[1]}): the checkpoint does not match the model")
+    notes = []
+    recorded = metadata.get("deploytool.checkpoint_sha256")
+    if recorded and weights and any(isinstance(r, TorchRunner) for r in runners):
+        from deploytool.io import sha256_file
+
+        if Path(weights).is_file() and sha256_file(weights) != recorded:
+            notes.append(f"checkpoint {weights} is not the one the model was exported from (sha256 differs)")
+    return notes

@@ -1,0 +1,142 @@
+"""Runners: one interface, the registry's errors, metadata, and the ONNX Runtime runner's lean infer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deploytool.errors import BadInput, MissingDependency
+from deploytool.runners import BACKENDS, OUTPUT_NAMES, make_runner
+
+
+@pytest.fixture(scope="module")
+def routing_onnx(tmp_path_factory):
+    """A tiny ONNX model (the routing step alone) for the runner mechanics."""
+    from deploytool.ops.onnx_functions import routing_model
+
+    path = tmp_path_factory.mktemp("onnx") / "routing.onnx"
+    path.write_bytes(routing_model(4, 0.5).SerializeToString())
+    return path
+
+
+def test_unknown_backend_is_bad_input():
+    with pytest.raises(BadInput, match="unknown backend 'tflite'"):
+        make_runner("tflite", run_dir=".")
+
+
+@pytest.mark.parametrize("backend, needs", [("torch", "run directory"), ("onnxruntime", "ONNX model path"),
+                                            ("torch-sparse", "run directory")])
+def test_backend_without_its_artifact_is_bad_input(backend, needs):
+    with pytest.raises(BadInput, match=needs):
+        make_runner(backend)
+
+
+def test_tensorrt_backend_is_a_missing_dependency_without_tensorrt(tmp_path):
+    from deploytool.deps import available
+
+    if available("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"\0" * 16)
+    with pytest.raises(MissingDependency):
+        with make_runner("tensorrt", engine_path=engine):
+            pass
+
+
+def test_backend_names_are_the_cli_spellings():
+    assert BACKENDS == ("torch", "torch-dense", "torch-sparse", "onnxruntime", "tensorrt")
+
+
+def test_torch_runner_from_a_run_dir_has_metadata_and_outputs(trained_run):
+    runner = make_runner("torch", run_dir=trained_run.path)
+    assert [(m.name, m.dtype, m.shape) for m in runner.inputs] == [("x", "float32", ("batch", 64))]
+    assert [m.name for m in runner.outputs] == list(OUTPUT_NAMES)
+    x = np.random.default_rng(0).random((7, 64), dtype=np.float32)
+    with runner:
+        out = runner.infer({"x": x})
+    assert out["output"].shape == (7, 10) and out["index"].dtype == np.int64 and out["probs"].shape == (7, 4)
+    np.testing.assert_array_equal(out["index"], out["probs"].argmax(-1))
+
+
+def test_dense_and_sparse_dispatch_agree(trained_run):
+    x = np.random.default_rng(1).random((200, 64), dtype=np.float32)
+    with make_runner("torch-dense", run_dir=trained_run.path) as dense, \
+            make_runner("torch-sparse", run_dir=trained_run.path) as sparse:
+        a, b = dense.infer({"x": x}), sparse.infer({"x": x})
+    np.testing.assert_array_equal(a["index"], b["index"])
+    np.testing.assert_allclose(a["output"], b["output"], atol=1e-5)
+    assert dense.name == "torch-dense" and sparse.name == "torch-sparse"
+
+
+def test_torch_runner_restores_the_callers_dispatch(trained_run):
+    from deploytool.nn import routed_modules
+    from deploytool.runners.torch import TorchRunner
+    from deploytool.training import load_model
+
+    model = load_model(trained_run.path)
+    before = [m.dispatch for m in routed_modules(model)]
+    with TorchRunner(model, dispatch="sparse"):
+        assert {m.dispatch for m in routed_modules(model)} == {"sparse"}
+    assert [m.dispatch for m in routed_modules(model)] == before
+
+
+def test_infer_before_activate_is_refused(routing_onnx):
+    runner = make_runner("onnxruntime", onnx_path=routing_onnx)
+    with pytest.raises(RuntimeError, match="not active"):
+        runner.infer({"logits": np.zeros((1, 4), np.float32)})
+
+
+def test_ort_runner_metadata_and_output_equal_a_bare_session(routing_onnx):
+    import onnxruntime as ort
+
+    runner = make_runner("onnxruntime", onnx_path=routing_onnx, device="cpu")
+    assert [(m.name, m.dtype, m.shape) for m in runner.inputs] == [("logits", "float32", ("batch", 4))]
+    assert [(m.name, m.dtype) for m in runner.outputs] == [("probs", "float32"), ("mask", "float32"),
+                                                         ("index", "int64")]
+    feed = {"logits": np.random.default_rng(2).standard_normal((9, 4)).astype(np.float32)}
+    bare = ort.InferenceSession(str(routing_onnx), providers=["CPUExecutionProvider"]).run(None, feed)
+    with runner:
+        out = runner.infer(feed)
+        assert runner.active_providers == ["CPUExecutionProvider"]
+    for got, want in zip(out.values(), bare):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ort_runner_refuses_a_wrong_dtype_as_bad_input(routing_onnx):
+    with make_runner("onnxruntime", onnx_path=routing_onnx) as runner:
+        with pytest.raises(BadInput, match="refused the feed"):
+            runner.infer({"logits": np.zeros((2, 4), np.float64)})
+
+
+@pytest.mark.parametrize("content, what", [(None, "does not exist"), (b"not a model at all", "not a loadable")])
+def test_ort_runner_on_a_bad_file_is_bad_input(tmp_path, content, what):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+        runner = make_runner("onnxruntime", onnx_path=path)
+        with pytest.raises(BadInput, match=what):
+            runner.activate()
+    else:
+        with pytest.raises(BadInput, match=what):
+            make_runner("onnxruntime", onnx_path=path)
+
+
+def test_ort_runner_cuda_without_cuda_is_a_missing_dependency(routing_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(MissingDependency, match="CUDA"):
+        make_runner("onnxruntime", onnx_path=routing_onnx, device="cuda").activate()
+
+
+@pytest.mark.gpu
+def test_ort_runner_uses_cuda_when_available(routing_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    with make_runner("onnxruntime", onnx_path=routing_onnx, device="cuda") as runner:
+        assert runner.active_providers[0] == "CUDAExecutionProvider"
+        out = runner.infer({"logits": np.eye(4, dtype=np.float32)})
+    np.testing.assert_array_equal(out["index"], [0, 1, 2, 3])
