@@ -1,4 +1,8 @@
-"""`demo`: the whole chain on the built-in model and data, each step timed and reported."""
+"""`demo`: the whole chain on the built-in model and data, each step timed and reported.
+
+Steps that need TensorRT or a GPU are listed as skipped with the reason; a failed check (parity)
+stops the chain with CheckFailed after the steps so far are reported.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_RECIPE = "digits-4"
+BENCH_BATCHES = (1, 256)
 
 
 class _Steps:
@@ -17,7 +22,7 @@ class _Steps:
     def __init__(self):
         self.rows: list[dict[str, Any]] = []
 
-    def run(self, name: str, fn: Callable[[], str]) -> None:
+    def run(self, name: str, fn: Callable[[], str]) -> bool:
         from deploytool.errors import MissingDependency
 
         start = time.perf_counter()
@@ -27,25 +32,53 @@ class _Steps:
             detail, status = str(exc), "skipped"
         self.rows.append({"step": name, "status": status, "seconds": round(time.perf_counter() - start, 2),
                           "detail": detail})
+        return status == "ok"
 
 
 def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train the built-in recipe on digits and report its routing quality (later steps join here)."""
+    """Train on digits, report, export to ONNX, verify torch vs onnxruntime, try a TensorRT engine."""
+    from deploytool.engine.build import build_engine
+    from deploytool.errors import CheckFailed
+    from deploytool.export.onnx import export_onnx
     from deploytool.io import prepare_out_dir
+    from deploytool.parity import verify
     from deploytool.training import train
 
     start = time.perf_counter()
     out = prepare_out_dir(out or tempfile.mkdtemp(prefix="deploytool-demo-"))
-    steps, artifacts, state = _Steps(), {}, {}
+    steps, artifacts, key = _Steps(), {}, {}
+    run_dir, onnx_path, engine_path = out / "run", out / "model.onnx", out / "model.plan"
 
     def do_train() -> str:
-        run = train(DEMO_RECIPE, out / "run", progress=progress)
-        state["run"] = run
+        run = train(DEMO_RECIPE, run_dir, progress=progress)
         artifacts.update(run_dir=str(run.path), weights=str(run.weights), routing_plot=str(run.plot))
         m = run.metrics
+        key.update({k: m[k] for k in ("hard_accuracy", "soft_accuracy", "frac_confident", "min_expert_load")})
         return (f"hard acc {m['hard_accuracy']:.3f}, soft {m['soft_accuracy']:.3f}, "
                 f"confident {m['frac_confident']:.1%}, min expert load {m['min_expert_load']:.1%}")
 
-    steps.run("train", do_train)
-    return {"out": str(out), "steps": steps.rows, "artifacts": artifacts,
-            "metrics": state["run"].metrics, "seconds": round(time.perf_counter() - start, 2)}
+    def do_export() -> str:
+        result = export_onnx(run_dir, onnx_path)
+        artifacts["onnx"] = str(result.path)
+        return f"opset {result.opset}, validated against PyTorch in {result.seconds:.1f} s"
+
+    def do_verify() -> str:
+        report = verify(onnx_path, run_dir, backends=("torch", "onnxruntime"), data="digits")
+        if not report.passed:
+            raise CheckFailed("demo: torch vs onnxruntime parity failed: " + "; ".join(report.failures()), report)
+        comparison = report.comparisons[0]
+        max_abs = max(o.max_abs for o in comparison.outputs)
+        key.update(routing_agreement=comparison.routing.agreement, parity_max_abs=max_abs)
+        return (f"{comparison.routing.agreement:.1f}% routing agreement over {comparison.routing.rows} rows, "
+                f"max abs error {max_abs:.2e}")
+
+    def do_engine() -> str:
+        result = build_engine(onnx_path, engine_path)
+        artifacts["engine"] = str(engine_path)
+        return f"deploytool ops via the {result.op_path} path"
+
+    steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify)
+    if "onnx" in artifacts:
+        steps.run("build-engine", do_engine)
+    return {"out": str(out), "steps": steps.rows, "artifacts": artifacts, "key_numbers": key,
+            "seconds": round(time.perf_counter() - start, 2)}

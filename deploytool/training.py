@@ -5,7 +5,9 @@ A run dir holds config.json (architecture + recipe), model.safetensors, metrics.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -86,7 +88,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     step = 0
     start = time.perf_counter()
-    with progress_bar("training", config.epochs, progress, loss=float("nan")) as advance:
+    with single_thread(), progress_bar("training", config.epochs, progress, loss=float("nan")) as advance:
         for epoch in range(config.epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
@@ -117,6 +119,22 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                  f"soft {metrics['soft_accuracy']:.3f}")
     io.write_json(out / io.METRICS_FILE, metrics)
     return RunDir(out, arch, metrics)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Train on one intra-op thread: the routed models are small, and extra OpenMP threads only spin.
+
+    Measured on 2 busy cores: 7.5 s on one thread against 126 s on two for the default recipe.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_config(config: TrainConfig | str | Path | None, overrides: dict[str, Any]) -> TrainConfig:

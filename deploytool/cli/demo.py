@@ -12,7 +12,7 @@ app = typer.Typer()
 
 @app.command()
 def demo(out: OutDir = None, json: Json = False, quiet: Quiet = False) -> None:
-    """Run the whole chain on digits: train, report (and every later step this machine supports)."""
+    """Run the whole chain on digits: train, export, verify, bench, package (TensorRT where available)."""
     from deploytool.pipeline import demo as run_demo
 
     result = run_demo(out, progress=not (quiet or json))
@@ -23,4 +23,5 @@ def demo(out: OutDir = None, json: Json = False, quiet: Quiet = False) -> None:
     con.print(table("deploytool demo", ["step", "status", "seconds", "detail"],
                     [(s["step"], s["status"], s["seconds"], s["detail"]) for s in result["steps"]]))
     con.print(table("artifacts", ["artifact", "path"], sorted(result["artifacts"].items())))
+    con.print(table("key numbers", ["figure", "value"], sorted(result["key_numbers"].items())))
     con.print(f"total {result['seconds']:.1f} s")

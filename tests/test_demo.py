@@ -1,0 +1,22 @@
+"""The demo runs the chain on this machine and reports every step, skipping what needs TensorRT."""
+
+from __future__ import annotations
+
+import json
+
+from deploytool.diagnostics import gpu
+
+
+def test_demo_runs_the_chain_and_lists_skipped_steps_with_reasons(cli, tmp_path):
+    code, out, err = cli("demo", "--out", tmp_path, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    status = {s["step"]: s for s in result["steps"]}
+    for step in ("train", "export", "verify"):
+        assert status[step]["status"] == "ok", status[step]
+    assert result["key_numbers"]["routing_agreement"] == 100.0
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    if gpu() is None:
+        engine = status["build-engine"]
+        assert engine["status"] == "skipped" and "TensorRT" in engine["detail"]
+        assert not (tmp_path / "model.plan").exists()
