@@ -1,8 +1,8 @@
 """The penalty study: which training recipe makes a router commit to one expert without losing accuracy.
 
 Compares temperature annealing alone, the confidence penalty (frank), an entropy penalty and Gumbel
-straight-through routing, each with and without the batch-entropy balance term, over several seeds,
-starting from the default recipe. Writes a markdown table (docs/routing.md).
+straight-through routing, each with the batch-entropy balance term, the Switch Transformer term or
+none, over several seeds, starting from the default recipe. Writes a markdown table (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ METHODS = {
     "entropy penalty": {"penalty": "entropy"},
     "gumbel straight-through": {"penalty": "none", "routing": "gumbel"},
 }
-BALANCE = {"balance": {}, "no balance": {"balance": "none"}}
+BALANCE = {"batch entropy": {"balance": "entropy"}, "switch": {"balance": "switch"}, "none": {"balance": "none"}}
 
 # targets for the default recipe, worst over seeds
 TARGETS = {"max_gap": 0.005, "min_confident": 0.95, "min_load": 0.10, "mean_hard": 0.97}

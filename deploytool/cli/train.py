@@ -73,7 +73,9 @@ def study(
     if json:
         print_json(result)
     else:
-        console().print(result["markdown"])
+        from rich.markdown import Markdown
+
+        console().print(Markdown(result["markdown"]))
 
 
 def _show(result: dict, json: bool) -> None:

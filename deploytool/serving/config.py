@@ -1,0 +1,210 @@
+"""Triton model configuration built from a model's tensor signature, rendered as config.pbtxt.
+
+The config is a plain dict keyed by the protobuf field names, rendered to protobuf text format by hand
+(so the text is the same with or without tritonclient), then parsed back with Triton's own schema
+(tritonclient's model_config_pb2) when it is installed: a field or enum Triton does not know fails
+here, not at server start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploytool.errors import BadInput, CheckFailed
+from deploytool.runners.base import TensorMeta
+
+# NumPy dtype name -> Triton data type (Triton's model_configuration.md "Datatypes" table)
+TRITON_DTYPES = {
+    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16",
+}
+# onnx.TensorProto.DataType name -> NumPy dtype name
+_ONNX_DTYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FLOAT16": "float16",
+    "FLOAT": "float32", "DOUBLE": "float64", "BFLOAT16": "bfloat16",
+}
+# deploytool backend -> how config.pbtxt names it, and where its instances run
+_BACKEND_FIELDS = {
+    "tensorrt": ({"platform": "tensorrt_plan"}, "KIND_GPU"),
+    "onnxruntime": ({"backend": "onnxruntime"}, "KIND_AUTO"),
+    "python": ({"backend": "python"}, "KIND_CPU"),
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Symbol(str):
+    """An enum value (TYPE_FP32, KIND_GPU): rendered bare, not quoted."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """max_batch_size and the dynamic batcher; 0 turns batching off (dims then carry the full shape)."""
+
+    max_batch: int = 64
+    dynamic: bool = False
+    preferred: tuple[int, ...] = (8, 32)
+    max_queue_delay_us: int = 100
+
+    def __post_init__(self):
+        if self.max_batch < 0:
+            raise BadInput(f"--max-batch must be >= 0 (0 turns batching off), got {self.max_batch}")
+        if not self.dynamic:
+            return
+        if self.max_batch == 0:
+            raise BadInput("dynamic batching needs --max-batch > 0")
+        for size in self.preferred:
+            if not 1 <= size <= self.max_batch:
+                raise BadInput(f"preferred batch size {size} must be between 1 and --max-batch {self.max_batch}")
+        if self.max_queue_delay_us < 0:
+            raise BadInput(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
+
+    def section(self) -> dict[str, Any] | None:
+        if not self.dynamic:
+            return None
+        section: dict[str, Any] = {"max_queue_delay_microseconds": self.max_queue_delay_us}
+        if self.preferred:
+            section["preferred_batch_size"] = sorted(set(self.preferred))
+        return section
+
+
+def check_name(name: str) -> str:
+    """A model name Triton accepts as a directory name: no path separators, spaces or leading dot."""
+    if not NAME_PATTERN.match(name or ""):
+        raise BadInput(f"model name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
+                       "(no path separators or spaces, not starting with '.')")
+    return name
+
+
+def onnx_signature(path: str | Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """Inputs and outputs of an ONNX file, read with onnx (no session, external data not loaded)."""
+    from deploytool.deps import require
+
+    onnx = require("onnx", "reading the ONNX model's inputs and outputs")
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"ONNX model {path} does not exist")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BadInput(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") from exc
+    initializers = {t.name for t in graph.initializer}
+
+    def meta(value) -> TensorMeta:
+        tensor = value.type.tensor_type
+        elem = onnx.TensorProto.DataType.Name(tensor.elem_type)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        return TensorMeta(value.name, _ONNX_DTYPES.get(elem, elem.lower()), dims)
+
+    return ([meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output])
+
+
+def _is_dynamic(dim: Any) -> bool:
+    return not isinstance(dim, int) or dim < 0
+
+
+def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, Any]:
+    """One input/output entry: Triton's dims leave out the batch dim when max_batch_size > 0.
+
+    A tensor whose only dim is the batch (the routing index, [batch]) gets dims [1]; with `reshape`
+    the backend still sees [batch] (`reshape { shape: [] }`), without it the model returns [batch, 1].
+    """
+    dtype = TRITON_DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise BadInput(f"tensor {meta.name!r} has dtype {meta.dtype}, which Triton cannot serve")
+    dims = list(meta.shape)
+    if max_batch > 0:
+        if not dims or not _is_dynamic(dims[0]):
+            fixed = dims[0] if dims else "none"
+            raise BadInput(f"tensor {meta.name!r} has a fixed batch dimension ({fixed}): export it with a dynamic "
+                           "batch, or pass --max-batch 0 to turn Triton's batching off")
+        dims = dims[1:]
+    entry: dict[str, Any] = {"name": meta.name, "data_type": Symbol(dtype),
+                             "dims": [-1 if _is_dynamic(d) else int(d) for d in dims] or [1]}
+    if not dims and reshape:
+        entry["reshape"] = {"shape": []}
+    return entry
+
+
+def model_config(name: str, inputs: list[TensorMeta], outputs: list[TensorMeta], *, backend: str,
+                 batching: Batching, instances: int = 1, parameters: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ModelConfig for one model, as a dict of protobuf field names."""
+    if backend not in _BACKEND_FIELDS:
+        raise BadInput(f"unknown Triton backend {backend!r}; choose {', '.join(_BACKEND_FIELDS)}")
+    if instances < 1:
+        raise BadInput(f"--instances must be >= 1, got {instances}")
+    fields, kind = _BACKEND_FIELDS[backend]
+    reshape = backend != "python"
+    config: dict[str, Any] = {
+        "name": check_name(name), **fields, "max_batch_size": batching.max_batch,
+        "input": [tensor_config(t, batching.max_batch, reshape) for t in inputs],
+        "output": [tensor_config(t, batching.max_batch, reshape) for t in outputs],
+        "instance_group": [{"count": instances, "kind": Symbol(kind)}],
+    }
+    if batching.section() is not None:
+        config["dynamic_batching"] = batching.section()
+    if parameters:
+        config["parameters"] = [{"key": k, "value": {"string_value": v}} for k, v in sorted(parameters.items())]
+    return config
+
+
+# --- protobuf text format ----------------------------------------------------------------------
+
+def render(config: dict[str, Any]) -> str:
+    """config.pbtxt text for a config dict (messages in braces, repeated fields in brackets)."""
+    return "\n".join(_fields(config, 0)) + "\n"
+
+
+def _fields(message: dict[str, Any], depth: int) -> list[str]:
+    pad = "  " * depth
+    lines: list[str] = []
+    for key, value in message.items():
+        if isinstance(value, dict):
+            lines += [f"{pad}{key} {{", *_fields(value, depth + 1), f"{pad}}}"]
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines.append(f"{pad}{key} [")
+            for i, item in enumerate(value):
+                close = "}," if i < len(value) - 1 else "}"
+                lines += [f"{pad}  {{", *_fields(item, depth + 2), f"{pad}  {close}"]
+            lines.append(f"{pad}]")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_scalar(v) for v in value)} ]" if value else f"{pad}{key}: [ ]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, Symbol):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if any(ord(c) < 32 for c in value):
+            raise BadInput(f"config value {value!r} contains control characters")
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot render {type(value).__name__} in config.pbtxt")
+
+
+def validate(text: str) -> bool:
+    """Parse config.pbtxt with Triton's ModelConfig schema; False when tritonclient is not installed.
+
+    A parse failure is a bug in the generator (the inputs were already checked): CheckFailed.
+    """
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return False
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise CheckFailed(f"generated config.pbtxt does not match Triton's ModelConfig schema: {exc}") from exc
+    return True

@@ -1,0 +1,253 @@
+"""`package`: write a Triton Inference Server model repository entry for an engine, ONNX file or run dir.
+
+Layout: <repository>/<name>/config.pbtxt, <repository>/<name>/1/<model file>, <repository>/<name>/README.md.
+The whole <name> directory is built under a temporary name and swapped in when complete
+(io.atomic_dir), so a failure, or a --force replace, never leaves a half-written model version.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploytool import io
+from deploytool.errors import BadInput
+from deploytool.runners.base import TensorMeta
+from deploytool.serving import config as cfg
+
+TRITON_BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
+VERSION = "1"
+# artifact kind -> Triton backend that serves it natively
+_NATIVE = {"engine": "tensorrt", "onnx": "onnxruntime", "run": "python"}
+# the artifact's name inside the version directory (Triton's default model file names)
+_ARTIFACT = {"engine": "model.plan", "onnx": "model.onnx", "run": "run"}
+_RUN_FILES = (io.CONFIG_FILE, io.WEIGHTS_FILE, io.METRICS_FILE)
+PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+
+
+@dataclass
+class Package:
+    repository: Path
+    name: str
+    backend: str               # tensorrt | onnxruntime | python (Triton's side)
+    runtime_backend: str | None  # python only: the deploytool backend model.py runs
+    model_dir: Path
+    config_path: Path
+    readme: Path
+    files: list[str]
+    config: dict[str, Any]
+    validated: bool            # parsed with Triton's ModelConfig schema (False: tritonclient not installed)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def package(target: str | Path, repository: str | Path, name: str, *, max_batch: int = 64,
+            dynamic_batching: bool = False, preferred_batch: tuple[int, ...] = (8, 32),
+            max_queue_delay_us: int = 100, instances: int = 1, backend: str = "auto",
+            force: bool = False) -> Package:
+    """Write `repository/name` for `target` (engine -> tensorrt_plan, ONNX -> onnxruntime, run dir -> python).
+
+    backend="python" serves any target through the deploytool runtime (model.py in the Python backend).
+    An existing `repository/name` is refused unless `force`; with it the old one stays whole until the
+    new one is complete.
+    """
+    from deploytool.runtime import artifact_kind, resolve_backend
+
+    cfg.check_name(name)
+    target, repository = Path(target), Path(repository)
+    if repository.exists() and not repository.is_dir():
+        raise BadInput(f"repository {repository} exists and is a file; give a directory")
+    model_dir = repository / name
+    if model_dir.exists() and not force:
+        raise BadInput(f"{model_dir} already exists; pass --force to replace it "
+                       "(the old model stays intact until the new one is complete)")
+    if backend not in TRITON_BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
+    kind = artifact_kind(target)
+    backend = _NATIVE[kind] if backend == "auto" else backend
+    if backend != "python" and _NATIVE[kind] != backend:
+        wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
+                 else "an ONNX file (deploytool export)")
+        raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use --backend python")
+    batching = cfg.Batching(max_batch, dynamic_batching, tuple(preferred_batch), max_queue_delay_us)
+
+    notes: list[str] = []
+    if kind == "engine":
+        inputs, outputs, notes = _engine_signature(target, max_batch)
+    elif kind == "onnx":
+        inputs, outputs = cfg.onnx_signature(target)
+    else:
+        inputs, outputs = _run_signature(target)
+    runtime_backend = parameters = None
+    if backend == "python":
+        runtime_backend = resolve_backend(target)[1]
+        parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
+    config = cfg.model_config(name, inputs, outputs, backend=backend, batching=batching, instances=instances,
+                              parameters=parameters)
+    text = cfg.render(config)
+    validated = cfg.validate(text)
+
+    with io.atomic_dir(model_dir) as tmp:
+        version = tmp / VERSION
+        version.mkdir()
+        (tmp / "config.pbtxt").write_text(text)
+        _copy_artifact(target, kind, version / _ARTIFACT[kind])
+        if backend == "python":
+            shutil.copyfile(PYTHON_MODEL, version / "model.py")
+        (tmp / "README.md").write_text(readme(repository, config, notes))
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
+                   model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
+                   files=files, config=config, validated=validated, notes=notes)
+
+
+def _run_signature(run_dir: Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """A run directory's tensors, from the torch runner (which also proves the checkpoint loads)."""
+    from deploytool.runtime import load
+
+    with load(run_dir) as session:
+        return session.inputs, session.outputs
+
+
+def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], list[TensorMeta], list[str]]:
+    """Tensors of an engine from its manifest (model.plan.json), README notes on loading it.
+
+    Refuses a max batch above the engine's optimisation profile: Triton would accept batches the engine
+    cannot run.
+    """
+    from deploytool.engine.manifest import read_manifest
+
+    manifest = read_manifest(engine)
+
+    def metas(kind: str) -> list[TensorMeta]:
+        return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
+                for t in manifest["io"][kind]]
+
+    profile_max = min((p["max"][0] for p in manifest.get("profile", {}).values()), default=None)
+    if profile_max is not None and max_batch > profile_max:
+        raise BadInput(f"--max-batch {max_batch} is above the engine's optimisation profile (max batch "
+                       f"{profile_max}); lower --max-batch or rebuild with build-engine --max-batch {max_batch}")
+    if manifest.get("op_path") == "plugin":
+        ops = ", ".join(manifest.get("plugin_ids", [])) or "deploytool's ops"
+        plugin = (f"The engine runs {ops} as TensorRT plugins whose Triton kernels are compiled into the engine "
+                  "(ahead-of-time): Triton's TensorRT backend runs it with no Python, no LD_PRELOAD and no "
+                  "`--backend-config=tensorrt,plugins=...`.")
+    else:
+        plugin = ("The engine has no plugin (deploytool's ops were built from their ONNX function bodies as "
+                  "standard TensorRT layers): nothing to preload.")
+    machine = (f"It loads only under TensorRT {manifest.get('tensorrt')} on a GPU of compute capability "
+               f"{manifest.get('compute_capability')} ({manifest.get('gpu')}): pick the Triton release whose "
+               "TensorRT matches, or rebuild the engine where Triton runs.")
+    return metas("inputs"), metas("outputs"), [plugin, machine]
+
+
+def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
+    if kind == "run":
+        dest.mkdir()
+        for name in _RUN_FILES:
+            if (target / name).is_file():
+                shutil.copyfile(target / name, dest / name)
+        return
+    shutil.copyfile(target, dest)
+    if kind == "onnx":
+        for location in _external_data(target):
+            (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target.parent / location, dest.parent / location)
+    else:
+        from deploytool.engine.manifest import manifest_path
+
+        shutil.copyfile(manifest_path(target), manifest_path(dest))
+
+
+def _external_data(onnx_path: Path) -> list[str]:
+    """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    locations = set()
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            location = entry.get("location", "")
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise BadInput(f"{onnx_path} refers to external data outside its directory ({location})")
+            locations.add(location)
+    return sorted(locations)
+
+
+# --- README ------------------------------------------------------------------------------------
+
+def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
+    """How to serve this model with tritonserver and call it: the exact command and a client example."""
+    name, max_batch = config["name"], config["max_batch_size"]
+    backend = config.get("platform") or config["backend"]
+    x = config["input"][0]
+    dims = [d if d > 0 else 1 for d in x["dims"]]
+    shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
+    dtype = x["data_type"].removeprefix("TYPE_")
+    numpy_dtype = {v: k for k, v in cfg.TRITON_DTYPES.items()}[x["data_type"]]
+    env = ""
+    if backend == "python":
+        env = ('LD_LIBRARY_PATH="$(python -c \'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))\'):'
+               '$LD_LIBRARY_PATH" ')
+    lines = [
+        f"# Triton model `{name}` ({backend})",
+        "",
+        "Written by `deploytool package`. Serve it with Triton Inference Server:",
+        "",
+        "```bash",
+        f"{env}tritonserver --model-repository={repository.resolve()} --model-control-mode=explicit "
+        f"--load-model={name}",
+        "```",
+        "",
+        "HTTP (KServe v2) listens on port 8000, gRPC on 8001, metrics on 8002.",
+        "",
+    ]
+    if backend == "python":
+        lines += [
+            "The Python backend runs `1/model.py`, which serves the artifact beside it through the deploytool",
+            "runtime, so the server's Python environment needs deploytool (`pip install deploytool`, with",
+            "`deploytool[tensorrt]` for engines). The `LD_LIBRARY_PATH` prefix makes the Python-backend stub",
+            "load the libpython of that environment's interpreter; a libpython of another patch release fails",
+            "with `'_thread.RLock' object has no attribute '_recursion_count'`. `deploytool serve` does this",
+            "for you.",
+            "",
+        ]
+    lines += [*[line for note in notes for line in (note, "")],
+              f"Tensors as a request sends them (max_batch_size {max_batch}"
+              + (": a leading batch dimension is added to every shape):" if max_batch > 0 else "):"),
+              ""]
+    for kind in ("input", "output"):
+        for t in config[kind]:
+            full = ([-1] if max_batch > 0 else []) + list(t["dims"])
+            lines.append(f"- {kind} `{t['name']}`: {t['data_type'].removeprefix('TYPE_')} {full}")
+    lines += [
+        "",
+        "Client (`pip install \"tritonclient[http]\"`):",
+        "",
+        "```python",
+        "import numpy as np",
+        "import tritonclient.http as httpclient",
+        "",
+        'client = httpclient.InferenceServerClient("localhost:8000")',
+        f"x = np.random.rand({', '.join(map(str, shape))}).astype(np.{numpy_dtype})",
+        f'inp = httpclient.InferInput("{x["name"]}", list(x.shape), "{dtype}")',
+        "inp.set_data_from_numpy(x)",
+        f'result = client.infer("{name}", [inp])',
+        *[f'{t["name"]} = result.as_numpy("{t["name"]}")' for t in config["output"]],
+        "```",
+        "",
+        "Or with curl, one row:",
+        "",
+        "```bash",
+        f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"{x['name']}\", "
+        f"\"shape\": {one_row}, \"datatype\": \"{dtype}\", \"data\": [{', '.join(['0.5'] * math.prod(one_row))}]}}]}}'",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

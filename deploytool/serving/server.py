@@ -1,0 +1,265 @@
+"""`serve`: the model behind a real Triton Inference Server, over KServe v2 (HTTP and gRPC).
+
+The target is packaged with the Python backend into a temporary repository (the same model.py that
+`package --backend python` writes, so what `serve` runs is what `package` ships) and nvidia-pytriton's
+bundled tritonserver serves it. Triton itself checks each request's shape and dtype against the config
+(a bad one gets a 400, the server keeps serving); model.py rejects NaN rows per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploytool.errors import BadInput, CheckFailed, MissingDependency
+
+DEFAULT_PORT = 8000
+DEFAULT_NAME = "model"
+STARTUP_TIMEOUT_S = 120.0
+EXIT_TIMEOUT_S = 5
+_ENV_LOCK = threading.Lock()
+
+
+@dataclass
+class Server:
+    """A running tritonserver: `http_url` / `grpc_url` for tritonclient; `stop()` (or `with`) ends it."""
+
+    name: str
+    host: str
+    http_port: int
+    grpc_port: int
+    workdir: Path
+    _triton: Any = field(repr=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "tritonserver.log"
+
+    def is_alive(self) -> bool:
+        return self._triton.is_alive()
+
+    def stop(self) -> None:
+        """Stop tritonserver (SIGINT, then kill after the exit timeout) and remove the temporary repository."""
+        try:
+            self._triton.stop()
+        finally:
+            self._stopped.set()
+            if self._thread is not None:  # a thread still inside a failed startup is a daemon: not waited for
+                self._thread.join(timeout=EXIT_TIMEOUT_S)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (then stop cleanly); CheckFailed if tritonserver dies by itself."""
+        with _stop_signals():
+            try:
+                while self._triton.is_alive():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                return
+        raise CheckFailed(f"tritonserver exited unexpectedly: {_log_error(self.log_file) or 'see its log'}")
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1", grpc_port: int | None = None,
+          name: str = DEFAULT_NAME, max_batch: int = 64, dynamic_batching: bool = False,
+          preferred_batch: tuple[int, ...] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
+          block: bool = True, on_ready: Any = None) -> Server:
+    """Serve `target` (run dir, ONNX file or engine) on `host:port` (HTTP) and `grpc_port` (default port+1).
+
+    block=True serves until Ctrl-C/SIGTERM and shuts down cleanly (no tritonserver left behind);
+    block=False returns the running Server for the caller to stop. `on_ready(server)` is called once
+    the model answers. Ports in use are refused (BadInput) before anything starts.
+    """
+    from deploytool.deps import require
+    from deploytool.serving.config import check_name
+    from deploytool.serving.repository import package
+
+    check_name(name)
+    grpc_port = port + 1 if grpc_port is None else grpc_port
+    if port == grpc_port:
+        raise BadInput(f"HTTP and gRPC need different ports, both are {port}")
+    for what, number in (("HTTP", port), ("gRPC", grpc_port)):
+        check_port_free(host, number, what)
+    pytriton = require("pytriton.triton", "deploytool serve")
+    workdir = Path(tempfile.mkdtemp(prefix="deploytool-serve-"))
+    try:
+        package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
+                preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
+                backend="python")
+        config = pytriton.TritonConfig(
+            model_repository=workdir / "models", http_address=host, http_port=port, grpc_address=host,
+            grpc_port=grpc_port, allow_metrics=False, exit_on_error=False, strict_readiness=False,
+            exit_timeout_secs=EXIT_TIMEOUT_S, log_file=workdir / "tritonserver.log", log_verbose=0)
+        triton = pytriton.Triton(config=config, workspace=workdir / "workspace")
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = Server(name, host, port, grpc_port, workdir, triton)
+    try:
+        _start(server)
+    except BaseException:
+        server.stop()
+        raise
+    if on_ready is not None:
+        on_ready(server)
+    if not block:
+        return server
+    with server:
+        server.wait()
+    return server
+
+
+def _start(server: Server) -> None:
+    """Start tritonserver and wait until the model is ready; a failure says why, from the server's log.
+
+    pytriton spawns tritonserver with PR_SET_PDEATHSIG, which fires when the spawning *thread* exits:
+    the thread that starts it stays alive until `stop`, so the server lives exactly as long as the Server.
+    """
+    triton = server._triton
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with _libpython_first():
+                triton.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(exc)
+        finally:
+            started.set()
+        server._stopped.wait()
+
+    server._thread = threading.Thread(target=run, name="deploytool-tritonserver", daemon=True)
+    server._thread.start()
+    begin = time.monotonic()
+    while not started.wait(0.2):
+        # the process starts within milliseconds; gone after that means it exited during startup
+        if time.monotonic() - begin > 2.0 and not triton.is_alive():
+            break
+        if time.monotonic() - begin > STARTUP_TIMEOUT_S:
+            break
+    reason = _log_error(server.log_file)
+    if not started.is_set() or failure:
+        detail = reason or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no reason in its log")
+        raise MissingDependency(f"tritonserver did not start: {detail}")
+    if not _model_ready(server):
+        raise MissingDependency(f"tritonserver could not load model {server.name!r}: {reason or 'see its log'}")
+
+
+def _model_ready(server: Server) -> bool:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        return client.is_model_ready(server.name)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _libpython_first() -> Iterator[None]:
+    """Put this interpreter's libpython first on LD_LIBRARY_PATH while tritonserver is spawned.
+
+    The Python-backend stub links libpython3.X.so.1.0 from the system library path; a different patch
+    release than the running interpreter fails to load models with "'_thread.RLock' object has no
+    attribute '_recursion_count'". pytriton copies os.environ when it spawns the server, so the change
+    is only needed for that moment.
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME") or ""
+    if not libdir or not soname or not (Path(libdir) / soname).exists():
+        yield
+        return
+    with _ENV_LOCK:
+        old = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *([old] if old else [])])
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("LD_LIBRARY_PATH", None)
+            else:
+                os.environ["LD_LIBRARY_PATH"] = old
+
+
+def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
+    """BadInput naming the port when something already listens on host:port (or the host is unknown)."""
+    if not 0 < port < 65536:
+        raise BadInput(f"{what} port {port} is not a valid port (1-65535)")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise BadInput(f"cannot resolve host {host!r}: {exc}") from exc
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise BadInput(f"{what} port {port} on {host} is in use ({exc.strerror}); "
+                           "pick free ports with --port (HTTP) and --grpc-port (default: HTTP port + 1)") from exc
+
+
+def _client_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
+
+
+def _log_error(log_file: Path) -> str:
+    """The first error line of tritonserver's log, without its timestamp prefix."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        if line.startswith("E") and "CudaDriverHelper" not in line:  # no GPU here is not an error for us
+            message = re.sub(r"^E\d{4} [\d:.]+\s+\d+\s+\S+\]\s*", "", line).strip().strip('"')
+            return message.split("\\n")[0].strip()[:500]  # the log escapes newlines: keep the first line
+    return ""
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM (Ctrl-C, docker stop, kill) both end `wait` with a clean shutdown.
+
+    SIGINT is installed explicitly because a process started in the background by a non-interactive
+    shell inherits it ignored. Only the main thread can install handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

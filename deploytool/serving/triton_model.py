@@ -1,0 +1,72 @@
+"""Triton Python-backend model that serves a deploytool artifact through the deploytool runtime.
+
+`package(..., backend="python")` copies this file to <repository>/<name>/1/model.py beside the artifact;
+config.pbtxt's parameters name the artifact and the runtime backend, so one file serves run directories,
+ONNX files and engines. Each request is checked on its own: a bad one (NaN, wrong feature count) gets an
+error response while the others in the same dynamic batch still run, together, as one batch.
+Runs inside Triton's Python-backend stub, which provides `triton_python_backend_utils`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _error(pb_utils, exc):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    message = str(exc)
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import deploytool
+
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        artifact = Path(args["model_repository"]) / args["model_version"] / params["deploytool_artifact"]
+        self.session = deploytool.load(artifact, backend=params.get("deploytool_backend", "auto"))
+        self.input_name = self.session.inputs[0].name
+        self.output_names = [output["name"] for output in config["output"]]
+        # with batching, a [batch] output is declared as dims [1]: send it as [batch, 1]
+        self.expand = int(config.get("max_batch_size", 0)) > 0
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        from deploytool.errors import DeployToolError
+
+        responses = [None] * len(requests)
+        rows, arrays = [], []
+        for i, request in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            try:
+                arrays.append(self.session.validate(x))
+                rows.append(i)
+            except DeployToolError as exc:
+                responses[i] = _error(pb_utils, exc)
+        if not rows:
+            return responses
+        try:
+            result = self.session.infer(np.concatenate(arrays))
+        except DeployToolError as exc:
+            for i in rows:
+                responses[i] = _error(pb_utils, exc)
+            return responses
+        start = 0
+        for i, x in zip(rows, arrays):
+            stop = start + len(x)
+            tensors = []
+            for name in self.output_names:
+                value = result[name][start:stop]
+                if self.expand and value.ndim == 1:
+                    value = value[:, None]
+                tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start = stop
+        return responses
+
+    def finalize(self):
+        self.session.close()

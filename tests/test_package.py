@@ -1,0 +1,269 @@
+"""`package`: Triton model repositories whose config.pbtxt Triton's own schema parses, written atomically."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error
+from deploytool.errors import BadInput, CheckFailed
+from deploytool.serving import config as cfg
+from deploytool.serving import repository
+from deploytool.serving.repository import package
+
+
+def tiny_onnx(path, features=8, classes=3, experts=2, dtype="FLOAT", batch="batch"):
+    """x [batch, features] -> output [batch, classes], index [batch] (int64), probs [batch, experts]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = getattr(TensorProto, dtype)
+    np_dtype = helper.tensor_dtype_to_np_dtype(elem)
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np_dtype), "w")
+    r = numpy_helper.from_array(rng.normal(size=(features, experts)).astype(np_dtype), "r")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["output"]), helper.make_node("MatMul", ["x", "r"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+             helper.make_node("ArgMax", ["probs"], ["index"], axis=-1, keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, features])],
+        [helper.make_tensor_value_info("output", elem, [batch, classes]),
+         helper.make_tensor_value_info("index", TensorProto.INT64, [batch]),
+         helper.make_tensor_value_info("probs", elem, [batch, experts])], [w, r])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def parse(model_dir):
+    """config.pbtxt parsed with Triton's ModelConfig protobuf (tritonclient), as Triton reads it."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                           reason="tritonclient is not installed (pip install deploytool[serve])")
+    from google.protobuf import text_format
+
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def dtype_name(value):
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(value)
+
+
+def kinds(config):
+    from tritonclient.grpc import model_config_pb2
+
+    return [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group]
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    return tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture
+def fake_engine(onnx_file, tmp_path):
+    """An engine file with the manifest build-engine writes (the engine bytes are never read by package)."""
+    from deploytool.engine.manifest import build_manifest, manifest_path
+    from deploytool.engine.plan import plan_engine
+    from deploytool.io import write_json
+
+    plan = plan_engine(onnx_file, min_batch=1, opt_batch=16, max_batch=32)
+    io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 8]}],
+          "outputs": [{"name": "output", "dtype": "float32", "shape": [-1, 3]},
+                      {"name": "index", "dtype": "int64", "shape": [-1]},
+                      {"name": "probs", "dtype": "float32", "shape": [-1, 2]}]}
+    machine = {"tensorrt": "10.9.0", "cuda": "12.8", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    manifest = build_manifest(plan, machine=machine, op_path="plugin", plugin_layers=["TemperedSoftmax_0"],
+                              embedded_ptx={}, kernel_source_sha256=None, io=io)
+    manifest["plugin_ids"] = ["deploytool::HardSelect", "deploytool::TemperedSoftmax"]
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    write_json(manifest_path(engine), manifest)
+    return engine
+
+
+def test_onnx_model_config_names_every_tensor_with_triton_types_and_batch_dims(onnx_file, tmp_path):
+    result = package(onnx_file, tmp_path / "repo", "tiny")
+    config = parse(result.model_dir)
+    assert result.validated and result.backend == "onnxruntime"
+    assert config.name == "tiny" and config.backend == "onnxruntime" and config.max_batch_size == 64
+    assert [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.input] == [("x", "TYPE_FP32", [8])]
+    outputs = {t.name: t for t in config.output}
+    assert {n: (dtype_name(t.data_type), list(t.dims)) for n, t in outputs.items()} == {
+        "output": ("TYPE_FP32", [3]), "index": ("TYPE_INT64", [1]), "probs": ("TYPE_FP32", [2])}
+    # the model's index is [batch]: Triton needs dims [1] and reshapes it back for the backend
+    assert outputs["index"].HasField("reshape") and list(outputs["index"].reshape.shape) == []
+    assert not outputs["output"].HasField("reshape")
+    assert not config.HasField("dynamic_batching")
+    assert kinds(config) == [(1, "KIND_AUTO")]
+    assert (result.model_dir / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
+    assert result.files == ["1/model.onnx", "README.md", "config.pbtxt"]
+
+
+def test_dynamic_batching_preferred_sizes_delay_and_instances_reach_the_config(onnx_file, tmp_path):
+    result = package(onnx_file, tmp_path, "tiny", max_batch=32, dynamic_batching=True, preferred_batch=(16, 4),
+                     max_queue_delay_us=250, instances=3)
+    config = parse(result.model_dir)
+    assert config.max_batch_size == 32
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    assert kinds(config) == [(3, "KIND_AUTO")]
+
+
+def test_max_batch_zero_puts_the_full_shape_in_dims(onnx_file, tmp_path):
+    config = parse(package(onnx_file, tmp_path, "tiny", max_batch=0).model_dir)
+    assert config.max_batch_size == 0
+    assert list(config.input[0].dims) == [-1, 8]
+    index = next(t for t in config.output if t.name == "index")
+    assert list(index.dims) == [-1] and not index.HasField("reshape")
+
+
+def test_fixed_batch_model_needs_max_batch_zero(tmp_path):
+    static = tiny_onnx(tmp_path / "static.onnx", batch=4)
+    with pytest.raises(BadInput, match="fixed batch dimension"):
+        package(static, tmp_path / "repo", "static")
+    assert list(parse(package(static, tmp_path / "repo", "static", max_batch=0).model_dir).input[0].dims) == [4, 8]
+
+
+@pytest.mark.parametrize("onnx_type, triton_type", [("FLOAT16", "TYPE_FP16"), ("DOUBLE", "TYPE_FP64")])
+def test_onnx_float_types_map_to_triton_types(tmp_path, onnx_type, triton_type):
+    path = tiny_onnx(tmp_path / "m.onnx", dtype=onnx_type)
+    config = parse(package(path, tmp_path / "repo", "m").model_dir)
+    assert dtype_name(config.input[0].data_type) == triton_type
+    assert {t.name: dtype_name(t.data_type) for t in config.output}["index"] == "TYPE_INT64"
+
+
+def test_run_directory_is_served_by_the_python_backend_through_the_runtime(trained_run, tmp_path):
+    result = package(trained_run.path, tmp_path, "routed", dynamic_batching=True)
+    config = parse(result.model_dir)
+    assert config.backend == "python" and result.runtime_backend == "torch"
+    assert kinds(config) == [(1, "KIND_CPU")]
+    assert config.parameters["deploytool_artifact"].string_value == "run"
+    assert config.parameters["deploytool_backend"].string_value == "torch"
+    assert [(t.name, list(t.dims)) for t in config.input] == [("x", [trained_run.config["in_features"]])]
+    index = next(t for t in config.output if t.name == "index")
+    assert list(index.dims) == [1] and not index.HasField("reshape")  # model.py sends [batch, 1] itself
+    assert {"1/model.py", "1/run/config.json", "1/run/model.safetensors"} <= set(result.files)
+    assert (result.model_dir / "1" / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+
+
+def test_engine_config_comes_from_its_manifest_and_readme_explains_the_plugin(fake_engine, tmp_path):
+    result = package(fake_engine, tmp_path, "trt", max_batch=32)
+    config = parse(result.model_dir)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 32
+    assert kinds(config) == [(1, "KIND_GPU")]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("output", [3]), ("index", [1]), ("probs", [2])]
+    assert {"1/model.plan", "1/model.plan.json"} <= set(result.files)
+    readme = result.readme.read_text()
+    assert "deploytool::TemperedSoftmax" in readme and "no LD_PRELOAD" in readme
+    assert "TensorRT 10.9.0" in readme and "compute capability 9.0" in readme
+
+
+def test_max_batch_above_the_engine_profile_is_refused_and_nothing_is_written(fake_engine, tmp_path):
+    with pytest.raises(BadInput, match=r"--max-batch 64 is above the engine's optimisation profile \(max batch 32\)"):
+        package(fake_engine, tmp_path / "repo", "trt", max_batch=64)
+    assert not (tmp_path / "repo" / "trt").exists()
+
+
+def test_existing_model_is_refused_without_force_and_left_untouched(onnx_file, tmp_path):
+    first = package(onnx_file, tmp_path, "tiny")
+    before = first.config_path.read_bytes()
+    with pytest.raises(BadInput, match="already exists; pass --force"):
+        package(onnx_file, tmp_path, "tiny", max_batch=8)
+    assert first.config_path.read_bytes() == before
+
+
+def test_force_replace_that_fails_midway_keeps_the_old_model_whole(onnx_file, tmp_path, monkeypatch):
+    first = package(onnx_file, tmp_path, "tiny", max_batch=16)
+    before = {p.relative_to(first.model_dir): p.read_bytes() for p in first.model_dir.rglob("*") if p.is_file()}
+
+    def copy_then_fail(target, kind, dest):
+        dest.write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(repository, "_copy_artifact", copy_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        package(onnx_file, tmp_path, "tiny", max_batch=8, force=True)
+    after = {p.relative_to(first.model_dir): p.read_bytes() for p in first.model_dir.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary directory left behind
+
+    monkeypatch.undo()
+    assert parse(package(onnx_file, tmp_path, "tiny", max_batch=8, force=True).model_dir).max_batch_size == 8
+
+
+@pytest.mark.parametrize("name", ["a/b", "a b", "..", ".hidden", "", "x\\y"])
+def test_names_with_separators_spaces_or_leading_dots_are_refused(onnx_file, tmp_path, name):
+    with pytest.raises(BadInput, match="model name"):
+        package(onnx_file, tmp_path, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dynamic_batching": True, "preferred_batch": (8, 128)}, "preferred batch size 128"),
+    ({"dynamic_batching": True, "max_batch": 0}, "dynamic batching needs --max-batch > 0"),
+    ({"max_batch": -1}, "--max-batch must be >= 0"),
+    ({"instances": 0}, "--instances must be >= 1"),
+    ({"backend": "tensorrt"}, "tensorrt backend serves a TensorRT engine"),
+    ({"backend": "tflite"}, "unknown backend"),
+])
+def test_bad_options_are_refused(onnx_file, tmp_path, kwargs, match):
+    with pytest.raises(BadInput, match=match):
+        package(onnx_file, tmp_path, "tiny", **kwargs)
+
+
+def test_run_directory_cannot_use_the_onnxruntime_backend(trained_run, tmp_path):
+    with pytest.raises(BadInput, match="onnxruntime backend serves an ONNX file"):
+        package(trained_run.path, tmp_path, "m", backend="onnxruntime")
+
+
+def test_an_unknown_config_field_fails_triton_schema_validation():
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
+    good = cfg.render({"name": "m", "backend": "python", "max_batch_size": 4})
+    assert cfg.validate(good) is True
+    with pytest.raises(CheckFailed, match="ModelConfig schema"):
+        cfg.validate(good + "max_batch: 4\n")
+
+
+def test_readme_has_the_exact_tritonserver_command_and_a_runnable_client_example(onnx_file, tmp_path):
+    result = package(onnx_file, tmp_path / "repo", "tiny")
+    readme = result.readme.read_text()
+    repo = (tmp_path / "repo").resolve()
+    assert f"tritonserver --model-repository={repo} --model-control-mode=explicit --load-model=tiny" in readme
+    client = readme.split("```python\n")[1].split("```")[0]
+    compile(client, "README client", "exec")
+    assert 'InferInput("x", list(x.shape), "FP32")' in client and 'client.infer("tiny", [inp])' in client
+    assert 'np.random.rand(2, 8)' in client
+
+
+def test_cli_package_json_reports_the_repository(cli, onnx_file, tmp_path):
+    code, out, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny", "--dynamic-batching",
+                         "--preferred-batch", "4,8", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backend"] == "onnxruntime" and result["validated"] is True
+    assert result["config"]["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    assert (tmp_path / "tiny" / "config.pbtxt").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--name", "my model"], "model name 'my model' is not valid"),
+    (["--name", "tiny", "--preferred-batch", "8,x", "--dynamic-batching"], "comma-separated integers"),
+])
+def test_cli_package_bad_input_is_one_line_exit_2(cli, onnx_file, tmp_path, args, match):
+    assert_one_line_error(*cli("package", onnx_file, "--repository", tmp_path, *args)[::2], 2, match)
+
+
+def test_cli_package_existing_model_without_force_is_one_line_exit_2(cli, onnx_file, tmp_path):
+    package(onnx_file, tmp_path, "tiny")
+    code, _, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny")
+    assert_one_line_error(code, err, 2, "already exists; pass --force")
+    code, _, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny", "--force")
+    assert code == 0, err
+
+
+def test_cli_max_batch_above_engine_profile_is_one_line_exit_2(cli, fake_engine, tmp_path):
+    code, _, err = cli("package", fake_engine, "--repository", tmp_path / "repo", "--name", "trt", "--max-batch", "33")
+    assert_one_line_error(code, err, 2, "above the engine's optimisation profile")

@@ -1,0 +1,230 @@
+"""`serve`: a real tritonserver answers KServe v2 over HTTP and gRPC like the local runtime, survives bad
+requests, refuses a port in use, and shuts down on Ctrl-C with no server process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deploytool
+from conftest import assert_one_line_error
+from deploytool.errors import BadInput
+
+NAME = "routed"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require_server():
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install deploytool[serve])")
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install deploytool[serve])")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """One server for the module: dynamic batching with a queue delay, so concurrent requests share a batch."""
+    require_server()
+    srv = deploytool.serve(trained_run.path, free_port(), grpc_port=free_port(), name=NAME, block=False,
+                           dynamic_batching=True, preferred_batch=(4,), max_queue_delay_us=20_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def local(trained_run):
+    with deploytool.load(trained_run.path) as session:
+        yield session
+
+
+def rows(n, seed=0):
+    return np.random.default_rng(seed).random((n, 64), dtype=np.float32) * 16
+
+
+def http_infer(server, x, datatype="FP32"):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        inp = httpclient.InferInput("x", list(x.shape), datatype)
+        inp.set_data_from_numpy(x)
+        result = client.infer(NAME, [inp])
+        return {name: result.as_numpy(name) for name in ("output", "index", "probs")}
+    finally:
+        client.close()
+
+
+def grpc_infer(server, x):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer(NAME, [inp])
+        return {name: result.as_numpy(name) for name in ("output", "index", "probs")}
+    finally:
+        client.close()
+
+
+def assert_matches(got, ref):
+    """Same routing, and fp32 outputs equal up to the rounding a different batch composition brings."""
+    np.testing.assert_array_equal(got["index"].ravel(), ref.index)  # Triton sends [batch] as [batch, 1]
+    np.testing.assert_allclose(got["output"], ref.output, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["probs"], ref.probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("infer", [http_infer, grpc_infer], ids=["http", "grpc"])
+def test_server_answers_like_the_local_runtime(server, local, infer):
+    x = rows(5, seed=3)
+    got = infer(server, x)
+    assert got["index"].shape == (5, 1) and got["index"].dtype == np.int64
+    assert_matches(got, local.run(x))
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("x, datatype, match", [
+    (rows(2)[:, :10].copy(), "FP32", "unexpected shape for input 'x'"),
+    (rows(2).astype(np.float64), "FP64", "data-type is 'FP64', but model 'routed' expects 'FP32'"),
+    (np.full((1, 64), np.nan, np.float32), "FP32", r"NaN or inf in row\(s\) 0"),
+])
+def test_bad_request_gets_an_error_and_the_server_keeps_serving(server, local, x, datatype, match):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match=match) as err:
+        http_infer(server, x, datatype)
+    assert err.value.status() == "400"
+    assert server.is_alive()
+    good = rows(2, seed=9)
+    assert_matches(http_infer(server, good), local.run(good))
+
+
+@pytest.mark.serve
+def test_a_nan_request_batched_with_good_ones_fails_alone(server, local):
+    """Concurrent requests land in one dynamic batch (20 ms queue delay); only the bad one gets the error."""
+    from tritonclient.utils import InferenceServerException
+
+    inputs = [rows(1 + i, seed=20 + i) for i in range(3)] + [np.full((2, 64), np.nan, np.float32)]
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(inputs))
+
+    def send(i):
+        start.wait()
+        try:
+            results[i] = http_infer(server, inputs[i])
+        except InferenceServerException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[3], InferenceServerException) and "NaN" in str(results[3])
+    for i in range(3):
+        assert_matches(results[i], local.run(inputs[i]))
+
+
+@pytest.mark.serve
+def test_onnx_file_is_served_through_onnxruntime(exported_onnx):
+    require_server()
+    srv = deploytool.serve(exported_onnx, free_port(), grpc_port=free_port(), name=NAME, block=False)
+    try:
+        x = rows(4, seed=5)
+        with deploytool.load(exported_onnx) as local_onnx:
+            assert_matches(http_infer(srv, x), local_onnx.run(x))
+    finally:
+        srv.stop()
+    assert not srv.workdir.exists()
+
+
+@pytest.mark.serve
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_python_backend_stub_loads_this_interpreters_libpython(server):
+    """Not the system's libpython of another patch release (the '_recursion_count' failure)."""
+    import sysconfig
+
+    loaded = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"triton_python_backend_stub") and str(server.workdir).encode() in argv[0]:
+                loaded |= {line.split()[-1] for line in (proc / "maps").read_text().splitlines() if "libpython" in line}
+        except OSError:
+            continue
+    expected = Path(sysconfig.get_config_var("LIBDIR")) / sysconfig.get_config_var("INSTSONAME")
+    assert loaded == {str(expected)}
+
+
+def test_port_in_use_is_refused_naming_the_port(trained_run):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(BadInput, match=f"HTTP port {port} on 127.0.0.1 is in use"):
+            deploytool.serve(trained_run.path, port, block=False)
+        with pytest.raises(BadInput, match=f"gRPC port {port} on 127.0.0.1 is in use"):
+            deploytool.serve(trained_run.path, free_port(), grpc_port=port, block=False)
+
+
+def test_cli_serve_on_a_port_in_use_is_one_line_exit_2(cli, trained_run):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = cli("serve", trained_run.path, "--port", port)
+    assert_one_line_error(code, err, 2, f"port {port} on 127.0.0.1 is in use")
+
+
+def tritonserver_pids(port: int) -> list[int]:
+    """tritonserver processes listening on `port` (their command line names it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"tritonserver") and any(f"{port}".encode() in a for a in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.serve
+def test_ctrl_c_stops_the_cli_server_cleanly_with_no_tritonserver_left(trained_run):
+    require_server()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deploytool.cli.app", "serve", str(trained_run.path),
+                             "--port", str(port), "--grpc-port", str(free_port()), "--name", NAME],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "serving" in line or not line:
+                break
+        assert "Ctrl-C to stop" in lines[-1], "".join(lines)
+        assert tritonserver_pids(port), "the server is not running"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "server stopped" in err and "Traceback" not in err
+    assert tritonserver_pids(port) == []
