@@ -36,12 +36,13 @@ class _Steps:
 
 
 def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train on digits, report, export to ONNX, verify torch vs onnxruntime, try a TensorRT engine."""
+    """Train on digits, export to ONNX, verify torch vs onnxruntime, try a TensorRT engine, package for Triton."""
     from deploytool.engine.build import build_engine
     from deploytool.errors import CheckFailed
     from deploytool.export.onnx import export_onnx
     from deploytool.io import prepare_out_dir
     from deploytool.parity import verify
+    from deploytool.serving.repository import package
     from deploytool.training import train
 
     start = time.perf_counter()
@@ -72,6 +73,13 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
         return (f"{comparison.routing.agreement:.1f}% routing agreement over {comparison.routing.rows} rows, "
                 f"max abs error {max_abs:.2e}")
 
+    def do_package() -> str:
+        pkg = package(engine_path if engine_path.exists() else onnx_path, out / "triton", "routed_mlp", force=True,
+                      dynamic_batching=True)
+        artifacts.update(triton_repository=str(pkg.repository), triton_config=str(pkg.config_path))
+        checked = "checked with Triton's schema" if pkg.validated else "not schema-checked (no tritonclient)"
+        return f"{pkg.backend} model, config {checked}; README with the tritonserver command"
+
     def do_engine() -> str:
         result = build_engine(onnx_path, engine_path)
         artifacts["engine"] = str(engine_path)
@@ -80,5 +88,6 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
     steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify)
     if "onnx" in artifacts:
         steps.run("build-engine", do_engine)
+        steps.run("package", do_package)
     return {"out": str(out), "steps": steps.rows, "artifacts": artifacts, "key_numbers": key,
             "seconds": round(time.perf_counter() - start, 2)}

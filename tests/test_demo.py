@@ -12,10 +12,11 @@ def test_demo_runs_the_chain_and_lists_skipped_steps_with_reasons(cli, tmp_path)
     assert code == 0, err
     result = json.loads(out)
     status = {s["step"]: s for s in result["steps"]}
-    for step in ("train", "export", "verify"):
+    for step in ("train", "export", "verify", "package"):
         assert status[step]["status"] == "ok", status[step]
     assert result["key_numbers"]["routing_agreement"] == 100.0
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    assert (tmp_path / "triton" / "routed_mlp" / "config.pbtxt").is_file()
     if gpu() is None:
         engine = status["build-engine"]
         assert engine["status"] == "skipped" and "TensorRT" in engine["detail"]
