@@ -116,8 +116,8 @@ def _commands(report: dict) -> dict:
         "fused kernel on GPU (tempered_softmax_select)": ["torch", "triton", "gpu"],
         "serve": ["tritonclient"],
     }
-    hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"', "deploytool plugins": "TensorRT >= 10.8 and triton",
-             "tritonclient": 'pip install "deploytool[serve]"'}
+    hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
+             "deploytool plugins": "TensorRT >= 10.8 and triton", "tritonclient": 'pip install "deploytool[serve]"'}
     commands = {}
     for command, required in needs.items():
         missing = [r for r in required if not have[r]]

@@ -8,15 +8,16 @@ tensor dtypes TensorRT picked and the PTX is embedded in the engine, which then 
 baked into the launch as an int32 extra argument (its float32 bits).
 
 The ONNX parser maps a `TemperedSoftmax` / `HardSelect` node to these plugins when the node carries
-`plugin_namespace="deploytool"` (deploytool.engine.build adds it); otherwise it inlines the node's
-ONNX function. Loaded by deploytool.engine.plugins.load_plugins(); shipped in the wheel as
-deploytool/_data/plugins/.
+`plugin_namespace="deploytool"` and `aot=1` (deploytool.engine.build adds both) and the plugin is
+registered; otherwise it inlines the node's ONNX function. Loaded by
+deploytool.engine.plugins.load_plugins(); shipped in the wheel as deploytool/_data/plugins/.
+
+No `from __future__ import annotations` here: tensorrt.plugin validates these signatures with
+issubclass() on the annotation objects, which string annotations would break.
 """
 
-from __future__ import annotations
-
 import hashlib
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
@@ -29,8 +30,9 @@ PLUGIN_IDS = (TEMPERED_SOFTMAX, HARD_SELECT)
 _FLOATS = "FP32|FP16|BF16"
 _NAMES = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64"}
 
-#: plugin id -> sha256 of the PTX this process last embedded (read by the engine manifest)
-EMBEDDED_PTX: dict[str, str] = {}
+#: plugin id -> {"in->outs" dtype variant: sha256 of its PTX}, for every variant compiled in this process
+#: (read by the engine manifest; TensorRT embeds the variant each plugin layer runs)
+EMBEDDED_PTX: dict = {}
 
 
 @trtp.register(TEMPERED_SOFTMAX)
@@ -39,7 +41,8 @@ def tempered_softmax_desc(logits: trtp.TensorDesc, temperature: float) -> trtp.T
 
 
 @trtp.autotune(TEMPERED_SOFTMAX)
-def tempered_softmax_types(logits: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> list:
+def tempered_softmax_types(logits: trtp.TensorDesc,
+                           outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
     return [trtp.AutoTuneCombination(f"{_FLOATS}, {_FLOATS}")]
 
 
@@ -48,8 +51,9 @@ def tempered_softmax_aot(logits: trtp.TensorDesc, temperature: float, outputs: T
                          tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                                trtp.SymExprs]:
     n_rows, n_cols, known_cols = _rows_cols(logits)
-    kernel = triton_kernel.compile_ptx(_NAMES[logits.dtype], probs_dtype=_NAMES[outputs[0].dtype], n_cols=known_cols)
-    return _launch(TEMPERED_SOFTMAX, kernel, n_rows, n_cols, triton_kernel.temperature_bits(temperature))
+    dtypes = (_NAMES[logits.dtype], _NAMES[outputs[0].dtype])
+    kernel = triton_kernel.compile_ptx(dtypes[0], probs_dtype=dtypes[1], n_cols=known_cols)
+    return _launch(TEMPERED_SOFTMAX, dtypes, kernel, n_rows, n_cols, triton_kernel.temperature_bits(temperature))
 
 
 @trtp.register(HARD_SELECT)
@@ -59,7 +63,8 @@ def hard_select_desc(probs: trtp.TensorDesc) -> Tuple[trtp.TensorDesc, trtp.Tens
 
 
 @trtp.autotune(HARD_SELECT)
-def hard_select_types(probs: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> list:
+def hard_select_types(probs: trtp.TensorDesc,
+                      outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
     return [trtp.AutoTuneCombination(f"{_FLOATS}, {_FLOATS}, INT64")]
 
 
@@ -68,9 +73,9 @@ def hard_select_aot(probs: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp
                     tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                           trtp.SymExprs]:
     n_rows, n_cols, known_cols = _rows_cols(probs)
-    kernel = triton_kernel.compile_ptx(_NAMES[probs.dtype], mask_dtype=_NAMES[outputs[0].dtype],
-                                       index_dtype=_NAMES[outputs[1].dtype], n_cols=known_cols)
-    return _launch(HARD_SELECT, kernel, n_rows, n_cols, 0)
+    dtypes = (_NAMES[probs.dtype], _NAMES[outputs[0].dtype], _NAMES[outputs[1].dtype])
+    kernel = triton_kernel.compile_ptx(dtypes[0], mask_dtype=dtypes[1], index_dtype=dtypes[2], n_cols=known_cols)
+    return _launch(HARD_SELECT, dtypes, kernel, n_rows, n_cols, 0)
 
 
 def _rows_cols(desc: trtp.TensorDesc):
@@ -84,8 +89,9 @@ def _rows_cols(desc: trtp.TensorDesc):
     return n_rows, n_cols, known
 
 
-def _launch(plugin_id: str, kernel, n_rows, n_cols, temp_bits: int):
-    """Launch geometry plus the kernel's int32 arguments, in its order: n_rows, n_cols, temperature bits."""
+def _launch(plugin_id: str, dtypes: tuple, kernel, n_rows, n_cols, temp_bits: int):
+    """Launch geometry (triton_kernel.grid, symbolically) plus the kernel's int32 extra arguments in
+    its order: n_rows, n_cols, temperature bits. TensorRT passes inputs, these, then outputs."""
     params = trtp.KernelLaunchParams()
     params.grid_x = trtp.cdiv(n_rows, kernel.blocks.block_b)
     params.block_x = kernel.num_warps * 32
@@ -94,5 +100,6 @@ def _launch(plugin_id: str, kernel, n_rows, n_cols, temp_bits: int):
     extra[0] = trtp.SymInt32(n_rows)
     extra[1] = trtp.SymInt32(n_cols)
     extra[2] = trtp.SymInt32(temp_bits)
-    EMBEDDED_PTX[plugin_id] = hashlib.sha256(kernel.ptx.encode()).hexdigest()
+    variant = f"{dtypes[0]}->{','.join(dtypes[1:])}"
+    EMBEDDED_PTX.setdefault(plugin_id, {})[variant] = hashlib.sha256(kernel.ptx.encode()).hexdigest()
     return kernel.name.encode(), kernel.ptx.encode(), params, extra

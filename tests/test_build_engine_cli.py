@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 from test_engine_plan import write_routing_model
@@ -44,6 +45,40 @@ def test_missing_tensorrt_exits_3_with_one_line_and_writes_no_file(model, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("version, gpu, expected", [
+    ("10.9.0", None, "needs an NVIDIA GPU"),       # TensorRT present, no GPU
+    ("10.7.0", {"name": "H100", "compute_capability": "9.0"}, "TensorRT 10.7.0 is too old"),
+])
+def test_missing_gpu_or_old_tensorrt_exits_3_and_writes_no_file(model, tmp_path, capsys, monkeypatch,
+                                                                version, gpu, expected):
+    from deploytool import diagnostics
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    monkeypatch.setattr(diagnostics, "gpu", lambda: gpu)
+    code, _, err = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan"),
+                         "--timing-cache", str(tmp_path / "timing.cache")], capsys)
+    assert code == 3 and expected in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_timing_cache_in_a_missing_directory_is_refused_before_building(model, tmp_path, capsys):
+    code, _, err = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan"),
+                         "--timing-cache", str(tmp_path / "nope" / "timing.cache")], capsys)
+    assert code == 2 and "does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("version, flags, expected", [
+    ("10.9.0", {"STRONGLY_TYPED": 1}, 1 << 1),
+    ("11.0.0", {}, 0),  # TensorRT 11 types every network strongly; the flag may be gone
+])
+def test_network_flags_become_a_bit_mask(version, flags, expected):
+    from deploytool.engine.build import _network_flags
+
+    trt = types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=types.SimpleNamespace(**flags))
+    assert _network_flags(trt, ["STRONGLY_TYPED"]) == expected
+
+
 def test_bad_batch_profile_exits_2_before_anything_else(model, tmp_path, capsys):
     code, _, err = _run(["build-engine", str(model), "--out", str(tmp_path / "model.plan"),
                          "--min-batch", "16", "--opt-batch", "4"], capsys)
@@ -68,4 +103,7 @@ def test_build_writes_engine_and_manifest_and_reports_the_op_path(model, tmp_pat
     assert engine.stat().st_size > 0 and manifest["op_path"] == result["op_path"]
     assert manifest["compute_capability"] and manifest["tensorrt"]
     if plugin:
-        assert set(manifest["embedded_ptx_sha256"]) == {"deploytool::TemperedSoftmax", "deploytool::HardSelect"}
+        ptx = manifest["embedded_ptx_sha256"]
+        assert set(ptx) == {"deploytool::TemperedSoftmax", "deploytool::HardSelect"}
+        assert list(ptx["deploytool::HardSelect"]) == ["float32->float32,int64"]
+        assert list(ptx["deploytool::TemperedSoftmax"]) == ["float32->float32"]

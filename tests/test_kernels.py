@@ -44,6 +44,8 @@ def _cases() -> list[dict]:
     cases.append(dict(E=1000, B=4096, dtype="bfloat16", T=3.0, kind="random", max_block_e=256, index="int32"))
     cases.append(dict(E=64, B=7, dtype="float16", T=1.0, kind="ties", max_block_e=16))
     cases.append(dict(E=3, B=7, dtype="float32", T=1.0, kind="inf", max_block_e=2))
+    cases.append(dict(E=1000, B=1, dtype="float16", T=0.05, kind="random", max_block_e=128, index="int32"))
+    cases.append(dict(E=1000, B=7, dtype="bfloat16", T=20.0, kind="inf", max_block_e=128, index="int32"))
     for i, case in enumerate(cases):
         case.setdefault("index", "int64")
         case["id"] = f"E{case['E']}-B{case['B']}-{case['dtype']}-T{case['T']}-{case['kind']}" + (
@@ -51,7 +53,24 @@ def _cases() -> list[dict]:
     return cases
 
 
+def _select_cases() -> list[dict]:
+    """The HardSelect variant (what the TensorRT HardSelect plugin embeds), on raw values with ties,
+    infinities and NaN."""
+    cases = []
+    for i, (e, b, dtype, kind, extra) in enumerate([
+        (2, 1, "float32", "random", {}), (3, 7, "float16", "ties", {}), (8, 7, "bfloat16", "inf", {}),
+        (64, 7, "float32", "ties", {"max_block_e": 16}), (1000, 7, "float16", "inf", {"max_block_e": 256}),
+        (1000, 4096, "bfloat16", "random", {"index": "int32"}), (5, 7, "float32", "inf", {"max_block_e": 2}),
+    ]):
+        case = {"E": e, "B": b, "dtype": dtype, "T": 1.0, "kind": kind, "op": "select", "index": "int64", **extra}
+        case["id"] = f"select-E{e}-B{b}-{dtype}-{kind}" + (
+            f"-blocks{extra['max_block_e']}" if "max_block_e" in extra else "") + f"-{i}"
+        cases.append(case)
+    return cases
+
+
 CASES = _cases()
+SELECT_CASES = _select_cases()
 
 
 def _logits(case: dict) -> torch.Tensor:
@@ -109,8 +128,11 @@ _WORKER = textwrap.dedent("""
     for case in cases:
         x = torch.from_numpy(data["x_" + case["id"]]).to(getattr(torch, case["dtype"]))
         index_dtype = getattr(torch, case["index"])
-        if "max_block_e" in case:
-            probs, index = triton_kernel.launch(x, case["T"], index_dtype, max_block_e=case["max_block_e"])
+        blocks = {"max_block_e": case["max_block_e"]} if "max_block_e" in case else {}
+        if case.get("op") == "select":
+            probs, index = triton_kernel.hard_select(x, index_dtype, **blocks)
+        elif blocks:
+            probs, index = triton_kernel.launch(x, case["T"], index_dtype, **blocks)
         else:  # through the public op: on CPU with TRITON_INTERPRET=1 it must take the kernel
             probs, index = tempered_softmax_select(x, case["T"], index_dtype)
         out["p_" + case["id"]] = probs.float().numpy()
@@ -124,8 +146,9 @@ def interpreter_outputs(tmp_path_factory) -> dict:
     """Kernel outputs for every case, computed once in an interpreter subprocess."""
     pytest.importorskip("triton")
     tmp = tmp_path_factory.mktemp("kernel")
-    inputs = {f"x_{c['id']}": _logits(c).float().numpy() for c in CASES}  # float32 holds fp16/bf16 exactly
-    np.savez(tmp / "in.npz", cases=np.array(CASES, dtype=object), **inputs)
+    cases = CASES + SELECT_CASES
+    inputs = {f"x_{c['id']}": _logits(c).float().numpy() for c in cases}  # float32 holds fp16/bf16 exactly
+    np.savez(tmp / "in.npz", cases=np.array(cases, dtype=object), **inputs)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "in.npz"), str(tmp / "out.npz")],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -139,6 +162,21 @@ def test_triton_kernel_in_interpreter_matches_reference(case, interpreter_output
     probs = torch.from_numpy(interpreter_outputs["p_" + case["id"]]).to(logits.dtype)
     index = torch.from_numpy(interpreter_outputs["i_" + case["id"]])
     _check(case, logits, probs, index)
+
+
+def _check_select(case: dict, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> None:
+    ref_mask, ref_index = reference.hard_select(x.double().numpy())
+    assert mask.dtype == x.dtype and index.dtype == getattr(torch, case["index"])
+    # exact: first maximum (ties to the lowest column), a NaN wins at its first position, as np.argmax
+    np.testing.assert_array_equal(index.long().numpy(), ref_index)
+    np.testing.assert_array_equal(mask.double().numpy(), ref_mask)
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=[c["id"] for c in SELECT_CASES])
+def test_hard_select_variant_in_interpreter_matches_reference(case, interpreter_outputs):
+    x = _logits(case)
+    mask = torch.from_numpy(interpreter_outputs["p_" + case["id"]]).to(x.dtype)
+    _check_select(case, x, mask, torch.from_numpy(interpreter_outputs["i_" + case["id"]]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -157,6 +195,17 @@ def test_triton_kernel_on_gpu_matches_reference(case):
     probs, index = triton_kernel.launch(logits.cuda(), case["T"], index_dtype,
                                         max_block_e=case.get("max_block_e", triton_kernel.MAX_BLOCK_E))
     _check(case, logits, probs.cpu(), index.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SELECT_CASES, ids=[c["id"] for c in SELECT_CASES])
+def test_hard_select_variant_on_gpu_matches_reference(case):
+    from deploytool.kernels import triton_kernel
+
+    x = _logits(case)
+    mask, index = triton_kernel.hard_select(x.cuda(), getattr(torch, case["index"]),
+                                            max_block_e=case.get("max_block_e", triton_kernel.MAX_BLOCK_E))
+    _check_select(case, x, mask.cpu(), index.cpu())
 
 
 @pytest.mark.gpu
@@ -198,21 +247,89 @@ def test_bad_arguments_raise_bad_input(logits, temperature, index_dtype, message
         tempered_softmax_select(logits, temperature, index_dtype)
 
 
-@pytest.mark.parametrize("variant, outputs", [
-    (dict(probs_dtype="float16"), 1),                          # TemperedSoftmax plugin
-    (dict(mask_dtype="float32", index_dtype="int64"), 2),      # HardSelect plugin
-])
-def test_kernel_compiles_to_ptx_in_tensorrt_argument_order(variant, outputs):
-    """TensorRT AOT plugins pass (inputs, int32 extras, outputs): the PTX entry must take exactly that."""
+def _compiler():
+    """triton_kernel in a process that can compile (not the interpreter), or skip."""
     triton_kernel = pytest.importorskip("deploytool.kernels.triton_kernel")
     if triton_kernel.interpreting():
         pytest.skip("this process runs the Triton interpreter; it cannot compile")
+    return triton_kernel
+
+
+def _compile_for_h100(triton_kernel, x_dtype, **variant):
+    """sm_90 at PTX ISA 8.0 (any CUDA 12 driver); compiling needs no GPU."""
     from triton.backends.compiler import GPUTarget
 
-    x_dtype = variant.get("probs_dtype", "float32")
-    kernel = triton_kernel.compile_ptx(x_dtype, n_cols=8, target=GPUTarget("cuda", 90, 32), **variant)
+    return triton_kernel.compile_ptx(x_dtype, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **variant)
+
+
+@pytest.mark.parametrize("variant, outputs", [
+    (dict(probs_dtype="float16", n_cols=8), 1),                                # TemperedSoftmax plugin
+    (dict(probs_dtype="bfloat16", n_cols=None), 1),                            # unknown E: looped blocks
+    (dict(mask_dtype="float32", index_dtype="int64", n_cols=1000), 2),         # HardSelect plugin
+])
+def test_kernel_compiles_to_ptx_taking_exactly_the_tensorrt_aot_arguments(variant, outputs):
+    """TensorRT AOT plugins pass (inputs, int32 extras, outputs) and nothing else: the PTX entry must
+    declare exactly those, without Triton's hidden scratch pointers, in an ISA the driver can JIT."""
+    triton_kernel = _compiler()
+    kernel = _compile_for_h100(triton_kernel, variant.get("probs_dtype", "float32"), **variant)
     entry = kernel.ptx.split(f".entry {kernel.name}(")[1].split(")")[0]
     params = [line.split()[1].lstrip(".") for line in entry.strip().splitlines()]
-    assert params[:4 + outputs] == ["u64"] + ["u32"] * 3 + ["u64"] * outputs
-    assert all(p == "u64" for p in params[4 + outputs:])  # Triton's hidden scratch pointers, passed null
-    assert kernel.blocks.one_block and kernel.blocks.block_e == 8
+    assert params == ["u64"] + ["u32"] * 3 + ["u64"] * outputs
+    assert triton_kernel.ptx_isa(kernel.ptx) == 80
+    assert kernel.blocks == triton_kernel.blocks(None, variant["n_cols"])
+    assert kernel.num_warps == kernel.blocks.num_warps
+
+
+def test_trimmed_ptx_still_assembles_for_sm90(tmp_path):
+    triton_kernel = _compiler()
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this triton exposes no ptxas: {exc}")
+    kernel = _compile_for_h100(triton_kernel, "float16", mask_dtype="float16", index_dtype="int64", n_cols=64)
+    (tmp_path / "k.ptx").write_text(kernel.ptx)
+    proc = subprocess.run([ptxas, "-arch=sm_90a", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_hidden_parameter_that_the_kernel_reads_is_refused():
+    triton_kernel = pytest.importorskip("deploytool.kernels.triton_kernel")
+    ptx = (".version 8.0\n.visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{\n"
+           "\tld.param.b64 %rd1, [k_param_1];\n}\n")
+    with pytest.raises(RuntimeError, match="k_param_1"):
+        triton_kernel.drop_unused_trailing_params(ptx, "k", 1)
+    unused = ptx.replace("[k_param_1]", "[k_param_0]")
+    assert "k_param_1" not in triton_kernel.drop_unused_trailing_params(unused, "k", 1)
+    assert triton_kernel.ptx_isa(ptx) == 80
+
+
+@pytest.mark.parametrize("n_rows, n_cols, interpret", [
+    (1, 2, False), (7, 3, False), (4096, 8, False), (4096, 1000, False), (3, 5000, False), (None, None, False),
+    (None, 64, False), (1, 1000, True), (4096, 8, True),
+])
+def test_blocks_cover_every_row_and_column_within_a_tile(n_rows, n_cols, interpret):
+    triton_kernel = pytest.importorskip("deploytool.kernels.triton_kernel")
+    cfg = triton_kernel.blocks(n_rows, n_cols, interpret=interpret)
+    tile = triton_kernel.INTERPRETER_TILE if interpret else triton_kernel.GPU_TILE
+    assert cfg.block_e & (cfg.block_e - 1) == 0 and cfg.block_b & (cfg.block_b - 1) == 0  # tl.arange needs 2**k
+    assert cfg.block_b * cfg.block_e <= max(tile, cfg.block_e)
+    assert cfg.block_e <= triton_kernel.MAX_BLOCK_E
+    # one block per row exactly when the whole row fits; otherwise the kernel loops over column blocks
+    assert cfg.one_block == (n_cols is not None and n_cols <= cfg.block_e)
+    if cfg.one_block:
+        assert cfg.block_e < 2 * n_cols  # at most one power of two of padding
+    if n_rows is not None:
+        (programs,) = triton_kernel.grid(n_rows, cfg)
+        assert programs * cfg.block_b >= n_rows > (programs - 1) * cfg.block_b
+        assert cfg.block_b < 2 * n_rows  # B=1 does not launch a 1024-row program
+
+
+def test_temperature_travels_as_its_float32_bits():
+    triton_kernel = pytest.importorskip("deploytool.kernels.triton_kernel")
+    for t in (0.05, 0.7, 1.0, 20.0):
+        bits = triton_kernel.temperature_bits(t)
+        assert 0 < bits < 2**31  # a positive float32 is a positive int32, as SymInt32 carries it
+        assert np.array([bits], dtype=np.int32).view(np.float32)[0] == np.float32(t)

@@ -54,5 +54,5 @@ def _op_path_line(data: dict, plan: dict) -> str:
     if data["op_path"] == "plugin":
         return f"plugin path: {len(data['plugin_layers'])} plugin layer(s), Triton kernel embedded as PTX"
     if plan["op_path"] == "plugin":
-        return "local-function path: the parser did not map the nodes to the plugin (see the TensorRT log)"
+        return "local-function path: the parser found no registered deploytool plugin for these nodes"
     return "local-function path (ONNX function bodies as standard layers)"

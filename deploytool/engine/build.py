@@ -12,7 +12,7 @@ from pathlib import Path
 
 from deploytool.engine.manifest import build_manifest, manifest_path
 from deploytool.engine.plan import (FIRST_STRONG_ONLY_TENSORRT, FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH,
-                                    EngineBuildPlan, plan_engine)
+                                    EngineBuildPlan, layers_between, plan_engine)
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.ops import DOMAIN
 
@@ -48,6 +48,8 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     from deploytool.io import check_parent_dir
 
     out = check_parent_dir(out)
+    if timing_cache is not None:
+        check_parent_dir(timing_cache)  # refuse now, not after a long build
     trt = require_tensorrt_and_gpu()
     return _build(trt, plan, out)
 
@@ -61,7 +63,7 @@ def require_tensorrt_and_gpu(purpose: str = "build-engine"):
     missing = []
     try:
         trt = importlib.import_module("tensorrt")
-    except ImportError:
+    except Exception:  # ImportError, or a broken install (missing libnvinfer) raising anything on import
         trt = None
         missing.append("TensorRT")
     if gpu() is None:
@@ -87,13 +89,12 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
         raise BadInput(f"TensorRT {trt.__version__} builds only strongly typed networks, so an fp32 model cannot be "
                        f"lowered to {plan.precision} here: export the model in {plan.precision} or build --precision fp32")
     plugin_module = plugins.load_plugins() if plan.op_path == PLUGIN_PATH else None
+    if plugin_module is not None:
+        plugin_module.EMBEDDED_PTX.clear()  # record only what this build compiles
 
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network_flags = 0
-    for name in plan.network_flags:
-        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(network_flags)
+    network = builder.create_network(_network_flags(trt, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(_model_bytes(plan), plan.onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -115,12 +116,14 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
     cache_path = Path(plan.timing_cache) if plan.timing_cache else None
     if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    _pin_fp32(trt, network, plan.fp32_nodes)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise BadInput(f"timing cache {cache_path} is unreadable or from another GPU/TensorRT: "
+                           "delete it or pass another --timing-cache")
+    _pin_fp32(trt, network, plan.fp32_region)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CheckFailed(f"TensorRT could not build the engine: {logger.last_error or 'see the TensorRT log'}")
+        raise CheckFailed(f"TensorRT could not build the engine: {logger.last_error or 'no error message'}")
 
     manifest = build_manifest(
         plan, machine=describe_machine(), op_path=op_path, plugin_layers=plugin_layers,
@@ -136,34 +139,58 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
 
 
 def _model_bytes(plan: EngineBuildPlan) -> bytes:
-    """The ONNX model as the parser should see it: on the plugin path, deploytool nodes name the plugin
-    namespace and ask for the AOT implementation; otherwise the parser inlines their ONNX functions."""
+    """The ONNX model as the parser should see it.
+
+    onnx-tensorrt imports a node whose op has a local function as a plugin when a plugin creator of
+    that name is registered under the node's `plugin_namespace` attribute (default ""), and inlines
+    the function otherwise; `aot=1` asks a Python plugin for its AOT implementation. So on the
+    plugin path deploytool nodes get both attributes, and on the function path neither, even if
+    the exporter or an earlier build in this process left plugins registered.
+    """
     import onnx
 
     model = onnx.load(plan.onnx_path, load_external_data=False)
-    if plan.op_path == PLUGIN_PATH:
-        for node in model.graph.node:
-            if node.domain == DOMAIN and f"{DOMAIN}::{node.op_type}" in plan.plugin_ids:
-                kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "aot")]
-                del node.attribute[:]
-                node.attribute.extend(kept)
-                node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", DOMAIN),
-                                       onnx.helper.make_attribute("aot", 1)])
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "aot")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if f"{DOMAIN}::{node.op_type}" in plan.plugin_ids:
+            node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", DOMAIN),
+                                   onnx.helper.make_attribute("aot", 1)])
     return model.SerializeToString()
 
 
-def _pin_fp32(trt, network, node_names: list[str]) -> None:
+def _network_flags(trt, names: list[str]) -> int:
+    """Bit mask of NetworkDefinitionCreationFlag names. TensorRT 11 types every network strongly and
+    may drop the STRONGLY_TYPED member; the flag is then implied, not missing."""
+    flags = 0
+    strong_only = _version_tuple(trt.__version__)[0] >= FIRST_STRONG_ONLY_TENSORRT
+    for name in names:
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is None and name == "STRONGLY_TYPED" and strong_only:
+            continue
+        if flag is None:
+            raise MissingDependency(f"TensorRT {trt.__version__} has no network flag {name}; "
+                                    f'pip install "tensorrt>={MIN_TENSORRT}"')
+        flags |= 1 << int(flag)
+    return flags
+
+
+def _pin_fp32(trt, network, region: dict[str, list[str]]) -> None:
     """Weak typing: keep the routing decision (softmax and top-1) in float32 so fp16 cannot flip it."""
-    if not node_names:
+    if not region:
         return
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if any(layer.name == n or layer.name.startswith(f"{n}_") or layer.name.startswith(f"{n}/")
-               for n in node_names):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                if layer.get_output_type(j) in (trt.float16, trt.bfloat16, trt.float32):
-                    layer.set_output_type(j, trt.float32)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    io = [([t.name for t in map(layer.get_input, range(layer.num_inputs)) if t is not None],
+           [layer.get_output(j).name for j in range(layer.num_outputs)]) for layer in layers]
+    for i in layers_between(io, region):
+        layer = layers[i]
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in (trt.float16, trt.bfloat16, trt.float32):  # not the int64 index
+                layer.set_output_type(j, trt.float32)
 
 
 def dtype_name(trt, dtype) -> str:

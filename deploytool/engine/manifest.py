@@ -20,9 +20,13 @@ def manifest_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str], embedded_ptx: dict[str, str],
+def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str], embedded_ptx: dict[str, dict[str, str]],
                    kernel_source_sha256: str | None, io: dict) -> dict:
-    """The manifest of an engine just built from `plan` on `machine` (diagnostics.describe_machine())."""
+    """The manifest of an engine just built from `plan` on `machine` (diagnostics.describe_machine()).
+
+    `embedded_ptx` maps plugin id -> {"in->outs" dtype variant: sha256 of the PTX the AOT plugin
+    handed TensorRT during this build}; the engine embeds the variant each plugin layer runs.
+    """
     from deploytool import __version__
 
     return {

@@ -50,8 +50,10 @@ class EngineBuildPlan:
     op_path: str
     plugin_ids: list[str]
     deploytool_nodes: list[str]
-    #: nodes pinned to float32 when lower precision is allowed (the routing decision)
-    fp32_nodes: list[str] = field(default_factory=list)
+    #: weak typing only: every layer on a path from these tensors to these is pinned to float32 (the
+    #: routing decision), found by dataflow because the parser names layers inside ONNX functions
+    #: after the function's own nodes
+    fp32_region: dict[str, list[str]] = field(default_factory=dict)
     requires_tensorrt: str = f">={MIN_TENSORRT}"
 
     def to_dict(self) -> dict:
@@ -103,9 +105,35 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         op_path=PLUGIN_PATH if use_plugin else FUNCTION_PATH,
         plugin_ids=plugin_ids,
         deploytool_nodes=names,
-        fp32_nodes=names if typing == "weak" else [],
+        fp32_region=_routing_region(ours) if typing == "weak" else {},
         requires_tensorrt=f">={MIN_TENSORRT},<{FIRST_STRONG_ONLY_TENSORRT}" if typing == "weak" else f">={MIN_TENSORRT}",
     )
+
+
+def _routing_region(nodes) -> dict[str, list[str]]:
+    """Tensors entering and leaving deploytool's nodes; the routing decision lies between them."""
+    produced = {o for n in nodes for o in n.output if o}
+    return {"from": sorted({i for n in nodes for i in n.input if i and i not in produced}),
+            "to": sorted(produced)}
+
+
+def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:
+    """Indices of the layers (given as (input tensor names, output tensor names), in network order)
+    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one)."""
+    reached = set(region.get("from", []))
+    forward = set()
+    for i, (inputs, outputs) in enumerate(layers):
+        if reached & set(inputs):
+            forward.add(i)
+            reached |= set(outputs)
+    needed = set(region.get("to", []))
+    between = []
+    for i in reversed(range(len(layers))):
+        inputs, outputs = layers[i]
+        if i in forward and needed & set(outputs):
+            between.append(i)
+            needed |= set(inputs)
+    return sorted(between)
 
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:

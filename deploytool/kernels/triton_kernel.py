@@ -3,7 +3,8 @@
 One kernel serves three callers: the torch op (probs + index), the TensorRT `TemperedSoftmax` plugin
 (probs only) and the `HardSelect` plugin (mask + index from probs). Outputs a caller does not want are
 passed as None, which Triton specialises away, so every variant keeps TensorRT's AOT argument order:
-input pointer, int32 scalars (n_rows, n_cols, temperature as float32 bits), output pointers.
+input pointer, int32 scalars (n_rows, n_cols, temperature as float32 bits), output pointers;
+compile_ptx cuts the unused scratch pointers Triton appends, so the PTX entry takes exactly those.
 The temperature travels as bits because TensorRT AOT plugins pass only int32 extra arguments.
 
 Imported only when a kernel is needed (a CUDA tensor, the interpreter, a TensorRT build): it imports
@@ -13,6 +14,7 @@ triton at the top. The CPU interpreter needs TRITON_INTERPRET=1 before triton is
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -67,7 +69,7 @@ def tempered_softmax_select_kernel(
         top_col = tl.min(tl.where(v == top[:, None], cols0[None, :], no_col[:, None]), axis=1)
         index = tl.where(nan_col < n_cols, nan_col, top_col)
         if mask_ptr is not None:
-            hot = (cols0[None, :] == index[:, None]).to(mask_ptr.dtype.element_ty)
+            hot = tl.where(cols0[None, :] == index[:, None], 1.0, 0.0).to(mask_ptr.dtype.element_ty)
             tl.store(mask_ptr + offs, hot, mask=ok)
     else:
         if SOFTMAX:
@@ -110,7 +112,7 @@ def tempered_softmax_select_kernel(
             for start in range(0, n_cols, BLOCK_E):
                 cols = start + cols0
                 ok = row_ok[:, None] & (cols[None, :] < n_cols)
-                hot = (cols[None, :] == index[:, None]).to(mask_ptr.dtype.element_ty)
+                hot = tl.where(cols[None, :] == index[:, None], 1.0, 0.0).to(mask_ptr.dtype.element_ty)
                 tl.store(mask_ptr + row_start[:, None] + cols[None, :], hot, mask=ok)
     if index_ptr is not None:
         tl.store(index_ptr + rows, index.to(index_ptr.dtype.element_ty), mask=row_ok)
@@ -149,29 +151,47 @@ def temperature_bits(temperature: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(temperature)))[0]
 
 
+def grid(n_rows: int, cfg: Blocks) -> tuple[int]:
+    """One program per BLOCK_B rows (the AOT plugin states the same rule symbolically)."""
+    return (triton.cdiv(n_rows, cfg.block_b),)
+
+
 def launch(logits, temperature: float, index_dtype=None, *, max_block_e: int = MAX_BLOCK_E):
-    """Run the fused kernel on a 2-D tensor: compiled on CUDA, in the interpreter for CPU tensors."""
+    """TemperedSoftmax + top-1 on a 2-D tensor: compiled on CUDA, in the interpreter for CPU tensors."""
+    import torch
+
+    probs = torch.empty_like(logits)
+    index = _run(logits, temperature_bits(temperature), probs, None, index_dtype, max_block_e)
+    return probs, index
+
+
+def hard_select(probs, index_dtype=None, *, max_block_e: int = MAX_BLOCK_E):
+    """The HardSelect variant the TensorRT plugin embeds: (one-hot mask, index) of a 2-D tensor."""
+    import torch
+
+    mask = torch.empty_like(probs)
+    index = _run(probs, 0, None, mask, index_dtype, max_block_e)
+    return mask, index
+
+
+def _run(x, temp_bits: int, probs, mask, index_dtype, max_block_e: int):
     import torch
 
     interpret = interpreting()
-    if not (interpret or logits.is_cuda):
+    if not (interpret or x.is_cuda):
         raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
-
-    index_dtype = index_dtype or torch.int64
-    logits = logits.contiguous()
-    n_rows, n_cols = logits.shape
-    probs = torch.empty_like(logits)
-    index = torch.empty(n_rows, dtype=index_dtype, device=logits.device)
+    x = x.contiguous()
+    n_rows, n_cols = x.shape
+    index = torch.empty(n_rows, dtype=index_dtype or torch.int64, device=x.device)
     if n_rows == 0:
-        return probs, index
+        return index
     cfg = blocks(n_rows, n_cols, interpret=interpret, max_block_e=max_block_e)
-    grid = (triton.cdiv(n_rows, cfg.block_b),)
     options = {} if interpret else {"num_warps": cfg.num_warps}
-    tempered_softmax_select_kernel[grid](
-        logits, n_rows, n_cols, temperature_bits(temperature), probs, None, index,
-        BLOCK_B=cfg.block_b, BLOCK_E=cfg.block_e, ONE_BLOCK=cfg.one_block, SOFTMAX=True, **options,
+    tempered_softmax_select_kernel[grid(n_rows, cfg)](
+        x, n_rows, n_cols, temp_bits, probs, mask, index,
+        BLOCK_B=cfg.block_b, BLOCK_E=cfg.block_e, ONE_BLOCK=cfg.one_block, SOFTMAX=probs is not None, **options,
     )
-    return probs, index
+    return index
 
 
 # --- ahead-of-time compilation for the TensorRT plugin ----------------------------------------
@@ -190,12 +210,15 @@ class CompiledKernel:
 
 
 def compile_ptx(x_dtype: str, *, probs_dtype: str | None = None, mask_dtype: str | None = None,
-                index_dtype: str | None = None, n_cols: int | None = None, target=None) -> CompiledKernel:
+                index_dtype: str | None = None, n_cols: int | None = None, target=None,
+                ptx_limit: int | None = None) -> CompiledKernel:
     """Compile one variant to PTX for embedding in an engine (TensorRT AOT plugin).
 
     Dtypes are names ("float16"); an output left None is compiled out. With probs_dtype the kernel
     computes the tempered softmax; without it, it is HardSelect over x. `target` is a
-    triton.backends.compiler.GPUTarget (default: the current GPU).
+    triton.backends.compiler.GPUTarget (default: the current GPU). The PTX ISA version is capped at
+    `ptx_limit` (default: what the local CUDA driver can JIT), because Triton labels its PTX with the
+    ISA of its own bundled ptxas, which may be newer than the driver that loads the engine.
     """
     pointer = {name: f"*{TRITON_TYPES[dtype]}" for name, dtype in
                (("x_ptr", x_dtype), ("probs_ptr", probs_dtype), ("mask_ptr", mask_dtype),
@@ -213,10 +236,61 @@ def compile_ptx(x_dtype: str, *, probs_dtype: str | None = None, mask_dtype: str
     for name in ("BLOCK_B", "BLOCK_E", "ONE_BLOCK", "SOFTMAX"):
         signature[name] = "constexpr"
     src = triton.compiler.ASTSource(fn=tempered_softmax_select_kernel, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(src, target=target, options={"num_warps": cfg.num_warps})
+    options = {"num_warps": cfg.num_warps}
+    kernel = triton.compile(src, target=target, options=options)
+    limit = driver_ptx_isa() if ptx_limit is None else ptx_limit
+    if limit is not None and ptx_isa(kernel.asm["ptx"]) > limit:
+        kernel = triton.compile(src, target=target, options={**options, "ptx_version": limit})
     meta = kernel.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, field, 0):
-            # TensorRT passes null for Triton's hidden scratch pointers; a kernel using them would fault
             raise RuntimeError(f"kernel {meta.name} needs {field}={getattr(meta, field)}; TensorRT cannot supply it")
-    return CompiledKernel(meta.name, kernel.asm["ptx"], meta.num_warps, meta.shared, cfg)
+    n_args = sum(1 for kind in signature.values() if kind != "constexpr")
+    ptx = drop_unused_trailing_params(kernel.asm["ptx"], meta.name, n_args)
+    return CompiledKernel(meta.name, ptx, meta.num_warps, meta.shared, cfg)
+
+
+def ptx_isa(ptx: str) -> int:
+    """The `.version X.Y` of a PTX module as Triton spells it (X * 10 + Y)."""
+    match = re.search(r"^\s*\.version\s+(\d+)\.(\d+)", ptx, flags=re.MULTILINE)
+    if match is None:
+        raise ValueError("PTX without a .version directive")
+    return int(match[1]) * 10 + int(match[2])
+
+
+def driver_ptx_isa() -> int | None:
+    """Highest PTX ISA the installed CUDA driver can JIT (87 for a CUDA 12.8 driver), or None without one."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    try:  # Triton's own CUDA -> PTX ISA table
+        from triton.backends.nvidia.compiler import ptx_get_version
+    except ImportError:
+        return None
+    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+
+
+def drop_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
+    """Cut the kernel entry's parameter list to its first `keep` parameters.
+
+    Triton >= 3.3 appends hidden scratch-pointer parameters that its own launcher fills in. A
+    TensorRT AOT plugin passes exactly inputs, extra int32 scalars and outputs, so the entry must
+    declare exactly those. Only parameters the kernel body never reads are dropped; anything else
+    is an error rather than a kernel reading garbage.
+    """
+    head = f".entry {name}("
+    start = ptx.index(head) + len(head)
+    end = ptx.index(")", start)
+    params = [p.strip() for p in ptx[start:end].split(",")]
+    for extra in params[keep:]:
+        param_name = extra.split()[-1]
+        if len(re.findall(rf"\b{re.escape(param_name)}\b", ptx)) != 1:
+            raise RuntimeError(f"kernel {name} reads its hidden parameter {param_name}; TensorRT cannot supply it")
+    body = "".join(f"\n\t{p}," for p in params[:keep]).rstrip(",")
+    return ptx[:start] + body + "\n" + ptx[end:]

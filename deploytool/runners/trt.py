@@ -37,8 +37,10 @@ class TensorRTRunner(Runner):
         problems = load_problems(self.manifest, describe_machine())
         if problems:
             raise MissingDependency(f"engine {self.engine_path} will not load here: {'; '.join(problems)}")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        # the logger and runtime must outlive the engine deserialized from them
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise CheckFailed(f"TensorRT could not deserialize {self.engine_path}; rebuild it with build-engine")
         self.context = self.engine.create_execution_context()
@@ -48,7 +50,9 @@ class TensorRTRunner(Runner):
         self._outputs = [n for n in names if n not in self._inputs]
 
     def _deactivate(self) -> None:
-        self.context = self.engine = self.stream = None
+        self.context = self.stream = None  # context before engine before runtime
+        self.engine = None
+        self._runtime = self._logger = None
 
     def _meta(self, kind: str) -> list[TensorMeta]:
         return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
