@@ -123,16 +123,21 @@ def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.
         raise
     server = Server(name, host, port, grpc_port, workdir, triton)
     try:
-        _start(server)
+        # signals are ours from before the start, so a Ctrl-C at any moment (starting, or just after
+        # "serving" is printed) ends in the clean stop below, never in an orphan tritonserver
+        with _stop_signals() if block else contextlib.nullcontext():
+            _start(server)
+            if on_ready is not None:
+                on_ready(server)
+            if not block:
+                return server
+            server.wait()
+    except KeyboardInterrupt:
+        pass
     except BaseException:
         server.stop()
         raise
-    if on_ready is not None:
-        on_ready(server)
-    if not block:
-        return server
-    with server:
-        server.wait()
+    server.stop()
     return server
 
 
