@@ -1,0 +1,91 @@
+"""Routing patterns: feeds whose rows the router sends uniformly, Zipf-skewed, or all to one expert.
+
+Rows are picked from a pool by the routing decision a backend made on them, so each batch carries the
+wanted expert mix. A batch smaller than the number of experts cannot hold the mix, so a pattern is a
+cycle of feeds: over the cycle the mix is exact, and each feed is as close to it as its size allows
+(rows are dealt to the feeds by stride, so every feed gets floor or ceil of its share of each expert).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from deploytool.errors import BadInput
+
+PATTERNS = ("uniform", "skewed", "single")
+#: exponent of the Zipf law of the skewed pattern: expert k (by rank) gets a share proportional to 1/k^s
+ZIPF_S = 1.0
+#: a cycle holds at least this many rows per expert, so batch 1 still visits the whole mix
+ROWS_PER_EXPERT = 8
+
+
+def check_patterns(patterns: list[str] | tuple[str, ...]) -> list[str]:
+    unknown = [p for p in patterns if p not in PATTERNS]
+    if unknown or not patterns:
+        raise BadInput(f"unknown routing pattern {', '.join(unknown) or '(none)'}; choose from {', '.join(PATTERNS)}")
+    return list(dict.fromkeys(patterns))
+
+
+def shares(pattern: str, present: np.ndarray) -> np.ndarray:
+    """Wanted fraction of rows per expert; experts absent from the pool (`present` False) get none."""
+    present = np.asarray(present, dtype=bool)
+    ranked = np.flatnonzero(present)
+    if ranked.size == 0:
+        raise BadInput("no row of the data routes to any expert")
+    out = np.zeros(present.size)
+    if pattern == "uniform":
+        out[ranked] = 1.0
+    elif pattern == "skewed":
+        out[ranked] = 1.0 / np.arange(1, ranked.size + 1) ** ZIPF_S
+    elif pattern == "single":
+        out[ranked[0]] = 1.0
+    else:
+        check_patterns([pattern])
+    return out / out.sum()
+
+
+def counts_for(share: np.ndarray, n_rows: int) -> np.ndarray:
+    """Integer counts summing to n_rows, by largest remainder (ties to the lower expert)."""
+    exact = np.asarray(share, dtype=np.float64) * n_rows
+    counts = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(exact.size), -(exact - counts)))
+    counts[order[: n_rows - int(counts.sum())]] += 1
+    return counts
+
+
+def cycle_length(batch_size: int, n_experts: int) -> int:
+    """Feeds in a pattern's cycle: enough rows for ROWS_PER_EXPERT per expert, at least one feed."""
+    return max(1, math.ceil(ROWS_PER_EXPERT * n_experts / batch_size))
+
+
+def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: int,
+                seed: int = 0) -> list[np.ndarray]:
+    """Pool row indices for each feed of the cycle, given the pool's routing decisions `routes`.
+
+    uniform and skewed rank the experts that appear in the pool by index; single takes the expert the
+    pool routes to most often. Rows are drawn without replacement while the pool has enough of them.
+    """
+    routes = np.asarray(routes, dtype=np.int64)
+    pool_counts = np.bincount(routes, minlength=n_experts)[:n_experts]
+    present = pool_counts > 0
+    if pattern == "single":
+        present = np.zeros(n_experts, dtype=bool)
+        present[int(np.argmax(pool_counts))] = True
+    n_feeds = cycle_length(batch_size, n_experts)
+    counts = counts_for(shares(pattern, present), n_feeds * batch_size)
+    rng = np.random.default_rng(seed)
+    grouped = np.concatenate([
+        rng.choice(np.flatnonzero(routes == e), size=int(c), replace=int(c) > pool_counts[e])
+        for e, c in enumerate(counts) if c
+    ])
+    feeds = [grouped[f::n_feeds] for f in range(n_feeds)]
+    return [rng.permutation(rows) for rows in feeds]
+
+
+def histogram(indices: list[np.ndarray] | np.ndarray, n_experts: int) -> list[int]:
+    """Rows per expert over all feeds of a cycle."""
+    flat = np.concatenate([np.asarray(i).reshape(-1) for i in indices]) if isinstance(indices, list) \
+        else np.asarray(indices).reshape(-1)
+    return np.bincount(flat.astype(np.int64), minlength=n_experts)[:n_experts].tolist()

@@ -1,0 +1,115 @@
+"""`deploytool bench` and `deploytool.bench` as a user meets them: figures, histograms, plot, skips, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error
+from deploytool.deps import available
+
+FAST = ("--warmup-ms", "10", "--duration-s", "0.05", "--min-iters", "5")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_run, tmp_path_factory):
+    from deploytool.export.onnx import export_onnx
+
+    return export_onnx(trained_run.path, tmp_path_factory.mktemp("onnx") / "model.onnx", validate=False).path
+
+
+def test_bench_of_two_backends_writes_every_figure_and_the_machine_to_json_and_a_png(cli, trained_run, onnx_model,
+                                                                                   tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "latency.png"
+    code, stdout, err = cli("bench", onnx_model, "--checkpoint", trained_run.path, "--backends", "torch,onnxruntime",
+                            "--batch-sizes", "1,8", *FAST, "--json", out, "--plot", png, "--quiet")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert [(ln["backend"], ln["batch_size"]) for ln in result["lines"]] == [
+        ("torch", 1), ("onnxruntime", 1), ("torch", 8), ("onnxruntime", 8)]
+    for ln in result["lines"]:
+        assert ln["min_ms"] <= ln["median_ms"] <= ln["p90_ms"] <= ln["p95_ms"] <= ln["p99_ms"] <= ln["max_ms"]
+        assert ln["iterations"] >= 5 and ln["samples_per_s"] == pytest.approx(ln["batch_size"] * ln["queries_per_s"])
+        assert sum(ln["histogram"]) >= 4 * 8  # the whole feed cycle, as this backend routed it
+    torch1, ort1 = result["lines"][:2]
+    assert torch1["ratio"] == 1.0 and ort1["ratio"] == pytest.approx(ort1["median_ms"] / torch1["median_ms"])
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert {"torch", "onnxruntime", "numpy"} <= set(result["machine"]["versions"])
+    assert result["date"] and result["inputs"].startswith("digits")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "latency (us)" in stdout and "ratio" in stdout
+
+
+def test_routing_patterns_show_the_measured_expert_histogram(trained_run):
+    from deploytool import bench
+
+    result = bench(trained_run.path, backends=["torch-dense", "torch-sparse"], batch_sizes=[16],
+                   routing=["uniform", "single"], warmup_ms=5, duration_s=0.03, min_iters=3, progress=False)
+    hist = {(ln.backend, ln.routing): ln.histogram for ln in result.lines}
+    uniform = hist[("torch-dense", "uniform")]
+    assert max(uniform) - min(uniform) <= 1 and sum(uniform) == 32
+    assert sorted(hist[("torch-dense", "single")])[:-1] == [0] * (len(uniform) - 1)
+    assert hist[("torch-sparse", "single")] == hist[("torch-dense", "single")]  # same routing in both dispatches
+    assert result.to_dict()["lines"][0]["histogram"] == uniform
+
+
+def test_unavailable_backend_is_skipped_with_its_reason(cli, trained_run, tmp_path):
+    out = tmp_path / "b.json"
+    code, stdout, err = cli("bench", trained_run.path, "--backends", "torch,tensorrt", "--batch-sizes", "4", *FAST,
+                            "--json", out, "--quiet")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["backends"] == ["torch"] and "engine" in result["skipped"]["tensorrt"]
+    assert "skipped tensorrt:" in stdout
+
+
+@pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed here, so the backend is available")
+def test_only_backend_unavailable_exits_3(cli, tmp_path):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not an engine")
+    code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1", *FAST)
+    assert code == 3, err
+    assert "Traceback" not in err and err.startswith("error:")
+
+
+def _engine_with_profile(tmp_path, max_batch: int):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    (tmp_path / "model.plan.json").write_text(json.dumps(
+        {"tensorrt": "10.8", "profile": {"x": {"min": [1, 64], "opt": [8, 64], "max": [max_batch, 64]}}}))
+    return engine
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--backends", "torch,tensorflow"], "unknown backend 'tensorflow'"),
+    (["--batch-sizes", "0"], "batch size must be a positive integer, got '0'"),
+    (["--batch-sizes", "1,-8"], "positive integer, got '-8'"),
+    (["--batch-sizes", "1.5"], "positive integer, got '1.5'"),
+    (["--batch-sizes", "eight"], "positive integer"),
+    (["--duration-s", "0"], "--duration-s must be > 0"),
+    (["--min-iters", "0"], "--min-iters"),
+    (["--routing", "zipf"], "unknown routing pattern"),
+    (["--json", "no/such/dir/out.json"], "does not exist"),
+    (["--plot", "no/such/dir/p.png"], "does not exist"),
+])
+def test_bad_option_is_one_line_exit_2(cli, trained_run, tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("bench", trained_run.path, *FAST, *args)
+    assert_one_line_error(code, err, 2, match)
+
+
+def test_bad_target_is_one_line_exit_2(cli, tmp_path):
+    code, _, err = cli("bench", tmp_path / "missing.onnx")
+    assert_one_line_error(code, err, 2, "does not exist")
+    (tmp_path / "notes.txt").write_text("hello")
+    code, _, err = cli("bench", tmp_path / "notes.txt")
+    assert_one_line_error(code, err, 2, "unknown kind")
+    code, _, err = cli("bench", tmp_path)
+    assert_one_line_error(code, err, 2, "not a training run directory")
+
+
+def test_batch_above_the_engine_profile_says_the_maximum(cli, tmp_path):
+    engine = _engine_with_profile(tmp_path, 64)
+    code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1,128", *FAST)
+    assert_one_line_error(code, err, 2, "profile maximum 64")

@@ -1,0 +1,153 @@
+"""The bench harness, statistics and routing patterns: checks of the measuring tool, not of the machine."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from deploytool.benchmark import harness, patterns
+from deploytool.benchmark.stats import CV_WARN, nearest_rank, summarize
+
+
+# --- harness -----------------------------------------------------------------------------------
+
+def test_empty_callable_median_is_under_5_microseconds():
+    ns = harness.measure_one(lambda: None, warmup_ms=20, duration_s=0.1)
+    assert summarize(ns).median_ms < 5e-3
+
+
+def test_sleeping_1ms_is_never_reported_below_1ms_and_its_median_stays_under_3ms():
+    stats = summarize(harness.measure_one(lambda: time.sleep(1e-3), warmup_ms=10, duration_s=0.15))
+    assert stats.min_ms >= 1.0
+    assert stats.median_ms < 3.0
+
+
+def test_measuring_runs_until_both_the_duration_and_the_minimum_iterations_are_reached():
+    start = time.perf_counter()
+    slow = harness.measure_one(lambda: time.sleep(5e-3), warmup_ms=0, duration_s=1e-3, min_iters=7)
+    assert len(slow) == 7
+    fast = harness.measure_one(lambda: None, warmup_ms=0, duration_s=0.05, min_iters=1)
+    assert len(fast) > 1000
+    assert time.perf_counter() - start >= 0.05
+
+
+def test_warmup_calls_are_not_timed_and_a_reset_hook_is_told_when_warmup_ends():
+    calls = []
+
+    class Counting:
+        def __call__(self):
+            calls.append("call")
+
+        def reset(self):
+            calls.append("reset")
+
+    ns = harness.measure_one(Counting(), warmup_ms=20, duration_s=0.02)
+    warmup = calls.index("reset")
+    assert warmup >= 1
+    assert calls.count("call") - warmup == len(ns)
+
+
+def test_several_callables_are_interleaved_in_slices():
+    order = []
+    harness.measure([lambda: order.append("a"), lambda: order.append("b")], warmup_ms=0, duration_s=0.02,
+                    rounds=4)
+    switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert switches >= 2 * 4 - 1  # warmups, then four slices each, in turn
+
+
+def test_bad_harness_settings_are_refused():
+    with pytest.raises(ValueError, match="duration_s"):
+        harness.measure_one(lambda: None, duration_s=0)
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+def test_stats_match_hand_computed_values():
+    ns = np.array([7, 1, 10, 3, 5, 2, 9, 4, 6, 8]) * 1_000_000  # 1..10 ms, shuffled
+    s = summarize(ns, batch_size=4)
+    assert (s.iterations, s.min_ms, s.max_ms, s.mean_ms, s.median_ms) == (10, 1.0, 10.0, 5.5, 5.5)
+    assert (s.p90_ms, s.p95_ms, s.p99_ms) == (9.0, 10.0, 10.0)  # nearest rank: ceil(p/100 * n)-th value
+    assert s.std_ms == pytest.approx(math.sqrt(8.25))
+    assert s.cv == pytest.approx(math.sqrt(8.25) / 5.5)
+    assert s.queries_per_s == pytest.approx(1000 / 5.5)
+    assert s.samples_per_s == pytest.approx(4000 / 5.5)
+    assert s.unstable
+
+
+def test_nearest_rank_percentiles_are_observed_values():
+    values = np.arange(1.0, 201.0)
+    assert nearest_rank(values, 99) == 198.0
+    assert nearest_rank(values, 90) == 180.0
+    assert nearest_rank(values[:1], 99) == 1.0
+
+
+def test_cv_warning_threshold_is_2_5_percent():
+    steady = summarize([1_000_000] * 50 + [1_040_000] * 50)  # cv = 2% -> stable
+    noisy = summarize([1_000_000] * 50 + [1_060_000] * 50)   # cv = 2.9% -> unstable
+    assert steady.cv < CV_WARN < noisy.cv
+    assert not steady.unstable and noisy.unstable
+    assert noisy.to_dict()["unstable"] is True
+
+
+# --- routing patterns --------------------------------------------------------------------------
+
+@pytest.fixture
+def routes():
+    return np.random.default_rng(0).integers(0, 4, 600)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_uniform_pattern_spreads_rows_evenly_over_the_cycle_and_each_feed(routes, batch):
+    feeds = patterns.select_rows("uniform", routes, 4, batch)
+    assert all(len(f) == batch for f in feeds)
+    hist = patterns.histogram([routes[f] for f in feeds], 4)
+    assert max(hist) - min(hist) <= 1 and sum(hist) == batch * len(feeds) >= 4 * patterns.ROWS_PER_EXPERT
+    for f in feeds:  # each feed holds floor or ceil of its share of every expert
+        counts = np.bincount(routes[f], minlength=4)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_skewed_pattern_follows_a_zipf_law(routes):
+    feeds = patterns.select_rows("skewed", routes, 4, 100)
+    assert patterns.histogram([routes[f] for f in feeds], 4) == [48, 24, 16, 12]  # 100 * (1, 1/2, 1/3, 1/4) / 2.083
+    assert patterns.counts_for(patterns.shares("skewed", np.ones(8, bool)), 64).tolist() == [23, 12, 8, 6, 5, 4, 3, 3]
+
+
+def test_single_pattern_sends_every_row_to_the_most_used_expert():
+    routes = np.array([0] * 10 + [2] * 30 + [3] * 5)
+    feeds = patterns.select_rows("single", routes, 4, 16)
+    assert patterns.histogram([routes[f] for f in feeds], 4) == [0, 0, 16 * len(feeds), 0]
+
+
+def test_experts_absent_from_the_pool_get_no_rows_and_rows_repeat_when_the_pool_is_short():
+    routes = np.array([0] * 3 + [1] * 50)
+    feeds = patterns.select_rows("uniform", routes, 3, 64)
+    assert patterns.histogram([routes[f] for f in feeds], 3) == [32, 32, 0]
+
+
+def test_unknown_pattern_is_bad_input():
+    from deploytool.errors import BadInput
+
+    with pytest.raises(BadInput, match="unknown routing pattern 'zipf'|unknown routing pattern zipf"):
+        patterns.check_patterns(["zipf"])
+
+
+# --- GPU device timing -------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_stages_report_copies_and_compute_separately():
+    import torch
+
+    weight = torch.randn(1024, 1024, device="cuda")
+    feed = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)
+    timed = harness.CudaStages(lambda x: torch.from_numpy(x).cuda(), lambda d: d @ weight,
+                               lambda d: d.cpu().numpy(), feeds=lambda: feed)
+    host = harness.measure_one(timed, warmup_ms=20, duration_s=0.2)
+    device = timed.stage_ns()
+    assert set(device) == {"h2d", "compute", "d2h", "device"}
+    assert all(len(v) == len(host) for v in device.values())
+    assert (device["h2d"] > 0).all() and (device["compute"] > 0).all()
+    assert np.median(device["device"]) <= np.median(host) * 1.05
