@@ -36,7 +36,8 @@ class _Steps:
 
 
 def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train on digits, export to ONNX, verify torch vs onnxruntime, try a TensorRT engine, package for Triton."""
+    """Train on digits, export to ONNX, verify and bench torch vs onnxruntime, try a TensorRT engine, package."""
+    from deploytool.benchmark.run import bench
     from deploytool.engine.build import build_engine
     from deploytool.errors import CheckFailed
     from deploytool.export.onnx import export_onnx
@@ -73,6 +74,18 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
         return (f"{comparison.routing.agreement:.1f}% routing agreement over {comparison.routing.rows} rows, "
                 f"max abs error {max_abs:.2e}")
 
+    def do_bench() -> str:
+        result = bench(onnx_path, backends=("torch", "onnxruntime"), batch_sizes=BENCH_BATCHES, duration_s=1.0,
+                       checkpoint=run_dir, json_path=out / "bench.json", plot_path=out / "latency.png",
+                       progress=progress)
+        artifacts.update(bench_json=str(out / "bench.json"), latency_plot=str(out / "latency.png"))
+        parts = []
+        for line in result.lines:
+            if line.backend == "onnxruntime":
+                key[f"ort_over_torch_median_b{line.batch_size}"] = round(line.ratio, 3)
+            parts.append(f"{line.backend} b{line.batch_size} {line.stats.median_ms * 1000:.0f} us")
+        return ", ".join(parts) + " (median)"
+
     def do_package() -> str:
         pkg = package(engine_path if engine_path.exists() else onnx_path, out / "triton", "routed_mlp", force=True,
                       dynamic_batching=True)
@@ -87,6 +100,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
 
     steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify)
     if "onnx" in artifacts:
+        steps.run("bench", do_bench)
         steps.run("build-engine", do_engine)
         steps.run("package", do_package)
     return {"out": str(out), "steps": steps.rows, "artifacts": artifacts, "key_numbers": key,

@@ -12,11 +12,14 @@ def test_demo_runs_the_chain_and_lists_skipped_steps_with_reasons(cli, tmp_path)
     assert code == 0, err
     result = json.loads(out)
     status = {s["step"]: s for s in result["steps"]}
-    for step in ("train", "export", "verify", "package"):
+    for step in ("train", "export", "verify", "bench", "package"):
         assert status[step]["status"] == "ok", status[step]
     assert result["key_numbers"]["routing_agreement"] == 100.0
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "triton" / "routed_mlp" / "config.pbtxt").is_file()
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert {(ln["backend"], ln["batch_size"]) for ln in bench["lines"]} == {
+        (b, n) for b in ("torch", "onnxruntime") for n in (1, 256)}
     if gpu() is None:
         engine = status["build-engine"]
         assert engine["status"] == "skipped" and "TensorRT" in engine["detail"]
