@@ -53,25 +53,14 @@ def rows(n, seed=0):
     return np.random.default_rng(seed).random((n, 64), dtype=np.float32) * 16
 
 
-def http_infer(server, x, datatype="FP32"):
-    import tritonclient.http as httpclient
+def triton_infer(server, x, datatype="FP32", protocol="http"):
+    """One request with the official client over HTTP or gRPC; the outputs by name."""
+    import importlib
 
-    client = httpclient.InferenceServerClient(server.http_url)
+    client_module = importlib.import_module(f"tritonclient.{protocol}")
+    client = client_module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
     try:
-        inp = httpclient.InferInput("x", list(x.shape), datatype)
-        inp.set_data_from_numpy(x)
-        result = client.infer(NAME, [inp])
-        return {name: result.as_numpy(name) for name in ("output", "index", "probs")}
-    finally:
-        client.close()
-
-
-def grpc_infer(server, x):
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp = client_module.InferInput("x", list(x.shape), datatype)
         inp.set_data_from_numpy(x)
         result = client.infer(NAME, [inp])
         return {name: result.as_numpy(name) for name in ("output", "index", "probs")}
@@ -87,10 +76,10 @@ def assert_matches(got, ref):
 
 
 @pytest.mark.serve
-@pytest.mark.parametrize("infer", [http_infer, grpc_infer], ids=["http", "grpc"])
-def test_server_answers_like_the_local_runtime(server, local, infer):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_answers_like_the_local_runtime(server, local, protocol):
     x = rows(5, seed=3)
-    got = infer(server, x)
+    got = triton_infer(server, x, protocol=protocol)
     assert got["index"].shape == (5, 1) and got["index"].dtype == np.int64
     assert_matches(got, local.run(x))
 
@@ -105,11 +94,11 @@ def test_bad_request_gets_an_error_and_the_server_keeps_serving(server, local, x
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match=match) as err:
-        http_infer(server, x, datatype)
+        triton_infer(server, x, datatype)
     assert err.value.status() == "400"
     assert server.is_alive()
     good = rows(2, seed=9)
-    assert_matches(http_infer(server, good), local.run(good))
+    assert_matches(triton_infer(server, good), local.run(good))
 
 
 @pytest.mark.serve
@@ -124,7 +113,7 @@ def test_a_nan_request_batched_with_good_ones_fails_alone(server, local):
     def send(i):
         start.wait()
         try:
-            results[i] = http_infer(server, inputs[i])
+            results[i] = triton_infer(server, inputs[i])
         except InferenceServerException as exc:
             results[i] = exc
 
@@ -145,7 +134,7 @@ def test_onnx_file_is_served_through_onnxruntime(exported_onnx):
     try:
         x = rows(4, seed=5)
         with deploytool.load(exported_onnx) as local_onnx:
-            assert_matches(http_infer(srv, x), local_onnx.run(x))
+            assert_matches(triton_infer(srv, x), local_onnx.run(x))
     finally:
         srv.stop()
     assert not srv.workdir.exists()
