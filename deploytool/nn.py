@@ -68,10 +68,15 @@ class Router(nn.Module):
             layers += [nn.Linear(in_features, hidden), nn.ReLU()]
         layers.append(nn.Linear(hidden or in_features, n_logits))
         self.net = nn.Sequential(*layers)
-        self.register_buffer("temperature", torch.tensor(check_temperature(temperature)))
+        # a plain float, not a buffer: run dirs keep it in config.json, and ONNX export records it as the
+        # TemperedSoftmax node's attribute (a traced tensor's float() would be data-dependent)
+        self.temperature = check_temperature(temperature)
 
     def set_temperature(self, value: float) -> None:
-        self.temperature.fill_(check_temperature(value))
+        self.temperature = check_temperature(value)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, n_experts={self.n_experts}, temperature={self.temperature:g}"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(x)
@@ -81,7 +86,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         logits = self.logits(x)
-        probs = tempered_softmax(logits, float(self.temperature))
+        probs = tempered_softmax(logits, self.temperature)
         _, index = hard_select(probs)
         return RouterOutput(logits, probs, index)
 
@@ -129,11 +134,11 @@ class RoutedExperts(nn.Module):
         routing = self.router(x)
         mode = self.mode if self.mode != "auto" else ("soft" if self.training else "hard")
         if self.training:
-            self.routing_loss = self.loss(routing, float(self.router.temperature))
+            self.routing_loss = self.loss(routing, self.router.temperature)
         if mode == "soft":
             weights = routing.probs
         elif mode == "gumbel":
-            weights = losses.gumbel_straight_through(routing.logits, float(self.router.temperature))
+            weights = losses.gumbel_straight_through(routing.logits, self.router.temperature)
         elif mode == "hard":
             if self.dispatch == "sparse" and not torch.onnx.is_in_onnx_export():
                 return RoutedOutput(self.sparse(x, routing.index), routing.index, routing.probs)

@@ -181,11 +181,9 @@ def _routers(module: nn.Module) -> list:
 
 @contextlib.contextmanager
 def export_mode(module: nn.Module) -> Iterator[list[float]]:
-    """Eval, hard routing, dense dispatch, and each Router's temperature as a Python float.
+    """Eval, hard routing and dense dispatch (ONNX has no per-row dispatch); yields the temperatures.
 
-    The temperature buffer would be a traced tensor (its float() is data-dependent under
-    torch.export); as a constant it becomes the node's `temperature` attribute. Everything is
-    restored afterwards, so the caller's module is unchanged. Yields the temperatures.
+    Everything is restored afterwards, so the caller's module is unchanged.
     """
     from deploytool.nn import routed_modules, routing_mode
 
@@ -193,20 +191,13 @@ def export_mode(module: nn.Module) -> Iterator[list[float]]:
     routed = routed_modules(module)
     was_training = module.training
     dispatch = [m.dispatch for m in routed]
-    buffers = [r.temperature for r in routers]
     try:
-        for r, t in zip(routers, buffers):
-            delattr(r, "temperature")  # drops the buffer
-            r.temperature = float(t)
         for m in routed:
             m.dispatch = "dense"
         module.eval()
         with routing_mode(module, "hard"):
-            yield [float(t) for t in buffers]
+            yield [r.temperature for r in routers]
     finally:
-        for r, t in zip(routers, buffers):
-            del r.temperature
-            r.register_buffer("temperature", t)
         for m, d in zip(routed, dispatch):
             m.dispatch = d
         module.train(was_training)

@@ -6,9 +6,8 @@ shows the routing step as the ops the rest of the toolchain knows.
 
 torch.onnx's dynamo export first captures with non-strict torch.export, which runs this Python and
 sees `is_in_onnx_export()` as True. Its strict (TorchDynamo) fallback traces the check as False and
-records plain softmax/argmax instead; deploytool.export.onnx refuses such a graph. Non-strict capture
-needs the temperature as a Python float (float() of a traced buffer is data-dependent), which
-export_onnx arranges.
+records plain softmax/argmax instead; deploytool.export.onnx refuses such a graph. The temperature is
+a Python float (Router keeps it so), which becomes the node's attribute.
 """
 
 from __future__ import annotations
