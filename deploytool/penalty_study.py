@@ -66,8 +66,10 @@ def to_markdown(rows: list[dict[str, Any]], recipe: str, seeds: int, when: str) 
             f"| {r['method']} | {r['balance']} | {r['mean_hard_accuracy']:.3f} / {r['worst_hard_accuracy']:.3f} "
             f"| {r['mean_soft_accuracy']:.3f} | {r['worst_gap'] * 100:+.1f} pts | {r['worst_frac_confident']:.1%} "
             f"| {r['worst_min_expert_load']:.1%} | {'yes' if r['meets_targets'] else 'no'} |")
+    passing = [f"{r['method']} with {r['balance']} balance" for r in rows if r["meets_targets"]]
     lines += ["", "Targets (worst of the seeds): gap <= 0.5 points, confident >= 95%, every expert >= 10% of "
-              "traffic, mean hard accuracy >= 0.97.", ""]
+              "traffic, mean hard accuracy >= 0.97.", "",
+              "Meets every target: " + ("; ".join(passing) if passing else "none") + ".", ""]
     return "\n".join(lines)
 
 
