@@ -7,6 +7,9 @@ deploytool's harness in one process:
             dispatch choice changes;
   model     the whole forward (router, experts, head), which adds the same router cost to both.
 Rows are picked so the router sends them uniformly, Zipf-skewed, or all to one expert.
+Sparse runs plain Linear/ReLU experts by hand (no module calls, shared buffers); the third column,
+`modules`, is sparse on a copy whose experts carry a no-op hook, which makes it call them as modules
+(what any other expert gets).
 
     python benchmarks/bench_dispatch.py [--experts 8] [--batch 4096] [--threads N] [--json out.json]
 """
@@ -14,6 +17,7 @@ Rows are picked so the router sends them uniformly, Zipf-skewed, or all to one e
 from __future__ import annotations
 
 import argparse
+import copy
 
 import numpy as np
 import torch
@@ -25,7 +29,7 @@ from deploytool.benchmark.stats import summarize
 from deploytool.data import load_blobs
 from deploytool.io import write_json
 from deploytool.models import RoutedMLP
-from deploytool.nn import RoutedExperts, RouterOutput, set_dispatch
+from deploytool.nn import RoutedExperts, RouterOutput, routed_modules, set_dispatch
 
 
 class FixedRouter(nn.Module):
@@ -37,6 +41,15 @@ class FixedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         return self.routing
+
+
+def with_module_calls(module: nn.Module) -> nn.Module:
+    """A copy whose experts carry a no-op hook, so that sparse dispatch calls them as modules."""
+    module = copy.deepcopy(module)
+    for routed in routed_modules(module):
+        for expert in routed.experts:
+            expert.register_forward_pre_hook(lambda mod, args: None)
+    return module
 
 
 def timed(module: nn.Module, dispatch: str, x: torch.Tensor):
@@ -72,8 +85,8 @@ def main() -> None:
 
     print(f"RoutedMLP: {args.features} features, E={args.experts}, expert hidden {args.expert_hidden}, "
           f"batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads; medians in ms")
-    print(f"{'routing':<8} {'experts %':<25} {'timed':<9} {'dense':>8} {'sparse':>8} {'d p90':>8} {'s p90':>8} "
-          f"{'sparse/dense':>12}")
+    print(f"{'routing':<8} {'experts %':<25} {'timed':<9} {'dense':>7} {'sparse':>7} {'modules':>7} "
+          f"{'d p90':>7} {'s p90':>7} {'d p99':>7} {'s p99':>7} {'sparse/dense':>12} {'modules/dense':>13}")
     rows = []
     for pattern in args.routing.split(","):
         (feed,) = patterns.select_rows(pattern, routes, args.experts, args.batch)
@@ -86,14 +99,16 @@ def main() -> None:
         dense_out, sparse_out = timed(dispatch_only, "dense", x)(), timed(dispatch_only, "sparse", x)()
         torch.testing.assert_close(sparse_out.output, dense_out.output, rtol=1e-5, atol=1e-5)
         for label, module in (("dispatch", dispatch_only), ("model", model)):
-            ns = harness.measure([timed(module, "dense", x), timed(module, "sparse", x)], warmup_ms=args.warmup_ms,
-                                 duration_s=args.duration_s)
-            dense, sparse = (summarize(v, args.batch) for v in ns)
-            ratio = sparse.median_ms / dense.median_ms
-            print(f"{pattern:<8} {mix:<25} {label:<9} {dense.median_ms:8.3f} {sparse.median_ms:8.3f} "
-                  f"{dense.p90_ms:8.3f} {sparse.p90_ms:8.3f} {ratio:12.3f}")
+            fns = [timed(module, "dense", x), timed(module, "sparse", x), timed(with_module_calls(module), "sparse", x)]
+            ns = harness.measure(fns, warmup_ms=args.warmup_ms, duration_s=args.duration_s)
+            dense, sparse, modules = (summarize(v, args.batch) for v in ns)
+            ratio, modules_ratio = sparse.median_ms / dense.median_ms, modules.median_ms / dense.median_ms
+            print(f"{pattern:<8} {mix:<25} {label:<9} {dense.median_ms:7.3f} {sparse.median_ms:7.3f} "
+                  f"{modules.median_ms:7.3f} {dense.p90_ms:7.3f} {sparse.p90_ms:7.3f} {dense.p99_ms:7.3f} "
+                  f"{sparse.p99_ms:7.3f} {ratio:12.3f} {modules_ratio:13.3f}")
             rows.append({"routing": pattern, "timed": label, "histogram": hist, "dense": dense.to_dict(),
-                         "sparse": sparse.to_dict(), "ratio": ratio})
+                         "sparse": sparse.to_dict(), "modules": modules.to_dict(), "ratio": ratio,
+                         "modules_ratio": modules_ratio})
     machine = machine_info()
     print(f"{machine['cpu']}, {machine['cores']} cores; target sparse/dense <= 0.15 (1/E = {1 / args.experts:.3f})")
     if args.json:

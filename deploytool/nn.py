@@ -152,17 +152,22 @@ class RoutedExperts(nn.Module):
     def sparse(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Only the chosen expert computes each row.
 
-        Rows are sorted by expert once; each expert runs on its contiguous slice (a view, no copy) and
-        scatters its result straight into the output, so nothing is concatenated and an expert with no
-        rows is never called. Experts stay module calls (their hooks fire). On CPU the cost is that of
-        the experts' own smaller GEMMs; padded groups in one bmm, torch._grouped_mm, and a thread per
-        half of the experts were each slower or slowed other ops (see docs/benchmarks.md).
+        Rows are sorted by expert once, so each expert runs on a contiguous slice (a view, no copy);
+        an expert with no rows is never called. Experts are module calls (their hooks fire) unless all
+        of them are plain hook-free Linear/ReLU stacks outside autograd: then `_plain_experts` runs
+        their layers itself into shared buffers. With 2 threads the module calls and per-layer
+        allocations cost more than the small GEMMs lose (see docs/benchmarks.md).
         """
         if x.shape[0] == 0:
             return self.experts[0](x)
-        order = torch.argsort(index, stable=True)
+        order = torch.argsort(index)  # rows are independent: their order within an expert is free
         counts = torch.bincount(index, minlength=len(self.experts)).tolist()
         xs = x.index_select(0, order)
+        plain = _plain_stacks(self.experts)
+        if plain is not None:
+            ys = _plain_experts(plain, xs, counts)
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+            return ys.index_select(0, inverse)  # a gather: faster than index_copy_ on CPU
         out = None
         start = 0
         for expert, n in zip(self.experts, counts):
@@ -173,6 +178,73 @@ class RoutedExperts(nn.Module):
                 out.index_copy_(0, order[start:start + n], y)
             start += n
         return out
+
+
+#: a plain expert: each Linear's (weight, bias) followed by whether a ReLU comes after it
+_PlainStack = list[tuple[torch.Tensor, torch.Tensor | None, bool]]
+
+
+def _plain_stacks(experts: nn.ModuleList) -> list[_PlainStack] | None:
+    """Each expert as Linear(+ReLU) layers, or None where running them by hand could differ from
+    calling the modules: autograd on, tracing or compiling, a hook anywhere, any other module."""
+    if (torch.is_grad_enabled() or torch._C._get_tracing_state() or torch.compiler.is_compiling()
+            or getattr(nn.modules.module, "_has_any_global_hook", lambda: True)()):
+        return None
+    stacks = []
+    for expert in experts:
+        stack: _PlainStack = []
+        if not _flatten(expert, stack) or not stack:
+            return None
+        stacks.append(stack)
+    if len({stack[-1][0].shape[0] for stack in stacks}) > 1:
+        return None
+    return stacks
+
+
+def _flatten(module: nn.Module, stack: _PlainStack) -> bool:
+    """Appends what `module` computes, in Sequential's order; False if that is not Linear/ReLU only."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+            or "forward" in module.__dict__):  # a forward patched on the instance (as accelerate does)
+        return False
+    kind = type(module)
+    if kind is nn.Sequential:
+        for child in module._modules.values():
+            if not _flatten(child, stack):
+                return False
+    elif kind is nn.Linear:
+        params = module._parameters  # what Linear.forward reads, without Module.__getattr__'s cost
+        if "weight" not in params or "bias" not in params:
+            return False
+        stack.append((params["weight"], params["bias"], False))
+    elif kind is nn.ReLU and stack:
+        stack[-1] = (*stack[-1][:2], True)
+    else:
+        return False
+    return True
+
+
+def _plain_experts(stacks: list[_PlainStack], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows sorted by expert -> outputs in the same order. Each layer writes its rows (addmm with
+    out=, ReLU in place) into a buffer shared by all experts: one per depth and width, and one for
+    the outputs, so that no layer reads the buffer it writes."""
+    final = xs.new_empty((xs.shape[0], stacks[0][-1][0].shape[0]))
+    buffers: dict[tuple[int, int], torch.Tensor] = {}
+    start = 0
+    for stack, n in zip(stacks, counts):
+        if n:
+            h = xs[start:start + n]
+            for depth, (weight, bias, relu) in enumerate(stack):
+                if depth == len(stack) - 1:
+                    buffer = final
+                elif (buffer := buffers.get((depth, weight.shape[0]))) is None:
+                    buffer = buffers[depth, weight.shape[0]] = xs.new_empty((xs.shape[0], weight.shape[0]))
+                out = buffer[start:start + n]
+                h = (torch.mm(h, weight.t(), out=out) if bias is None
+                     else torch.addmm(bias, h, weight.t(), out=out))
+                if relu:
+                    h.relu_()
+        start += n
+    return final
 
 
 def routed_modules(model: nn.Module) -> list[RoutedExperts]:

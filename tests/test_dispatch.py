@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deploytool.models import RoutedMLP
+from deploytool import nn as nn_mod
 from deploytool.nn import RoutedExperts, Router, set_dispatch
 
 
@@ -55,3 +56,64 @@ def test_sparse_on_an_empty_batch_returns_an_empty_output_of_the_right_width():
     with torch.inference_mode():
         out = model.routed(torch.zeros(0, 8))
     assert out.output.shape == (0, 12)
+
+
+def _sparse_layer(experts, seed=0, features=6):
+    torch.manual_seed(seed)
+    return RoutedExperts(Router(features, len(experts)), experts, dispatch="sparse").eval()
+
+
+def _expected(layer, x):
+    """Each row through its chosen expert alone, as module calls."""
+    index = layer.router(x).index
+    return torch.stack([layer.experts[int(e)](x[i:i + 1])[0] for i, e in enumerate(index)])
+
+
+def test_plain_linear_relu_experts_run_by_hand_give_what_their_modules_give():
+    torch.manual_seed(4)
+    shared = torch.nn.Linear(9, 9, bias=False)  # used twice in one expert, no bias
+    experts = [torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(inplace=True), shared, torch.nn.ReLU(),
+                                   shared, torch.nn.Linear(9, 3)),
+               torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()), torch.nn.Linear(5, 3)),
+               torch.nn.Linear(6, 3)]
+    layer = _sparse_layer(experts)
+    x = torch.randn(64, 6)
+    with torch.inference_mode():
+        assert nn_mod._plain_stacks(layer.experts) is not None
+        out = layer(x)
+        expected = _expected(layer, x)
+    assert set(out.index.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(out.output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["forward hook", "pre hook", "global hook", "patched forward", "other layer"])
+def test_experts_that_are_not_plain_are_called_as_modules_even_without_autograd(how):
+    experts = [torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)) for _ in range(3)]
+    if how == "other layer":
+        experts[1][1] = torch.nn.GELU()
+    layer = _sparse_layer(experts, seed=5)
+    seen = []
+    inner = layer.experts[2][0]
+    handle = None
+    if how == "forward hook":
+        handle = inner.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    elif how == "pre hook":
+        handle = inner.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    elif how == "global hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, inp, out: seen.append(inp[0].shape[0]) if m is inner else None)
+    elif how == "patched forward":
+        original = inner.forward
+        inner.forward = lambda t: (seen.append(t.shape[0]), original(t))[1]
+    x = torch.randn(48, 6)
+    try:
+        with torch.inference_mode():
+            assert nn_mod._plain_stacks(layer.experts) is None
+            out = layer(x)
+            expected = _expected(layer, x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(out.output, expected, rtol=1e-5, atol=1e-6)
+    if how != "other layer":  # the first call is sparse's, with exactly expert 2's rows
+        assert seen[0] == int((out.index == 2).sum())
