@@ -60,9 +60,12 @@ def load_blobs(seed: int = 0, n_samples: int = 4096, n_features: int = 64, n_cla
 
 def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """A user's .npz with arrays `x` [N, F] and integer labels `y` [N]; pickled objects are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"data file {path} does not exist")
+    from deploytool.io import check_file
+
+    path = check_file(path, "data file")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # an .npz is a zip archive
+            raise BadInput(f"{path} is not an .npz file: save arrays x and y with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "x" not in npz or "y" not in npz:

@@ -35,6 +35,17 @@ def check_parent_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) files; give the permissions a plain open/mkdir would."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
@@ -44,10 +55,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _as_if_created(tmp_path, 0o666)  # after the writer: some (safetensors) recreate the file
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_file(path: str | os.PathLike, what: str) -> Path:
+    """An existing regular file, or BadInput saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{what} {path} is a directory; give a file")
+    if not path.is_file():
+        raise BadInput(f"{what} {path} does not exist")
+    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -71,9 +93,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{what} {path} does not exist")
+    path = check_file(path, what)
     try:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -108,6 +128,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise BadInput(f"{target} exists and is a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _as_if_created(tmp, 0o777)
     try:
         yield tmp
         if target.exists():
@@ -145,8 +166,9 @@ def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, 
 def load_weights(path: str | os.PathLike) -> dict:
     """Load a safetensors file; anything else (a pickle included) is refused, never unpickled."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"checkpoint {path} does not exist")
+    check_file(path, "checkpoint")
+    if path.stat().st_size == 0:
+        raise BadInput(f"checkpoint {path} is empty")
     if not _looks_like_safetensors(path):
         raise BadInput(
             f"checkpoint {path} is not a safetensors file (pickled checkpoints are refused: "

@@ -65,7 +65,7 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
     axes[0].bar(edges[:-1], hist, width=edges[1] - edges[0], align="edge", color="#4477aa")
     axes[0].axvline(CONFIDENT, color="#cc3311", ls="--", label=f"p = {CONFIDENT}")
     axes[0].set(title=f"router confidence ({metrics['frac_confident']:.1%} >= {CONFIDENT})",
-                xlabel="max routing probability", ylabel="test samples")
+                xlabel="max routing probability", ylabel="test samples (log)", yscale="log")
     axes[0].legend(loc="upper left")
     load = np.asarray(metrics["expert_load"])
     axes[1].bar(range(len(load)), load, color="#228833")
@@ -92,10 +92,13 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     from deploytool.training import load_run
 
     run = load_run(run_dir)
-    if not run.metrics:
-        from deploytool.errors import BadInput
+    from deploytool.errors import BadInput
 
+    if not run.metrics:
         raise BadInput(f"{run.path} has no {io.METRICS_FILE}; train into it first")
+    missing = [k for k in SUMMARY_KEYS if not isinstance(run.metrics, dict) or k not in run.metrics]
+    if missing:
+        raise BadInput(f"{run.path / io.METRICS_FILE} is not a deploytool metrics file (lacks {', '.join(missing)})")
     return {"run_dir": str(run.path), "plot": str(run.plot) if run.plot.exists() else None,
             "config": run.config, "metrics": run.metrics}
 

@@ -52,7 +52,7 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
     run_dir, onnx_path, engine_path = out / "run", out / "model.onnx", out / "model.plan"
 
     def do_train() -> str:
-        run = train(DEMO_RECIPE, run_dir, progress=progress)
+        run = train(DEMO_RECIPE, run_dir, progress=progress, force=True)
         artifacts.update(run_dir=str(run.path), weights=str(run.weights), routing_plot=str(run.plot))
         m = run.metrics
         key.update({k: m[k] for k in ("hard_accuracy", "soft_accuracy", "frac_confident", "min_expert_load")})

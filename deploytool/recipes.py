@@ -13,6 +13,9 @@ from deploytool.errors import BadInput
 from deploytool.losses import BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, ONE_CLASS_MESSAGE, PENALTIES
 
 ROUTINGS = ("soft", "gumbel")
+# field annotation -> accepted Python types (bools are refused even where int is accepted)
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "float | None": (int, float),
+          "dict[str, Any]": (dict,)}
 
 
 @dataclass
@@ -52,12 +55,15 @@ class TrainConfig:
     def validate(self) -> None:
         from deploytool.models import MODELS
 
+        self._check_types()
         if self.model not in MODELS:
             raise BadInput(f"unknown model {self.model!r}; built-in models: {', '.join(MODELS)}")
         if self.router not in ("softmax", "sigmoid"):
             raise BadInput(f"router must be softmax or sigmoid, got {self.router!r}")
-        if self.router == "softmax" and self.experts < 2:
-            raise BadInput(f"--experts {self.experts}: {ONE_CLASS_MESSAGE}")
+        if self.router == "softmax" and self.experts == 1:
+            raise BadInput(f"--experts 1: {ONE_CLASS_MESSAGE}")
+        if self.experts < 2:
+            raise BadInput(f"experts must be a whole number >= 2, got {self.experts}")
         if self.router == "sigmoid" and self.experts != 2:
             raise BadInput(f"a sigmoid router routes between exactly 2 experts, got experts={self.experts}")
         if self.penalty not in PENALTIES:
@@ -80,10 +86,22 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise BadInput(f"{name} must be a whole number >= 1, got {value}")
+        if self.seed < 0:
+            raise BadInput(f"seed must be a whole number >= 0, got {self.seed}")
         for name in ("router_hidden", "trunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise BadInput(f"{name} must be a whole number >= 0, got {value}")
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a TOML typo like experts = "four" or 2.7, or epochs = true)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            wanted = _TYPES[f.type]
+            ok = isinstance(value, wanted) and not isinstance(value, bool) or (value is None and "None" in f.type)
+            if not ok:
+                names = " or ".join(t.__name__ for t in wanted)
+                raise BadInput(f"{f.name} must be {names}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +146,8 @@ def builtin_models_dir() -> Path:
 def resolve_recipe(path: str | Path) -> Path:
     """A path, or the name of a built-in recipe (`digits-4` for models/digits-4.toml)."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"recipe {path} is a directory; give a .toml file")
     if path.is_file():
         return path
     builtin = builtin_models_dir() / f"{path.stem}.toml"

@@ -56,11 +56,13 @@ def default_out_dir() -> Path:
 
 
 def train(config: TrainConfig | str | Path | None = None, out: str | Path | None = None, *, progress: bool = True,
-          on_epoch: Callable[[int, float], None] | None = None, **overrides: Any) -> RunDir:
+          force: bool = False, on_epoch: Callable[[int, float], None] | None = None, **overrides: Any) -> RunDir:
     """Train with the routing losses and write the run directory `out`.
 
     `config` is a TrainConfig, a recipe (path or built-in name) or None for the defaults; keyword
-    `overrides` (e.g. experts=8, penalty="entropy") apply on top, as the CLI flags do.
+    `overrides` (e.g. experts=8, penalty="entropy") apply on top, as the CLI flags do. The run dir
+    appears only when complete; an existing non-empty `out` is refused unless `force` (it stays
+    intact until the new run is whole).
     """
     import torch
 
@@ -71,7 +73,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     from deploytool.progress import progress_bar
 
     config = resolve_config(config, overrides)
-    out = io.prepare_out_dir(out or default_out_dir())
+    out = check_run_target(out or default_out_dir(), force)
     data = load_dataset(config.dataset, config.seed, **config.data_options)
     if data.n_classes < 2:
         raise BadInput(f"data set {config.dataset} has a single class; nothing to learn")
@@ -88,7 +90,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     step = 0
     start = time.perf_counter()
-    with single_thread(), progress_bar("training", config.epochs, progress, loss=float("nan")) as advance:
+    with single_thread(), progress_bar("training", config.epochs, progress) as advance:
         for epoch in range(config.epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
@@ -105,20 +107,31 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     schedule.step()
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
-            advance(loss=epoch_loss)
+            advance(status=f"loss {epoch_loss:.4f}")
             if on_epoch:
                 on_epoch(epoch, epoch_loss)
     set_temperature(model, arch["temperature"])
     metrics = routing_metrics(model, data.x_test, data.y_test)
     metrics.update(seed=config.seed, epochs=config.epochs, train_seconds=round(time.perf_counter() - start, 3),
                    temperature=arch["temperature"], dataset=data.name)
-    io.save_weights(out / io.WEIGHTS_FILE, model.state_dict(), metadata={"model": config.model})
-    io.write_json(out / io.CONFIG_FILE, arch)
-    plot_routing(metrics, out / io.ROUTING_PLOT, title=f"{config.model} on {data.name}, {config.experts} experts, "
-                 f"penalty {config.penalty}: hard acc {metrics['hard_accuracy']:.3f}, "
-                 f"soft {metrics['soft_accuracy']:.3f}")
-    io.write_json(out / io.METRICS_FILE, metrics)
+    with io.atomic_dir(out) as tmp:
+        io.save_weights(tmp / io.WEIGHTS_FILE, model.state_dict(), metadata={"model": config.model})
+        io.write_json(tmp / io.CONFIG_FILE, arch)
+        plot_routing(metrics, tmp / io.ROUTING_PLOT, title=f"{config.model} on {data.name}, {config.experts} "
+                     f"experts, penalty {config.penalty}: hard acc {metrics['hard_accuracy']:.3f}, "
+                     f"soft {metrics['soft_accuracy']:.3f}")
+        io.write_json(tmp / io.METRICS_FILE, metrics)
     return RunDir(out, arch, metrics)
+
+
+def check_run_target(out: str | Path, force: bool) -> Path:
+    """A run dir may go where nothing is, in an empty directory, or over another run with `force`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output directory {out} exists and is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BadInput(f"output directory {out} is not empty; choose another --out or pass --force to replace it")
+    return out
 
 
 @contextlib.contextmanager
@@ -154,6 +167,8 @@ def load_run(path: str | Path) -> RunDir:
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist or is not a directory")
     config = io.read_json(path / io.CONFIG_FILE, "run config")
+    if not isinstance(config, dict):
+        raise BadInput(f"{path / io.CONFIG_FILE} is not a deploytool run config (expected a JSON object)")
     metrics_path = path / io.METRICS_FILE
     metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
     return RunDir(path, config, metrics)

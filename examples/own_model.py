@@ -64,6 +64,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="own-model-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    main(out_dir)
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+        main(Path(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory(prefix="own-model-") as tmp:
+            main(Path(tmp))

@@ -84,3 +84,32 @@ def test_report_of_a_missing_run_is_one_line_exit_2(cli, tmp_path):
 def test_version(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.startswith("deploytool ")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--experts", "abc"], "Invalid value for '--experts'"),
+    (["train", "--nope"], "No such option: --nope"),
+    (["study", "--seeds", "0"], "--seeds"),
+    (["export"], "Missing argument"),
+])
+def test_usage_errors_are_one_line_exit_2(cli, args, match):
+    code, _, err = cli(*args)
+    assert_one_line_error(code, err, 2, match)
+    assert "--help" in err
+
+
+def test_report_of_a_broken_metrics_file_is_exit_2(cli, trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    (run / "metrics.json").write_text("[1, 2]")
+    code, _, err = cli("report", run)
+    assert_one_line_error(code, err, 2, "not a deploytool metrics file")
+
+
+def test_train_refuses_a_non_empty_out_dir_without_force(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = cli("train", "--epochs", "1", "--out", tmp_path)
+    assert_one_line_error(code, err, 2, "not empty")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

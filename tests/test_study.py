@@ -20,3 +20,13 @@ def test_summary_takes_the_worst_seed_against_the_targets():
     starved = {**good, "seed": 1, "min_expert_load": 0.05}
     row = summarise([good, starved])
     assert row["worst_min_expert_load"] == 0.05 and not row["meets_targets"]
+
+
+def test_zero_epochs_is_refused_not_ignored(tmp_path):
+    import pytest
+
+    from deploytool.errors import BadInput
+
+    with pytest.raises(BadInput, match="epochs"):
+        study(tmp_path / "r.md", seeds=1, epochs=0, progress=False)
+    assert not (tmp_path / "r.md").exists()

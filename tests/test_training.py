@@ -145,3 +145,76 @@ def test_pickled_checkpoint_is_refused_not_unpickled(tmp_path):
     path.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
     with pytest.raises(BadInput, match="not a safetensors file"):
         io.load_weights(path)
+
+
+def test_run_files_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run = train(None, tmp_path / "run", progress=False, epochs=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(run.path.stat().st_mode) == 0o755
+    for name in (io.CONFIG_FILE, io.WEIGHTS_FILE, io.METRICS_FILE, io.ROUTING_PLOT):
+        assert stat.S_IMODE((run.path / name).stat().st_mode) == 0o644, name
+
+
+def test_existing_run_is_kept_unless_forced(tmp_path):
+    out = tmp_path / "run"
+    first = train(None, out, progress=False, epochs=1, seed=1)
+    with pytest.raises(BadInput, match="not empty.*--force"):
+        train(None, out, progress=False, epochs=1, seed=2)
+    assert json.loads((out / io.METRICS_FILE).read_text())["seed"] == 1
+    second = train(None, out, progress=False, epochs=1, seed=2, force=True)
+    assert second.metrics["seed"] == 2 and first.path == second.path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "temporary directories left behind"
+
+
+def test_a_failed_run_leaves_no_directory(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((20, 3)), y=np.zeros(19, int))
+    with pytest.raises(BadInput):
+        train(None, tmp_path / "run", progress=False, epochs=1, dataset=str(bad))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"experts": "four"}, "experts must be int"),
+    ({"experts": 2.7}, "experts must be int"),
+    ({"epochs": True}, "epochs must be int"),
+    ({"experts": 0}, "experts must be a whole number >= 2, got 0"),
+    ({"seed": -1}, "seed must be"),
+])
+def test_values_of_the_wrong_type_or_range_name_the_field(overrides, match):
+    with pytest.raises(BadInput, match=match):
+        TrainConfig(**overrides)
+
+
+def test_a_text_file_given_as_npz_is_named_as_such(tmp_path):
+    path = tmp_path / "data.npz"
+    path.write_text("x,y\n1,2\n")
+    with pytest.raises(BadInput, match="is not an .npz file"):
+        load_dataset(str(path))
+
+
+def test_empty_checkpoint_and_directory_recipe_are_named_as_such(tmp_path):
+    empty = tmp_path / "model.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(BadInput, match="is empty"):
+        io.load_weights(empty)
+    with pytest.raises(BadInput, match="is a directory"):
+        load_recipe(tmp_path)
+
+
+def test_config_without_architecture_keys_is_refused(tmp_path, trained_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    config = json.loads((run / io.CONFIG_FILE).read_text())
+    del config["in_features"]
+    (run / io.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="lacks in_features"):
+        load_model(run)

@@ -37,13 +37,14 @@ def train(
     batch_size: Annotated[Optional[int], _opt("Batch size.", "--batch-size")] = None,
     seed: Annotated[Optional[int], _opt("Random seed.", "--seed")] = None,
     out: OutDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
     json: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a routed model with the confidence penalty; write a run directory."""
     from deploytool.training import train as run_training
 
-    run = run_training(recipe, out, progress=not (quiet or json), model=model, dataset=dataset, experts=experts,
+    run = run_training(recipe, out, progress=not (quiet or json), force=force, model=model, dataset=dataset, experts=experts,
                        router=router, routing=routing, penalty=penalty, alpha=alpha, balance=balance, beta=beta,
                        temperature=temperature, temperature_end=temperature_end, epochs=epochs, lr=lr,
                        batch_size=batch_size, seed=seed)
@@ -66,7 +67,7 @@ def study(
     json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Compare temperature-only, frank, entropy and Gumbel routing (with and without balance) on digits."""
+    """Compare temperature-only, frank, entropy and Gumbel routing, each with every balance term, on digits."""
     from deploytool.penalty_study import study as run_study
 
     result = run_study(out, seeds=seeds, epochs=epochs, progress=not (quiet or json))
