@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 
 def console(stderr: bool = False):
+    """Rich console; written to a pipe or file it is 160 columns wide rather than 80, so tables and paths
+    are not cut in logs."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con = Console(stderr=stderr, highlight=False, width=160)
+    return con
 
 
 def print_json(obj: Any) -> None:
