@@ -11,11 +11,13 @@ tie-broken row legitimately runs another expert.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from deploytool.errors import BadInput
 from deploytool.ops.reference import top2_margin
 
 #: default (atol, rtol) by the least precise dtype of the two outputs compared: the one table
@@ -104,6 +106,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
             rtol: float | None = None, reference_name: str = "reference", candidate_name: str = "candidate",
             inputs: str = "") -> Comparison:
     """Compare every output the two dicts share; atol/rtol None take the dtype defaults."""
+    check_tolerances(atol, rtol)
     notes = [f"output {k!r} missing from {candidate_name}" for k in reference if k not in candidate]
     routing = None
     agree = None
@@ -121,6 +124,13 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
                                     rows=rows))
     passed = not notes and all(d.passed for d in diffs) and (routing is None or routing.passed)
     return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
+
+
+def check_tolerances(atol: float | None, rtol: float | None) -> None:
+    """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly."""
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BadInput(f"--{name} must be a finite number >= 0, got {value}")
 
 
 def _tolerance(ref: np.ndarray, cand: np.ndarray, atol: float | None, rtol: float | None) -> tuple[float, float]:

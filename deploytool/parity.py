@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from deploytool.compare import Comparison, compare
+from deploytool.compare import Comparison, check_tolerances, compare
 from deploytool.errors import BadInput
 from deploytool.io import WEIGHTS_FILE
-from deploytool.runners import BACKENDS, INPUT_NAME, Runner, make_runner
+from deploytool.runners import BACKENDS, INPUT_NAME, Runner, make_runner, static_batch
 
 DEFAULT_SAMPLES = 512
 DEFAULT_BATCH = 256
@@ -63,8 +63,22 @@ def check_inputs(x: np.ndarray, n_features: int | str | None, what: str = "input
 
 
 def run_batched(runner: Runner, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
-    """Feed `x` in chunks (engines have a maximum batch) and concatenate each output."""
-    parts = [runner.infer({INPUT_NAME: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    """Outputs for every row of `x`, fed in chunks (engines have a maximum batch), concatenated.
+
+    A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
+    repeating its final row, and the padded rows are dropped from the outputs (routing is per row).
+    """
+    if not len(x):
+        raise BadInput("no rows to run: give at least one")
+    fixed = static_batch(runner)
+    step = fixed or batch_size
+    parts = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        rows = len(chunk)
+        if fixed and rows < fixed:
+            chunk = np.pad(chunk, [(0, fixed - rows)] + [(0, 0)] * (chunk.ndim - 1), mode="edge")
+        parts.append({k: v[:rows] for k, v in runner.infer({INPUT_NAME: chunk}).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -89,6 +103,10 @@ def parse_backends(backends: str | Sequence[str]) -> list[str]:
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         raise BadInput(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    repeated = sorted({b for b in names if names.count(b) > 1})
+    if repeated:
+        raise BadInput(f"backend {repeated[0]!r} is given twice: comparing a backend with itself proves nothing; "
+                       "name each backend once")
     if len(names) < 2:
         raise BadInput(f"verify compares backends: give at least two, got {names}")
     return names
@@ -130,11 +148,11 @@ def verify(model_path: str | Path, checkpoint: str | Path | None = None,
     `checkpoint` is the run directory (or its weights file) the torch backends load.
     """
     from deploytool.export.onnx import read_onnx_metadata
+    from deploytool.runners.ort import check_onnx_file
 
     names = parse_backends(backends)
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise BadInput(f"model {model_path} does not exist")
+    check_tolerances(atol, rtol)
+    model_path = check_onnx_file(model_path, "model")
     is_engine = model_path.suffix in ENGINE_SUFFIXES
     engine_path = engine_path or (model_path if is_engine else None)
     onnx_path = None if is_engine else model_path

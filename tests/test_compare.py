@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from deploytool.compare import TOLERANCES, compare, default_tolerance, tie_margin
+from deploytool.errors import BadInput
 
 
 def _outputs(probs: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -113,3 +114,11 @@ def test_to_dict_is_plain_data():
     import json
 
     json.dumps(compare(_outputs(_probs()), _outputs(_probs())).to_dict())
+
+
+@pytest.mark.parametrize("option, value", [("atol", -1.0), ("atol", float("nan")), ("rtol", -1e-9),
+                                           ("rtol", float("nan")), ("atol", float("inf"))])
+def test_negative_nan_or_infinite_tolerance_is_bad_input_not_a_verdict(option, value):
+    ref = _outputs(_probs())
+    with pytest.raises(BadInput, match=f"--{option} must be a finite number >= 0"):
+        compare(ref, ref, **{option: value})

@@ -119,7 +119,8 @@ def test_users_own_module_with_a_router_exports_static_batch_and_is_left_unchang
     torch.manual_seed(0)
     model = Mine().train()
     result = export_onnx(model, tmp_path / "mine.onnx", static_batch=8)
-    assert result.passed and result.validation.inputs == {"random batch 8": 8}
+    # batches other than 8 reach the static graph as padded chunks of 8
+    assert result.passed and result.validation.inputs == {"random batch 1": 1, "random batch 256": 256}
     assert model.training and model.routed.dispatch == "sparse"
     assert model.routed.router.temperature == 0.5
     (x,) = onnx.load(str(tmp_path / "mine.onnx")).graph.input
@@ -190,9 +191,14 @@ def test_cli_export_failing_validation_prints_the_report_and_exits_1(cli, cached
     (["{run}", "--out", "{tmp}/no/such/dir/m.onnx"], "does not exist"),
     (["{run}", "--out", "{tmp}/m.onnx", "--opset", "9"], "opset 9"),
     (["{run}", "--out", "{tmp}/m.onnx", "--static-batch", "0"], "static batch"),
+    (["{run}", "--out", "{tmp}/m.onnx", "--atol", "-1"], "--atol must be a finite number >= 0"),
+    (["{run}", "--out", "{tmp}/m.onnx", "--atol", "nan"], "--atol must be a finite number >= 0"),
+    (["{run}", "--out", "{tmp}/m.onnx", "--rtol", "-1"], "--rtol must be a finite number >= 0"),
+    (["{run}", "--out", "{tmp}/m.onnx", "--rtol", "nan"], "--rtol must be a finite number >= 0"),
+    (["{run}", "--out", "{tmp}/m.txt"], "must end in .onnx"),
 ])
 def test_cli_export_bad_input_is_one_line_exit_2(cli, trained_run, tmp_path, args, match):
     fill = {"missing": tmp_path / "nope", "tmp": tmp_path, "run": trained_run.path}
     code, _, err = cli("export", *(a.format(**fill) for a in args))
     assert_one_line_error(code, err, 2, match)
-    assert not (tmp_path / "m.onnx").exists()
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.txt").exists()

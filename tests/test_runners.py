@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deploytool.errors import BadInput, MissingDependency
-from deploytool.runners import BACKENDS, OUTPUT_NAMES, make_runner
+from deploytool.runners import BACKENDS, OUTPUT_NAMES, Runner, TensorMeta, make_runner, static_batch
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,75 @@ def test_ort_runner_on_a_bad_file_is_bad_input(tmp_path, content, what):
     else:
         with pytest.raises(BadInput, match=what):
             make_runner("onnxruntime", onnx_path=path)
+
+
+def test_ort_runner_on_a_directory_says_so_and_a_run_dir_says_export_first(tmp_path, trained_run):
+    with pytest.raises(BadInput, match=f"{tmp_path} is a directory; give an ONNX file"):
+        make_runner("onnxruntime", onnx_path=tmp_path)
+    with pytest.raises(BadInput, match="is a run directory.*deploytool export .* --out model.onnx"):
+        make_runner("onnxruntime", onnx_path=trained_run.path)
+
+
+def _static(routing_onnx, tmp_path, batch):
+    import onnx
+
+    model = onnx.load(str(routing_onnx))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    path = tmp_path / f"static{batch}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_ort_refused_feed_keeps_the_got_and_expected_dims(routing_onnx, tmp_path):
+    with make_runner("onnxruntime", onnx_path=_static(routing_onnx, tmp_path, 8)) as runner:
+        assert static_batch(runner) == 8
+        with pytest.raises(BadInput, match="refused the feed") as info:
+            runner.infer({"logits": np.zeros((3, 4), np.float32)})
+    message = str(info.value)
+    assert "Got: 3 Expected: 8" in message and "\n" not in message
+
+
+class _Rows8(Runner):
+    """Takes exactly 8 rows (like a static-batch export); output = 2 * x, index = row sum."""
+
+    backend = "rows8"
+
+    def __init__(self):
+        super().__init__()
+        self.fed: list[int] = []
+
+    @property
+    def inputs(self):
+        return [TensorMeta("x", "float32", (8, 3))]
+
+    @property
+    def outputs(self):
+        return [TensorMeta("output", "float32", (8, 3)), TensorMeta("index", "int64", (8,))]
+
+    def _activate(self):
+        pass
+
+    def _infer(self, feed):
+        x = feed["x"]
+        assert x.shape == (8, 3), x.shape
+        self.fed.append(len(x))
+        return {"output": 2 * x, "index": x.sum(1).astype(np.int64)}
+
+
+def test_run_batched_feeds_a_static_batch_runner_padded_chunks_and_drops_the_padding():
+    from deploytool.parity import run_batched
+
+    x = np.arange(19 * 3, dtype=np.float32).reshape(19, 3)
+    with _Rows8() as runner:
+        out = run_batched(runner, x, batch_size=256)
+    assert runner.fed == [8, 8, 8]
+    np.testing.assert_array_equal(out["output"], 2 * x)
+    np.testing.assert_array_equal(out["index"], x.sum(1).astype(np.int64))
+
+
+def test_static_batch_is_none_for_a_dynamic_batch(routing_onnx, trained_run):
+    assert static_batch(make_runner("onnxruntime", onnx_path=routing_onnx)) is None
+    assert static_batch(make_runner("torch", run_dir=trained_run.path)) is None
 
 
 def test_ort_runner_cuda_without_cuda_is_a_missing_dependency(routing_onnx):

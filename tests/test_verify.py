@@ -39,6 +39,25 @@ def test_exported_model_verifies_against_torch_and_sparse_torch(exported_onnx, t
     assert report.inputs == {"digits held-out": 360}
 
 
+@pytest.fixture(scope="module")
+def static8(trained_run, tmp_path_factory):
+    """The trained run exported with its batch fixed to 8."""
+    from deploytool import export_onnx
+
+    path = tmp_path_factory.mktemp("static") / "static8.onnx"
+    assert export_onnx(trained_run.path, path, static_batch=8).passed
+    return path
+
+
+def test_static_batch_model_verifies_fed_in_padded_chunks_of_its_batch(cli, static8, trained_run):
+    code, out, err = cli("verify", static8, "-c", trained_run.path, "--samples", "101",
+                         "--backends", "torch,torch-sparse,onnxruntime", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["passed"] and result["inputs"] == {"digits held-out": 101}
+    assert all(c["routing"]["rows"] == 101 and c["routing"]["flips"] == 0 for c in result["comparisons"])
+
+
 def test_cli_verify_json_is_machine_readable(cli, exported_onnx, trained_run):
     code, out, err = cli("verify", exported_onnx, "--checkpoint", trained_run.path, "--samples", "100", "--json")
     assert code == 0, err
@@ -132,6 +151,12 @@ def _npz(tmp_path, features=10, nan=False):
     ("nan inputs", "NaN"),
     ("unknown backend", "unknown backend 'tflite'"),
     ("no checkpoint", "--checkpoint"),
+    ("same backend twice", "backend 'torch' is given twice"),
+    ("nan atol", "--atol must be a finite number >= 0"),
+    ("negative rtol", "--rtol must be a finite number >= 0"),
+    ("directory as model", "is a directory; give an ONNX file"),
+    ("run dir as model", "export it first: deploytool export"),
+    ("directory as data", "is a directory"),
 ])
 def test_cli_verify_bad_input_is_one_line_exit_2(cli, exported_onnx, trained_run, tmp_path, case, match):
     model, args = exported_onnx, ["--checkpoint", trained_run.path]
@@ -157,6 +182,18 @@ def test_cli_verify_bad_input_is_one_line_exit_2(cli, exported_onnx, trained_run
         args += ["--backends", "torch,tflite"]
     elif case == "no checkpoint":
         args = []
+    elif case == "same backend twice":
+        args += ["--backends", "torch,torch"]
+    elif case == "nan atol":
+        args += ["--atol", "nan"]
+    elif case == "negative rtol":
+        args += ["--rtol", "-1"]
+    elif case == "directory as model":
+        model = tmp_path
+    elif case == "run dir as model":
+        model, args = trained_run.path, []
+    elif case == "directory as data":
+        args += ["--data", tmp_path]
     code, out, err = cli("verify", model, *args)
     assert_one_line_error(code, err, 2, match)
     assert out == ""

@@ -67,8 +67,13 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     `data` (the run's own data set by default) and random rows at batch 1 and 256; when it fails,
     CheckFailed(report=result) is raised and nothing is left at `path` unless `keep_invalid`.
     """
+    from deploytool.compare import check_tolerances
+
     start = time.perf_counter()
     path = io.check_parent_dir(path)
+    if path.suffix.lower() != ".onnx":
+        raise BadInput(f"--out {path} must end in .onnx (tools downstream tell models from engines by suffix)")
+    check_tolerances(atol, rtol)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BadInput(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
     if static_batch is not None and static_batch < 1:
@@ -79,9 +84,8 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     with io.atomic_path(path) as tmp:
         _save(proto, tmp)
         if validate:
-            inputs = validation_inputs(module, data, run_config, static_batch, seed)
-            result.validation = validate_export(module, tmp, inputs, atol=atol, rtol=rtol,
-                                                batch_size=static_batch or VALIDATION_BATCH)
+            inputs = validation_inputs(module, data, run_config, seed)
+            result.validation = validate_export(module, tmp, inputs, atol=atol, rtol=rtol)
             result.validation.model = str(path)
         result.seconds = round(time.perf_counter() - start, 3)
         if not result.passed and not keep_invalid:
@@ -220,8 +224,11 @@ def _quiet_torch() -> Iterator[None]:
 
 
 def validation_inputs(module: nn.Module, data: str | Path | np.ndarray | None, run_config: dict | None,
-                      static_batch: int | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Held-out rows (when a data set is known) and random rows at batch 1 and a larger batch."""
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """Held-out rows (when a data set is known) and random rows at batch 1 and a larger batch.
+
+    The same sets serve a static-batch export: run_batched feeds it in padded chunks of its batch.
+    """
     from deploytool.parity import check_inputs, load_inputs
     from deploytool.runners.torch import in_features_of
 
@@ -238,36 +245,36 @@ def validation_inputs(module: nn.Module, data: str | Path | np.ndarray | None, r
     if held_out is not None:
         held_out = check_inputs(held_out, n_features, what=f"{label} rows")
         mean, std = held_out.mean(0), held_out.std(0) + 1e-3
-        if static_batch:  # a static graph takes exactly its batch
-            held_out = held_out[: len(held_out) // static_batch * static_batch]
         if len(held_out):
             inputs[label] = held_out
-    for batch in (static_batch,) if static_batch else (1, VALIDATION_BATCH):
+    for batch in (1, VALIDATION_BATCH):
         inputs[f"random batch {batch}"] = (mean + std * rng.standard_normal((batch, n_features))).astype(np.float32)
     return inputs
 
 
 def validate_export(module: nn.Module, onnx_path: str | Path, inputs: dict[str, np.ndarray], *,
-                    atol: float | None = None, rtol: float | None = None,
-                    batch_size: int = VALIDATION_BATCH) -> ParityReport:
-    """ONNX Runtime (CPU) against the module with dense dispatch, on every input set."""
+                    atol: float | None = None, rtol: float | None = None) -> ParityReport:
+    """ONNX Runtime (CPU) against the module with dense dispatch, on every input set.
+
+    A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
+    """
     from deploytool.parity import ParityReport, compare_runners
     from deploytool.runners.ort import OnnxRuntimeRunner
     from deploytool.runners.torch import TorchRunner
 
     runners = [TorchRunner(module, dispatch="dense", name="torch"),
                OnnxRuntimeRunner(onnx_path, device="cpu")]
-    comparisons = compare_runners(runners, inputs, atol=atol, rtol=rtol, batch_size=batch_size)
+    comparisons = compare_runners(runners, inputs, atol=atol, rtol=rtol, batch_size=VALIDATION_BATCH)
     return ParityReport(str(onnx_path), [r.name for r in runners], {k: len(v) for k, v in inputs.items()},
                         comparisons)
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
+    from deploytool.runners.ort import check_onnx_file
+
     onnx = _onnx()
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"ONNX model {path} does not exist")
+    path = check_onnx_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends

@@ -57,4 +57,10 @@ def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: st
     return TensorRTRunner(engine_path, **options)
 
 
-__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "make_runner"]
+def static_batch(runner: Runner) -> int | None:
+    """The batch the runner's input is fixed to (a static-batch export or engine), None when dynamic."""
+    dim = runner.inputs[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "make_runner", "static_batch"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from deploytool.errors import BadInput, MissingDependency
+from deploytool.io import CONFIG_FILE, check_file
 from deploytool.runners.base import Runner, TensorMeta
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,12 +24,15 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(bool)": "bool"}
 
 
-def check_onnx_file(path: str | Path) -> Path:
-    """Refuse a missing path or one that is not a file, before any backend reads it."""
+def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
+    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"ONNX model {path} does not exist")
-    return path
+    if (path / CONFIG_FILE).is_file():
+        raise BadInput(f"{path} is a run directory, not a model; export it first: "
+                       f"deploytool export {path} --out model.onnx")
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give an ONNX file")
+    return check_file(path, what)
 
 
 def load_session(path: str | Path, providers: list[str], options=None):
@@ -116,5 +120,6 @@ class OnnxRuntimeRunner(Runner):
             return dict(zip(self._output_names, self._run(self._output_names, feed)))
         except Exception as exc:  # wrong name, dtype or shape: ORT's InvalidArgument
             if "INVALID_ARGUMENT" in str(exc) or type(exc).__name__ == "InvalidArgument":
-                raise BadInput(f"onnxruntime refused the feed: {str(exc).splitlines()[0][:300]}") from exc
+                detail = " ".join(str(exc).split())  # ORT puts the offending index and dims on later lines
+                raise BadInput(f"onnxruntime refused the feed: {detail[:500]}") from exc
             raise
