@@ -103,6 +103,7 @@ def _commands(report: dict) -> dict:
         "gpu": report["gpu"] is not None,
         "triton": report["triton"] is not None,
         "deploytool plugins": bool((report["tensorrt"].get("plugins") or {}).get("registered")),
+        "pytriton": _version("nvidia-pytriton") is not None,
         "tritonclient": _version("tritonclient") is not None,
     }
     needs = {
@@ -114,10 +115,12 @@ def _commands(report: dict) -> dict:
         "build-engine (plugin path)": ["onnx", "tensorrt", "gpu", "triton", "deploytool plugins"],
         "verify / bench --backends tensorrt": ["torch", "tensorrt", "gpu"],
         "fused kernel on GPU (tempered_softmax_select)": ["torch", "triton", "gpu"],
-        "serve": ["tritonclient"],
+        "package": ["onnx"],
+        "serve": ["pytriton", "tritonclient"],
+        "demo": ["torch", "onnx", "onnxscript", "onnxruntime"],
     }
     hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
-             "deploytool plugins": "TensorRT >= 10.8 and triton", "tritonclient": 'pip install "deploytool[serve]"'}
+             "deploytool plugins": "TensorRT >= 10.8 and triton"}
     commands = {}
     for command, required in needs.items():
         missing = [r for r in required if not have[r]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
@@ -87,15 +88,20 @@ def _engine_with_profile(tmp_path, max_batch: int):
     (["--batch-sizes", "1,-8"], "positive integer, got '-8'"),
     (["--batch-sizes", "1.5"], "positive integer, got '1.5'"),
     (["--batch-sizes", "eight"], "positive integer"),
-    (["--duration-s", "0"], "--duration-s must be > 0"),
+    (["--duration-s", "0"], "--duration-s must be a finite number > 0"),
     (["--min-iters", "0"], "--min-iters"),
+    (["--min-iters", "1000000000"], "--min-iters must be at most 1,000,000"),
+    (["--warmup-ms", "inf"], "--warmup-ms must be a finite number"),
+    (["--duration-s", "inf"], "--duration-s must be a finite number"),
+    (["--duration-s", "nan"], "--duration-s must be a finite number"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
     (["--routing", "zipf"], "unknown routing pattern"),
     (["--json", "no/such/dir/out.json"], "does not exist"),
     (["--plot", "no/such/dir/p.png"], "does not exist"),
 ])
 def test_bad_option_is_one_line_exit_2(cli, trained_run, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli("bench", trained_run.path, *FAST, *args)
+    code, _, err = cli("bench", trained_run.path, *FAST, *args)  # later options win over FAST's
     assert_one_line_error(code, err, 2, match)
 
 
@@ -113,3 +119,42 @@ def test_batch_above_the_engine_profile_says_the_maximum(cli, tmp_path):
     engine = _engine_with_profile(tmp_path, 64)
     code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1,128", *FAST)
     assert_one_line_error(code, err, 2, "profile maximum 64")
+
+
+def test_static_batch_model_runs_at_its_batch_and_refuses_any_other_naming_it(cli, trained_run, tmp_path):
+    from deploytool.export.onnx import export_onnx
+
+    static8 = export_onnx(trained_run.path, tmp_path / "static8.onnx", static_batch=8, validate=False).path
+    out = tmp_path / "b.json"
+    code, _, err = cli("bench", static8, "--backends", "torch,onnxruntime", "--batch-sizes", "8", *FAST,
+                       "--json", out, "--quiet")
+    assert code == 0, err
+    assert [(ln["backend"], ln["batch_size"]) for ln in json.loads(out.read_text())["lines"]] == [
+        ("torch", 8), ("onnxruntime", 8)]
+    code, _, err = cli("bench", static8, "--backends", "onnxruntime", "--batch-sizes", "1,8", *FAST)
+    assert_one_line_error(code, err, 2, "static batch of 8")
+    assert "--batch-sizes 8" in err
+
+
+def test_single_batch_plot_draws_the_p99_and_the_p90_p99_band(tmp_path, monkeypatch):
+    """One batch size leaves no line to draw: the p99 needs a marker and the band a width."""
+    import matplotlib.pyplot as plt
+
+    from deploytool.benchmark.plot import plot_latency
+    from deploytool.benchmark.run import BenchResult, Line
+    from deploytool.benchmark.stats import summarize
+
+    stats = summarize(np.arange(1, 101) * 1_000_000, batch_size=8)  # median 50.5 ms, p90 90, p99 99
+    result = BenchResult("m.onnx", "onnx", ["onnxruntime"], {}, [Line("onnxruntime", 8, "uniform", stats, 1.0,
+                                                                      [8])], {}, "random", {"cpu": "cpu"}, "2025")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_latency(result, tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    p99 = [ln for ln in ax.lines if list(ln.get_ydata()) == [stats.p99_ms]]
+    assert p99 and p99[0].get_marker() not in (None, "", "None", " ")
+    spans = [(c.get_datalim(ax.transData), max(c.get_linewidths(), default=0)) for c in ax.collections]
+    lo, hi = stats.p90_ms * (1 + 1e-9), stats.p99_ms * (1 - 1e-9)  # the log scale round-trips inexactly
+    assert any(box.y0 <= lo and box.y1 >= hi and (box.width > 0 or width > 0)
+               for box, width in spans), "the p90..p99 band is not drawn with any width"
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -63,6 +63,14 @@ def test_bad_harness_settings_are_refused():
         harness.measure_one(lambda: None, duration_s=0)
 
 
+@pytest.mark.parametrize("setting", [{"warmup_ms": math.inf}, {"duration_s": math.inf}, {"duration_s": math.nan}])
+def test_infinite_or_nan_durations_are_refused_before_any_call(setting):
+    calls = []
+    with pytest.raises(ValueError, match="finite"):
+        harness.measure_one(lambda: calls.append(1), **setting)
+    assert not calls
+
+
 # --- statistics --------------------------------------------------------------------------------
 
 def test_stats_match_hand_computed_values():

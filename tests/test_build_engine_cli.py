@@ -68,6 +68,27 @@ def test_timing_cache_in_a_missing_directory_is_refused_before_building(model, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.parametrize("option, value, match", [
+    ("--timing-cache", "emptydir", "--timing-cache: output path"),
+    ("--timing-cache", "nodir/tc.bin", "--timing-cache: output directory"),
+    ("--out", "nodir/m.plan", "--out: output directory"),
+    ("--out", "emptydir", "--out: output path"),
+])
+def test_dry_run_applies_the_builds_path_checks(model, tmp_path, capsys, monkeypatch, option, value, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    code, out, err = _run(["build-engine", str(model), "--dry-run", option, value], capsys)
+    assert code == 2 and err.startswith("error: " + match) and err.count("\n") == 1, err
+    assert out == ""
+
+
+def test_dry_run_of_an_empty_onnx_file_says_it_is_not_an_onnx_model(tmp_path, capsys):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    code, _, err = _run(["build-engine", str(empty), "--dry-run"], capsys)
+    assert code == 2 and "not an ONNX model (or is truncated)" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("version, flags, expected", [
     ("10.9.0", {"STRONGLY_TYPED": 1}, 1 << 1),
     ("11.0.0", {}, 0),  # TensorRT 11 types every network strongly; the flag may be gone

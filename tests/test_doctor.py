@@ -11,7 +11,9 @@ from deploytool import diagnostics
 from deploytool.cli.app import main
 from deploytool.engine.manifest import load_problems, manifest_path
 
-BUILT = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100", "op_path": "plugin"}
+BUILT = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100", "op_path": "plugin",
+         "io": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 64]}],
+                "outputs": [{"name": "index", "dtype": "int64", "shape": [-1]}]}}
 
 
 def _run(argv, capsys):
@@ -41,6 +43,18 @@ def test_doctor_without_tensorrt_says_which_commands_fail_and_how_to_fix(monkeyp
     assert 'pip install "deploytool[tensorrt]"' in build["hint"]
     assert report["commands"]["build-engine --dry-run"]["works"]
     assert report["commands"]["verify / bench (torch, onnxruntime)"]["works"]
+
+
+def test_doctor_without_tensorrt_shows_plugins_need_it_and_lists_every_command(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code, out, _ = _run(["doctor"], capsys)
+    assert code in (0, None)
+    plugins_row = next(line for line in out.splitlines() if "deploytool plugins" in line)
+    assert "needs TensorRT" in plugins_row and "{}" not in plugins_row
+    commands = diagnostics.doctor()["commands"]
+    assert {"train", "export", "package", "serve", "demo"} <= set(commands)
+    for name in ("package", "serve", "demo"):
+        assert any(line.lstrip("│ ").startswith(name) for line in out.splitlines()), name
 
 
 def test_doctor_cli_json_is_machine_readable(capsys):

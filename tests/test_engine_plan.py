@@ -112,8 +112,16 @@ def test_unknown_precision_missing_file_and_garbage_are_bad_input(model, tmp_pat
         plan_engine(tmp_path / "nope.onnx")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00not a model")
-    with pytest.raises(BadInput, match="not a valid ONNX model"):
+    with pytest.raises(BadInput, match=r"not an ONNX model \(or is truncated\)"):
         plan_engine(garbage)
+
+
+def test_empty_onnx_file_is_not_an_onnx_model_rather_than_a_model_without_inputs(tmp_path):
+    """protobuf parses zero bytes as an empty ModelProto: the check must say the file is not a model."""
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(BadInput, match=r"not an ONNX model \(or is truncated\)"):
+        plan_engine(empty)
 
 
 def test_ops_without_function_bodies_need_the_plugin(tmp_path):

@@ -267,3 +267,24 @@ def test_cli_package_existing_model_without_force_is_one_line_exit_2(cli, onnx_f
 def test_cli_max_batch_above_engine_profile_is_one_line_exit_2(cli, fake_engine, tmp_path):
     code, _, err = cli("package", fake_engine, "--repository", tmp_path / "repo", "--name", "trt", "--max-batch", "33")
     assert_one_line_error(code, err, 2, "above the engine's optimisation profile")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a model\n"], ids=["empty", "text"])
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["", "force"])
+def test_cli_package_of_an_empty_or_text_onnx_file_is_one_line_exit_2(cli, tmp_path, content, force):
+    model = tmp_path / "empty.onnx"
+    model.write_bytes(content)
+    code, _, err = cli("package", model, "--repository", tmp_path / "repo", "--name", "m3", *force)
+    assert_one_line_error(code, err, 2, "not an ONNX model (or is truncated)")
+    assert not (tmp_path / "repo" / "m3").exists()
+
+
+@pytest.mark.parametrize("manifest", [{"tensorrt": "10.8"}, {"tensorrt": "10.8", "io": {"inputs": []}},
+                                      {"tensorrt": "10.8", "io": {"inputs": [{"name": "x"}], "outputs": []}}],
+                         ids=["no-io", "no-outputs", "bad-tensor"])
+def test_cli_package_of_an_engine_whose_manifest_lacks_io_is_one_line_exit_2(cli, tmp_path, manifest):
+    engine = tmp_path / "fake4.plan"
+    engine.write_bytes(b"engine bytes")
+    (tmp_path / "fake4.plan.json").write_text(json.dumps(manifest))
+    code, _, err = cli("package", engine, "--repository", tmp_path / "repo", "--name", "m3")
+    assert_one_line_error(code, err, 2, "not a deploytool engine manifest")

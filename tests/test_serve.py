@@ -178,6 +178,36 @@ def test_cli_serve_on_a_port_in_use_is_one_line_exit_2(cli, trained_run):
     assert_one_line_error(code, err, 2, f"port {port} on 127.0.0.1 is in use")
 
 
+@pytest.mark.parametrize("files, match", [
+    ({"empty.onnx": ""}, "not an ONNX model (or is truncated)"),
+    ({"text.onnx": "hello, not a model"}, "not an ONNX model (or is truncated)"),
+    ({"fake4.plan": "engine bytes", "fake4.plan.json": '{"tensorrt": "10.8"}'}, "not a deploytool engine manifest"),
+], ids=["empty-onnx", "text-onnx", "manifest-without-io"])
+def test_cli_serve_of_a_broken_model_file_is_one_line_exit_2(cli, tmp_path, files, match):
+    require_server()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, _, err = cli("serve", tmp_path / next(iter(files)), "--port", free_port(), "--grpc-port", free_port())
+    assert_one_line_error(code, err, 2, match)
+
+
+def test_pytritons_exit_failure_warning_is_silenced_and_its_other_warnings_are_not(caplog):
+    """pytriton warns "exited with failure. Please wait." when tritonserver exits non-zero, Ctrl-C'd or not."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install deploytool[serve])")
+    import types
+
+    from pytriton.server.triton_server import LOGGER, TritonServer
+
+    from deploytool.serving.server import quiet_pytriton_exit_warning
+
+    quiet_pytriton_exit_warning()
+    exiting = types.SimpleNamespace(_on_exit_lock=threading.Lock(), _on_exit=[])
+    with caplog.at_level("WARNING"):
+        TritonServer._handle_exit(exiting, None, False, 1)  # pytriton's own exit callback, as on a stop
+        LOGGER.warning("another pytriton warning")
+    assert [r.getMessage() for r in caplog.records] == ["another pytriton warning"]
+
+
 def tritonserver_pids(port: int) -> list[int]:
     """tritonserver processes listening on `port` (their command line names it)."""
     pids = []
@@ -216,4 +246,5 @@ def test_ctrl_c_stops_the_cli_server_cleanly_with_no_tritonserver_left(trained_r
             proc.wait()
     assert proc.returncode == 0, err
     assert "server stopped" in err and "Traceback" not in err
+    assert "failure" not in err, err  # pytriton's "exited with failure. Please wait." misreads a clean stop
     assert tritonserver_pids(port) == []

@@ -10,6 +10,7 @@ device-to-host copy, each on its own.
 
 from __future__ import annotations
 
+import math
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -28,8 +29,8 @@ def measure(fns: Sequence[Callable[[], object]], *, warmup_ms: float = 200.0, du
     A callable with a `reset()` method is told when its warmup is over (CudaStages drops the warmup
     events).
     """
-    if duration_s <= 0 or min_iters < 1 or warmup_ms < 0 or rounds < 1:
-        raise ValueError("need duration_s > 0, min_iters >= 1, warmup_ms >= 0 and rounds >= 1")
+    if not (0 < duration_s < math.inf and 0 <= warmup_ms < math.inf) or min_iters < 1 or rounds < 1:
+        raise ValueError("need a finite duration_s > 0, a finite warmup_ms >= 0, min_iters >= 1 and rounds >= 1")
     for fn in fns:
         _warmup(fn, warmup_ms * 1e6)
     samples = [array("q") for _ in fns]

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from deploytool.benchmark.run import BenchResult
 
-#: (stat field, label, line style); the band between p90 and p99 is shaded
-CURVES = (("median_ms", "median", "-"), ("p99_ms", "p99", ":"))
+#: (stat field, label, line style, marker); the band between p90 and p99 is shaded. Markers keep a
+#: single batch size (no line to draw) showing both figures.
+CURVES = (("median_ms", "median", "-", "o"), ("p99_ms", "p99", ":", "^"))
 
 
 def plot_latency(result: "BenchResult", path: str | Path) -> Path:
@@ -39,11 +40,14 @@ def plot_latency(result: "BenchResult", path: str | Path) -> Path:
                 continue
             x = [ln.batch_size for ln in lines]
             color = colors[k % len(colors)]
-            ax.fill_between(x, [ln.stats.p90_ms for ln in lines], [ln.stats.p99_ms for ln in lines],
-                            color=color, alpha=0.15, linewidth=0)
-            for field, _, style in CURVES:
-                ax.plot(x, [getattr(ln.stats, field) for ln in lines], style, color=color, marker="o"
-                        if style == "-" else None, markersize=4, label=backend if style == "-" else None)
+            p90, p99 = [ln.stats.p90_ms for ln in lines], [ln.stats.p99_ms for ln in lines]
+            if len(x) > 1:
+                ax.fill_between(x, p90, p99, color=color, alpha=0.15, linewidth=0)
+            else:  # an area of zero width draws nothing: a thick bar instead
+                ax.vlines(x, p90, p99, color=color, alpha=0.25, linewidth=10)
+            for field, _, style, marker in CURVES:
+                ax.plot(x, [getattr(ln.stats, field) for ln in lines], style, color=color, marker=marker,
+                        markersize=4, label=backend if style == "-" else None)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted({ln.batch_size for ln in result.lines}))
@@ -59,7 +63,8 @@ def plot_latency(result: "BenchResult", path: str | Path) -> Path:
     axes[0][0].set_ylabel("latency per call (ms, log)")
     backend_legend = axes[0][0].legend(loc="upper left", title="backend", fontsize=8, title_fontsize=8)
     axes[0][0].add_artist(backend_legend)
-    styles = [Line2D([], [], color="gray", linestyle=s, label=label) for _, label, s in CURVES]
+    styles = [Line2D([], [], color="gray", linestyle=s, marker=m, markersize=4, label=label)
+              for _, label, s, m in CURVES]
     styles.append(Patch(color="gray", alpha=0.25, label="p90..p99"))
     axes[0][-1].legend(handles=styles, loc="lower right", fontsize=8)
     machine = result.machine

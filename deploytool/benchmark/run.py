@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -94,7 +95,7 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     backends = check_backends(backends)
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
-    check_timing(warmup_ms, duration_s, min_iters)
+    check_settings(warmup_ms, duration_s, min_iters, seed)
     for path in (json_path, plot_path):
         if path is not None:
             io.check_parent_dir(path)
@@ -107,8 +108,9 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
 
     with contextlib.ExitStack() as stack:
         runners, skipped = _open_runners(backends, art, stack)
+        check_static_batch(runners, batch_sizes)
         label, pool = _pool(runners[0], art, data, seed)
-        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))
+        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
         n_experts = int(routes["probs"].shape[-1])
         lines, device_notes = _measure(runners, pool, routes["index"], n_experts, batch_sizes, routing,
                                        dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
@@ -156,13 +158,18 @@ def check_backends(backends: str | Sequence[str]) -> list[str]:
     return names
 
 
-def check_timing(warmup_ms: float, duration_s: float, min_iters: int) -> None:
-    if not duration_s > 0:
-        raise BadInput(f"--duration-s must be > 0, got {duration_s}")
-    if not warmup_ms >= 0:
-        raise BadInput(f"--warmup-ms must be >= 0, got {warmup_ms}")
+def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
+    """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
+    if not (math.isfinite(duration_s) and duration_s > 0):
+        raise BadInput(f"--duration-s must be a finite number > 0, got {duration_s}")
+    if not (math.isfinite(warmup_ms) and warmup_ms >= 0):
+        raise BadInput(f"--warmup-ms must be a finite number >= 0, got {warmup_ms}")
     if isinstance(min_iters, bool) or not isinstance(min_iters, int) or min_iters < 1:
         raise BadInput(f"--min-iters must be an integer >= 1, got {min_iters}")
+    if min_iters > harness.MAX_ITERS:
+        raise BadInput(f"--min-iters must be at most {harness.MAX_ITERS:,} (the harness's cap), got {min_iters:,}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BadInput(f"--seed must be a non-negative integer, got {seed}")
 
 
 def check_batch_sizes(batch_sizes: str | Sequence[Any]) -> list[int]:
@@ -198,6 +205,20 @@ def engine_max_batch(engine_path: Path) -> int | None:
     profile = io.read_json(path, "engine manifest").get("profile") or {}
     maxima = [int(p["max"][0]) for p in profile.values() if isinstance(p, dict) and p.get("max")]
     return min(maxima) if maxima else None
+
+
+def check_static_batch(runners, batch_sizes: list[int]) -> None:
+    """A static-batch model (its runner's input metadata fixes axis 0) takes its own batch only:
+    refuse any other before measuring."""
+    from deploytool.runners import static_batch
+
+    for runner in runners:
+        fixed = static_batch(runner)
+        other = [b for b in batch_sizes if fixed is not None and b != fixed]
+        if other:
+            raise BadInput(f"the {runner.name} model has a static batch of {fixed} (input {runner.inputs[0].name} "
+                           f"{list(runner.inputs[0].shape)}), so batch size {other[0]} cannot run: give "
+                           f"--batch-sizes {fixed}, or export with a dynamic batch")
 
 
 # --- artifacts and runners ---------------------------------------------------------------------
@@ -328,10 +349,9 @@ def _measure(runners, pool: np.ndarray, routes: np.ndarray, n_experts: int, batc
             feeds = [{INPUT_NAME: pool[rows]} for rows in patterns.select_rows(pattern, routes, n_experts, batch,
                                                                                seed)]
             calls = [_timed_call(r, feeds, notes) for r in runners]
-            host = harness.measure(calls, **settings)
-            first_median = float(np.median(host[0])) / 1e6
-            for runner, call, ns in zip(runners, calls, host):
-                stats = summarize(ns, batch)
+            summaries = [summarize(ns, batch) for ns in harness.measure(calls, **settings)]
+            first_median = summaries[0].median_ms  # the same figure, so the first ratio is exactly 1
+            for runner, call, stats in zip(runners, calls, summaries):
                 index = [runner.infer(feed)["index"] for feed in feeds]
                 device = {k: summarize(v, batch) for k, v in call.stage_ns().items()} \
                     if isinstance(call, harness.CudaStages) else {}

@@ -37,14 +37,15 @@ def _show(report: dict) -> None:
     con = console()
     torch, ort, trt = report["torch"], report["onnxruntime"], report["tensorrt"]
     gpu = report["gpu"]
-    plugins = trt.get("plugins") or {}
+    plugins = trt.get("plugins")
     con.print(table("this machine", ["component", "status"], [
         ("python", report["python"]),
         ("torch", torch["version"] and f"{torch['version']} (CUDA {torch['cuda'] or 'none'})"),
         ("gpu", gpu and f"{gpu['name']} (compute capability {gpu['compute_capability']})"),
         ("onnxruntime", ort["version"] and f"{ort['version']} ({', '.join(ort['providers'])})"),
         ("tensorrt", trt["version"]),
-        ("deploytool plugins", plugins and ("registered" if plugins.get("registered") else plugins["error"])),
+        ("deploytool plugins", "needs TensorRT" if not plugins
+         else "registered" if plugins.get("registered") else plugins["error"]),
         ("triton", report["triton"] and report["triton"]["version"]),
     ]))
     con.print(table("commands", ["command", "works", "needs"], [

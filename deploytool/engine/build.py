@@ -38,20 +38,27 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
                  min_batch: int = 1, opt_batch: int = 64, max_batch: int = 1024, workspace_mib: int = 1024,
                  timing_cache: str | Path | None = None, plugin: bool = True,
                  dry_run: bool = False) -> EngineBuildPlan | EngineBuildResult:
-    """Build a TensorRT engine from an ONNX model; with dry_run, return the plan and touch nothing."""
+    """Build a TensorRT engine from an ONNX model; with dry_run, return the plan and touch nothing.
+
+    The output paths are checked first, dry run or not: a plan that passes is one the build accepts,
+    and a real build refuses them before its long run rather than after.
+    """
+    from deploytool.io import check_parent_dir
+
+    for flag, path in (("--out", out), ("--timing-cache", timing_cache)):
+        if path is not None:
+            try:
+                check_parent_dir(path)
+            except BadInput as exc:
+                raise BadInput(f"{flag}: {exc}") from None
     plan = plan_engine(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
                        max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin)
     if dry_run:
         return plan
     if out is None:
         raise BadInput("give the engine path with --out (e.g. --out model.plan)")
-    from deploytool.io import check_parent_dir
-
-    out = check_parent_dir(out)
-    if timing_cache is not None:
-        check_parent_dir(timing_cache)  # refuse now, not after a long build
     trt = require_tensorrt_and_gpu()
-    return _build(trt, plan, out)
+    return _build(trt, plan, Path(out))
 
 
 def require_tensorrt_and_gpu(purpose: str = "build-engine"):

@@ -59,9 +59,32 @@ def read_manifest(engine_path: str | Path) -> dict:
     if not path.is_file():
         raise BadInput(f"engine {engine_path} has no manifest {path.name}; rebuild it with deploytool build-engine")
     manifest = read_json(path, "engine manifest")
-    if not isinstance(manifest, dict) or "tensorrt" not in manifest:
-        raise BadInput(f"{path} is not a deploytool engine manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BadInput(f"{path} is not a deploytool engine manifest ({problem}); "
+                       "rebuild the engine with deploytool build-engine")
     return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What a manifest lacks that readers (runner, package, doctor) rely on; None when whole."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if "tensorrt" not in manifest:
+        return "no tensorrt version"
+    io = manifest.get("io")
+    if not isinstance(io, dict):
+        return "no io"
+    for kind in ("inputs", "outputs"):
+        tensors = io.get(kind)
+        if not isinstance(tensors, list) or not tensors or not all(map(_is_tensor, tensors)):
+            return f"io.{kind} is not a list of tensors with name, dtype and shape"
+    return None
+
+
+def _is_tensor(t) -> bool:
+    return (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list) and all(isinstance(d, int) for d in t["shape"]))
 
 
 def load_problems(manifest: dict, machine: dict) -> list[str]:

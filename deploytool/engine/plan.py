@@ -146,15 +146,11 @@ def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
 
 def _load(onnx_path: str | Path):
     from deploytool.deps import require
+    from deploytool.export.onnx import read_onnx_metadata
 
     onnx = require("onnx", "reading the model for build-engine")
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise BadInput(f"ONNX model {path} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError
-        raise BadInput(f"{path} is not a valid ONNX model: {exc}") from exc
+    read_onnx_metadata(onnx_path)  # missing, not ONNX, truncated or empty (which parses as a model): BadInput
+    return onnx.load(str(onnx_path), load_external_data=False)
 
 
 def _graph_inputs(model) -> list[dict]:

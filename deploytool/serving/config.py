@@ -84,15 +84,11 @@ def check_name(name: str) -> str:
 def onnx_signature(path: str | Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
     """Inputs and outputs of an ONNX file, read with onnx (no session, external data not loaded)."""
     from deploytool.deps import require
+    from deploytool.export.onnx import read_onnx_metadata
 
     onnx = require("onnx", "reading the ONNX model's inputs and outputs")
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"ONNX model {path} does not exist")
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise BadInput(f"{path} is not an ONNX model: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") from exc
+    read_onnx_metadata(path)  # missing, not ONNX, truncated or empty (which parses as a model): BadInput
+    graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
 
     def meta(value) -> TensorMeta:

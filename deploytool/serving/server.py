@@ -9,6 +9,7 @@ bundled tritonserver serves it. Triton itself checks each request's shape and dt
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -108,6 +109,7 @@ def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.
     for what, number in (("HTTP", port), ("gRPC", grpc_port)):
         check_port_free(host, number, what)
     pytriton = require("pytriton.triton", "deploytool serve")
+    quiet_pytriton_exit_warning()
     workdir = Path(tempfile.mkdtemp(prefix="deploytool-serve-"))
     try:
         package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
@@ -139,6 +141,22 @@ def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.
         raise
     server.stop()
     return server
+
+
+#: pytriton's warning whenever tritonserver exits non-zero, a Ctrl-C'd stop included
+_PYTRITON_EXIT_WARNING = "Triton Inference Server exited with failure"
+
+
+def quiet_pytriton_exit_warning() -> None:
+    """Drop pytriton's "exited with failure. Please wait." line: it also fires on a clean Ctrl-C stop
+    (exit 0), and a real failure is reported by `_start` / `Server.wait` with the reason from the log."""
+    logger = logging.getLogger("pytriton.server.triton_server")
+    if _not_exit_warning not in logger.filters:
+        logger.addFilter(_not_exit_warning)
+
+
+def _not_exit_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_PYTRITON_EXIT_WARNING)
 
 
 def _start(server: Server) -> None:
