@@ -156,12 +156,9 @@ class _Rows8(Runner):
         super().__init__()
         self.fed: list[int] = []
 
-    @property
-    def inputs(self):
-        return [TensorMeta("x", "float32", (8, 3))]
-
-    @property
-    def outputs(self):
+    def _meta(self, kind):
+        if kind == "inputs":
+            return [TensorMeta("x", "float32", (8, 3))]
         return [TensorMeta("output", "float32", (8, 3)), TensorMeta("index", "int64", (8,))]
 
     def _activate(self):

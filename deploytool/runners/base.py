@@ -25,7 +25,7 @@ class TensorMeta:
 class Runner(abc.ABC):
     """Base of every backend runner.
 
-    Subclasses implement `_activate`, `_deactivate`, `_infer` and the `inputs`/`outputs` metadata.
+    Subclasses implement `_activate`, `_deactivate`, `_infer` and `_meta` (the `inputs`/`outputs` metadata).
     `activate` loads the model (session, engine); `infer` may only be called while active.
     """
 
@@ -61,12 +61,16 @@ class Runner(abc.ABC):
         return self._infer(feed)
 
     @property
-    @abc.abstractmethod
-    def inputs(self) -> list[TensorMeta]: ...
+    def inputs(self) -> list[TensorMeta]:
+        return self._meta("inputs")
 
     @property
+    def outputs(self) -> list[TensorMeta]:
+        return self._meta("outputs")
+
     @abc.abstractmethod
-    def outputs(self) -> list[TensorMeta]: ...
+    def _meta(self, kind: str) -> list[TensorMeta]:
+        """Metadata of the model's "inputs" or "outputs", available before activation where possible."""
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

@@ -107,14 +107,6 @@ class OnnxRuntimeRunner(Runner):
         return [TensorMeta(t.name, _ORT_TYPES.get(t.type, t.type), tuple(t.shape))
                 for t in getattr(session, f"get_{kind}")()]
 
-    @property
-    def inputs(self) -> list[TensorMeta]:
-        return self._meta("inputs")
-
-    @property
-    def outputs(self) -> list[TensorMeta]:
-        return self._meta("outputs")
-
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return dict(zip(self._output_names, self._run(self._output_names, feed)))

@@ -82,13 +82,10 @@ class TorchRunner(Runner):
             self._module = load_model(self.run_dir, self.checkpoint)
         return self._module
 
-    @property
-    def inputs(self) -> list[TensorMeta]:
-        return [TensorMeta(INPUT_NAME, "float32", ("batch", self._in_features))]
-
-    @property
-    def outputs(self) -> list[TensorMeta]:
-        if self._out_meta is None:
+    def _meta(self, kind: str) -> list[TensorMeta]:
+        if kind == "inputs":
+            return [TensorMeta(INPUT_NAME, "float32", ("batch", self._in_features))]
+        if self._out_meta is None:  # outputs: one forward of a zero row tells names, dtypes and shapes
             was_active = self.is_active
             self.activate()
             try:

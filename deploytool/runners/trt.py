@@ -58,14 +58,6 @@ class TensorRTRunner(Runner):
         return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
                 for t in self.manifest["io"][kind]]
 
-    @property
-    def inputs(self) -> list[TensorMeta]:
-        return self._meta("inputs")
-
-    @property
-    def outputs(self) -> list[TensorMeta]:
-        return self._meta("outputs")
-
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
