@@ -260,22 +260,35 @@ def collect_routing_loss(model: nn.Module) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def routing_mode(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
-    """Temporarily force every RoutedExperts in `model` to soft, hard or gumbel routing."""
+def _override(model: nn.Module, attribute: str, value: str | None) -> Iterator[None]:
+    """Set `attribute` on every RoutedExperts in `model` for the duration (None: leave it), then restore."""
     modules = routed_modules(model)
-    saved = [m.mode for m in modules]
-    for m in modules:
-        m.mode = mode
+    saved = [getattr(m, attribute) for m in modules]
+    if value is not None:
+        for m in modules:
+            setattr(m, attribute, value)
     try:
         yield
     finally:
         for m, old in zip(modules, saved):
-            m.mode = old
+            setattr(m, attribute, old)
+
+
+def routing_mode(model: nn.Module, mode: RoutingMode):
+    """Temporarily force every RoutedExperts in `model` to soft, hard or gumbel routing."""
+    return _override(model, "mode", mode)
+
+
+def dispatch_mode(model: nn.Module, dispatch: Dispatch | None):
+    """Temporarily set dense or sparse dispatch on every RoutedExperts in `model` (None: leave as is)."""
+    return _override(model, "dispatch", dispatch)
 
 
 def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
     for m in routed_modules(model):
         m.dispatch = dispatch
+
+
 
 
 def set_temperature(model: nn.Module, value: float) -> None:
