@@ -29,10 +29,11 @@ class Dataset:
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float) -> Dataset:
+def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, stratify: bool = True) -> Dataset:
     from sklearn.model_selection import train_test_split
 
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed,
+                                              stratify=y if stratify else None)
     return Dataset(name, x_tr.astype(np.float32), y_tr.astype(np.int64), x_te.astype(np.float32),
                    y_te.astype(np.int64))
 
@@ -90,19 +91,14 @@ def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Dat
     try:
         return _split(path.stem, x, y, seed, test_fraction)
     except ValueError:  # a class too small to stratify
-        from sklearn.model_selection import train_test_split
-
-        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed)
-        return Dataset(path.stem, x_tr.astype(np.float32), y_tr.astype(np.int64), x_te.astype(np.float32),
-                       y_te.astype(np.int64))
+        return _split(path.stem, x, y, seed, test_fraction, stratify=False)
 
 
 def load_dataset(name: str, seed: int = 0, **kwargs) -> Dataset:
     """digits | blobs | a path to an .npz file."""
-    if name == "digits":
-        return load_digits(seed)
-    if name == "blobs":
-        return load_blobs(seed, **kwargs)
+    loaders = dict(zip(BUILTIN, (load_digits, load_blobs)))
+    if name in loaders:
+        return loaders[name](seed, **kwargs)
     if name.endswith(".npz") or Path(name).exists():
         return load_npz(name, seed)
     raise BadInput(f"unknown data set {name!r}; use digits, blobs or a path to an .npz file")

@@ -52,14 +52,12 @@ def routing_metrics(model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Three panels: confidence histogram, expert load, class-by-expert routing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a caller's matplotlib backend is left alone
 
     from deploytool.io import atomic_path
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig = Figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 3)
     hist = np.asarray(metrics["max_prob_histogram"])
     edges = np.linspace(0, 1, len(hist) + 1)
     axes[0].bar(edges[:-1], hist, width=edges[1] - edges[0], align="edge", color="#4477aa")
@@ -82,7 +80,6 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
     return Path(path)
 
 

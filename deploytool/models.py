@@ -46,7 +46,6 @@ class RoutedMLP(nn.Module):
 
 MODELS = {"routed-mlp": RoutedMLP}
 
-REQUIRED_KEYS = ("in_features", "n_classes")
 # config.json keys that become constructor arguments
 ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden", "trunk",
              "temperature", "router", "dispatch")
@@ -57,9 +56,6 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     name = config.get("model")
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise BadInput(f"model config lacks {', '.join(missing)}: is it a deploytool run's config.json?")
     kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
     loss = RoutingLoss(**{k: config[k] for k in ("penalty", "alpha", "balance", "beta") if k in config})
     try:

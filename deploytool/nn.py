@@ -289,8 +289,6 @@ def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
         m.dispatch = dispatch
 
 
-
-
 def set_temperature(model: nn.Module, value: float) -> None:
     for m in routed_modules(model):
         m.router.set_temperature(value)

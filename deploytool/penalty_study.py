@@ -85,8 +85,8 @@ def study(out: str | Path = "docs/routing.md", seeds: int = 3, epochs: int | Non
 
     if seeds < 1 or (epochs is not None and epochs < 1):
         raise BadInput(f"seeds and epochs must be whole numbers >= 1, got seeds={seeds}, epochs={epochs}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = io.check_parent_dir(out)  # before minutes of training, not after
     overrides = {"epochs": epochs} if epochs is not None else {}
     combos = [(m, b) for m in METHODS for b in BALANCE]
     rows = []

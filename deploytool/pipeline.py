@@ -1,7 +1,7 @@
 """`demo`: the whole chain on the built-in model and data, each step timed and reported.
 
-Steps that need TensorRT or a GPU are listed as skipped with the reason; a failed check (parity)
-stops the chain with CheckFailed after the steps so far are reported.
+Steps that need TensorRT or a GPU are listed as skipped with the reason; a failed check (parity,
+validation) is recorded as a failed step, stops the chain, and the result says passed: False.
 """
 
 from __future__ import annotations
@@ -17,19 +17,26 @@ BENCH_BATCHES = (1, 256)
 
 
 class _Steps:
-    """Runs named steps, records status, time and a one-line detail; a missing dependency skips."""
+    """Runs named steps, records status, time and a one-line detail; a missing dependency skips a
+    step, a failed check fails it."""
 
     def __init__(self):
         self.rows: list[dict[str, Any]] = []
 
+    @property
+    def passed(self) -> bool:
+        return all(row["status"] != "failed" for row in self.rows)
+
     def run(self, name: str, fn: Callable[[], str]) -> bool:
-        from deploytool.errors import MissingDependency
+        from deploytool.errors import CheckFailed, MissingDependency
 
         start = time.perf_counter()
         try:
             detail, status = fn(), "ok"
         except MissingDependency as exc:
             detail, status = str(exc), "skipped"
+        except CheckFailed as exc:
+            detail, status = str(exc), "failed"
         self.rows.append({"step": name, "status": status, "seconds": round(time.perf_counter() - start, 2),
                           "detail": detail})
         return status == "ok"
@@ -99,9 +106,9 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
         return f"deploytool ops via the {result.op_path} path"
 
     steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify)
-    if "onnx" in artifacts:
+    if steps.passed and "onnx" in artifacts:
         steps.run("bench", do_bench)
         steps.run("build-engine", do_engine)
         steps.run("package", do_package)
-    return {"out": str(out), "steps": steps.rows, "artifacts": artifacts, "key_numbers": key,
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {"out": str(out), "passed": steps.passed, "steps": steps.rows, "artifacts": artifacts,
+            "key_numbers": key, "seconds": round(time.perf_counter() - start, 2)}

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def default_out_dir() -> Path:
 
 
 def train(config: TrainConfig | str | Path | None = None, out: str | Path | None = None, *, progress: bool = True,
-          force: bool = False, on_epoch: Callable[[int, float], None] | None = None, **overrides: Any) -> RunDir:
+          force: bool = False, **overrides: Any) -> RunDir:
     """Train with the routing losses and write the run directory `out`.
 
     `config` is a TrainConfig, a recipe (path or built-in name) or None for the defaults; keyword
@@ -91,7 +91,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     step = 0
     start = time.perf_counter()
     with single_thread(), progress_bar("training", config.epochs, progress) as advance:
-        for epoch in range(config.epochs):
+        for _ in range(config.epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
             epoch_loss = 0.0
@@ -108,8 +108,6 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
             advance(status=f"loss {epoch_loss:.4f}")
-            if on_epoch:
-                on_epoch(epoch, epoch_loss)
     set_temperature(model, arch["temperature"])
     metrics = routing_metrics(model, data.x_test, data.y_test)
     metrics.update(seed=config.seed, epochs=config.epochs, train_seconds=round(time.perf_counter() - start, 3),
@@ -167,11 +165,27 @@ def load_run(path: str | Path) -> RunDir:
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist or is not a directory")
     config = io.read_json(path / io.CONFIG_FILE, "run config")
-    if not isinstance(config, dict):
-        raise BadInput(f"{path / io.CONFIG_FILE} is not a deploytool run config (expected a JSON object)")
+    check_run_config(config, path / io.CONFIG_FILE)
     metrics_path = path / io.METRICS_FILE
     metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
     return RunDir(path, config, metrics)
+
+
+def check_run_config(config: Any, source: Path) -> None:
+    """What every consumer of a run dir (load_model, runners, package, serve) relies on, checked once."""
+    if not isinstance(config, dict):
+        raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
+    missing = [k for k in RUN_CONFIG_INTS if k not in config]
+    if missing or "model" not in config:
+        raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
+    bad = [k for k in RUN_CONFIG_INTS if not isinstance(config[k], int) or isinstance(config[k], bool)
+           or config[k] < 1]
+    if bad:
+        raise BadInput(f"{source}: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be whole numbers >= 1")
+
+
+# config.json entries whose meaning the rest of the tool takes for granted
+RUN_CONFIG_INTS = ("in_features", "n_classes", "n_experts")
 
 
 def load_model(path: str | Path, checkpoint: str | Path | None = None):

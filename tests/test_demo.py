@@ -24,3 +24,22 @@ def test_demo_runs_the_chain_and_lists_skipped_steps_with_reasons(cli, tmp_path)
         engine = status["build-engine"]
         assert engine["status"] == "skipped" and "TensorRT" in engine["detail"]
         assert not (tmp_path / "model.plan").exists()
+
+
+def test_a_failed_check_is_reported_as_a_failed_step_and_exits_1(cli, tmp_path, monkeypatch):
+    import deploytool.parity
+
+    class Failing:
+        passed = False
+
+        def failures(self):
+            return ["onnxruntime vs torch: 3 routing flips at margin >= 0.1"]
+
+    monkeypatch.setattr(deploytool.parity, "verify", lambda *a, **k: Failing())
+    code, out, err = cli("demo", "--out", tmp_path, "--json")
+    assert code == 1
+    result = json.loads(out)
+    assert not result["passed"]
+    assert [(s["step"], s["status"]) for s in result["steps"]] == [
+        ("train", "ok"), ("export", "ok"), ("verify", "failed")]
+    assert "routing flips" in err and err.startswith("error: demo stopped at verify")

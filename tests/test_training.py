@@ -218,3 +218,7 @@ def test_config_without_architecture_keys_is_refused(tmp_path, trained_run):
     (run / io.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(BadInput, match="lacks in_features"):
         load_model(run)
+    config["in_features"] = "64"
+    (run / io.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="in_features='64' must be whole numbers"):
+        load_model(run)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import typer
+
 from deploytool.cli.options import Json, OutDir, Quiet
 from deploytool.cli.render import console, print_json, table
-
-import typer
 
 app = typer.Typer()
 
@@ -16,6 +16,15 @@ def demo(out: OutDir = None, json: Json = False, quiet: Quiet = False) -> None:
     from deploytool.pipeline import demo as run_demo
 
     result = run_demo(out, progress=not (quiet or json))
+    _show(result, json)
+    if not result["passed"]:
+        from deploytool.errors import CheckFailed
+
+        failed = next(s for s in result["steps"] if s["status"] == "failed")
+        raise CheckFailed(f"demo stopped at {failed['step']}: {failed['detail']}")
+
+
+def _show(result: dict, json: bool) -> None:
     if json:
         print_json(result)
         return

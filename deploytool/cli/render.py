@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -21,9 +20,9 @@ def console(stderr: bool = False):
 
 
 def print_json(obj: Any) -> None:
-    from deploytool.io import _json_default
+    from deploytool.io import dumps_json
 
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    sys.stdout.write(dumps_json(obj))
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]):
