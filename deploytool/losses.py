@@ -28,6 +28,24 @@ ONE_CLASS_MESSAGE = (
 )
 
 
+def check_temperature(value: float, what: str = "temperature") -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_routing_loss(penalty: str, alpha: float, balance: str, beta: float) -> None:
+    """The routing-loss settings, checked in one place for nn.RoutingLoss and training recipes."""
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose one of {', '.join(PENALTIES)}")
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCES)}")
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 def _exponent(n: int) -> float:
     if n < 2:
         raise ValueError(ONE_CLASS_MESSAGE)

@@ -9,7 +9,6 @@ the chosen expert on its rows. Both give the same output.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from deploytool import losses
+from deploytool.losses import check_temperature
 from deploytool.ops.functional import hard_select, tempered_softmax
 
 RouterKind = Literal["softmax", "sigmoid"]
@@ -35,13 +35,6 @@ class RoutedOutput(NamedTuple):
     output: torch.Tensor
     index: torch.Tensor
     probs: torch.Tensor
-
-
-def check_temperature(value: float, what: str = "temperature") -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value}")
-    return value
 
 
 class Router(nn.Module):
@@ -101,14 +94,7 @@ class RoutingLoss:
     beta: float = losses.DEFAULT_BETA
 
     def __post_init__(self):
-        if self.penalty not in losses.PENALTIES:
-            raise ValueError(f"unknown penalty {self.penalty!r}; choose one of {', '.join(losses.PENALTIES)}")
-        if self.balance not in losses.BALANCES:
-            raise ValueError(f"unknown balance {self.balance!r}; choose one of {', '.join(losses.BALANCES)}")
-        for name in ("alpha", "beta"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        losses.check_routing_loss(self.penalty, self.alpha, self.balance, self.beta)
 
     def __call__(self, routing: RouterOutput, temperature: float) -> torch.Tensor:
         return (losses.routing_penalty(self.penalty, routing.logits, temperature, self.alpha)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.errors import BadInput
-from deploytool.losses import BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, ONE_CLASS_MESSAGE, PENALTIES
+from deploytool.losses import (DEFAULT_ALPHA, DEFAULT_BETA, ONE_CLASS_MESSAGE, check_routing_loss,
+                               check_temperature)
 
 ROUTINGS = ("soft", "gumbel")
 # field annotation -> accepted Python types (bools are refused even where int is accepted)
@@ -66,22 +67,21 @@ class TrainConfig:
             raise BadInput(f"experts must be a whole number >= 2, got {self.experts}")
         if self.router == "sigmoid" and self.experts != 2:
             raise BadInput(f"a sigmoid router routes between exactly 2 experts, got experts={self.experts}")
-        if self.penalty not in PENALTIES:
-            raise BadInput(f"unknown penalty {self.penalty!r}; choose one of {', '.join(PENALTIES)}")
-        if self.balance not in BALANCES:
-            raise BadInput(f"unknown balance {self.balance!r}; choose one of {', '.join(BALANCES)}")
+        try:
+            check_routing_loss(self.penalty, self.alpha, self.balance, self.beta)
+            check_temperature(self.temperature)
+            if self.temperature_end is not None:
+                check_temperature(self.temperature_end, "temperature_end")
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
         if self.lr_schedule not in ("cosine", "constant"):
             raise BadInput(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.routing not in ROUTINGS:
             raise BadInput(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
-        for name in ("temperature", "temperature_end", "lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise BadInput(f"{name} must be a finite number > 0, got {value}")
-        for name in ("alpha", "beta", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise BadInput(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise BadInput(f"lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise BadInput(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         for name in ("epochs", "batch_size", "expert_hidden", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
