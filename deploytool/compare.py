@@ -156,7 +156,7 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
                           "no rows to compare")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         err = np.abs(c - r)
-        err[np.isnan(r) & np.isnan(c)] = 0.0
+        err[(r == c) | (np.isnan(r) & np.isnan(c))] = 0.0  # equal infinities too: inf - inf is NaN
         err[np.isnan(err)] = np.inf  # NaN on one side only
         rel = np.where(err == 0, 0.0, err / np.abs(r))  # an error against an exact 0 is infinitely relative
         min_atol = float(np.max(np.maximum(err - rtol * np.abs(np.nan_to_num(r)), 0.0)))

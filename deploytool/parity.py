@@ -20,11 +20,11 @@ import numpy as np
 from deploytool.compare import Comparison, check_tolerances, compare
 from deploytool.errors import BadInput
 from deploytool.io import WEIGHTS_FILE
-from deploytool.runners import BACKENDS, INPUT_NAME, Runner, make_runner, static_batch
+from deploytool.runners import INPUT_NAME, Runner, make_runner, parse_backends, static_batch
+from deploytool.runtime import artifact_kind, check_rows
 
 DEFAULT_SAMPLES = 512
 DEFAULT_BATCH = 256
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 @dataclass
@@ -49,17 +49,8 @@ class ParityReport:
 
 
 def check_inputs(x: np.ndarray, n_features: int | str | None, what: str = "inputs") -> np.ndarray:
-    """float32 [N, F] with F matching the model, and no NaN (a NaN row would be routed silently)."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise BadInput(f"{what} must be 2-D [rows, features], got shape {list(x.shape)}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise BadInput(f"{what} must be numeric, got {x.dtype}")
-    if np.isnan(x).any():
-        raise BadInput(f"{what} contain NaN; refusing to route: clean or drop those rows")
-    if isinstance(n_features, int) and x.shape[1] != n_features:
-        raise BadInput(f"{what} have {x.shape[1]} features but the model expects {n_features}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    """Rows as runtime.check_rows accepts them, in float32 (what every fp32 runner takes)."""
+    return check_rows(x, n_features, what).astype(np.float32, copy=False)
 
 
 def run_batched(runner: Runner, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
@@ -97,21 +88,6 @@ def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray],
     return comparisons
 
 
-def parse_backends(backends: str | Sequence[str]) -> list[str]:
-    names = [b.strip() for b in backends.split(",")] if isinstance(backends, str) else list(backends)
-    names = [b for b in names if b]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise BadInput(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-    repeated = sorted({b for b in names if names.count(b) > 1})
-    if repeated:
-        raise BadInput(f"backend {repeated[0]!r} is given twice: comparing a backend with itself proves nothing; "
-                       "name each backend once")
-    if len(names) < 2:
-        raise BadInput(f"verify compares backends: give at least two, got {names}")
-    return names
-
-
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     """(run directory, weights file or None for the run's own): a run dir, or a weights file inside one."""
     path = Path(checkpoint)
@@ -141,7 +117,7 @@ def load_inputs(data: str | Path | np.ndarray, samples: int | None = None, seed:
 def verify(model_path: str | Path, checkpoint: str | Path | None = None,
            backends: str | Sequence[str] = ("torch", "onnxruntime"), data: str | Path | np.ndarray = "digits",
            samples: int = DEFAULT_SAMPLES, atol: float | None = None, rtol: float | None = None, *,
-           engine_path: str | Path | None = None, batch_size: int = DEFAULT_BATCH, seed: int = 0) -> ParityReport:
+           seed: int = 0) -> ParityReport:
     """Compare `backends` pairwise on `samples` rows of `data`; returns the report (see `.passed`).
 
     `model_path` is the ONNX model (or a TensorRT engine when only tensorrt needs a file);
@@ -150,11 +126,11 @@ def verify(model_path: str | Path, checkpoint: str | Path | None = None,
     from deploytool.export.onnx import read_onnx_metadata
     from deploytool.runners.ort import check_onnx_file
 
-    names = parse_backends(backends)
+    names = parse_backends(backends, minimum=2)
     check_tolerances(atol, rtol)
     model_path = check_onnx_file(model_path, "model")
-    is_engine = model_path.suffix in ENGINE_SUFFIXES
-    engine_path = engine_path or (model_path if is_engine else None)
+    is_engine = artifact_kind(model_path) == "engine"
+    engine_path = model_path if is_engine else None
     onnx_path = None if is_engine else model_path
     metadata = read_onnx_metadata(onnx_path) if onnx_path else {}
     run_dir = weights = None
@@ -164,22 +140,23 @@ def verify(model_path: str | Path, checkpoint: str | Path | None = None,
         run_dir, weights = resolve_checkpoint(checkpoint)
     runners = [make_runner(n, run_dir=run_dir, onnx_path=onnx_path, engine_path=engine_path,
                            **({"checkpoint": weights} if n.startswith("torch") else {})) for n in names]
-    notes = _check_checkpoint(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
+    notes = check_runners_match(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
     n_features = runners[0].inputs[0].shape[-1]
     label, x = load_inputs(data, samples, seed)
     x = check_inputs(x, n_features, what=f"{label} rows")
-    comparisons = compare_runners(runners, {label: x}, atol=atol, rtol=rtol, batch_size=batch_size)
+    comparisons = compare_runners(runners, {label: x}, atol=atol, rtol=rtol)
     return ParityReport(str(model_path), names, {label: len(x)}, comparisons,
                         str(checkpoint) if checkpoint else None, metadata, notes)
 
 
-def _check_checkpoint(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:
-    """Refuse runners whose shapes disagree (a checkpoint for another model); note a different sha256."""
+def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:
+    """Refuse runners whose shapes disagree (a checkpoint for another model); note a `weights` file
+    whose sha256 differs from the one the ONNX `metadata` records (when a torch runner is among them)."""
     from deploytool.runners.torch import TorchRunner
 
-    shapes = {r.name: ([m.shape[-1] for m in r.inputs], {m.name: m.shape[1:] for m in r.outputs})
-              for r in runners}
-    (first, ref), *rest = shapes.items()
+    shapes = [(r.name, ([m.shape[-1] for m in r.inputs], {m.name: m.shape[1:] for m in r.outputs}))
+              for r in runners]  # a list: two runners may share a name
+    (first, ref), *rest = shapes
     for name, other in rest:
         if other[0] != ref[0] or any(other[1].get(k, v) != v for k, v in ref[1].items()):
             raise BadInput(f"{name} and {first} disagree on shapes (inputs {other[0]} vs {ref[0]}, outputs "

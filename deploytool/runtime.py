@@ -18,6 +18,7 @@ import numpy as np
 from deploytool import io
 from deploytool.errors import BadInput
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
+from deploytool.runners import check_routed_outputs
 from deploytool.runners.base import Runner, TensorMeta
 
 BACKENDS = ("auto", *RUNNER_BACKENDS)
@@ -41,6 +42,29 @@ def artifact_kind(path: str | Path) -> str:
         return "engine"
     raise BadInput(f"{path} is neither a run directory, an .onnx file nor a TensorRT engine "
                    f"({', '.join(ENGINE_SUFFIXES)})")
+
+
+def check_rows(x: np.ndarray, n_features: int | str | None, what: str = "inputs") -> np.ndarray:
+    """`x` as a contiguous numeric [rows, features] array with at least one row, `n_features` features
+    (when an int) and no NaN or inf: the router cannot choose an expert for such a row, and would silently."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise BadInput(f"{what} must be 2-D [rows, features], got shape {list(x.shape)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise BadInput(f"{what} must be numeric, got {x.dtype}")
+    if not len(x):
+        raise BadInput(f"{what} is an empty batch (shape {tuple(x.shape)}); give at least one row")
+    if isinstance(n_features, int) and n_features >= 0 and x.shape[1] != n_features:
+        raise BadInput(f"{what} has {x.shape[1]} features but the model expects {n_features} "
+                       f"(shape {tuple(x.shape)})")
+    if x.dtype.kind in "fc":
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise BadInput(f"{what} has NaN or inf in row(s) {listed}; the router cannot choose an expert "
+                           "for them: clean or drop those rows")
+    return np.ascontiguousarray(x)
 
 
 def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
@@ -74,13 +98,13 @@ class Session:
         try:
             self.inputs: list[TensorMeta] = list(runner.inputs)
             self.outputs: list[TensorMeta] = list(runner.outputs)
+            if len(self.inputs) != 1:
+                raise BadInput(f"{source or runner.name} has {len(self.inputs)} inputs; a Session serves "
+                               "models with exactly one input (x)")
+            check_routed_outputs(runner)
         except BaseException:
             runner.deactivate()
             raise
-        if len(self.inputs) != 1:
-            runner.deactivate()
-            raise BadInput(f"{source or runner.name} has {len(self.inputs)} inputs; a Session serves "
-                           "models with exactly one input (x)")
         self._input = self.inputs[0]
         self._dtype = _numpy_dtype(self._input.dtype)
 
@@ -100,21 +124,12 @@ class Session:
             hint = " (for one row pass x[None, :])" if arr.ndim == len(meta.shape) - 1 else ""
             raise BadInput(f"input {meta.name!r} has shape {tuple(arr.shape)} (rank {arr.ndim}); "
                            f"the model takes rank {len(meta.shape)} {expected}{hint}")
-        if arr.shape[0] == 0:
-            raise BadInput(f"input {meta.name!r} is an empty batch (shape {tuple(arr.shape)}); give at least one row")
-        for axis, (got, dim) in enumerate(zip(arr.shape, meta.shape)):
-            if isinstance(dim, int) and dim >= 0 and got != dim:
-                what = "rows" if axis == 0 else ("features" if axis == arr.ndim - 1 else f"entries on axis {axis}")
-                raise BadInput(f"input {meta.name!r} has {got} {what} (shape {tuple(arr.shape)}); "
-                               f"the model takes {dim} {what} (shape {expected})")
-        if arr.dtype.kind == "f":
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                rows = np.unique(np.nonzero(bad.reshape(len(arr), -1))[0])
-                listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-                raise BadInput(f"input {meta.name!r} has NaN or inf in row(s) {listed}; "
-                               "the router cannot choose an expert for them")
-        return np.ascontiguousarray(arr)
+        arr = check_rows(arr, meta.shape[-1], what=f"input {meta.name!r}")
+        batch = meta.shape[0]
+        if isinstance(batch, int) and batch > 0 and len(arr) != batch:
+            raise BadInput(f"input {meta.name!r} has {len(arr)} rows (shape {tuple(arr.shape)}); "
+                           f"the model takes {batch} rows (shape {expected})")
+        return arr
 
     def infer(self, x: Any) -> dict[str, np.ndarray]:
         """Outputs keyed by name (output, index, probs) for a validated `x`."""
@@ -129,7 +144,7 @@ class Session:
         from deploytool.nn import RoutedOutput
 
         result = self.infer(x)
-        return RoutedOutput(*(result.get(name) for name in RoutedOutput._fields))
+        return RoutedOutput(*(result[name] for name in RoutedOutput._fields))
 
     def close(self) -> None:
         with self._lock:

@@ -92,6 +92,18 @@ def test_float16_candidate_is_judged_by_float16_tolerance():
     assert next(o for o in result.outputs if o.name == "probs").atol == TOLERANCES["float16"][0]
 
 
+def test_equal_infinities_have_zero_error_and_opposite_ones_fail():
+    ref = _outputs(_probs())
+    ref["output"][0, :2] = [np.inf, -np.inf]
+    same = compare(ref, {k: v.copy() for k, v in ref.items()})
+    out = next(o for o in same.outputs if o.name == "output")
+    assert same.passed and out.max_abs == 0 and out.max_rel == 0 and out.min_atol == 0
+    flipped = {k: v.copy() for k, v in ref.items()}
+    flipped["output"][0, 0] = -np.inf
+    out = next(o for o in compare(ref, flipped).outputs if o.name == "output")
+    assert not out.passed and out.max_abs == np.inf
+
+
 def test_nan_on_one_side_fails():
     ref = _outputs(_probs())
     cand = {k: v.copy() for k, v in ref.items()}

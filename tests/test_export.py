@@ -202,3 +202,60 @@ def test_cli_export_bad_input_is_one_line_exit_2(cli, trained_run, tmp_path, arg
     code, _, err = cli("export", *(a.format(**fill) for a in args))
     assert_one_line_error(code, err, 2, match)
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.txt").exists()
+
+
+def test_a_relative_run_directory_is_recorded_as_an_absolute_source(monkeypatch, proto, trained_run, tmp_path):
+    """bench reads the source back from its own working directory: a relative one names another model."""
+    from pathlib import Path
+
+    import deploytool.export.onnx as export_module
+
+    seen = {}
+    monkeypatch.setattr(export_module, "to_onnx", lambda *a, **k: (seen.update(k), (proto, {}))[1])
+    monkeypatch.chdir(trained_run.path.parent)
+    export_module.export_onnx(Path(trained_run.path.name), tmp_path / "m.onnx", validate=False)
+    assert Path(seen["source"]).is_absolute()
+    assert Path(seen["source"]) == Path(trained_run.path).resolve()
+
+
+def test_graph_signature_lists_inputs_without_initializers_and_names_dtypes(exported_onnx):
+    from deploytool.export.onnx import graph_signature, load_onnx
+
+    inputs, outputs = graph_signature(load_onnx(exported_onnx))
+    assert [(m.name, m.dtype, m.shape) for m in inputs] == [("x", "float32", ("batch", 64))]
+    assert [(m.name, m.dtype) for m in outputs] == [("output", "float32"), ("index", "int64"),
+                                                     ("probs", "float32")]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p / "missing.onnx", "does not exist"),
+    (lambda p: p, "is a directory; give an ONNX file"),
+    (lambda p: (p / "empty.onnx").write_bytes(b"") and None or p / "empty.onnx", "it has no graph"),
+    (lambda p: (p / "notes.onnx").write_text("notes, not a model\n" * 20) and p / "notes.onnx", "not an ONNX model"),
+])
+def test_load_onnx_refuses_what_is_not_an_onnx_model(tmp_path, make, match):
+    from deploytool.export.onnx import load_onnx
+
+    with pytest.raises(BadInput, match=match):
+        load_onnx(make(tmp_path))
+
+
+def test_load_onnx_refuses_a_run_directory_saying_export_it_first(trained_run):
+    from deploytool.export.onnx import load_onnx
+
+    with pytest.raises(BadInput, match="export it first"):
+        load_onnx(trained_run.path)
+
+
+@pytest.mark.parametrize("reader", ["deploytool.engine.plan:plan_engine", "deploytool.serving.config:onnx_signature"])
+def test_onnx_readers_parse_the_file_once(exported_onnx, monkeypatch, reader):
+    import importlib
+
+    import onnx
+
+    calls = []
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    module, name = reader.split(":")
+    getattr(importlib.import_module(module), name)(exported_onnx)
+    assert len(calls) == 1

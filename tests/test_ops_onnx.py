@@ -45,9 +45,9 @@ def _logits(batch: int, experts: int, seed: int) -> np.ndarray:
 def test_routing_ops_match_the_float64_reference(evaluator, experts, batch, temperature):
     logits = _logits(batch, experts, seed=experts)
     probs, mask, index = EVALUATORS[evaluator](routing_model(experts, temperature), logits)
-    # the op divides in the input's dtype; at T = 1e-3 that float32 rounding of z alone moves probs by
-    # ~1e-4, so the reference starts from the same float32 z and the rest must agree to 1e-6
-    z32 = logits / np.float32(temperature)
+    # the op shifts and divides in the input's dtype; at T = 1e-3 that float32 rounding of z alone moves
+    # probs by ~1e-4, so the reference starts from the same float32 z and the rest must agree to 1e-6
+    z32 = (logits - logits.max(-1, keepdims=True)) / np.float32(temperature)
     want = reference.tempered_softmax(z32, 1.0)
     atol = 1e-6
     np.testing.assert_allclose(probs, want, atol=atol, rtol=0)
@@ -86,6 +86,30 @@ def test_float16_keeps_its_dtype_and_matches_within_half_precision():
     assert probs.dtype == mask.dtype == np.float16
     np.testing.assert_allclose(probs, reference.tempered_softmax(logits, 0.5), atol=2e-3)
     np.testing.assert_array_equal(index, reference.hard_select(probs)[1])
+
+
+FP16_OVERFLOW = (np.array([[1400.0, 0.0, -5.0], [-3.0, 1200.0, 1190.0]], np.float16), 0.02)
+
+
+@pytest.mark.parametrize("evaluator", list(EVALUATORS))
+def test_float16_logits_over_the_max_over_temperature_do_not_overflow(evaluator):
+    """1400 / 0.02 = 70000 exceeds fp16's 65504: dividing before the max subtraction gave inf - inf = NaN."""
+    logits, temperature = FP16_OVERFLOW
+    probs, mask, index = EVALUATORS[evaluator](routing_model(3, temperature, dtype="float16"), logits)
+    assert probs.dtype == np.float16 and np.isfinite(probs).all()
+    np.testing.assert_allclose(probs, reference.tempered_softmax(logits, temperature), atol=1e-3)
+    np.testing.assert_array_equal(index, [0, 1])
+
+
+def test_float16_torch_tempered_softmax_does_not_overflow():
+    import torch
+
+    from deploytool.ops import functional
+
+    logits, temperature = FP16_OVERFLOW
+    probs = functional.tempered_softmax(torch.from_numpy(logits), temperature)
+    assert probs.dtype == torch.float16 and torch.isfinite(probs).all()
+    np.testing.assert_allclose(probs.numpy(), reference.tempered_softmax(logits, temperature), atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from deploytool.errors import BadInput, MissingDependency
-from deploytool.runners import BACKENDS, OUTPUT_NAMES, Runner, TensorMeta, make_runner, static_batch
+from deploytool.runners import (BACKENDS, OUTPUT_NAMES, Runner, TensorMeta, check_routed_outputs, make_runner,
+                                parse_backends, static_batch)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,41 @@ def test_ort_runner_metadata_and_output_equal_a_bare_session(routing_onnx):
         assert runner.active_providers == ["CPUExecutionProvider"]
     for got, want in zip(out.values(), bare):
         np.testing.assert_array_equal(got, want)
+
+
+def test_ort_runner_metadata_while_inactive_loads_one_session(routing_onnx, monkeypatch):
+    import deploytool.runners.ort as ort_module
+
+    loads = []
+    real = ort_module.load_session
+    monkeypatch.setattr(ort_module, "load_session", lambda *a, **k: loads.append(1) or real(*a, **k))
+    runner = make_runner("onnxruntime", onnx_path=routing_onnx, device="cpu")
+    for _ in range(3):
+        assert runner.inputs[0].name == "logits" and runner.outputs[-1].name == "index"
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("value, minimum, match", [
+    ("torch,tflite", 1, "unknown backend 'tflite'"),
+    ("torch, onnxruntime,torch", 1, "backend 'torch' is given twice"),
+    (["onnxruntime", "onnxruntime"], 1, "backend 'onnxruntime' is given twice"),
+    ("torch", 2, "at least 2 backend"),
+    (" , ", 1, "at least 1 backend"),
+])
+def test_parse_backends_refuses_unknown_repeated_and_too_few_names(value, minimum, match):
+    with pytest.raises(BadInput, match=match):
+        parse_backends(value, minimum=minimum)
+
+
+def test_parse_backends_keeps_the_given_order():
+    assert parse_backends(" onnxruntime,torch-sparse ") == ["onnxruntime", "torch-sparse"]
+    assert parse_backends(("torch",)) == ["torch"]
+
+
+def test_a_model_without_the_routed_outputs_is_refused_naming_the_missing_ones(routing_onnx, trained_run):
+    with pytest.raises(BadInput, match=r"lacks output\(s\) output \(it has index, mask, probs\)"):
+        check_routed_outputs(make_runner("onnxruntime", onnx_path=routing_onnx, device="cpu"))
+    check_routed_outputs(make_runner("torch", run_dir=trained_run.path))
 
 
 def test_ort_runner_refuses_a_wrong_dtype_as_bad_input(routing_onnx):

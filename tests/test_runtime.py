@@ -97,7 +97,7 @@ def test_python_lists_take_the_models_dtype(session):
 @pytest.mark.parametrize("x, match", [
     (rows(2).astype(np.float64), "dtype float64, the model takes float32: convert with x.astype"),
     (rows(1)[0], r"rank 1\); the model takes rank 2 \[batch, 64\] \(for one row pass x\[None, :\]\)"),
-    (rows(2, features=10), "has 10 features .* takes 64 features"),
+    (rows(2, features=10), "input 'x' has 10 features but the model expects 64"),
     (np.zeros((0, 64), np.float32), "empty batch"),
     (np.where(np.arange(64) == 3, np.nan, rows(3)).astype(np.float32), r"NaN or inf in row\(s\) 0, 1, 2"),
     (np.vstack([rows(1), np.full((1, 64), np.inf, np.float32)]), r"NaN or inf in row\(s\) 1"),
@@ -112,6 +112,35 @@ def test_a_bad_input_leaves_the_session_usable(session):
     with pytest.raises(BadInput):
         session.run(rows(2, features=3))
     assert session.run(rows(2)).output.shape[0] == 2
+
+
+def test_an_onnx_model_without_the_routed_outputs_is_refused_at_load(tmp_path):
+    """Session.run would otherwise hand back RoutedOutput(None, None, None)."""
+    from deploytool.ops.onnx_functions import routing_model
+
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(routing_model(4, 0.5).SerializeToString())
+    with pytest.raises(BadInput, match=r"lacks output\(s\) output "):
+        deploytool.load(plain)
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.ones((3, 4)), None),
+    (np.ones(4), "must be 2-D"),
+    (np.array([["a"]]), "must be numeric"),
+    (np.ones((0, 4)), "empty batch"),
+    (np.ones((2, 5)), "has 5 features but the model expects 4"),
+    (np.array([[1.0, 2, 3, 4], [1, np.inf, 3, 4], [1, 2, 3, -np.inf]]), r"NaN or inf in row\(s\) 1, 2"),
+    (np.array([[np.nan, 2, 3, 4]], np.float16), r"NaN or inf in row\(s\) 0"),
+])
+def test_check_rows_refuses_what_the_router_cannot_route(x, match):
+    from deploytool.runtime import check_rows
+
+    if match is None:
+        assert check_rows(x, 4, what="rows").flags.c_contiguous
+        return
+    with pytest.raises(BadInput, match=match):
+        check_rows(x, 4, what="rows")
 
 
 @pytest.mark.parametrize("make, match", [

@@ -80,6 +80,32 @@ def test_flip_at_large_margin_fails_verify(cli, perturbed, trained_run):
     assert "parity: FAIL" in out
 
 
+@pytest.mark.parametrize("name, match", [
+    ("model.PLAN", "onnxruntime needs an ONNX model path"),  # an engine whatever the suffix's case
+    ("model.txt", "neither a run directory, an .onnx file nor a TensorRT engine"),
+])
+def test_verify_tells_engines_from_onnx_by_suffix_like_load_does(tmp_path, name, match):
+    from deploytool import verify
+
+    path = tmp_path / name
+    path.write_bytes(b"not a model")
+    with pytest.raises(BadInput, match=match):
+        verify(path, backends="onnxruntime,tensorrt")
+
+
+def test_check_runners_match_refuses_a_checkpoint_of_another_shape(exported_onnx, tmp_path):
+    from deploytool.ops.onnx_functions import routing_model
+    from deploytool.parity import check_runners_match
+    from deploytool.runners import make_runner
+
+    other = tmp_path / "routing.onnx"
+    other.write_bytes(routing_model(4, 0.5).SerializeToString())
+    runners = [make_runner("onnxruntime", onnx_path=p, device="cpu") for p in (exported_onnx, other)]
+    with pytest.raises(BadInput, match="disagree on shapes"):
+        check_runners_match(runners, {}, None)
+    assert check_runners_match(runners[:1], {}, None) == []
+
+
 def test_checkpoint_sha_mismatch_is_noted(exported_onnx, trained_run, tmp_path):
     from deploytool import verify
     from deploytool.io import load_weights, save_weights
@@ -92,13 +118,23 @@ def test_checkpoint_sha_mismatch_is_noted(exported_onnx, trained_run, tmp_path):
     assert any("sha256 differs" in n for n in report.notes)
 
 
-def test_nan_inputs_are_refused():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_inputs_are_refused(bad):
     from deploytool.parity import check_inputs
 
     x = np.ones((4, 64), np.float32)
-    x[2, 3] = np.nan
-    with pytest.raises(BadInput, match="NaN; refusing to route"):
+    x[2, 3] = bad
+    with pytest.raises(BadInput, match=r"NaN or inf in row\(s\) 2"):
         check_inputs(x, 64)
+
+
+def test_verify_refuses_an_array_with_inf_before_running(exported_onnx, trained_run):
+    from deploytool import verify
+
+    x = np.ones((8, 64), np.float32)
+    x[5, 0] = np.inf
+    with pytest.raises(BadInput, match=r"NaN or inf in row\(s\) 5"):
+        verify(exported_onnx, trained_run.path, data=x)
 
 
 def _pickled_run(run, tmp_path):

@@ -24,8 +24,8 @@ FUNCTION_PATH = "local-function"
 MIN_TENSORRT = "10.8"
 FIRST_STRONG_ONLY_TENSORRT = 11
 
-_ONNX_FLOATS = {1: "fp32", 10: "fp16", 16: "bf16"}
-_ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool"}
+#: input dtype -> the precision it means
+_FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -69,7 +69,9 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     _check_batches(min_batch, opt_batch, max_batch)
     if not isinstance(workspace_mib, int) or workspace_mib < 1:
         raise BadInput(f"--workspace must be a whole number of MiB >= 1, got {workspace_mib}")
-    model = _load(onnx_path)
+    from deploytool.export.onnx import load_onnx
+
+    model = load_onnx(onnx_path)
     inputs = _graph_inputs(model)
     profile = _profile(inputs, min_batch, opt_batch, max_batch)
     model_precision = _model_precision(inputs)
@@ -144,25 +146,10 @@ def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
         raise BadInput(f"batch profile needs min <= opt <= max, got {min_batch} / {opt_batch} / {max_batch}")
 
 
-def _load(onnx_path: str | Path):
-    from deploytool.deps import require
-    from deploytool.export.onnx import read_onnx_metadata
-
-    onnx = require("onnx", "reading the model for build-engine")
-    read_onnx_metadata(onnx_path)  # missing, not ONNX, truncated or empty (which parses as a model): BadInput
-    return onnx.load(str(onnx_path), load_external_data=False)
-
-
 def _graph_inputs(model) -> list[dict]:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-        inputs.append({"name": value.name, "dtype": _ONNX_TYPE_NAMES.get(tensor.elem_type, str(tensor.elem_type)),
-                       "elem_type": tensor.elem_type, "shape": dims})
+    from deploytool.export.onnx import graph_signature
+
+    inputs = [{"name": m.name, "dtype": m.dtype, "shape": list(m.shape)} for m in graph_signature(model)[0]]
     if not inputs:
         raise BadInput("the ONNX model has no inputs")
     return inputs
@@ -190,7 +177,7 @@ def _profile(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int)
 
 
 def _model_precision(inputs: list[dict]) -> str:
-    floats = {_ONNX_FLOATS[i["elem_type"]] for i in inputs if i["elem_type"] in _ONNX_FLOATS}
+    floats = {_FLOAT_PRECISIONS[i["dtype"]] for i in inputs if i["dtype"] in _FLOAT_PRECISIONS}
     if len(floats) > 1:
         raise BadInput(f"the model mixes float input types {sorted(floats)}; export it in one precision")
     return floats.pop() if floats else "fp32"

@@ -26,6 +26,7 @@ from deploytool.errors import BadInput, CheckFailed
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from deploytool.runners import INPUT_NAME, OUTPUT_NAMES
+from deploytool.runners.base import TensorMeta
 
 if TYPE_CHECKING:
     from torch import nn
@@ -109,7 +110,8 @@ def _resolve(model: Any, checkpoint: str | Path | None) -> tuple[nn.Module, str,
 
     run = load_run(model)
     weights = Path(checkpoint) if checkpoint else run.weights
-    return load_model(run.path, weights), str(run.path), io.sha256_file(weights), run.config
+    # absolute: tools that later read the source back (bench) run from another directory
+    return load_model(run.path, weights), str(Path(run.path).resolve()), io.sha256_file(weights), run.config
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -189,21 +191,15 @@ def export_mode(module: nn.Module) -> Iterator[list[float]]:
 
     Everything is restored afterwards, so the caller's module is unchanged.
     """
-    from deploytool.nn import routed_modules, routing_mode
+    from deploytool.nn import dispatch_mode, routing_mode
 
     routers = _routers(module)
-    routed = routed_modules(module)
     was_training = module.training
-    dispatch = [m.dispatch for m in routed]
     try:
-        for m in routed:
-            m.dispatch = "dense"
         module.eval()
-        with routing_mode(module, "hard"):
+        with routing_mode(module, "hard"), dispatch_mode(module, "dense"):
             yield [r.temperature for r in routers]
     finally:
-        for m, d in zip(routed, dispatch):
-            m.dispatch = d
         module.train(was_training)
 
 
@@ -269,8 +265,9 @@ def validate_export(module: nn.Module, onnx_path: str | Path, inputs: dict[str, 
                         comparisons)
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
+def load_onnx(path: str | Path):
+    """The ModelProto at `path` (external data not loaded); a missing path, a directory, a run
+    directory, or an empty, truncated or non-ONNX file is BadInput."""
     from deploytool.runners.ort import check_onnx_file
 
     onnx = _onnx()
@@ -279,9 +276,34 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise BadInput(f"{path} is not an ONNX model (or is truncated): {type(exc).__name__}") from exc
-    if not proto.graph.node:
+    if not proto.graph.node:  # an empty file parses as an empty model
         raise BadInput(f"{path} is not an ONNX model (or is truncated): it has no graph")
-    return {p.key: p.value for p in proto.metadata_props}
+    return proto
+
+
+#: onnx.TensorProto element type -> NumPy dtype name (bfloat16 by name: NumPy has none)
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
+def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """(inputs, outputs) of a ModelProto's graph; initializers listed as inputs are not inputs."""
+    onnx = _onnx()
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+
+    def meta(value) -> TensorMeta:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        dtype = ONNX_DTYPES.get(tensor.elem_type) or onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        return TensorMeta(value.name, dtype, dims)
+
+    return [meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output]
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
+    return {p.key: p.value for p in load_onnx(path).metadata_props}
 
 
 def _onnx():

@@ -22,16 +22,17 @@ def _exporting() -> bool:
 
 
 def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / temperature) over the last axis (torch's softmax subtracts the max)."""
+    """softmax(logits / temperature) over the last axis, the max subtracted before the division."""
     if _exporting():
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{TEMPERED_SOFTMAX}", (logits,), {"temperature": float(temperature)},
             dtype=logits.dtype, shape=logits.shape, version=VERSION,
         )
-    # written out (max-subtracted, so stable): torch's CPU softmax over a short last axis measured
-    # 390 us at [4096, 8] against 83 us for these four ops
-    scaled = logits / temperature
-    e = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()
+    # written out: torch's CPU softmax over a short last axis measured 390 us at [4096, 8] against
+    # 83 us for these four ops. The max goes first: the shifted logits are <= 0, so dividing them by a
+    # small temperature cannot overflow (fp16 1400 / 0.02 would be inf, and inf - inf NaN)
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    e = shifted.exp()
     return e / e.sum(dim=-1, keepdim=True)
 
 

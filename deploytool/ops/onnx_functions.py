@@ -18,7 +18,11 @@ MAX_OPSET = 23
 
 
 def tempered_softmax_function(opset: int):
-    """probs = exp(z - max z) / sum exp(z - max z), z = logits / temperature, over the last axis."""
+    """probs = exp(z) / sum exp(z), z = (logits - max logits) / temperature, over the last axis.
+
+    The max is subtracted before the division: z <= 0 cannot overflow, where logits / temperature
+    can in fp16 (1400 / 0.02 = 70000 > 65504, and inf - inf is NaN).
+    """
     from onnx import AttributeProto, helper
 
     temperature = helper.make_node("Constant", [], ["t_float"])
@@ -27,11 +31,11 @@ def tempered_softmax_function(opset: int):
     nodes = [
         temperature,
         helper.make_node("CastLike", ["t_float", "logits"], ["t"]),
-        helper.make_node("Div", ["logits", "t"], ["z"]),
         _int64_constant("last", [-1]),
-        helper.make_node("ReduceMax", ["z", "last"], ["z_max"], keepdims=1),
-        helper.make_node("Sub", ["z", "z_max"], ["shifted"]),
-        helper.make_node("Exp", ["shifted"], ["e"]),
+        helper.make_node("ReduceMax", ["logits", "last"], ["logits_max"], keepdims=1),
+        helper.make_node("Sub", ["logits", "logits_max"], ["shifted"]),
+        helper.make_node("Div", ["shifted", "t"], ["z"]),
+        helper.make_node("Exp", ["z"], ["e"]),
         helper.make_node("ReduceSum", ["e", "last"], ["total"], keepdims=1),
         helper.make_node("Div", ["e", "total"], ["probs"]),
     ]
@@ -94,8 +98,7 @@ def _int64_constant(name: str, values: list[int], scalar: int | None = None):
 def routing_model(n_experts: int, temperature: float, *, opset: int = DEFAULT_OPSET, dtype: str = "float32"):
     """A model of just the routing step, logits [batch, E] -> probs, mask, index, with the functions.
 
-    The smallest graph that exercises both ops: op-level tests of every runtime, and a target for
-    engine builders, use it.
+    The smallest graph that exercises both ops, for op-level tests of every runtime.
     """
     from onnx import TensorProto, helper
 

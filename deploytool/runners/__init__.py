@@ -7,6 +7,7 @@ Backend modules are imported lazily: importing this package loads neither torch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,37 @@ def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: st
     return TensorRTRunner(engine_path, **options)
 
 
+def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
+    """Backend names from "a,b" or a list: known names, each once (a backend compared or timed against
+    itself proves nothing), at least `minimum` of them."""
+    names = [b.strip() for b in value.split(",")] if isinstance(value, str) else [str(b).strip() for b in value]
+    names = [b for b in names if b]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise BadInput(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    repeated = [b for i, b in enumerate(names) if b in names[:i]]
+    if repeated:
+        raise BadInput(f"backend {repeated[0]!r} is given twice; name each backend once")
+    if len(names) < minimum:
+        raise BadInput(f"give at least {minimum} backend(s) from {', '.join(BACKENDS)}, got {names}")
+    return names
+
+
+def check_routed_outputs(runner: Runner) -> None:
+    """Refuse a model without deploytool's outputs: its results would read as None, not as an error."""
+    have = {m.name for m in runner.outputs}
+    missing = [n for n in OUTPUT_NAMES if n not in have]
+    if missing:
+        raise BadInput(f"{runner.name} model lacks output(s) {', '.join(missing)} (it has {', '.join(sorted(have))}); "
+                       f"deploytool serves routed models with outputs {', '.join(OUTPUT_NAMES)}: "
+                       "export one with `deploytool export`")
+
+
 def static_batch(runner: Runner) -> int | None:
     """The batch the runner's input is fixed to (a static-batch export or engine), None when dynamic."""
     dim = runner.inputs[0].shape[0]
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
-__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "make_runner", "static_batch"]
+__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "check_routed_outputs", "make_runner",
+           "parse_backends", "static_batch"]

@@ -70,6 +70,7 @@ class OnnxRuntimeRunner(Runner):
         self.device = device
         self.threads = threads
         self.session = None
+        self._io: dict[str, list[TensorMeta]] | None = None
 
     def providers(self) -> list[str]:
         available = _ort().get_available_providers()
@@ -103,9 +104,11 @@ class OnnxRuntimeRunner(Runner):
         return self.session.get_providers() if self.session is not None else []
 
     def _meta(self, kind: str) -> list[TensorMeta]:
-        session = self.session or self._session()
-        return [TensorMeta(t.name, _ORT_TYPES.get(t.type, t.type), tuple(t.shape))
-                for t in getattr(session, f"get_{kind}")()]
+        if self._io is None:  # read once: while inactive it takes a whole session to read
+            session = self.session or self._session()
+            self._io = {k: [TensorMeta(t.name, _ORT_TYPES.get(t.type, t.type), tuple(t.shape))
+                            for t in getattr(session, f"get_{k}")()] for k in ("inputs", "outputs")}
+        return self._io[kind]
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,6 @@ class TorchRunner(Runner):
         self.device = device
         self.checkpoint = checkpoint
         self._module = None
-        self._saved_dispatch: list[str] = []
         self._out_meta: list[TensorMeta] | None = None
         if isinstance(model, (str, Path)):
             from deploytool.training import load_run
@@ -99,21 +99,17 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         import torch
 
-        from deploytool.nn import routed_modules
+        from deploytool.nn import dispatch_mode
 
         self._was_training = self.model.training
         model = self.model.to(self.device).eval()
         self._torch = torch
-        self._routed = routed_modules(model)
-        self._saved_dispatch = [m.dispatch for m in self._routed]
-        if self.dispatch:
-            for m in self._routed:
-                m.dispatch = self.dispatch
+        self._restore = contextlib.ExitStack()
+        self._restore.enter_context(dispatch_mode(model, self.dispatch))
         self._dtype = next(model.parameters()).dtype
 
     def _deactivate(self) -> None:
-        for m, old in zip(self._routed, self._saved_dispatch):
-            m.dispatch = old
+        self._restore.close()
         self._module.train(self._was_training)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

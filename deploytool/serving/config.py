@@ -23,12 +23,6 @@ TRITON_DTYPES = {
     "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
     "bfloat16": "TYPE_BF16",
 }
-# onnx.TensorProto.DataType name -> NumPy dtype name
-_ONNX_DTYPES = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FLOAT16": "float16",
-    "FLOAT": "float32", "DOUBLE": "float64", "BFLOAT16": "bfloat16",
-}
 # deploytool backend -> how config.pbtxt names it, and where its instances run
 _BACKEND_FIELDS = {
     "tensorrt": ({"platform": "tensorrt_plan"}, "KIND_GPU"),
@@ -83,21 +77,9 @@ def check_name(name: str) -> str:
 
 def onnx_signature(path: str | Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
     """Inputs and outputs of an ONNX file, read with onnx (no session, external data not loaded)."""
-    from deploytool.deps import require
-    from deploytool.export.onnx import read_onnx_metadata
+    from deploytool.export.onnx import graph_signature, load_onnx
 
-    onnx = require("onnx", "reading the ONNX model's inputs and outputs")
-    read_onnx_metadata(path)  # missing, not ONNX, truncated or empty (which parses as a model): BadInput
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-
-    def meta(value) -> TensorMeta:
-        tensor = value.type.tensor_type
-        elem = onnx.TensorProto.DataType.Name(tensor.elem_type)
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        return TensorMeta(value.name, _ONNX_DTYPES.get(elem, elem.lower()), dims)
-
-    return ([meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output])
+    return graph_signature(load_onnx(path))
 
 
 def _is_dynamic(dim: Any) -> bool:
