@@ -35,9 +35,11 @@ def _times(fn, warmup: int, repeats: int) -> list[float]:
 
 
 def _stats(ms: list[float]) -> tuple[float, float, float]:
-    import numpy as np
+    """(median, p90, p99) by deploytool's one definition (nearest rank), as every bench table reports them."""
+    from deploytool.benchmark.stats import summarize
 
-    return tuple(float(v) for v in np.percentile(ms, [50, 90, 99]))
+    stats = summarize([t * 1e6 for t in ms])
+    return stats.median_ms, stats.p90_ms, stats.p99_ms
 
 
 def _measure(logits, dtype_name: str, temperature: float, routing, args) -> list[tuple]:

@@ -22,13 +22,14 @@ from typing import List, Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
+from deploytool import ops
+from deploytool.engine.build import dtype_name
 from deploytool.kernels import triton_kernel
 
-TEMPERED_SOFTMAX = "deploytool::TemperedSoftmax"
-HARD_SELECT = "deploytool::HardSelect"
+TEMPERED_SOFTMAX = f"{ops.DOMAIN}::{ops.TEMPERED_SOFTMAX}"
+HARD_SELECT = f"{ops.DOMAIN}::{ops.HARD_SELECT}"
 PLUGIN_IDS = (TEMPERED_SOFTMAX, HARD_SELECT)
 _FLOATS = "FP32|FP16|BF16"
-_NAMES = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64"}
 
 #: plugin id -> {"in->outs" dtype variant: sha256 of its PTX}, for every variant compiled in this process
 #: (read by the engine manifest; TensorRT embeds the variant each plugin layer runs)
@@ -51,7 +52,7 @@ def tempered_softmax_aot(logits: trtp.TensorDesc, temperature: float, outputs: T
                          tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                                trtp.SymExprs]:
     n_rows, n_cols, known_cols = _rows_cols(logits)
-    dtypes = (_NAMES[logits.dtype], _NAMES[outputs[0].dtype])
+    dtypes = (dtype_name(trt, logits.dtype), dtype_name(trt, outputs[0].dtype))
     kernel = triton_kernel.compile_ptx(dtypes[0], probs_dtype=dtypes[1], n_cols=known_cols)
     return _launch(TEMPERED_SOFTMAX, dtypes, kernel, n_rows, n_cols, triton_kernel.temperature_bits(temperature))
 
@@ -73,7 +74,7 @@ def hard_select_aot(probs: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc, trtp
                     tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams,
                                           trtp.SymExprs]:
     n_rows, n_cols, known_cols = _rows_cols(probs)
-    dtypes = (_NAMES[probs.dtype], _NAMES[outputs[0].dtype], _NAMES[outputs[1].dtype])
+    dtypes = tuple(dtype_name(trt, t.dtype) for t in (probs, *outputs))
     kernel = triton_kernel.compile_ptx(dtypes[0], mask_dtype=dtypes[1], index_dtype=dtypes[2], n_cols=known_cols)
     return _launch(HARD_SELECT, dtypes, kernel, n_rows, n_cols, 0)
 

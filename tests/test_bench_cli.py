@@ -78,12 +78,15 @@ def _engine_with_profile(tmp_path, max_batch: int):
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"engine bytes")
     (tmp_path / "model.plan.json").write_text(json.dumps(
-        {"tensorrt": "10.8", "profile": {"x": {"min": [1, 64], "opt": [8, 64], "max": [max_batch, 64]}}}))
+        {"tensorrt": "10.8", "profile": {"x": {"min": [1, 64], "opt": [8, 64], "max": [max_batch, 64]}},
+         "io": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 64]}],
+                "outputs": [{"name": "index", "dtype": "int64", "shape": [-1]}]}}))
     return engine
 
 
 @pytest.mark.parametrize("args, match", [
     (["--backends", "torch,tensorflow"], "unknown backend 'tensorflow'"),
+    (["--backends", "torch,onnxruntime,torch"], "backend 'torch' is given twice"),
     (["--batch-sizes", "0"], "batch size must be a positive integer, got '0'"),
     (["--batch-sizes", "1,-8"], "positive integer, got '-8'"),
     (["--batch-sizes", "1.5"], "positive integer, got '1.5'"),
@@ -110,15 +113,84 @@ def test_bad_target_is_one_line_exit_2(cli, tmp_path):
     assert_one_line_error(code, err, 2, "does not exist")
     (tmp_path / "notes.txt").write_text("hello")
     code, _, err = cli("bench", tmp_path / "notes.txt")
-    assert_one_line_error(code, err, 2, "unknown kind")
+    assert_one_line_error(code, err, 2, "neither a run directory, an .onnx file nor a TensorRT engine")
     code, _, err = cli("bench", tmp_path)
-    assert_one_line_error(code, err, 2, "not a training run directory")
+    assert_one_line_error(code, err, 2, "a directory without config.json")
+
+
+def test_upper_case_onnx_suffix_is_benched_as_an_onnx_model(cli, onnx_model, tmp_path):
+    shouting = tmp_path / "MODEL.ONNX"
+    shouting.write_bytes(onnx_model.read_bytes())
+    out = tmp_path / "b.json"
+    code, _, err = cli("bench", shouting, "--backends", "onnxruntime", "--batch-sizes", "2", *FAST, "--json", out,
+                       "--quiet")
+    assert code == 0, err
+    assert json.loads(out.read_text())["kind"] == "onnx"
+
+
+def _change_weights(run_dir):
+    """Change a run's weights in place, as retraining would: same shapes, another model."""
+    from deploytool.io import WEIGHTS_FILE, load_weights, save_weights
+
+    weights = load_weights(run_dir / WEIGHTS_FILE)
+    save_weights(run_dir / WEIGHTS_FILE, {k: v + 1.0 if v.is_floating_point() else v for k, v in weights.items()})
+
+
+def test_a_run_found_in_the_onnx_metadata_that_no_longer_matches_it_is_not_timed(cli, trained_run, tmp_path):
+    import shutil
+
+    from deploytool.export.onnx import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    model = export_onnx(run, tmp_path / "model.onnx", validate=False).path  # records the copy as its source
+    _change_weights(run)
+    out = tmp_path / "b.json"
+    code, _, err = cli("bench", model, "--backends", "torch,onnxruntime", "--batch-sizes", "2", *FAST,
+                            "--json", out, "--quiet")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["backends"] == ["onnxruntime"]
+    assert "no longer matches" in result["skipped"]["torch"] and "\n" not in result["skipped"]["torch"]
+    # given explicitly, the run is the user's choice: timed, with a note
+    code, _, err = cli("bench", model, "--checkpoint", run, "--backends", "torch,onnxruntime", "--batch-sizes", "2",
+                       *FAST, "--json", out, "--quiet")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["backends"] == ["torch", "onnxruntime"]
+    assert any("sha256 differs" in note for note in result["notes"])
+
+
+def test_onnx_model_without_the_routed_outputs_is_one_line_exit_2(cli, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["output"]),
+         helper.make_node("ArgMax", ["output"], ["index"], axis=-1, keepdims=0)], "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])], [w])
+    model = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    code, _, err = cli("bench", model, "--backends", "onnxruntime", "--batch-sizes", "1", *FAST)
+    assert_one_line_error(code, err, 2, "lacks output(s) probs")
 
 
 def test_batch_above_the_engine_profile_says_the_maximum(cli, tmp_path):
     engine = _engine_with_profile(tmp_path, 64)
     code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1,128", *FAST)
     assert_one_line_error(code, err, 2, "profile maximum 64")
+
+
+@pytest.mark.parametrize("manifest", [[], {"tensorrt": "10.8", "io": {}}], ids=["list", "no-io"])
+def test_engine_with_a_malformed_manifest_is_one_line_exit_2(cli, tmp_path, manifest):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    (tmp_path / "model.plan.json").write_text(json.dumps(manifest))
+    code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1", *FAST)
+    assert_one_line_error(code, err, 2, "not a deploytool engine manifest")
 
 
 def test_static_batch_model_runs_at_its_batch_and_refuses_any_other_naming_it(cli, trained_run, tmp_path):
@@ -138,19 +210,20 @@ def test_static_batch_model_runs_at_its_batch_and_refuses_any_other_naming_it(cl
 
 def test_single_batch_plot_draws_the_p99_and_the_p90_p99_band(tmp_path, monkeypatch):
     """One batch size leaves no line to draw: the p99 needs a marker and the band a width."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    from deploytool.benchmark.plot import plot_latency
+    from deploytool.benchmark.plot import draw_latency, plot_latency
     from deploytool.benchmark.run import BenchResult, Line
     from deploytool.benchmark.stats import summarize
 
     stats = summarize(np.arange(1, 101) * 1_000_000, batch_size=8)  # median 50.5 ms, p90 90, p99 99
     result = BenchResult("m.onnx", "onnx", ["onnxruntime"], {}, [Line("onnxruntime", 8, "uniform", stats, 1.0,
                                                                       [8])], {}, "random", {"cpu": "cpu"}, "2025")
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    switched = []
+    monkeypatch.setattr(matplotlib, "use", switched.append)
     plot_latency(result, tmp_path / "p.png")
-    ax = figures[0].axes[0]
+    assert switched == [], "plotting switched the caller's matplotlib backend"
+    ax = draw_latency(result).axes[0]
     p99 = [ln for ln in ax.lines if list(ln.get_ydata()) == [stats.p99_ms]]
     assert p99 and p99[0].get_marker() not in (None, "", "None", " ")
     spans = [(c.get_datalim(ax.transData), max(c.get_linewidths(), default=0)) for c in ax.collections]

@@ -159,3 +159,29 @@ def test_cuda_stages_report_copies_and_compute_separately():
     assert all(len(v) == len(host) for v in device.values())
     assert (device["h2d"] > 0).all() and (device["compute"] > 0).all()
     assert np.median(device["device"]) <= np.median(host) * 1.05
+
+
+# --- machine and kernel benchmark --------------------------------------------------------------
+
+def test_machine_info_names_the_gpu_that_diagnostics_sees(monkeypatch):
+    from deploytool import diagnostics
+    from deploytool.benchmark.machine import machine_info
+
+    monkeypatch.setattr(diagnostics, "gpu", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    assert machine_info()["gpu"] == "NVIDIA H100 (sm_90)"
+    monkeypatch.setattr(diagnostics, "gpu", lambda: None)
+    assert machine_info()["gpu"] is None
+
+
+def test_kernel_benchmark_reports_nearest_rank_percentiles_like_every_other_table():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_kernel", path)
+    bench_kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernel)
+    ms = [float(v) for v in range(1, 11)]
+    stats = summarize(np.asarray(ms) * 1e6)
+    assert bench_kernel._stats(ms) == pytest.approx((stats.median_ms, stats.p90_ms, stats.p99_ms))
+    assert bench_kernel._stats(ms)[1] == 9.0  # an observed latency, not an interpolated 9.1

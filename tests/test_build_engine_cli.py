@@ -128,3 +128,37 @@ def test_build_writes_engine_and_manifest_and_reports_the_op_path(model, tmp_pat
         assert set(ptx) == {"deploytool::TemperedSoftmax", "deploytool::HardSelect"}
         assert list(ptx["deploytool::HardSelect"]) == ["float32->float32,int64"]
         assert list(ptx["deploytool::TemperedSoftmax"]) == ["float32->float32"]
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model", "model.plan.json"])
+def test_out_without_an_engine_suffix_is_refused_even_in_a_dry_run(model, tmp_path, capsys, name):
+    code, out, err = _run(["build-engine", str(model), "--dry-run", "--out", str(tmp_path / name)], capsys)
+    assert code == 2 and "not an engine file name" in err and ".plan" in err and err.count("\n") == 1, err
+    assert out == ""
+
+
+def test_upper_case_engine_suffix_is_accepted(model, tmp_path, capsys):
+    code, _, err = _run(["build-engine", str(model), "--dry-run", "--out", str(tmp_path / "MODEL.PLAN")], capsys)
+    assert code == 0, err
+
+
+def test_a_failed_engine_write_leaves_the_old_engine_and_its_manifest_together(tmp_path, monkeypatch):
+    from deploytool import io
+    from deploytool.engine.build import write_engine
+    from deploytool.engine.manifest import manifest_path
+
+    engine = tmp_path / "model.plan"
+    write_engine(engine, b"old engine", {"build": "old"})
+    real_replace = io.os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(engine):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_engine(engine, b"new engine", {"build": "new"})
+    assert engine.read_bytes() == b"old engine"
+    assert json.loads(manifest_path(engine).read_text()) == {"build": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.plan", "model.plan.json"]

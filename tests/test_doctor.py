@@ -13,7 +13,8 @@ from deploytool.engine.manifest import load_problems, manifest_path
 
 BUILT = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100", "op_path": "plugin",
          "io": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 64]}],
-                "outputs": [{"name": "index", "dtype": "int64", "shape": [-1]}]}}
+                "outputs": [{"name": "index", "dtype": "int64", "shape": [-1]}]},
+         "profile": {"x": {"min": [1, 64], "opt": [64, 64], "max": [1024, 64]}}}
 
 
 def _run(argv, capsys):
@@ -82,3 +83,13 @@ def test_doctor_engine_without_manifest_is_bad_input(tmp_path, capsys):
     engine.write_bytes(b"engine bytes")
     code, _, err = _run(["doctor", "--engine", str(engine)], capsys)
     assert code == 2 and "no manifest" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("profile", [None, {"x": {"min": [1, 64], "opt": [64, 64]}}, {"x": {"max": "1024"}}],
+                         ids=["none", "no-max", "text-max"])
+def test_doctor_engine_with_a_malformed_profile_is_bad_input(tmp_path, capsys, profile):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine bytes")
+    manifest_path(engine).write_text(json.dumps({**BUILT, "profile": profile}))
+    code, _, err = _run(["doctor", "--engine", str(engine)], capsys)
+    assert code == 2 and "not a deploytool engine manifest" in err and err.count("\n") == 1, err

@@ -250,7 +250,9 @@ def test_cli_package_json_reports_the_repository(cli, onnx_file, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--name", "my model"], "model name 'my model' is not valid"),
-    (["--name", "tiny", "--preferred-batch", "8,x", "--dynamic-batching"], "comma-separated integers"),
+    (["--name", "tiny", "--preferred-batch", "8,x", "--dynamic-batching"], "positive integer, got 'x'"),
+    (["--name", "tiny", "--preferred-batch", "0"], "--preferred-batch: batch size must be a positive integer, got '0'"),
+    (["--name", "tiny", "--preferred-batch", "8,-4", "--dynamic-batching"], "positive integer, got '-4'"),
 ])
 def test_cli_package_bad_input_is_one_line_exit_2(cli, onnx_file, tmp_path, args, match):
     assert_one_line_error(*cli("package", onnx_file, "--repository", tmp_path, *args)[::2], 2, match)
@@ -288,3 +290,20 @@ def test_cli_package_of_an_engine_whose_manifest_lacks_io_is_one_line_exit_2(cli
     (tmp_path / "fake4.plan.json").write_text(json.dumps(manifest))
     code, _, err = cli("package", engine, "--repository", tmp_path / "repo", "--name", "m3")
     assert_one_line_error(code, err, 2, "not a deploytool engine manifest")
+
+
+def test_engine_manifest_profile_without_max_is_refused_not_a_key_error(fake_engine, tmp_path):
+    from deploytool.engine.manifest import manifest_path
+
+    manifest = json.loads(manifest_path(fake_engine).read_text())
+    del manifest["profile"]["x"]["max"]
+    manifest_path(fake_engine).write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match="profile of 'x' lacks integer min, opt and max shapes"):
+        package(fake_engine, tmp_path / "repo", "trt")
+
+
+def test_preferred_batch_sizes_may_be_given_as_text_and_none_at_all(onnx_file, tmp_path):
+    result = package(onnx_file, tmp_path / "a", "tiny", dynamic_batching=True, preferred_batch="4, 8")
+    assert result.config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    result = package(onnx_file, tmp_path / "b", "tiny", dynamic_batching=True, preferred_batch="")
+    assert "preferred_batch_size" not in result.config["dynamic_batching"]

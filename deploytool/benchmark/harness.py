@@ -23,7 +23,7 @@ MAX_ITERS = 1_000_000
 
 
 def measure(fns: Sequence[Callable[[], object]], *, warmup_ms: float = 200.0, duration_s: float = 3.0,
-            min_iters: int = 10, rounds: int = ROUNDS, max_iters: int = MAX_ITERS) -> list[np.ndarray]:
+            min_iters: int = 10, rounds: int = ROUNDS) -> list[np.ndarray]:
     """Host latency in nanoseconds of every timed call of each callable, interleaved in slices.
 
     A callable with a `reset()` method is told when its warmup is over (CudaStages drops the warmup
@@ -40,11 +40,11 @@ def measure(fns: Sequence[Callable[[], object]], *, warmup_ms: float = 200.0, du
     rewarm = len(fns) > 1
 
     def done(i: int) -> bool:
-        return len(samples[i]) >= max_iters or (elapsed[i] >= duration_ns and len(samples[i]) >= min_iters)
+        return len(samples[i]) >= MAX_ITERS or (elapsed[i] >= duration_ns and len(samples[i]) >= min_iters)
 
     while pending := [i for i in range(len(fns)) if not done(i)]:
         for i in pending:
-            elapsed[i] += _slice(fns[i], samples[i], slice_ns, max_iters, rewarm)
+            elapsed[i] += _slice(fns[i], samples[i], slice_ns, rewarm)
     return [np.frombuffer(s, dtype=np.int64).copy() for s in samples]
 
 
@@ -63,7 +63,7 @@ def _warmup(fn: Callable[[], object], budget_ns: float) -> None:
         reset()
 
 
-def _slice(fn: Callable[[], object], samples: array, budget_ns: int, max_iters: int, rewarm: bool) -> int:
+def _slice(fn: Callable[[], object], samples: array, budget_ns: int, rewarm: bool) -> int:
     """Time calls of `fn` for about `budget_ns`; returns the slice's wall time."""
     perf = time.perf_counter_ns
     append = samples.append
@@ -76,7 +76,7 @@ def _slice(fn: Callable[[], object], samples: array, budget_ns: int, max_iters: 
         fn()
         t1 = perf()
         append(t1 - t0)
-        if t1 >= end or len(samples) >= max_iters:
+        if t1 >= end or len(samples) >= MAX_ITERS:
             return t1 - start
 
 

@@ -8,8 +8,6 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from deploytool.deps import available
-
 LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "triton")
 
 
@@ -25,15 +23,11 @@ def cpu_model() -> str:
 
 
 def gpu_name() -> str | None:
-    """The first CUDA device's name, asked through torch only when torch is installed."""
-    if not available("torch"):
-        return None
-    import torch
+    """CUDA device 0 as a table shows it: "NVIDIA H100 (sm_90)"; None without a GPU."""
+    from deploytool.diagnostics import gpu
 
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return f"{props.name} (sm_{props.major}{props.minor})"
+    device = gpu()
+    return device and f"{device['name']} (sm_{device['compute_capability'].replace('.', '')})"
 
 
 def machine_info() -> dict[str, Any]:

@@ -14,24 +14,30 @@ CURVES = (("median_ms", "median", "-", "o"), ("p99_ms", "p99", ":", "^"))
 
 
 def plot_latency(result: "BenchResult", path: str | Path) -> Path:
-    import matplotlib
+    from deploytool.io import atomic_path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = draw_latency(result)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
+
+
+def draw_latency(result: "BenchResult"):
+    """The figure, built without pyplot: a library caller's matplotlib backend and figure list stay as they were."""
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
-
-    from deploytool.io import atomic_path
 
     patterns = list(dict.fromkeys(line.routing for line in result.lines))
     backends = list(dict.fromkeys(line.backend for line in result.lines))
     if not patterns:
         raise ValueError("nothing was measured; no plot to draw")
-    fig, axes = plt.subplots(1, len(patterns), figsize=(5.2 * len(patterns) + 1.0, 4.6), squeeze=False,
-                             sharey=True)
+    fig = Figure(figsize=(5.2 * len(patterns) + 1.0, 4.6))
+    axes = fig.subplots(1, len(patterns), squeeze=False, sharey=True)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, pattern in zip(axes[0], patterns):
         for k, backend in enumerate(backends):
             lines = sorted((ln for ln in result.lines if ln.backend == backend and ln.routing == pattern),
@@ -72,7 +78,4 @@ def plot_latency(result: "BenchResult", path: str | Path) -> Path:
                  f"({machine.get('cores', '?')} cores{', ' + machine['gpu'] if machine.get('gpu') else ''}), "
                  f"{result.date[:10]}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return fig

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from deploytool import io
+from deploytool.batch_sizes import check_batch_sizes
 from deploytool.benchmark import harness, patterns
 from deploytool.benchmark.stats import CV_WARN, LatencyStats, summarize
 from deploytool.errors import BadInput, DeployToolError, MissingDependency
+from deploytool.runners import check_routed_outputs, parse_backends
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
@@ -83,7 +85,7 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     """Measure `backends` on TARGET (a run directory, an ONNX model or a TensorRT engine).
 
     torch backends need the run directory (TARGET, `checkpoint`, or the run an ONNX model was exported
-    from); onnxruntime the ONNX model (TARGET, the run's model.onnx, or a temporary export); tensorrt the
+    from, while its weights are still the exported ones); onnxruntime the ONNX model (TARGET, the run's model.onnx, or a temporary export); tensorrt the
     engine. A backend that cannot run here is skipped with its reason in `skipped`, unless none can
     run: then its error is raised (MissingDependency, exit 3). Rows come from `data`, else the run's
     data set, else random normal rows.
@@ -92,7 +94,7 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     from deploytool.parity import run_batched
 
     start = time.perf_counter()
-    backends = check_backends(backends)
+    backends = parse_backends(backends)
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
     check_settings(warmup_ms, duration_s, min_iters, seed)
@@ -108,6 +110,9 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
 
     with contextlib.ExitStack() as stack:
         runners, skipped = _open_runners(backends, art, stack)
+        for runner in runners:
+            check_routed_outputs(runner)
+        runners = _check_same_model(runners, art, skipped)
         check_static_batch(runners, batch_sizes)
         label, pool = _pool(runners[0], art, data, seed)
         routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
@@ -147,17 +152,6 @@ def busy_note() -> str | None:
     return None
 
 
-def check_backends(backends: str | Sequence[str]) -> list[str]:
-    from deploytool.runners import BACKENDS
-
-    names = [b.strip() for b in backends.split(",")] if isinstance(backends, str) else [str(b) for b in backends]
-    names = list(dict.fromkeys(b for b in names if b))
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown or not names:
-        raise BadInput(f"unknown backend {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(BACKENDS)}")
-    return names
-
-
 def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
     """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
     if not (math.isfinite(duration_s) and duration_s > 0):
@@ -172,20 +166,6 @@ def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: in
         raise BadInput(f"--seed must be a non-negative integer, got {seed}")
 
 
-def check_batch_sizes(batch_sizes: str | Sequence[Any]) -> list[int]:
-    values = batch_sizes.split(",") if isinstance(batch_sizes, str) else list(batch_sizes)
-    values = [v for v in values if str(v).strip()]
-    out = []
-    for value in values:
-        text = str(value).strip()
-        if isinstance(value, bool) or not text.lstrip("+").isdigit() or int(text) < 1:
-            raise BadInput(f"batch size must be a positive integer, got {text!r}")
-        out.append(int(text))
-    if not out:
-        raise BadInput("give at least one batch size")
-    return list(dict.fromkeys(out))
-
-
 def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
     """Refuse batch sizes above the engine's optimization profile, read from its manifest."""
     max_batch = engine_max_batch(engine_path)
@@ -196,15 +176,15 @@ def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
 
 
 def engine_max_batch(engine_path: Path) -> int | None:
-    """The largest batch every input of the engine's profile accepts (from its manifest), None if unknown."""
-    from deploytool.engine.manifest import manifest_path
+    """The largest batch every input of the engine's profile accepts (from its manifest), None if unknown.
 
-    path = manifest_path(engine_path)
-    if not path.is_file():
+    Without a manifest there is nothing to check here: the tensorrt runner refuses the engine itself.
+    """
+    from deploytool.engine.manifest import manifest_path, max_batch, read_manifest
+
+    if not manifest_path(engine_path).is_file():
         return None
-    profile = io.read_json(path, "engine manifest").get("profile") or {}
-    maxima = [int(p["max"][0]) for p in profile.values() if isinstance(p, dict) and p.get("max")]
-    return min(maxima) if maxima else None
+    return max_batch(read_manifest(engine_path))
 
 
 def check_static_batch(runners, batch_sizes: list[int]) -> None:
@@ -233,29 +213,25 @@ class Artifacts:
     onnx_path: Path | None = None
     engine_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: the run directory came from the ONNX model's metadata, not from the user
+    run_found: bool = False
 
     @classmethod
     def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
-        from deploytool.io import CONFIG_FILE
-        from deploytool.parity import ENGINE_SUFFIXES, resolve_checkpoint
+        from deploytool.parity import resolve_checkpoint
+        from deploytool.runtime import artifact_kind
 
         path = Path(target)
-        if not path.exists():
-            raise BadInput(f"TARGET {path} does not exist (give a run directory, an .onnx model or an engine)")
+        kind = artifact_kind(path)
         run_dir, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-        if path.is_dir():
-            if not (path / CONFIG_FILE).is_file():
-                raise BadInput(f"{path} is not a training run directory (no {CONFIG_FILE})")
+        if kind == "run":
             onnx = path / "model.onnx"
             return cls("run", run_dir or path, weights, onnx if onnx.is_file() else None)
-        if path.suffix == ".onnx":
-            return cls("onnx", run_dir or _source_run(path), weights, path)
-        if path.suffix in ENGINE_SUFFIXES:
-            onnx = path.with_suffix(".onnx")
-            onnx = onnx if onnx.is_file() else None
-            return cls("engine", run_dir or (_source_run(onnx) if onnx else None), weights, onnx, path)
-        raise BadInput(f"TARGET {path} is of an unknown kind: give a run directory, an .onnx model or an engine "
-                       f"({', '.join(ENGINE_SUFFIXES)})")
+        onnx = path if kind == "onnx" else path.with_suffix(".onnx")
+        onnx = onnx if onnx.is_file() else None
+        source = None if run_dir or onnx is None else _source_run(onnx)
+        return cls(kind, run_dir or source, weights, onnx, path if kind == "engine" else None,
+                   run_found=source is not None)
 
     def onnx(self, stack: contextlib.ExitStack) -> Path:
         """The ONNX model; a run directory without one is exported to a temporary file."""
@@ -286,12 +262,12 @@ class Artifacts:
 
 
 def _source_run(onnx_path: Path) -> Path | None:
-    """The run directory an exported model records as its source, if it still exists."""
+    """The run directory an exported model records as its source, if it still exists. A relative
+    source (older exports) meant the exporter's working directory, unknown here: not guessed from ours."""
     from deploytool.export.onnx import META_PREFIX, read_onnx_metadata
-    from deploytool.io import CONFIG_FILE
 
     source = Path(read_onnx_metadata(onnx_path).get(META_PREFIX + "source", ""))
-    return source if str(source) and (source / CONFIG_FILE).is_file() else None
+    return source if source.is_absolute() and (source / io.CONFIG_FILE).is_file() else None
 
 
 def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitStack):
@@ -310,6 +286,39 @@ def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitSta
     if not runners:
         raise errors[0]
     return runners, skipped
+
+
+def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) -> list:
+    """The runners to measure: all of them when torch's weights are the ONNX model's (or cannot be told
+    apart). A run found through the model's metadata that no longer matches it is another model: its torch
+    backends are skipped with the reason. A run given with --checkpoint is the user's choice: shapes that
+    disagree are refused, other weights only noted."""
+    from deploytool.export.onnx import read_onnx_metadata
+    from deploytool.parity import check_runners_match
+
+    torch = [r for r in runners if r.backend == "torch"]
+    if not torch:
+        return runners
+    metadata = read_onnx_metadata(art.onnx_path) if art.onnx_path is not None else {}
+    weights = art.weights or (art.run_dir / io.WEIGHTS_FILE if art.run_dir is not None else None)
+    try:
+        mismatch = check_runners_match(runners, metadata, weights)
+    except BadInput as exc:
+        if not art.run_found:
+            raise
+        mismatch = [str(exc)]
+    if not mismatch:
+        return runners
+    if not art.run_found:
+        art.notes.extend(mismatch)
+        return runners
+    reason = (f"the run {art.run_dir} recorded in {art.onnx_path.name} no longer matches it ({mismatch[0]}); "
+              "give --checkpoint RUN_DIR to time it anyway")
+    kept = [r for r in runners if r not in torch]
+    if not kept:
+        raise BadInput(reason)
+    skipped.update({r.name: reason for r in torch})
+    return kept
 
 
 def _pool(runner, art: Artifacts, data: str | Path | None, seed: int) -> tuple[str, np.ndarray]:

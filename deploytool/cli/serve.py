@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from deploytool.cli.options import Json, split_list
+from deploytool.cli.options import Json
 from deploytool.cli.render import console, print_json, table
 
 app = typer.Typer()
@@ -18,15 +18,6 @@ DynamicBatching = Annotated[bool, typer.Option("--dynamic-batching", help="Let T
 PreferredBatch = Annotated[str, typer.Option("--preferred-batch", help="Preferred batch sizes, e.g. 8,32.")]
 QueueDelay = Annotated[int, typer.Option("--max-queue-delay-us", help="Longest wait to fill a batch (us).")]
 Instances = Annotated[int, typer.Option("--instances", help="Model instances (parallel executions).")]
-
-
-def _sizes(value: str) -> tuple[int, ...]:
-    from deploytool.errors import BadInput
-
-    try:
-        return tuple(int(v) for v in split_list(value))
-    except ValueError:
-        raise BadInput(f"--preferred-batch takes comma-separated integers like 8,32, got {value!r}") from None
 
 
 @app.command()
@@ -47,7 +38,7 @@ def package(
     from deploytool.serving.repository import package as write_package
 
     result = write_package(target, repository, name, max_batch=max_batch, dynamic_batching=dynamic_batching,
-                           preferred_batch=_sizes(preferred_batch), max_queue_delay_us=max_queue_delay_us,
+                           preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
                            instances=instances, backend=backend, force=force)
     if json:
         print_json(result.to_dict())
@@ -86,6 +77,6 @@ def serve(
                    f"gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
 
     run_server(target, port, host=host, grpc_port=grpc_port, name=name, max_batch=max_batch,
-               dynamic_batching=dynamic_batching, preferred_batch=_sizes(preferred_batch),
+               dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
                max_queue_delay_us=max_queue_delay_us, instances=instances, on_ready=ready)
     typer.echo("server stopped", err=True)

@@ -27,7 +27,6 @@ class EngineBuildResult:
     op_path: str
     plugin_layers: list[str]
     plan: EngineBuildPlan
-    manifest_data: dict
 
     def to_dict(self) -> dict:
         return {"engine": self.engine, "manifest": self.manifest, "op_path": self.op_path,
@@ -44,6 +43,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     and a real build refuses them before its long run rather than after.
     """
     from deploytool.io import check_parent_dir
+    from deploytool.runtime import ENGINE_SUFFIXES
 
     for flag, path in (("--out", out), ("--timing-cache", timing_cache)):
         if path is not None:
@@ -51,6 +51,9 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
                 check_parent_dir(path)
             except BadInput as exc:
                 raise BadInput(f"{flag}: {exc}") from None
+    if out is not None and Path(out).suffix.lower() not in ENGINE_SUFFIXES:
+        raise BadInput(f"--out: {out} is not an engine file name; end it with {', '.join(ENGINE_SUFFIXES)} "
+                       "(e.g. --out model.plan)")
     plan = plan_engine(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
                        max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin)
     if dry_run:
@@ -90,7 +93,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
     from deploytool.diagnostics import describe_machine
     from deploytool.engine import plugins
-    from deploytool.io import atomic_path, write_bytes, write_json
+    from deploytool.io import write_bytes
 
     if plan.typing == "weak" and _version_tuple(trt.__version__)[0] >= FIRST_STRONG_ONLY_TENSORRT:
         raise BadInput(f"TensorRT {trt.__version__} builds only strongly typed networks, so an fp32 model cannot be "
@@ -136,13 +139,21 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
         plan, machine=describe_machine(), op_path=op_path, plugin_layers=plugin_layers,
         embedded_ptx=dict(plugin_module.EMBEDDED_PTX) if plugin_module and plugin_layers else {},
         kernel_source_sha256=plugins.kernel_source_sha256(), io=_io(trt, network))
-    meta_path = manifest_path(out)
-    with atomic_path(out) as engine_tmp, atomic_path(meta_path) as meta_tmp:
-        engine_tmp.write_bytes(bytes(serialized))
-        write_json(meta_tmp, manifest)
+    meta_path = write_engine(out, bytes(serialized), manifest)
     if cache_path is not None:
         write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    return EngineBuildResult(str(out), str(meta_path), op_path, plugin_layers, plan, manifest)
+    return EngineBuildResult(str(out), str(meta_path), op_path, plugin_layers, plan)
+
+
+def write_engine(out: Path, engine: bytes, manifest: dict) -> Path:
+    """Write the engine, then its manifest (returned): a failed engine write leaves the old pair as it was,
+    never a new manifest describing the old engine."""
+    from deploytool.io import atomic_path, write_bytes, write_json
+
+    with atomic_path(manifest_path(out)) as meta_tmp:
+        write_json(meta_tmp, manifest)
+        write_bytes(out, engine)
+    return manifest_path(out)
 
 
 def _model_bytes(plan: EngineBuildPlan) -> bytes:
@@ -200,10 +211,13 @@ def _pin_fp32(trt, network, region: dict[str, list[str]]) -> None:
                 layer.set_output_type(j, trt.float32)
 
 
+#: TensorRT names these data types as NumPy does (trt.float16 is "float16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")
+
+
 def dtype_name(trt, dtype) -> str:
-    """NumPy/torch spelling of a TensorRT data type ("float16"); also used by the TensorRT runner."""
-    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32",
-             trt.int64: "int64", trt.int8: "int8", trt.uint8: "uint8", trt.bool: "bool"}
+    """NumPy/torch spelling of a TensorRT data type; used by the manifest, the runner and the plugins."""
+    names = {getattr(trt, name): name for name in DTYPE_NAMES if hasattr(trt, name)}
     return names[dtype]
 
 

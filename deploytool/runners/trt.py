@@ -55,8 +55,9 @@ class TensorRTRunner(Runner):
         self._runtime = self._logger = None
 
     def _meta(self, kind: str) -> list[TensorMeta]:
-        return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
-                for t in self.manifest["io"][kind]]
+        from deploytool.engine.manifest import tensor_metas
+
+        return tensor_metas(self.manifest, kind)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.batch_sizes import check_batch_sizes
 from deploytool.errors import BadInput
 from deploytool.runners.base import TensorMeta
 from deploytool.serving import config as cfg
@@ -47,7 +49,7 @@ class Package:
 
 
 def package(target: str | Path, repository: str | Path, name: str, *, max_batch: int = 64,
-            dynamic_batching: bool = False, preferred_batch: tuple[int, ...] = (8, 32),
+            dynamic_batching: bool = False, preferred_batch: str | Sequence[int] = (8, 32),
             max_queue_delay_us: int = 100, instances: int = 1, backend: str = "auto",
             force: bool = False) -> Package:
     """Write `repository/name` for `target` (engine -> tensorrt_plan, ONNX -> onnxruntime, run dir -> python).
@@ -74,7 +76,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
                  else "an ONNX file (deploytool export)")
         raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use --backend python")
-    batching = cfg.Batching(max_batch, dynamic_batching, tuple(preferred_batch), max_queue_delay_us)
+    preferred = tuple(check_batch_sizes(preferred_batch, "--preferred-batch", allow_empty=True))
+    batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
     notes: list[str] = []
     if kind == "engine":
@@ -120,15 +123,11 @@ def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], l
     Refuses a max batch above the engine's optimisation profile: Triton would accept batches the engine
     cannot run.
     """
-    from deploytool.engine.manifest import read_manifest
+    from deploytool.engine.manifest import max_batch as profile_max_batch
+    from deploytool.engine.manifest import read_manifest, tensor_metas
 
     manifest = read_manifest(engine)
-
-    def metas(kind: str) -> list[TensorMeta]:
-        return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
-                for t in manifest["io"][kind]]
-
-    profile_max = min((p["max"][0] for p in manifest.get("profile", {}).values()), default=None)
+    profile_max = profile_max_batch(manifest)
     if profile_max is not None and max_batch > profile_max:
         raise BadInput(f"--max-batch {max_batch} is above the engine's optimisation profile (max batch "
                        f"{profile_max}); lower --max-batch or rebuild with build-engine --max-batch {max_batch}")
@@ -143,7 +142,7 @@ def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], l
     machine = (f"It loads only under TensorRT {manifest.get('tensorrt')} on a GPU of compute capability "
                f"{manifest.get('compute_capability')} ({manifest.get('gpu')}): pick the Triton release whose "
                "TensorRT matches, or rebuild the engine where Triton runs.")
-    return metas("inputs"), metas("outputs"), [plugin, machine]
+    return tensor_metas(manifest, "inputs"), tensor_metas(manifest, "outputs"), [plugin, machine]
 
 
 def _copy_artifact(target: Path, kind: str, dest: Path) -> None:

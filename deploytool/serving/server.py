@@ -19,7 +19,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ class Server:
 
 def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1", grpc_port: int | None = None,
           name: str = DEFAULT_NAME, max_batch: int = 64, dynamic_batching: bool = False,
-          preferred_batch: tuple[int, ...] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
+          preferred_batch: str | Sequence[int] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
           block: bool = True, on_ready: Any = None) -> Server:
     """Serve `target` (run dir, ONNX file or engine) on `host:port` (HTTP) and `grpc_port` (default port+1).
 
@@ -98,11 +98,13 @@ def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.
     block=False returns the running Server for the caller to stop. `on_ready(server)` is called once
     the model answers. Ports in use are refused (BadInput) before anything starts.
     """
+    from deploytool.batch_sizes import check_batch_sizes
     from deploytool.deps import require
     from deploytool.serving.config import check_name
     from deploytool.serving.repository import package
 
     check_name(name)
+    preferred_batch = check_batch_sizes(preferred_batch, "--preferred-batch", allow_empty=True)
     grpc_port = port + 1 if grpc_port is None else grpc_port
     if port == grpc_port:
         raise BadInput(f"HTTP and gRPC need different ports, both are {port}")

@@ -1,0 +1,25 @@
+"""Batch-size lists as users give them ("1,8,64" or a sequence): one parser for bench and serving."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from deploytool.errors import BadInput
+
+
+def check_batch_sizes(value: str | Sequence[Any], flag: str = "--batch-sizes", *,
+                      allow_empty: bool = False) -> list[int]:
+    """Positive integers, each once, in the order given; anything else is BadInput naming `flag`."""
+    values = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in values:
+        text = str(item).strip()
+        if not text:
+            continue
+        if isinstance(item, bool) or not text.lstrip("+").isdigit() or int(text) < 1:
+            raise BadInput(f"{flag}: batch size must be a positive integer, got {text!r} (give e.g. 8,32)")
+        out.append(int(text))
+    if not out and not allow_empty:
+        raise BadInput(f"{flag}: give at least one batch size")
+    return list(dict.fromkeys(out))
