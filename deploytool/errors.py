@@ -12,6 +12,12 @@ EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): for one-line reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DeployToolError(Exception):
     """Base of every error deploytool raises on purpose; the message is one line meant for a user."""
 

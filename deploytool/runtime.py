@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from deploytool import io
-from deploytool.errors import BadInput
+from deploytool.errors import BadInput, first_line
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
 from deploytool.runners import check_routed_outputs
 from deploytool.runners.base import Runner, TensorMeta
@@ -177,7 +177,7 @@ def _as_array(x: Any, want: np.dtype | None, name: str) -> np.ndarray:
         return np.asarray(x)  # torch CPU tensors and other array-likes keep their own dtype
     except (TypeError, ValueError, RuntimeError) as exc:
         raise BadInput(f"input {name!r} cannot be read as an array ({type(x).__name__}): "
-                       f"{str(exc).splitlines()[0][:200]}") from exc
+                       f"{first_line(exc)[:200]}") from exc
 
 
 def _shape_text(shape: tuple) -> str:

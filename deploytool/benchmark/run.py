@@ -25,7 +25,7 @@ from deploytool import io
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.benchmark import harness, patterns
 from deploytool.benchmark.stats import CV_WARN, LatencyStats, summarize
-from deploytool.errors import BadInput, DeployToolError, MissingDependency
+from deploytool.errors import BadInput, DeployToolError, MissingDependency, first_line
 from deploytool.runners import check_routed_outputs, parse_backends
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
@@ -278,7 +278,7 @@ def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitSta
             runner = art.runner_for(backend, stack)
             stack.enter_context(runner)
         except (DeployToolError, ImportError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             skipped[backend] = first
             errors.append(exc if isinstance(exc, DeployToolError) else MissingDependency(first))
             continue

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploytool import io
-from deploytool.errors import BadInput, CheckFailed
+from deploytool.errors import BadInput, CheckFailed, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from deploytool.runners import INPUT_NAME, OUTPUT_NAMES
@@ -172,7 +172,7 @@ def to_onnx(module: nn.Module, *, opset: int = DEFAULT_OPSET, static_batch: int 
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise CheckFailed(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
     return proto, {META_PREFIX + k: v for k, v in metadata.items()}
 
 

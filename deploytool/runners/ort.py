@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploytool.errors import BadInput, MissingDependency
+from deploytool.errors import BadInput, MissingDependency, first_line
 from deploytool.io import CONFIG_FILE, check_file
 from deploytool.runners.base import Runner, TensorMeta
 
@@ -42,8 +42,7 @@ def load_session(path: str | Path, providers: list[str], options=None):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{path} is not a loadable ONNX model: {first[:300]}") from exc
+        raise BadInput(f"{path} is not a loadable ONNX model: {first_line(exc)[:300]}") from exc
 
 
 def _ort():

@@ -167,7 +167,9 @@ def _external_data(onnx_path: Path) -> list[str]:
     """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    from deploytool.export.onnx import load_onnx
+
+    graph = load_onnx(onnx_path).graph
     locations = set()
     for tensor in graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
