@@ -27,6 +27,9 @@ MAX_BLOCK_E = 4096
 #: few, large programs
 GPU_TILE = 8192
 INTERPRETER_TILE = 1 << 16
+#: compile options every GPU variant shares: FMA contraction stays on (Triton 3.9 warns that its
+#: default will flip; pinning it keeps JIT and embedded kernels identical across Triton versions)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -186,7 +189,7 @@ def _run(x, temp_bits: int, probs, mask, index_dtype, max_block_e: int):
     if n_rows == 0:
         return index
     cfg = blocks(n_rows, n_cols, interpret=interpret, max_block_e=max_block_e)
-    options = {} if interpret else {"num_warps": cfg.num_warps}
+    options = {} if interpret else {"num_warps": cfg.num_warps, **COMPILE_OPTIONS}
     tempered_softmax_select_kernel[grid(n_rows, cfg)](
         x, n_rows, n_cols, temp_bits, probs, mask, index,
         BLOCK_B=cfg.block_b, BLOCK_E=cfg.block_e, ONE_BLOCK=cfg.one_block, SOFTMAX=probs is not None, **options,
@@ -236,7 +239,7 @@ def compile_ptx(x_dtype: str, *, probs_dtype: str | None = None, mask_dtype: str
     for name in ("BLOCK_B", "BLOCK_E", "ONE_BLOCK", "SOFTMAX"):
         signature[name] = "constexpr"
     src = triton.compiler.ASTSource(fn=tempered_softmax_select_kernel, signature=signature, constexprs=constexprs)
-    options = {"num_warps": cfg.num_warps}
+    options = {"num_warps": cfg.num_warps, **COMPILE_OPTIONS}
     kernel = triton.compile(src, target=target, options=options)
     limit = driver_ptx_isa() if ptx_limit is None else ptx_limit
     if limit is not None and ptx_isa(kernel.asm["ptx"]) > limit:

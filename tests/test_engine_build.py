@@ -1,0 +1,171 @@
+"""engine/build.py applying plans through TensorRT's API, on tests/fake_tensorrt.py.
+
+The builder, network and parser are stand-ins that record what build.py asks of them; plugin layers
+go through NVIDIA's real tensorrt.plugin and deploytool's plugin module, so a plugin build compiles
+and embeds the real kernels. What is checked: the flags, profile, workspace and timing cache the
+plan asks for reach TensorRT; which path the parser took is reported as it happened; the engine and
+manifest are written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import fake_tensorrt
+import pytest
+from test_engine_plan import write_routing_model
+
+from deploytool.engine.build import build_engine
+from deploytool.engine.manifest import read_manifest
+from deploytool.errors import BadInput, CheckFailed
+
+pytestmark = pytest.mark.skipif(fake_tensorrt.BINDINGS is None, reason=fake_tensorrt.SKIP_REASON)
+
+
+@pytest.fixture(params=["11.4.0.106"])
+def trt(request, monkeypatch):
+    """TensorRT (stand-in core, real tensorrt.plugin) on a machine that reports an H100."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from deploytool import diagnostics
+    from deploytool.engine import plugins
+    from deploytool.kernels import triton_kernel
+
+    if triton_kernel.interpreting():
+        pytest.skip("this process runs the Triton interpreter; it cannot compile")
+    real_compile = triton_kernel.compile_ptx
+    monkeypatch.setattr(triton_kernel, "compile_ptx", lambda *a, **k: real_compile(
+        *a, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **k))
+    monkeypatch.setattr(diagnostics, "gpu", lambda: fake_tensorrt.H100)
+    monkeypatch.delitem(sys.modules, plugins.PLUGIN_MODULE, raising=False)
+    with fake_tensorrt.installed(request.param) as trt:
+        try:
+            yield trt
+        finally:
+            sys.modules.pop(plugins.PLUGIN_MODULE, None)
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_routing_model(tmp_path / "model.onnx")
+
+
+def _engine_record(path) -> dict:
+    return json.loads(path.read_bytes())
+
+
+def test_plugin_build_embeds_both_kernels_and_the_manifest_says_which(exported_onnx, trt, tmp_path):
+    import onnx
+
+    from deploytool.engine import plugins
+
+    out = tmp_path / "model.plan"
+    result = build_engine(exported_onnx, out, max_batch=256)
+    model = onnx.load(exported_onnx, load_external_data=False)
+    ours = [n for n in model.graph.node if n.domain == "deploytool"]
+    assert result.op_path == "plugin" and sorted(result.plugin_layers) == sorted(n.name for n in ours)
+
+    layers = {layer.name: layer for layer in trt.last_build.network.layers}
+    softmax = next(n for n in ours if n.op_type == "TemperedSoftmax")
+    temperature = next(a.f for a in softmax.attribute if a.name == "temperature")
+    assert [(f.name, float(f.data[0])) for f in layers[softmax.name].plugin.fields] == [("temperature", temperature)]
+    record = _engine_record(out)
+    assert set(record["kernels"]) == set(result.plugin_layers)
+    assert "TF32" not in record["flags"] and record["pools"] == {"WORKSPACE": 1024 << 20}
+    assert record["profiles"] == [result.plan.profile] and result.plan.profile["x"]["max"][0] == 256
+    assert trt.last_build.network.flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+
+    manifest = read_manifest(out)
+    assert manifest["op_path"] == "plugin" and manifest["plugin_layers"] == result.plugin_layers
+    assert manifest["embedded_ptx_sha256"].keys() == {"deploytool::TemperedSoftmax", "deploytool::HardSelect"}
+    assert set(manifest["embedded_ptx_sha256"]["deploytool::HardSelect"]) == {"float32->float32,int64"}
+    assert manifest["kernel_source_sha256"] == plugins.kernel_source_sha256()
+    assert (manifest["tensorrt"], manifest["gpu"], manifest["compute_capability"]) == (
+        "11.4.0.106", fake_tensorrt.H100["name"], "9.0")
+    assert {t["name"]: t["dtype"] for t in manifest["io"]["outputs"]}["index"] == "int64"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.plan", "model.plan.json"]
+
+
+def test_the_engine_built_here_is_one_doctor_says_will_load_here(exported_onnx, trt, tmp_path):
+    from deploytool.diagnostics import check_engine
+
+    build_engine(exported_onnx, tmp_path / "model.plan")
+    report = check_engine(tmp_path / "model.plan")
+    assert report["will_load"] and report["problems"] == []
+    assert "no plugin library or Python needed" in report["plugin"]
+
+
+def test_no_plugin_inlines_the_function_bodies_and_embeds_nothing(model, trt, tmp_path):
+    result = build_engine(model, tmp_path / "model.plan", plugin=False)
+    assert result.op_path == "local-function" and result.plugin_layers == []
+    names = [layer.name for layer in trt.last_build.network.layers]
+    assert names == ["router", "softmax/Softmax_0", "select/Identity_0", "select/ArgMax_1"]
+    manifest = read_manifest(tmp_path / "model.plan")
+    assert manifest["embedded_ptx_sha256"] == {} and manifest["kernel_source_sha256"] is None
+    assert _engine_record(tmp_path / "model.plan")["kernels"] == {}
+
+
+def test_a_plugin_the_parser_cannot_find_is_reported_as_the_function_path(model, trt, tmp_path, cli):
+    from deploytool.engine.plugins import load_plugins
+
+    load_plugins()
+    trt.get_plugin_registry().creators.clear()  # e.g. registered under another namespace
+    code, out, _ = cli("build-engine", str(model), "--out", str(tmp_path / "model.plan"))
+    assert code == 0
+    assert "local-function path: the parser found no registered deploytool plugin" in " ".join(out.split())
+    assert read_manifest(tmp_path / "model.plan")["op_path"] == "local-function"
+
+
+def test_cli_build_says_it_took_the_plugin_path(model, trt, tmp_path, cli):
+    code, out, _ = cli("build-engine", str(model), "--out", str(tmp_path / "model.plan"), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["op_path"] == "plugin" and data["plugin_layers"] == ["softmax", "select"]
+
+
+@pytest.mark.parametrize("trt", ["10.9.0"], indirect=True)
+def test_tensorrt_10_lowers_fp32_to_fp16_with_the_routing_pinned_to_fp32(model, trt, tmp_path):
+    build_engine(model, tmp_path / "model.plan", precision="fp16", plugin=False)
+    assert {"FP16", "OBEY_PRECISION_CONSTRAINTS"} <= set(_engine_record(tmp_path / "model.plan")["flags"])
+    layers = {layer.name: layer for layer in trt.last_build.network.layers}
+    assert layers["router"].precision is None  # upstream of the logits: free to run in fp16
+    for name in ("softmax/Softmax_0", "select/Identity_0", "select/ArgMax_1"):
+        assert layers[name].precision == trt.float32
+    assert layers["softmax/Softmax_0"].output_types == {0: trt.float32}
+    assert layers["select/ArgMax_1"].output_types == {}  # the int64 index keeps its type
+
+
+def test_tensorrt_11_refuses_to_lower_an_fp32_model_before_writing_anything(model, trt, tmp_path):
+    with pytest.raises(BadInput, match="builds only strongly typed networks"):
+        build_engine(model, tmp_path / "model.plan", precision="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_failed_build_leaves_the_previous_engine_and_manifest_untouched(model, trt, tmp_path):
+    out = tmp_path / "model.plan"
+    build_engine(model, out)
+    before = (out.read_bytes(), (tmp_path / "model.plan.json").read_bytes())
+    trt.Builder.fail_with = "insufficient workspace for the tactic"
+    with pytest.raises(CheckFailed, match="could not build the engine: insufficient workspace"):
+        build_engine(model, out, workspace_mib=1)
+    assert (out.read_bytes(), (tmp_path / "model.plan.json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.plan", "model.plan.json"]
+
+
+def test_parser_errors_become_one_check_failure_naming_the_model(model, trt, tmp_path, monkeypatch):
+    from deploytool.engine import build
+
+    monkeypatch.setattr(build, "_model_bytes", lambda plan: b"not a protobuf")
+    with pytest.raises(CheckFailed, match=r"TensorRT could not parse .*model\.onnx: could not read the model"):
+        build_engine(model, tmp_path / "model.plan")
+    assert not (tmp_path / "model.plan").exists()
+
+
+def test_timing_cache_is_read_before_and_written_back_after_the_build(model, trt, tmp_path):
+    cache = tmp_path / "timing.cache"
+    build_engine(model, tmp_path / "a.plan", timing_cache=cache)
+    assert cache.read_bytes() == b"+timings"  # created
+    build_engine(model, tmp_path / "b.plan", timing_cache=cache)
+    assert cache.read_bytes() == b"+timings+timings"  # read, extended, written back
