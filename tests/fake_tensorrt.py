@@ -11,7 +11,8 @@ deploytool's plugin module run as they would in a build. The C++ side (PTX JIT, 
 is not imitated: the "engine" is a JSON record of what the build embedded.
 
 API names follow TensorRT 11.4's Python bindings (checked against the symbol names in its
-tensorrt.so); `version` picks 10.x behaviour (weak-typing flags and layer precisions) or 11.x.
+tensorrt.so), which have no weak-typing builder flags (FP16, BF16, OBEY_PRECISION_CONSTRAINTS...)
+and no per-layer precision: setting one fails here as it would there.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 _OPS = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, b: a * b,
         "FLOOR_DIV": lambda a, b: a // b, "CEIL_DIV": lambda a, b: -(-a // b), "MAX": max, "MIN": min,
         "EQUAL": lambda a, b: int(a == b), "LESS": lambda a, b: int(a < b)}
-_BUILDER_FLAGS_11 = ("DEBUG GPU_FALLBACK DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS SAFETY_SCOPE "
+_BUILDER_FLAGS = ("DEBUG GPU_FALLBACK DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS SAFETY_SCOPE "
                      "VERSION_COMPATIBLE ERROR_ON_TIMING_CACHE_MISS DISABLE_COMPILATION_CACHE STRIP_PLAN "
-                     "REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY")
-#: removed in TensorRT 11 (strong typing only)
-_WEAK_TYPING_FLAGS = "FP16 BF16 INT8 FP8 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS"
+                  "REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY")
 _ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
@@ -103,7 +102,6 @@ class ExprBuilder:
 def _fake_core(version: str) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
-    strong_only = int(version.split(".")[0]) >= 11
     _enum(trt, "DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8 BF16 INT64 INT4 FP4")
     _enum(trt, "TensorFormat", "LINEAR CHW2 HWC8 CHW4 CHW16 CHW32 DHWC8 CDHW32 HWC DLA_LINEAR DLA_HWC4 HWC16 DHWC")
     _enum(trt, "DimensionOperation", " ".join(_OPS))
@@ -116,7 +114,7 @@ def _fake_core(version: str) -> types.ModuleType:
     _enum(trt, "MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM DLA_LOCAL_DRAM DLA_GLOBAL_DRAM TACTIC_DRAM")
     _enum(trt, "TensorIOMode", "NONE INPUT OUTPUT")
     _enum(trt, "NetworkDefinitionCreationFlag", "STRONGLY_TYPED PREFER_AOT_PYTHON_PLUGINS PREFER_JIT_PYTHON_PLUGINS")
-    _enum(trt, "BuilderFlag", _BUILDER_FLAGS_11 + ("" if strong_only else " " + _WEAK_TYPING_FLAGS))
+    _enum(trt, "BuilderFlag", _BUILDER_FLAGS)
     dt = trt.DataType
     for name, member in (("float32", dt.FLOAT), ("float16", dt.HALF), ("bfloat16", dt.BF16), ("int8", dt.INT8),
                          ("int32", dt.INT32), ("int64", dt.INT64), ("bool", dt.BOOL), ("uint8", dt.UINT8)):
@@ -175,7 +173,7 @@ def _fake_core(version: str) -> types.ModuleType:
         ILogger=ILogger, Logger=Logger, IDimensionExpr=Expr, Dims=Dims, DimsExprs=lambda n: [None] * n,
         PluginTensorDesc=PluginTensorDesc, DynamicPluginTensorDesc=DynamicPluginTensorDesc, PluginField=PluginField,
         PluginFieldCollection=list, get_plugin_registry=lambda: registry)
-    _add_builder(trt, strong_only)
+    _add_builder(trt)
     return trt
 
 
@@ -263,7 +261,7 @@ class PluginLayer:
 
 # --- builder, network and ONNX parser that record what deploytool asks of them ------------------
 
-def _add_builder(trt, strong_only: bool):
+def _add_builder(trt):
     class Tensor:
         """`shape` as TensorRT reports it (-1 for a dynamic dimension); `dims` keeps the ONNX names."""
 
@@ -273,9 +271,10 @@ def _add_builder(trt, strong_only: bool):
         shape = property(lambda self: [d if isinstance(d, int) else -1 for d in self.dims])
 
     class Layer:
+        __slots__ = ("name", "type", "inputs", "outputs", "plugin")  # no per-layer precision in TensorRT 11
+
         def __init__(self, name, type, inputs, outputs, plugin=None):
             self.name, self.type, self.inputs, self.outputs, self.plugin = name, type, inputs, outputs, plugin
-            self.output_types = {}
 
         num_inputs = property(lambda self: len(self.inputs))
         num_outputs = property(lambda self: len(self.outputs))
@@ -285,14 +284,6 @@ def _add_builder(trt, strong_only: bool):
 
         def get_output(self, i):
             return self.outputs[i]
-
-    if not strong_only:  # TensorRT 10's weak typing: per-layer precision and output types
-        Layer.precision = None
-
-        def set_output_type(self, index, dtype):
-            self.output_types[index] = dtype
-
-        Layer.set_output_type = set_output_type
 
     class Network:
         def __init__(self, flags):

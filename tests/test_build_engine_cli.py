@@ -31,7 +31,7 @@ def test_dry_run_prints_the_plan_as_json_and_writes_nothing(model, tmp_path, cap
                         capsys)
     assert code == 0
     plan = json.loads(out)
-    assert plan["precision"] == "fp16" and plan["typing"] == "weak" and plan["op_path"] == "local-function"
+    assert plan["precision"] == "fp16" and plan["lower_to"] == "fp16" and plan["op_path"] == "local-function"
     assert plan["profile"]["x"] == {"min": [1, 16], "opt": [8, 16], "max": [64, 16]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 

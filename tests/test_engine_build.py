@@ -18,7 +18,7 @@ from test_engine_plan import write_routing_model
 
 from deploytool.engine.build import build_engine
 from deploytool.engine.manifest import read_manifest
-from deploytool.errors import BadInput, CheckFailed
+from deploytool.errors import CheckFailed
 
 pytestmark = pytest.mark.skipif(fake_tensorrt.BINDINGS is None, reason=fake_tensorrt.SKIP_REASON)
 
@@ -125,22 +125,24 @@ def test_cli_build_says_it_took_the_plugin_path(model, trt, tmp_path, cli):
     assert data["op_path"] == "plugin" and data["plugin_layers"] == ["softmax", "select"]
 
 
-@pytest.mark.parametrize("trt", ["10.9.0"], indirect=True)
-def test_tensorrt_10_lowers_fp32_to_fp16_with_the_routing_pinned_to_fp32(model, trt, tmp_path):
-    build_engine(model, tmp_path / "model.plan", precision="fp16", plugin=False)
-    assert {"FP16", "OBEY_PRECISION_CONSTRAINTS"} <= set(_engine_record(tmp_path / "model.plan")["flags"])
-    layers = {layer.name: layer for layer in trt.last_build.network.layers}
-    assert layers["router"].precision is None  # upstream of the logits: free to run in fp16
-    for name in ("softmax/Softmax_0", "select/Identity_0", "select/ArgMax_1"):
-        assert layers[name].precision == trt.float32
-    assert layers["softmax/Softmax_0"].output_types == {0: trt.float32}
-    assert layers["select/ArgMax_1"].output_types == {}  # the int64 index keeps its type
-
-
-def test_tensorrt_11_refuses_to_lower_an_fp32_model_before_writing_anything(model, trt, tmp_path):
-    with pytest.raises(BadInput, match="builds only strongly typed networks"):
-        build_engine(model, tmp_path / "model.plan", precision="fp16")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+@pytest.mark.parametrize("trt", ["10.9.0", "11.4.0.106"], indirect=True)
+def test_an_fp16_build_of_an_fp32_model_parses_a_lowered_graph_with_fp32_routing(exported_onnx, trt, tmp_path):
+    result = build_engine(exported_onnx, tmp_path / "model.plan", precision="fp16")
+    network = trt.last_build.network
+    assert [t.dtype for t in network.inputs] == [trt.float32]  # the interface keeps fp32
+    assert {t.name: t.dtype for t in network.outputs} == {"output": trt.float32, "index": trt.int64,
+                                                          "probs": trt.float32}
+    layers = {layer.name: layer for layer in network.layers}
+    expert = layers["node_linear_1"]  # an expert's first Gemm: fp16 in, fp16 out
+    assert expert.inputs[0].dtype == trt.float16 and expert.outputs[0].dtype == trt.float16
+    router = layers["node_linear"]  # the router runs in fp16 up to its logits
+    assert router.outputs[0].dtype == trt.float16
+    for name in result.plugin_layers:  # the routing decision is made in fp32
+        assert layers[name].inputs[0].dtype == trt.float32
+    manifest = read_manifest(tmp_path / "model.plan")
+    assert manifest["precision"] == "fp16" and manifest["lowered_to"] == "fp16"
+    assert set(manifest["embedded_ptx_sha256"]["deploytool::TemperedSoftmax"]) == {"float32->float32"}
+    assert {t["name"]: t["dtype"] for t in manifest["io"]["inputs"]} == {"x": "float32"}
 
 
 def test_a_failed_build_leaves_the_previous_engine_and_manifest_untouched(model, trt, tmp_path):
@@ -169,3 +171,17 @@ def test_timing_cache_is_read_before_and_written_back_after_the_build(model, trt
     assert cache.read_bytes() == b"+timings"  # created
     build_engine(model, tmp_path / "b.plan", timing_cache=cache)
     assert cache.read_bytes() == b"+timings+timings"  # read, extended, written back
+
+
+def test_an_engine_built_here_packages_as_a_triton_tensorrt_plan_model(exported_onnx, trt, tmp_path):
+    pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from test_package import parse
+
+    from deploytool.serving.repository import package
+
+    build_engine(exported_onnx, tmp_path / "model.plan", max_batch=128)
+    result = package(tmp_path / "model.plan", tmp_path / "repo", "router", max_batch=128)
+    config = parse(result.model_dir)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 128
+    assert {t.name for t in config.output} >= {"index", "probs"}
+    assert "TensorRT 11.4.0.106" in result.readme.read_text()

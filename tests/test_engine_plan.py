@@ -52,7 +52,7 @@ def model(tmp_path):
 
 def test_fp32_plan_is_strongly_typed_with_dynamic_batch_profile_and_plugins(model):
     plan = plan_engine(model, min_batch=2, opt_batch=32, max_batch=512, workspace_mib=256)
-    assert plan.typing == "strong" and plan.network_flags == ["STRONGLY_TYPED"] and plan.builder_flags == []
+    assert plan.lower_to is None and plan.network_flags == ["STRONGLY_TYPED"] and plan.fp32_region == {}
     assert plan.cleared_builder_flags == ["TF32"]
     assert plan.profile == {"x": {"min": [2, 16], "opt": [32, 16], "max": [512, 16]}}
     assert plan.op_path == "plugin"
@@ -69,16 +69,16 @@ def test_no_plugin_plans_the_local_function_path(model):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_lowering_an_fp32_model_uses_weak_typing_with_routing_pinned_to_fp32(model, precision):
+def test_an_fp32_model_is_lowered_in_graph_with_the_routing_region_kept_fp32(model, precision):
     plan = plan_engine(model, precision=precision)
-    assert plan.typing == "weak" and plan.network_flags == []
-    assert plan.builder_flags == [precision.upper(), "OBEY_PRECISION_CONSTRAINTS"]
-    assert plan.requires_tensorrt == ">=10.8,<11"  # TensorRT 11 builds strongly typed networks only
+    assert plan.lower_to == precision and plan.network_flags == ["STRONGLY_TYPED"]
+    assert plan.fp32_region == {"from": ["logits"], "to": ["index", "mask", "probs"]}
+    assert plan.cleared_builder_flags == [] and plan.requires_tensorrt == ">=10.8"  # TensorRT 10.8 and 11 alike
 
 
 def test_fp16_model_builds_strongly_typed_as_fp16_and_refuses_fp32(tmp_path):
     path = write_routing_model(tmp_path / "half.onnx", elem=TensorProto.FLOAT16)
-    assert plan_engine(path, precision="fp16").typing == "strong"
+    assert plan_engine(path, precision="fp16").lower_to is None  # its own types
     with pytest.raises(BadInput, match="model is fp16"):
         plan_engine(path, precision="fp32")
 
@@ -150,11 +150,6 @@ def test_function_path_strips_plugin_attributes_left_by_another_tool(tmp_path):
     plain = onnx.load_from_string(_model_bytes(plan_engine(path, plugin=False)))
     assert not {"plugin_namespace", "aot"} & {a.name for n in plain.graph.node for a in n.attribute}
     assert helper.get_attribute_value(plain.graph.node[1].attribute[0]) == pytest.approx(0.5)  # temperature kept
-
-
-def test_weak_typing_pins_the_region_between_routing_inputs_and_outputs(model):
-    assert plan_engine(model, precision="fp16").fp32_region == {"from": ["logits"], "to": ["index", "mask", "probs"]}
-    assert plan_engine(model).fp32_region == {}  # strong typing: types come from the model
 
 
 def test_layers_between_finds_function_layers_whatever_their_names():

@@ -43,11 +43,17 @@ def build_engine(
     plan = data["plan"]
     con = console()
     con.print(table(f"engine {data['engine']}", ["", ""], [
-        ("precision", f"{plan['precision']} ({plan['typing']} typing)"),
+        ("precision", _precision_line(plan)),
         ("profile", "; ".join(f"{name} {s['min']} .. {s['opt']} .. {s['max']}" for name, s in plan["profile"].items())),
         ("deploytool ops", _op_path_line(data, plan)),
         ("manifest", data["manifest"]),
     ]))
+
+
+def _precision_line(plan: dict) -> str:
+    if plan["lower_to"]:
+        return f"{plan['precision']} (fp32 model lowered in-graph; routing kept in fp32)"
+    return f"{plan['precision']} (the model's own types)"
 
 
 def _op_path_line(data: dict, plan: dict) -> str:

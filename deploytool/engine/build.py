@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploytool.engine.manifest import build_manifest, manifest_path
-from deploytool.engine.plan import (FIRST_STRONG_ONLY_TENSORRT, FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH,
-                                    EngineBuildPlan, layers_between, plan_engine)
+from deploytool.engine.plan import FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH, EngineBuildPlan, plan_engine
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.ops import DOMAIN
 
@@ -95,9 +94,6 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
     from deploytool.engine import plugins
     from deploytool.io import write_bytes
 
-    if plan.typing == "weak" and _version_tuple(trt.__version__)[0] >= FIRST_STRONG_ONLY_TENSORRT:
-        raise BadInput(f"TensorRT {trt.__version__} builds only strongly typed networks, so an fp32 model cannot be "
-                       f"lowered to {plan.precision} here: export the model in {plan.precision} or build --precision fp32")
     plugin_module = plugins.load_plugins() if plan.op_path == PLUGIN_PATH else None
     if plugin_module is not None:
         plugin_module.EMBEDDED_PTX.clear()  # record only what this build compiles
@@ -114,8 +110,6 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
     op_path = PLUGIN_PATH if plugin_layers else FUNCTION_PATH
 
     config = builder.create_builder_config()
-    for name in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
     for name in plan.cleared_builder_flags:
         config.clear_flag(getattr(trt.BuilderFlag, name))
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mib << 20)
@@ -129,7 +123,6 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
             raise BadInput(f"timing cache {cache_path} is unreadable or from another GPU/TensorRT: "
                            "delete it or pass another --timing-cache")
-    _pin_fp32(trt, network, plan.fp32_region)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -157,7 +150,8 @@ def write_engine(out: Path, engine: bytes, manifest: dict) -> Path:
 
 
 def _model_bytes(plan: EngineBuildPlan) -> bytes:
-    """The ONNX model as the parser should see it.
+    """The ONNX model as the parser should see it: lowered to the plan's precision if it asks, and
+    with deploytool's nodes marked for the path the plan takes.
 
     onnx-tensorrt imports a node whose op has a local function as a plugin when a plugin creator of
     that name is registered under the node's `plugin_namespace` attribute (default ""), and inlines
@@ -167,7 +161,13 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     """
     import onnx
 
-    model = onnx.load(plan.onnx_path, load_external_data=False)
+    # lowering converts the weights, so it needs them in memory; otherwise the parser reads external
+    # data itself, relative to the model's path
+    model = onnx.load(plan.onnx_path, load_external_data=bool(plan.lower_to))
+    if plan.lower_to:
+        from deploytool.engine.lowering import lower_precision
+
+        model = lower_precision(model, plan.lower_to, plan.fp32_region)
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
@@ -184,7 +184,7 @@ def _network_flags(trt, names: list[str]) -> int:
     """Bit mask of NetworkDefinitionCreationFlag names. TensorRT 11 types every network strongly and
     may drop the STRONGLY_TYPED member; the flag is then implied, not missing."""
     flags = 0
-    strong_only = _version_tuple(trt.__version__)[0] >= FIRST_STRONG_ONLY_TENSORRT
+    strong_only = _version_tuple(trt.__version__)[0] >= 11
     for name in names:
         flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
         if flag is None and name == "STRONGLY_TYPED" and strong_only:
@@ -194,21 +194,6 @@ def _network_flags(trt, names: list[str]) -> int:
                                     f'pip install "tensorrt>={MIN_TENSORRT}"')
         flags |= 1 << int(flag)
     return flags
-
-
-def _pin_fp32(trt, network, region: dict[str, list[str]]) -> None:
-    """Weak typing: keep the routing decision (softmax and top-1) in float32 so fp16 cannot flip it."""
-    if not region:
-        return
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    io = [([t.name for t in map(layer.get_input, range(layer.num_inputs)) if t is not None],
-           [layer.get_output(j).name for j in range(layer.num_outputs)]) for layer in layers]
-    for i in layers_between(io, region):
-        layer = layers[i]
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in (trt.float16, trt.bfloat16, trt.float32):  # not the int64 index
-                layer.set_output_type(j, trt.float32)
 
 
 #: TensorRT names these data types as NumPy does (trt.float16 is "float16")

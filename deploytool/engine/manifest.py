@@ -42,7 +42,8 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
         "gpu": machine.get("gpu"),
         "compute_capability": machine.get("compute_capability"),
         "precision": plan.precision,
-        "typing": plan.typing,
+        #: None, or the precision the fp32 model was lowered to in-graph (routing kept in fp32)
+        "lowered_to": plan.lower_to,
         "profile": plan.profile,
         "io": io,
         "op_path": op_path,

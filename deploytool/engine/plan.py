@@ -1,7 +1,7 @@
 """EngineBuildPlan: the whole TensorRT build configuration as plain data, decided before TensorRT loads.
 
-Everything a build depends on (typing mode and flags, the optimisation profile derived from the ONNX
-inputs, workspace, timing cache, which deploytool ops become plugins) is computed here from the ONNX
+Everything a build depends on (precision and whether the graph is lowered to it, flags, the
+optimisation profile derived from the ONNX inputs, workspace, timing cache, which deploytool ops become plugins) is computed here from the ONNX
 file and the options, validated, and printed by `build-engine --dry-run`. engine/build.py only applies
 it, so this part is tested on machines without TensorRT or a GPU.
 """
@@ -20,9 +20,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 PLUGIN_OPS = (TEMPERED_SOFTMAX, HARD_SELECT)
 PLUGIN_PATH = "plugin"
 FUNCTION_PATH = "local-function"
-#: TensorRT releases: the Python AOT plugin API appeared in 10.8; 11 builds strongly typed networks only
+#: the Python AOT plugin API appeared in TensorRT 10.8; every network deploytool builds is strongly
+#: typed (the only kind TensorRT 11 builds), so precision lives in the ONNX graph
 MIN_TENSORRT = "10.8"
-FIRST_STRONG_ONLY_TENSORRT = 11
 
 #: input dtype -> the precision it means
 _FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -35,10 +35,10 @@ class EngineBuildPlan:
     onnx_path: str
     onnx_sha256: str
     precision: str
-    #: "strong": tensor types come from the ONNX model; "weak": builder flags allow lower precision
-    typing: str
+    #: "fp16"/"bf16" when an fp32 model is lowered in-graph before parsing (engine/lowering.py);
+    #: None when the model's own types are the requested precision
+    lower_to: str | None
     network_flags: list[str]
-    builder_flags: list[str]
     cleared_builder_flags: list[str]
     #: one optimisation profile: input name -> {"min": shape, "opt": shape, "max": shape}
     profile: dict[str, dict[str, list[int]]]
@@ -50,9 +50,8 @@ class EngineBuildPlan:
     op_path: str
     plugin_ids: list[str]
     deploytool_nodes: list[str]
-    #: weak typing only: every layer on a path from these tensors to these is pinned to float32 (the
-    #: routing decision), found by dataflow because the parser names layers inside ONNX functions
-    #: after the function's own nodes
+    #: lowering only: every node on a path from these tensors to these keeps float32 (the routing
+    #: decision: router logits -> TemperedSoftmax -> HardSelect), found by dataflow
     fp32_region: dict[str, list[str]] = field(default_factory=dict)
     requires_tensorrt: str = f">={MIN_TENSORRT}"
 
@@ -75,7 +74,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     inputs = _graph_inputs(model)
     profile = _profile(inputs, min_batch, opt_batch, max_batch)
     model_precision = _model_precision(inputs)
-    typing, builder_flags, network_flags = _typing(model_precision, precision)
+    lower_to = _lower_to(model_precision, precision)
 
     ours = [n for n in model.graph.node if n.domain == DOMAIN]
     functions = {f.name for f in model.functions if f.domain == DOMAIN}
@@ -90,13 +89,20 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
                        "need the plugin: drop --no-plugin or re-export with deploytool export")
     plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
+    region = _routing_region(ours) if lower_to else {}
+    if lower_to:
+        from deploytool.engine.lowering import lowering_problem
+
+        problem = lowering_problem(model, region)
+        if problem:
+            raise BadInput(f"{onnx_path} is fp32 and cannot be lowered to {precision} in-graph: {problem}; "
+                           f"build --precision fp32")
     return EngineBuildPlan(
         onnx_path=str(onnx_path),
         onnx_sha256=sha256_file(onnx_path),
         precision=precision,
-        typing=typing,
-        network_flags=network_flags,
-        builder_flags=builder_flags,
+        lower_to=lower_to,
+        network_flags=["STRONGLY_TYPED"],
         # TF32 would round float32 matmuls to 10 mantissa bits: parity with ONNX Runtime needs it off
         cleared_builder_flags=["TF32"] if precision == "fp32" else [],
         profile=profile,
@@ -107,8 +113,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         op_path=PLUGIN_PATH if use_plugin else FUNCTION_PATH,
         plugin_ids=plugin_ids,
         deploytool_nodes=names,
-        fp32_region=_routing_region(ours) if typing == "weak" else {},
-        requires_tensorrt=f">={MIN_TENSORRT},<{FIRST_STRONG_ONLY_TENSORRT}" if typing == "weak" else f">={MIN_TENSORRT}",
+        fp32_region=region,
     )
 
 
@@ -183,12 +188,12 @@ def _model_precision(inputs: list[dict]) -> str:
     return floats.pop() if floats else "fp32"
 
 
-def _typing(model_precision: str, precision: str) -> tuple[str, list[str], list[str]]:
-    """Strong typing when the model already is in the requested precision; weak typing (TensorRT 10's
-    FP16/BF16 builder flags, routing pinned to fp32) to lower an fp32 model."""
+def _lower_to(model_precision: str, precision: str) -> str | None:
+    """None when the model already is in the requested precision; the precision to lower an fp32
+    model to otherwise."""
     if model_precision == precision:
-        return "strong", [], ["STRONGLY_TYPED"]
+        return None
     if model_precision == "fp32":
-        return "weak", [precision.upper(), "OBEY_PRECISION_CONSTRAINTS"], []
+        return precision
     raise BadInput(f"the model is {model_precision}; it cannot be built as {precision}: build it as "
                    f"{model_precision} or export it in {precision}")
