@@ -104,14 +104,15 @@ class Comparison:
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, atol: float | None = None,
             rtol: float | None = None, reference_name: str = "reference", candidate_name: str = "candidate",
-            inputs: str = "") -> Comparison:
-    """Compare every output the two dicts share; atol/rtol None take the dtype defaults."""
+            inputs: str = "", compute_dtypes: tuple[str, ...] = ()) -> Comparison:
+    """Compare every output the two dicts share; atol/rtol None take the defaults of the least precise
+    of the outputs' dtypes and `compute_dtypes` (what either side computed in, when coarser)."""
     check_tolerances(atol, rtol)
     notes = [f"output {k!r} missing from {candidate_name}" for k in reference if k not in candidate]
     routing = None
     agree = None
     if DECISION in reference and DECISION in candidate and PROBS in reference:
-        tol = _tolerance(reference[PROBS], candidate.get(PROBS, reference[PROBS]), atol, rtol)
+        tol = _tolerance(reference[PROBS], candidate.get(PROBS, reference[PROBS]), atol, rtol, compute_dtypes)
         routing = compare_routing(reference[DECISION], candidate[DECISION], reference[PROBS], *tol)
         if reference[DECISION].shape == candidate[DECISION].shape:
             agree = reference[DECISION] == candidate[DECISION]
@@ -120,8 +121,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
         if name == DECISION or name not in candidate:
             continue
         rows = agree if name in ROUTED_OUTPUTS else None
-        diffs.append(compare_output(name, ref, candidate[name], *_tolerance(ref, candidate[name], atol, rtol),
-                                    rows=rows))
+        diffs.append(compare_output(name, ref, candidate[name],
+                                    *_tolerance(ref, candidate[name], atol, rtol, compute_dtypes), rows=rows))
     passed = not notes and all(d.passed for d in diffs) and (routing is None or routing.passed)
     return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
 
@@ -133,8 +134,9 @@ def check_tolerances(atol: float | None, rtol: float | None) -> None:
             raise BadInput(f"--{name} must be a finite number >= 0, got {value}")
 
 
-def _tolerance(ref: np.ndarray, cand: np.ndarray, atol: float | None, rtol: float | None) -> tuple[float, float]:
-    default_atol, default_rtol = default_tolerance(ref.dtype.name, cand.dtype.name)
+def _tolerance(ref: np.ndarray, cand: np.ndarray, atol: float | None, rtol: float | None,
+               compute_dtypes: tuple[str, ...] = ()) -> tuple[float, float]:
+    default_atol, default_rtol = default_tolerance(ref.dtype.name, cand.dtype.name, *compute_dtypes)
     return (default_atol if atol is None else float(atol), default_rtol if rtol is None else float(rtol))
 
 

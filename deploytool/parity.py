@@ -83,8 +83,9 @@ def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray],
         for label, x in inputs.items():
             results = [run_batched(r, x, batch_size) for r in runners]
             for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
+                computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
                 comparisons.append(compare(ref, cand, atol=atol, rtol=rtol, reference_name=runners[i].name,
-                                           candidate_name=runners[j].name, inputs=label))
+                                           candidate_name=runners[j].name, inputs=label, compute_dtypes=computes))
     return comparisons
 
 

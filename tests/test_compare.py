@@ -92,6 +92,44 @@ def test_float16_candidate_is_judged_by_float16_tolerance():
     assert next(o for o in result.outputs if o.name == "probs").atol == TOLERANCES["float16"][0]
 
 
+def test_an_fp32_interface_computed_in_fp16_is_judged_by_the_compute_dtype():
+    ref = _outputs(_probs())
+    # what an fp32-interface engine lowered to fp16 returns: fp16 values in float32 arrays
+    cand = {k: (v.astype(np.float16).astype(np.float32) if v.dtype == np.float32 else v) for k, v in ref.items()}
+    assert not compare(ref, cand).passed  # float32 defaults are too tight for it
+    result = compare(ref, cand, compute_dtypes=("float16",))
+    assert result.passed, result.summary()
+    assert {o.atol for o in result.outputs} == {TOLERANCES["float16"][0]}
+
+
+def test_compare_runners_takes_the_tolerance_from_a_runner_computing_in_fp16():
+    from deploytool.parity import compare_runners
+    from deploytool.runners.base import Runner, TensorMeta
+
+    ref = _outputs(_probs())
+
+    class Fixed(Runner):
+        backend = "fixed"
+
+        def __init__(self, name, outputs, compute_dtype=None):
+            super().__init__(name)
+            self.outputs_, self.compute_dtype = outputs, compute_dtype
+
+        def _meta(self, kind):
+            return [TensorMeta("x", "float32", (None, 3))] if kind == "inputs" else []
+
+        def _activate(self):
+            pass
+
+        def _infer(self, feed):
+            return self.outputs_
+
+    half = {k: (v.astype(np.float16).astype(np.float32) if v.dtype == np.float32 else v) for k, v in ref.items()}
+    x = {"rows": np.zeros((100, 3), np.float32)}
+    assert not compare_runners([Fixed("a", ref), Fixed("b", half)], x)[0].passed
+    assert compare_runners([Fixed("a", ref), Fixed("b", half, "float16")], x)[0].passed
+
+
 def test_equal_infinities_have_zero_error_and_opposite_ones_fail():
     ref = _outputs(_probs())
     ref["output"][0, :2] = [np.inf, -np.inf]

@@ -34,6 +34,14 @@ def test_runner_reads_io_metadata_from_the_manifest_without_tensorrt(tmp_path, m
     assert not runner.is_active
 
 
+@pytest.mark.parametrize("precision, compute", [("fp32", None), ("fp16", "float16"), ("bf16", "bfloat16")])
+def test_runner_computes_in_the_engine_precision_whatever_its_io_types(tmp_path, precision, compute):
+    engine = _fake_engine(tmp_path)
+    manifest = json.loads(manifest_path(engine).read_text())
+    manifest_path(engine).write_text(json.dumps({**manifest, "precision": precision}))
+    assert TensorRTRunner(engine).compute_dtype == compute
+
+
 def test_runner_refuses_an_engine_without_manifest(tmp_path):
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"x")

@@ -152,7 +152,8 @@ def _convert_initializer(tensor, name: str, precision: str):
 
     values = numpy_helper.to_array(tensor).astype(np.float32)
     if precision == "fp16":
-        low = values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow is the check below
+            low = values.astype(np.float16)
         if np.isinf(low).sum() > np.isinf(values).sum():
             raise BadInput(f"tensor {tensor.name or name} has values beyond the fp16 range (|x| > 65504); "
                            "build --precision bf16 or fp32")

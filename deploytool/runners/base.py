@@ -31,6 +31,9 @@ class Runner(abc.ABC):
 
     #: backend name as the CLI spells it ("torch", "onnxruntime", "tensorrt", ...)
     backend: str = ""
+    #: the dtype the model computes in when it is coarser than its outputs' (an fp32-interface
+    #: engine lowered to fp16); parity checks take their default tolerance from it
+    compute_dtype: str | None = None
 
     def __init__(self, name: str | None = None):
         self.name = name or self.backend

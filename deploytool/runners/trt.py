@@ -24,6 +24,7 @@ class TensorRTRunner(Runner):
         super().__init__(name)
         self.engine_path = Path(engine_path)
         self.manifest = read_manifest(self.engine_path)
+        self.compute_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(self.manifest.get("precision"))
         self.engine = self.context = self.stream = None
 
     def _activate(self) -> None:
