@@ -87,7 +87,7 @@ def _tensorrt() -> dict:
     try:
         load_plugins()
         plugins = {"registered": True, "ids": [f"{DOMAIN}::{op}" for op in PLUGIN_OPS]}
-    except Exception as exc:  # MissingDependency (no triton, TRT < 10.8) or a registration failure
+    except Exception as exc:  # MissingDependency (no triton, TRT < 10.9) or a registration failure
         plugins = {"registered": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"version": trt.__version__, "plugins": plugins}
 
@@ -120,7 +120,7 @@ def _commands(report: dict) -> dict:
         "demo": ["torch", "onnx", "onnxscript", "onnxruntime"],
     }
     hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
-             "deploytool plugins": "TensorRT >= 10.8 and triton"}
+             "deploytool plugins": "TensorRT >= 10.9 and triton"}
     commands = {}
     for command, required in needs.items():
         missing = [r for r in required if not have[r]]

@@ -1,7 +1,7 @@
 """TensorRT plugins for deploytool's ops, backed by the fused Triton kernel compiled to PTX (AOT).
 
 Registers `deploytool::TemperedSoftmax` (logits -> probs) and `deploytool::HardSelect`
-(probs -> mask, int64 index) with TensorRT's Python plugin API (tensorrt.plugin, TensorRT >= 10.8).
+(probs -> mask, int64 index) with TensorRT's Python plugin API (tensorrt.plugin, TensorRT >= 10.9).
 Only ahead-of-time implementations are registered: at build time the kernel is compiled for the
 tensor dtypes TensorRT picked and the PTX is embedded in the engine, which then runs without Python
 (C++ servers included). Plugin attributes are not serialized into AOT engines, so the temperature is

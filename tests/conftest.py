@@ -29,7 +29,7 @@ def _has_tensorrt() -> bool:
 def pytest_collection_modifyitems(config, items):
     reasons = {
         "gpu": (None if _has_cuda() else "needs an NVIDIA GPU with CUDA (none on this machine)"),
-        "tensorrt": (None if _has_tensorrt() else "needs TensorRT >= 10.8 and a GPU (not installable here)"),
+        "tensorrt": (None if _has_tensorrt() else "needs TensorRT >= 10.9 and a GPU (not installable here)"),
     }
     for item in items:
         for marker, reason in reasons.items():

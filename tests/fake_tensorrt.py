@@ -38,7 +38,9 @@ _OPS = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, 
 _BUILDER_FLAGS = ("DEBUG GPU_FALLBACK DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS SAFETY_SCOPE "
                      "VERSION_COMPATIBLE ERROR_ON_TIMING_CACHE_MISS DISABLE_COMPILATION_CACHE STRIP_PLAN "
                   "REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY")
-_ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+_ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
+#: ops whose inputs must share one type in a strongly typed network
+_SAME_TYPE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Max", "Min", "Sum", "Mean"}
 
 
 class _Member:
@@ -329,10 +331,13 @@ def _add_builder(trt):
             dtypes = {v.name: _ONNX_TYPES[v.type.tensor_type.elem_type] for v in values}
             self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or -1
                                     for d in v.type.tensor_type.shape.dim] for v in values}
-            tensors = {}
+            # weights are constants, not network inputs, even when the graph also lists them as inputs
+            tensors = {t.name: Tensor(t.name, getattr(trt, _ONNX_TYPES[t.data_type]), list(t.dims))
+                       for t in graph.initializer}
             for value in graph.input:
-                tensors[value.name] = self._tensor(value.name, dtypes)
-                self.network.inputs.append(tensors[value.name])
+                if value.name not in tensors:
+                    tensors[value.name] = self._tensor(value.name, dtypes)
+                    self.network.inputs.append(tensors[value.name])
             functions = {(f.domain, f.name): f for f in model.functions}
             for node in graph.node:
                 inputs = [tensors[n] for n in node.input if n in tensors]
@@ -350,6 +355,14 @@ def _add_builder(trt):
                     self._inline(functions[(node.domain, node.op_type)], node, tensors, dtypes)
                     continue
                 else:
+                    floats = {t.dtype for t in inputs} & {trt.float32, trt.float16, trt.bfloat16}
+                    if node.op_type in _SAME_TYPE_OPS and len(floats) > 1:  # strong typing inserts no casts
+                        self.errors.append(f"{node.name or node.op_type}: inputs of mixed types {sorted(map(str, floats))}")
+                        return False
+                    unknown = [n for n in node.output if n not in dtypes]
+                    if unknown:
+                        self.errors.append(f"{node.name or node.op_type}: cannot tell the type of {unknown}")
+                        return False
                     outs = [self._tensor(n, dtypes) for n in node.output]
                     self.network.layers.append(Layer(node.name, trt.LayerType.OTHER, inputs, outs))
                 tensors.update({t.name: t for t in outs})
@@ -357,6 +370,7 @@ def _add_builder(trt):
             return True
 
         def _tensor(self, name, dtypes):
+            """Inside an inlined function body types are not inferred here; they count as float32."""
             return Tensor(name, getattr(trt, dtypes.get(name, "float32")), self.shapes.get(name, []))
 
         def _inline(self, function, call, tensors, dtypes):

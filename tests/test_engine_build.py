@@ -125,7 +125,6 @@ def test_cli_build_says_it_took_the_plugin_path(model, trt, tmp_path, cli):
     assert data["op_path"] == "plugin" and data["plugin_layers"] == ["softmax", "select"]
 
 
-@pytest.mark.parametrize("trt", ["10.9.0", "11.4.0.106"], indirect=True)
 def test_an_fp16_build_of_an_fp32_model_parses_a_lowered_graph_with_fp32_routing(exported_onnx, trt, tmp_path):
     result = build_engine(exported_onnx, tmp_path / "model.plan", precision="fp16")
     network = trt.last_build.network
@@ -185,3 +184,20 @@ def test_an_engine_built_here_packages_as_a_triton_tensorrt_plan_model(exported_
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 128
     assert {t.name for t in config.output} >= {"index", "probs"}
     assert "TensorRT 11.4.0.106" in result.readme.read_text()
+
+
+def test_the_stand_in_parser_refuses_mixed_types_as_strongly_typed_tensorrt_does(trt, tmp_path):
+    """The guard behind the fp16 test above: a lowering that forgot a Cast would fail here."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"], name="mixed")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.ones(4, np.float16), "w")])
+    path = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    with pytest.raises(CheckFailed, match="could not parse .*mixed: inputs of mixed types"):
+        build_engine(path, tmp_path / "mixed.plan")

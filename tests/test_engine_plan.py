@@ -52,7 +52,7 @@ def model(tmp_path):
 
 def test_fp32_plan_is_strongly_typed_with_dynamic_batch_profile_and_plugins(model):
     plan = plan_engine(model, min_batch=2, opt_batch=32, max_batch=512, workspace_mib=256)
-    assert plan.lower_to is None and plan.network_flags == ["STRONGLY_TYPED"] and plan.fp32_region == {}
+    assert plan.lower_to is None and plan.network_flags == ["STRONGLY_TYPED"] and plan.fp32_regions == []
     assert plan.cleared_builder_flags == ["TF32"]
     assert plan.profile == {"x": {"min": [2, 16], "opt": [32, 16], "max": [512, 16]}}
     assert plan.op_path == "plugin"
@@ -72,8 +72,8 @@ def test_no_plugin_plans_the_local_function_path(model):
 def test_an_fp32_model_is_lowered_in_graph_with_the_routing_region_kept_fp32(model, precision):
     plan = plan_engine(model, precision=precision)
     assert plan.lower_to == precision and plan.network_flags == ["STRONGLY_TYPED"]
-    assert plan.fp32_region == {"from": ["logits"], "to": ["index", "mask", "probs"]}
-    assert plan.cleared_builder_flags == [] and plan.requires_tensorrt == ">=10.8"  # TensorRT 10.8 and 11 alike
+    assert plan.fp32_regions == [{"from": ["logits"], "to": ["index", "mask", "probs"]}]
+    assert plan.cleared_builder_flags == [] and plan.requires_tensorrt == ">=10.9"  # TensorRT 10.9 and 11 alike
 
 
 def test_fp16_model_builds_strongly_typed_as_fp16_and_refuses_fp32(tmp_path):
@@ -153,10 +153,10 @@ def test_function_path_strips_plugin_attributes_left_by_another_tool(tmp_path):
 
 
 def test_layers_between_finds_function_layers_whatever_their_names():
-    """On the local-function path the parser names layers after the function's inner nodes, so the
-    routing layers are found by dataflow: after the router, before the experts."""
+    """The routing nodes are found by dataflow, whatever their names: after the router's logits,
+    up to the routing outputs, not the experts downstream."""
     layers = [
-        (["x"], ["logits"]),                 # 0 router MatMul: feeds logits, not pinned
+        (["x"], ["logits"]),                 # 0 router MatMul: feeds logits, not routing
         ([], ["t_float"]),                   # 1 Constant inside the function
         (["t_float", "logits"], ["t"]),      # 2 CastLike
         (["logits", "t"], ["z"]),            # 3 Div
@@ -164,7 +164,7 @@ def test_layers_between_finds_function_layers_whatever_their_names():
         (["z", "z_max"], ["probs"]),         # 5 ... softmax
         (["probs"], ["index"]),              # 6 ArgMax (HardSelect)
         (["probs", "index"], ["mask"]),      # 7 one-hot
-        (["x", "mask"], ["expert_out"]),     # 8 experts: downstream, not pinned
+        (["x", "mask"], ["expert_out"]),     # 8 experts: downstream, not routing
         (["logits"], ["aux"]),               # 9 reads logits but feeds no routing output
     ]
     assert layers_between(layers, {"from": ["logits"], "to": ["index", "mask", "probs"]}) == [2, 3, 4, 5, 6, 7]

@@ -19,7 +19,7 @@ from deploytool.errors import BadInput
 
 def _lowered(path, precision):
     plan = plan_engine(path, precision=precision)
-    return lower_precision(onnx.load(path), precision, plan.fp32_region), plan
+    return lower_precision(onnx.load(path), precision, plan.fp32_regions), plan
 
 
 def _run(model, x):
@@ -111,6 +111,126 @@ def test_a_model_with_control_flow_cannot_be_planned_for_lowering(tmp_path):
     model.graph.initializer.append(cond)
     model.graph.node.insert(0, helper.make_node("If", ["cond"], ["x_if"], then_branch=branch, else_branch=branch))
     onnx.save(model, path)
-    with pytest.raises(BadInput, match="cannot be lowered to fp16 in-graph: node If holds a subgraph.*--precision fp32"):
+    with pytest.raises(BadInput, match=r"m\.onnx: cannot lower this model to fp16 in-graph: node If holds a subgraph "
+                                       r"\(control flow\); build --precision fp32"):
         plan_engine(path, precision="fp16")
     assert plan_engine(path).lower_to is None  # fp32 needs no lowering
+
+
+# --- graphs unlike the exporter's ------------------------------------------------------------------
+
+def _model(nodes, initializers=(), outputs=("out",), extra_inputs=(), functions=()):
+    """x[batch, 4] -> nodes -> outputs (float32), deploytool ops registered in their domain."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]), *extra_inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", 4]) for o in outputs], list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("deploytool", 1)],
+                             functions=list(functions))
+
+
+def _weight(name, shape, value=0.5):
+    return numpy_helper.from_array(np.full(shape, value, np.float32), name)
+
+
+def _lower(model, precision="fp16"):
+    from deploytool.engine.plan import routing_regions
+
+    regions = routing_regions(list(model.graph.node))
+    return lower_precision(model, precision, regions)
+
+
+def _ort_matches(model, lowered, atol=2e-2):
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    ref, got = _run(model, x), _run(lowered, x)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=atol, rtol=2e-2)
+        assert got[name].dtype == ref[name].dtype
+
+
+def test_float_constants_in_every_spelling_are_lowered_with_their_readers():
+    model = _model([
+        helper.make_node("Constant", [], ["a"], value_float=2.0),
+        helper.make_node("Constant", [], ["b"], value_floats=[1.0, 2.0, 3.0, 4.0]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),  # no value: float32 zeros
+        helper.make_node("Mul", ["x", "a"], ["xa"]),
+        helper.make_node("Add", ["xa", "b"], ["xab"]),
+        helper.make_node("Add", ["xab", "zeros"], ["out"]),
+    ])
+    lowered = _lower(model)
+    assert _types(lowered)["xab"] == TensorProto.FLOAT16
+    _ort_matches(model, lowered)
+
+
+def test_an_input_that_must_stay_fp32_is_cast_back_even_from_a_lowered_constant():
+    model = _model([
+        helper.make_node("Constant", [], ["scales"], value_floats=[1.0, 2.0]),
+        helper.make_node("Resize", ["x", "", "scales"], ["out"], mode="nearest"),
+    ])
+    _ort_matches(model, _lower(model))
+
+
+def test_a_weight_that_is_also_a_graph_input_stays_an_optional_fp32_input():
+    w = _weight("w", [4, 4])
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["out"])], [w],
+                   extra_inputs=[helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])])
+    lowered = _lower(model)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in lowered.graph.input] == \
+        [("x", TensorProto.FLOAT), ("w", TensorProto.FLOAT)]
+    _ort_matches(model, lowered)  # fed x only: w still defaults to its initializer
+
+
+def test_an_op_without_a_lower_precision_kernel_is_a_clear_refusal_not_a_crash():
+    model = _model([helper.make_node("ReduceMax", ["x"], ["hi"], keepdims=0, axes=[0, 1]) if False else
+                    helper.make_node("Constant", [], ["start"], value_float=0.0),
+                    helper.make_node("Constant", [], ["delta"], value_float=0.5),
+                    helper.make_node("ReduceMax", ["x"], ["limit"], keepdims=0),
+                    helper.make_node("Range", ["start", "limit", "delta"], ["out"])])
+    with pytest.raises(BadInput, match="lower this model to fp16 in-graph: the lowered graph does not check .*"
+                                       "build --precision fp32"):
+        _lower(model)
+
+
+def _routed_layer(k: int, x: str, with_mask_product=True):
+    """Router k on `x`: logits -> TemperedSoftmax -> HardSelect, then mask * (x @ expert weights)."""
+    nodes = [helper.make_node("MatMul", [x, f"router{k}"], [f"logits{k}"], name=f"router{k}"),
+             helper.make_node("TemperedSoftmax", [f"logits{k}"], [f"probs{k}"], domain="deploytool",
+                              name=f"softmax{k}", temperature=0.5),
+             helper.make_node("HardSelect", [f"probs{k}"], [f"mask{k}", f"index{k}"], domain="deploytool",
+                              name=f"select{k}"),
+             helper.make_node("MatMul", [x, f"expert{k}"], [f"e{k}"], name=f"expert{k}"),
+             helper.make_node("Mul", [f"mask{k}", f"e{k}"], [f"h{k}"], name=f"combine{k}")]
+    return nodes, [_weight(f"router{k}", [4, 4]), _weight(f"expert{k}", [4, 4])]
+
+
+def test_deploytool_nodes_without_function_bodies_are_typed_by_their_definition():
+    nodes, weights = _routed_layer(1, "x")
+    lowered = _lower(_model(nodes, weights, outputs=("h1",)))  # no function bodies: inference cannot type mask1
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    combine = next(n for n in lowered.graph.node if n.name == "combine1")
+    assert producers[combine.input[0]].op_type == "Cast"  # fp32 mask -> fp16 before the fp16 product
+    assert _types(lowered)["e1"] == TensorProto.FLOAT16
+
+
+def test_each_router_keeps_only_its_own_decision_in_fp32():
+    first, w1 = _routed_layer(1, "x")
+    second, w2 = _routed_layer(2, "h1")
+    lowered = _lower(_model(first + second, w1 + w2, outputs=("h2",)))
+    kept_fp32 = {n.name for n in lowered.graph.node if n.domain == "deploytool"}
+    assert kept_fp32 == {"softmax1", "select1", "softmax2", "select2"}
+    types = _types(lowered)
+    for lowered_tensor in ("logits1", "e1", "h1", "logits2", "e2"):  # the layers between the routers
+        assert types[lowered_tensor] == TensorProto.FLOAT16, lowered_tensor
+    assert {t.name: t.data_type for t in lowered.graph.initializer}["expert1__fp16"] == TensorProto.FLOAT16
+
+
+def test_nodes_between_softmax_and_select_and_the_constants_they_read_stay_exact_in_fp32():
+    nodes, weights = _routed_layer(1, "x")
+    nodes[2].input[0] = "scaled"  # TemperedSoftmax -> Mul(probs, pi) -> HardSelect
+    nodes[2:2] = [helper.make_node("Constant", [], ["pi"], value=helper.make_tensor("pi", TensorProto.FLOAT, [], [3.14159])),
+                  helper.make_node("Mul", ["probs1", "pi"], ["scaled"], name="scale")]
+    lowered = _lower(_model(nodes, weights, outputs=("h1",)))
+    scale = next(n for n in lowered.graph.node if n.name == "scale")
+    assert list(scale.input) == ["probs1", "pi"]  # no Cast to fp16 on the way: the Mul runs in fp32
+    pi = next(n for n in lowered.graph.node if n.output[0] == "pi")
+    assert pi.attribute[0].t.data_type == TensorProto.FLOAT and numpy_helper.to_array(pi.attribute[0].t) == np.float32(3.14159)

@@ -1,7 +1,7 @@
 """`build_engine`: apply an EngineBuildPlan with the TensorRT API and write the engine plus its manifest.
 
 Everything that can be decided without TensorRT is in plan.py; this layer only talks to TensorRT
-(>= 10.8, written against the documented 10.x/11.x Python API). It checks for TensorRT and a GPU
+(>= 10.9, written against the documented 10.x/11.x Python API). It checks for TensorRT and a GPU
 before touching any file, and writes the engine, manifest and timing cache atomically.
 """
 
@@ -156,8 +156,9 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     onnx-tensorrt imports a node whose op has a local function as a plugin when a plugin creator of
     that name is registered under the node's `plugin_namespace` attribute (default ""), and inlines
     the function otherwise; `aot=1` asks a Python plugin for its AOT implementation. So on the
-    plugin path deploytool nodes get both attributes, and on the function path neither, even if
-    the exporter or an earlier build in this process left plugins registered.
+    plugin path deploytool nodes get both attributes, and on the function path neither. (Some 10.x
+    parsers prefer a registered plugin over a local function regardless; the build reports the
+    path the parser really took.)
     """
     import onnx
 
@@ -167,7 +168,7 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     if plan.lower_to:
         from deploytool.engine.lowering import lower_precision
 
-        model = lower_precision(model, plan.lower_to, plan.fp32_region)
+        model = lower_precision(model, plan.lower_to, plan.fp32_regions)
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue

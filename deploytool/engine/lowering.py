@@ -3,11 +3,11 @@
 TensorRT 11 removed weak typing (the FP16/BF16 builder flags; deprecated since 10.12): every network
 is strongly typed, so a tensor's precision is the type the ONNX graph gives it. build-engine
 therefore lowers the model before TensorRT parses it, the way NVIDIA's ModelOpt AutoCast does:
-float initializers are converted, Casts are inserted where the precision changes, and the nodes
-between the router logits and the routing outputs (TemperedSoftmax, HardSelect and anything
-between) stay in fp32 so lower precision cannot flip a routing decision by itself. Graph inputs and
-outputs keep their fp32 types, so runners, Triton configs and parity checks see one interface at
-every precision. Works on TensorRT 10.8+ and 11 alike.
+float initializers and constants are converted, Casts are inserted where the precision changes, and
+each router's decision (its logits -> TemperedSoftmax -> HardSelect) is computed in fp32. The
+logits themselves come out of lower-precision layers, so a near-tie can still flip; the softmax
+and the top-1 add no rounding of their own. Graph inputs and outputs keep their fp32 types, so
+runners, Triton configs and parity checks see one interface at every precision.
 """
 
 from __future__ import annotations
@@ -21,84 +21,73 @@ _FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
 #: ops whose output type an attribute names
 _TYPED_BY_ATTRIBUTE = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
                        "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Multinomial": "dtype"}
+#: protobuf cannot serialise a model past 2 GiB; such a model needs external data, which this pass does not write
+_MAX_BYTES = (1 << 31) - (1 << 20)
 
 
-def lowering_problem(model, fp32_region: dict[str, list[str]]) -> str | None:
-    """Why this model cannot be lowered in-graph (None when it can)."""
-    import onnx
+def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str]]]):
+    """A copy of `model` computing in `precision` ("fp16" or "bf16") outside `fp32_regions`.
 
-    from deploytool.engine.plan import layers_between
-
-    nodes = list(model.graph.node)
-    kept = set(layers_between([(list(n.input), list(n.output)) for n in nodes], fp32_region))
-    local = {(f.domain, f.name) for f in model.functions}
-    for i, node in enumerate(nodes):
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            return f"node {node.name or node.op_type} holds a subgraph (control flow)"
-        if i not in kept and (node.domain, node.op_type) in local:
-            return f"node {node.name or node.op_type} calls the local function {node.op_type} outside the routing"
-    return None
-
-
-def lower_precision(model, precision: str, fp32_region: dict[str, list[str]]):
-    """A copy of `model` computing in `precision` ("fp16" or "bf16") outside `fp32_region`.
-
-    `fp32_region` is {"from": tensors, "to": tensors} (EngineBuildPlan.fp32_region): every node on a
-    path from a `from` tensor to a `to` tensor keeps float32. Raises BadInput when the model cannot
-    be lowered (control flow, local functions outside the region, weights beyond the target range).
+    Each region is {"from": tensors, "to": tensors} (EngineBuildPlan.fp32_regions): every node on a
+    path from one of its `from` tensors to one of its `to` tensors keeps float32, and so do
+    constants that only such nodes read. BadInput says why a model cannot be lowered.
     """
     import onnx
     from onnx import TensorProto, helper
 
-    from deploytool.engine.plan import layers_between
-
     target = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}.get(precision)
     if target is None:
         raise BadInput(f"cannot lower to {precision!r}: choose fp16 or bf16")
-    problem = lowering_problem(model, fp32_region)
-    if problem:
-        raise BadInput(f"cannot lower this model to {precision} in-graph: {problem}; build --precision fp32")
+
+    def refuse(problem: str, way_out: str = "build --precision fp32"):
+        return BadInput(f"cannot lower this model to {precision} in-graph: {problem}; {way_out}")
+
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     graph = lowered.graph
-    floats = _float_tensors(lowered)
-    initializers = {t.name: t for t in graph.initializer}
     nodes = list(graph.node)
-    kept = set(layers_between([(list(n.input), list(n.output)) for n in nodes], fp32_region))
+    kept = _kept_nodes(nodes, fp32_regions)
+    local = {(f.domain, f.name) for f in lowered.functions}
+    for i, node in enumerate(nodes):
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise refuse(f"node {node.name or node.op_type} holds a subgraph (control flow)")
+        if i not in kept and (node.domain, node.op_type) in local:
+            raise refuse(f"node {node.name or node.op_type} calls the local function {node.op_type} outside the routing")
+    types = _tensor_types(lowered, refuse)
+    graph_inputs = {v.name for v in graph.input}
+    initializers = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
 
     out_nodes: list = []
     converted: dict[tuple[str, int], str] = {}
     low: set[str] = set()  # tensors that now hold `precision`
 
     def as_type(name: str, to: int) -> str:
-        """`name` converted to `to`: an initializer's data is converted once, anything else gets a Cast."""
-        key = (name, to)
-        if key not in converted:
-            suffix = "fp32" if to == TensorProto.FLOAT else precision
-            converted[key] = new = f"{name}__{suffix}"
+        """`name` converted to `to`: a weight's data is converted once, anything else gets a Cast."""
+        if (name, to) not in converted:
+            new = f"{name}__{'fp32' if to == TensorProto.FLOAT else precision}"
             if to != TensorProto.FLOAT and name in initializers:
-                graph.initializer.append(_convert_initializer(initializers[name], new, precision))
+                graph.initializer.append(_convert_tensor(initializers[name], new, precision, refuse))
             else:
                 out_nodes.append(helper.make_node("Cast", [name], [new], to=to, name=f"cast_{new}"))
-        return converted[key]
+            converted[(name, to)] = new
+        return converted[(name, to)]
 
     for i, node in enumerate(nodes):
-        if i in kept:
-            for j, name in enumerate(node.input):
+        fp32_only = range(len(node.input)) if i in kept else _FP32_INPUTS.get(node.op_type, ())
+        for j, name in enumerate(node.input):
+            if j in fp32_only:
                 if name in low:
                     node.input[j] = as_type(name, TensorProto.FLOAT)
-            out_nodes.append(node)
-            continue
-        for j, name in enumerate(node.input):
-            if name in floats and name not in low and j not in _FP32_INPUTS.get(node.op_type, ()):
+            elif types.get(name) == TensorProto.FLOAT and name not in low:
                 node.input[j] = as_type(name, target)
-        _retype_attributes(node, target, precision)
-        low.update(o for o in node.output if o in floats)
+        if i not in kept:
+            _retype_attributes(node, target, precision, refuse)
+            low.update(o for o in node.output if types.get(o) == TensorProto.FLOAT)
         out_nodes.append(node)
 
     del graph.node[:]
     graph.node.extend(out_nodes)
-    for output in graph.output:  # back to float32 at the graph's edge
+    for output in graph.output:  # back to float32 at the graph's edge, under the same name
         if output.name in low:
             inner = f"{output.name}__{precision}"
             for node in graph.node:
@@ -106,48 +95,99 @@ def lower_precision(model, precision: str, fp32_region: dict[str, list[str]]):
                 node.output[:] = [inner if n == output.name else n for n in node.output]
             graph.node.append(helper.make_node("Cast", [inner], [output.name], to=TensorProto.FLOAT,
                                                name=f"cast_{output.name}"))
-    used = {n for node in graph.node for n in node.input}
+    used = {n for node in graph.node for n in node.input} | graph_inputs
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     del graph.value_info[:]  # stale types; TensorRT and the checker infer them again
     entry = lowered.metadata_props.add()
     entry.key, entry.value = "deploytool.lowered_to", precision
+    if lowered.ByteSize() > _MAX_BYTES:
+        raise refuse("the lowered model is over 2 GiB, more than one protobuf can hold")
     try:
         onnx.checker.check_model(lowered, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         from deploytool.errors import first_line
 
-        raise BadInput(f"lowering this model to {precision} gives an invalid graph ({first_line(exc)}); "
-                       "build --precision fp32") from exc
+        raise refuse(f"the lowered graph does not check ({first_line(exc)})") from exc
     return lowered
 
 
-def _float_tensors(model) -> set[str]:
-    """Names of the float32 tensors of the main graph (inputs, initializers, everything inferred)."""
+def _kept_nodes(nodes, regions: list[dict[str, list[str]]]) -> set[int]:
+    """Indices of the nodes that stay fp32: those between each region's ends, and constants (nodes
+    without inputs) whose every reader stays fp32."""
+    from deploytool.engine.plan import layers_between
+
+    io = [(list(n.input), list(n.output)) for n in nodes]
+    kept = {i for region in regions for i in layers_between(io, region)}
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, set()).add(i)
+    for i, node in enumerate(nodes):
+        read_by = set().union(*(readers.get(o, set()) for o in node.output))
+        if not node.input and read_by and read_by <= kept:
+            kept.add(i)
+    return kept
+
+
+def _tensor_types(model, refuse) -> dict[str, int]:
+    """Element type of every tensor of the main graph. Shape inference gives most; deploytool's own
+    nodes are typed by their definition and inference runs again from there, so a model without
+    their function bodies still lowers."""
     import onnx
-    from onnx import TensorProto
+    from onnx import TensorProto, helper
 
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    values = [*inferred.input, *inferred.value_info, *inferred.output]
-    names = {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    return names | {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    while True:
+        inferred = onnx.shape_inference.infer_shapes(work).graph
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in [*inferred.input, *inferred.value_info, *inferred.output] if v.type.tensor_type.elem_type}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        derived = {}
+        for node in model.graph.node:
+            if node.domain == DOMAIN and node.op_type in (TEMPERED_SOFTMAX, HARD_SELECT) and node.input[0] in types:
+                kinds = [types[node.input[0]], TensorProto.INT64]
+                derived.update({o: kind for o, kind in zip(node.output, kinds) if o and o not in types})
+        if not derived:
+            break
+        work.graph.value_info.extend(helper.make_tensor_value_info(o, kind, None) for o, kind in derived.items())
+    unknown = [o for node in model.graph.node for o in node.output if o and o not in types]
+    if unknown:
+        raise refuse(f"the type of {', '.join(unknown[:3])} cannot be inferred")
+    return types
 
 
-def _retype_attributes(node, target: int, precision: str) -> None:
+def _retype_attributes(node, target: int, precision: str, refuse) -> None:
     """Ops that make float32 by attribute (Cast to float, float constants) make `target` instead."""
-    from onnx import TensorProto
+    from onnx import TensorProto, helper
 
     attr = _TYPED_BY_ATTRIBUTE.get(node.op_type)
     for a in node.attribute:
         if a.name == attr and a.i == TensorProto.FLOAT:
             a.i = target
-        elif node.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and \
-                a.t.data_type == TensorProto.FLOAT:
-            a.t.CopyFrom(_convert_initializer(a.t, a.t.name, precision))
+    if node.op_type not in ("Constant", "ConstantOfShape"):
+        return
+    values = {a.name: a for a in node.attribute}
+    if node.op_type == "ConstantOfShape" and "value" not in values:  # the default is a float32 zero
+        node.attribute.append(helper.make_attribute("value", helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0])))
+        values["value"] = node.attribute[-1]
+    if "value_float" in values or "value_floats" in values:  # Constant's float shorthands
+        scalar = "value_float" in values
+        data = [values["value_float"].f] if scalar else list(values["value_floats"].floats)
+        node.ClearField("attribute")
+        node.attribute.append(helper.make_attribute("value", helper.make_tensor(
+            "value", TensorProto.FLOAT, [] if scalar else [len(data)], data)))
+        values = {"value": node.attribute[-1]}
+    if "value" in values and values["value"].t.data_type == TensorProto.FLOAT:
+        tensor = values["value"].t
+        tensor.CopyFrom(_convert_tensor(tensor, tensor.name, precision, refuse))
 
 
-def _convert_initializer(tensor, name: str, precision: str):
+def _convert_tensor(tensor, name: str, precision: str, refuse):
     from onnx import TensorProto, numpy_helper
 
     values = numpy_helper.to_array(tensor).astype(np.float32)
@@ -155,13 +195,11 @@ def _convert_initializer(tensor, name: str, precision: str):
         with np.errstate(over="ignore"):  # overflow is the check below
             low = values.astype(np.float16)
         if np.isinf(low).sum() > np.isinf(values).sum():
-            raise BadInput(f"tensor {tensor.name or name} has values beyond the fp16 range (|x| > 65504); "
-                           "build --precision bf16 or fp32")
-        out = numpy_helper.from_array(low, name)
-    else:
-        out = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=values.shape,
-                          raw_data=bf16_bits(values).tobytes())
-    return out
+            raise refuse(f"tensor {tensor.name or name} has values beyond the fp16 range (|x| > 65504)",
+                         "build --precision bf16 or fp32")
+        return numpy_helper.from_array(low, name)
+    return TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=values.shape,
+                       raw_data=bf16_bits(values).tobytes())
 
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:

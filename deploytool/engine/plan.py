@@ -20,9 +20,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 PLUGIN_OPS = (TEMPERED_SOFTMAX, HARD_SELECT)
 PLUGIN_PATH = "plugin"
 FUNCTION_PATH = "local-function"
-#: the Python AOT plugin API appeared in TensorRT 10.8; every network deploytool builds is strongly
-#: typed (the only kind TensorRT 11 builds), so precision lives in the ONNX graph
-MIN_TENSORRT = "10.8"
+#: ahead-of-time Python plugins (tensorrt.plugin.aot_impl) appeared in TensorRT 10.9; every network
+#: deploytool builds is strongly typed (the only kind TensorRT 11 builds), so precision lives in the graph
+MIN_TENSORRT = "10.9"
 
 #: input dtype -> the precision it means
 _FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -50,9 +50,9 @@ class EngineBuildPlan:
     op_path: str
     plugin_ids: list[str]
     deploytool_nodes: list[str]
-    #: lowering only: every node on a path from these tensors to these keeps float32 (the routing
-    #: decision: router logits -> TemperedSoftmax -> HardSelect), found by dataflow
-    fp32_region: dict[str, list[str]] = field(default_factory=dict)
+    #: lowering only: one {"from": tensors, "to": tensors} per router; every node on a path between
+    #: them keeps float32 (the routing decision: logits -> TemperedSoftmax -> HardSelect)
+    fp32_regions: list[dict[str, list[str]]] = field(default_factory=list)
     requires_tensorrt: str = f">={MIN_TENSORRT}"
 
     def to_dict(self) -> dict:
@@ -89,14 +89,14 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
                        "need the plugin: drop --no-plugin or re-export with deploytool export")
     plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
-    region = _routing_region(ours) if lower_to else {}
-    if lower_to:
-        from deploytool.engine.lowering import lowering_problem
+    regions = routing_regions(list(model.graph.node)) if lower_to else []
+    if lower_to:  # lowered now too, so that a plan that passes (--dry-run) is one the build can lower
+        from deploytool.engine.lowering import lower_precision
 
-        problem = lowering_problem(model, region)
-        if problem:
-            raise BadInput(f"{onnx_path} is fp32 and cannot be lowered to {precision} in-graph: {problem}; "
-                           f"build --precision fp32")
+        try:
+            lower_precision(with_weights(model, onnx_path), lower_to, regions)
+        except BadInput as exc:
+            raise BadInput(f"{onnx_path}: {exc}") from None
     return EngineBuildPlan(
         onnx_path=str(onnx_path),
         onnx_sha256=sha256_file(onnx_path),
@@ -113,15 +113,48 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         op_path=PLUGIN_PATH if use_plugin else FUNCTION_PATH,
         plugin_ids=plugin_ids,
         deploytool_nodes=names,
-        fp32_region=region,
+        fp32_regions=regions,
     )
 
 
-def _routing_region(nodes) -> dict[str, list[str]]:
-    """Tensors entering and leaving deploytool's nodes; the routing decision lies between them."""
-    produced = {o for n in nodes for o in n.output if o}
-    return {"from": sorted({i for n in nodes for i in n.input if i and i not in produced}),
-            "to": sorted(produced)}
+def routing_regions(nodes) -> list[dict[str, list[str]]]:
+    """One {"from", "to"} per router in graph `nodes`: from a TemperedSoftmax's logits to its probs
+    and the outputs of the HardSelect nodes it feeds (directly or through other nodes, never through
+    another TemperedSoftmax, so the layers between two routers are not mistaken for routing). A
+    HardSelect fed by no TemperedSoftmax is a region of its own."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    ours = [n for n in nodes if n.domain == DOMAIN]
+    regions, claimed = [], set()
+    for softmax in (n for n in ours if n.op_type == TEMPERED_SOFTMAX):
+        ends, seen, frontier = list(softmax.output), set(), list(softmax.output)
+        while frontier:
+            for node in readers.get(frontier.pop(), []):
+                if node.op_type == TEMPERED_SOFTMAX and node.domain == DOMAIN or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                frontier.extend(node.output)
+                if node.domain == DOMAIN and node.op_type == HARD_SELECT:
+                    ends.extend(node.output)
+                    claimed.add(id(node))
+        regions.append({"from": sorted(i for i in softmax.input if i), "to": sorted(o for o in ends if o)})
+    for select in (n for n in ours if n.op_type == HARD_SELECT and id(n) not in claimed):
+        regions.append({"from": sorted(i for i in select.input if i), "to": sorted(o for o in select.output if o)})
+    return regions
+
+
+def with_weights(model, onnx_path: str | Path):
+    """`model` with its external data (if any) read in from beside `onnx_path`."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        try:
+            load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
+        except OSError as exc:
+            raise BadInput(f"{onnx_path}: its external weights cannot be read ({exc})") from exc
+    return model
 
 
 def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:

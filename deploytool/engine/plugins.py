@@ -29,10 +29,10 @@ def plugin_file() -> Path:
 
 
 def load_plugins() -> ModuleType:
-    """Register the plugins with TensorRT (once); needs tensorrt >= 10.8 and triton."""
+    """Register the plugins with TensorRT (once); needs tensorrt >= 10.9 and triton."""
     if PLUGIN_MODULE in sys.modules:
         return sys.modules[PLUGIN_MODULE]
-    require("tensorrt.plugin", "the deploytool TensorRT plugin (TensorRT >= 10.8)")
+    require("tensorrt.plugin", "the deploytool TensorRT plugin (TensorRT >= 10.9)")
     require("triton", "compiling the plugin kernel")
     spec = importlib.util.spec_from_file_location(PLUGIN_MODULE, plugin_file())
     module = importlib.util.module_from_spec(spec)
