@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing  # noqa: F401  (tensorrt.plugin reads np.typing without importing it)
 
+from deploytool.export.onnx import ONNX_DTYPES
+
 BINDINGS = importlib.util.find_spec("tensorrt_bindings")
 SKIP_REASON = "needs tensorrt-cu12-bindings (pip install -e '.[dev]' on Linux x86-64)"
 #: the GPU the fake machine reports (diagnostics.gpu)
@@ -38,7 +40,6 @@ _OPS = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, 
 _BUILDER_FLAGS = ("DEBUG GPU_FALLBACK DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS SAFETY_SCOPE "
                      "VERSION_COMPATIBLE ERROR_ON_TIMING_CACHE_MISS DISABLE_COMPILATION_CACHE STRIP_PLAN "
                   "REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY")
-_ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 3: "int8", 2: "uint8"}
 #: ops whose inputs must share one type in a strongly typed network
 _SAME_TYPE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Max", "Min", "Sum", "Mean"}
 
@@ -199,6 +200,33 @@ def installed(version: str = "11.4.0.106"):
         sys.modules.update(saved)
 
 
+@contextlib.contextmanager
+def on_h100(version: str = "11.4.0.106"):
+    """installed(), on a machine that reports an H100, with deploytool's kernels compiled for sm_90
+    and its plugin module loaded afresh. Skips where Triton cannot compile (none, or the interpreter)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from deploytool import diagnostics
+    from deploytool.engine import plugins
+    from deploytool.kernels import triton_kernel
+
+    if triton_kernel.interpreting():
+        pytest.skip("this process runs the Triton interpreter; it cannot compile")
+    real_compile = triton_kernel.compile_ptx
+    with installed(version) as trt, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_kernel, "compile_ptx", lambda *a, **k: real_compile(
+            *a, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **k))
+        mp.setattr(diagnostics, "gpu", lambda: H100)
+        mp.delitem(sys.modules, plugins.PLUGIN_MODULE, raising=False)
+        try:
+            yield trt
+        finally:
+            sys.modules.pop(plugins.PLUGIN_MODULE, None)
+
+
 # --- one plugin layer, as the ONNX parser creates it and the builder configures it ---------------
 
 def create_plugin(trt, op_type: str, namespace: str, attrs: dict, request):
@@ -328,11 +356,11 @@ def _add_builder(trt):
                 return False
             graph = onnx.shape_inference.infer_shapes(model).graph
             values = [*graph.input, *graph.value_info, *graph.output]
-            dtypes = {v.name: _ONNX_TYPES[v.type.tensor_type.elem_type] for v in values}
+            dtypes = {v.name: ONNX_DTYPES[v.type.tensor_type.elem_type] for v in values}
             self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or -1
                                     for d in v.type.tensor_type.shape.dim] for v in values}
             # weights are constants, not network inputs, even when the graph also lists them as inputs
-            tensors = {t.name: Tensor(t.name, getattr(trt, _ONNX_TYPES[t.data_type]), list(t.dims))
+            tensors = {t.name: Tensor(t.name, getattr(trt, ONNX_DTYPES[t.data_type]), list(t.dims))
                        for t in graph.initializer}
             for value in graph.input:
                 if value.name not in tensors:

@@ -10,7 +10,6 @@ manifest are written whole or not at all.
 from __future__ import annotations
 
 import json
-import sys
 
 import fake_tensorrt
 import pytest
@@ -23,28 +22,11 @@ from deploytool.errors import CheckFailed
 pytestmark = pytest.mark.skipif(fake_tensorrt.BINDINGS is None, reason=fake_tensorrt.SKIP_REASON)
 
 
-@pytest.fixture(params=["11.4.0.106"])
-def trt(request, monkeypatch):
-    """TensorRT (stand-in core, real tensorrt.plugin) on a machine that reports an H100."""
-    pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
-    from deploytool import diagnostics
-    from deploytool.engine import plugins
-    from deploytool.kernels import triton_kernel
-
-    if triton_kernel.interpreting():
-        pytest.skip("this process runs the Triton interpreter; it cannot compile")
-    real_compile = triton_kernel.compile_ptx
-    monkeypatch.setattr(triton_kernel, "compile_ptx", lambda *a, **k: real_compile(
-        *a, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **k))
-    monkeypatch.setattr(diagnostics, "gpu", lambda: fake_tensorrt.H100)
-    monkeypatch.delitem(sys.modules, plugins.PLUGIN_MODULE, raising=False)
-    with fake_tensorrt.installed(request.param) as trt:
-        try:
-            yield trt
-        finally:
-            sys.modules.pop(plugins.PLUGIN_MODULE, None)
+@pytest.fixture
+def trt():
+    """TensorRT 11.4 (stand-in core, real tensorrt.plugin) on a machine that reports an H100."""
+    with fake_tensorrt.on_h100() as trt:
+        yield trt
 
 
 @pytest.fixture

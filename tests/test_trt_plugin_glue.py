@@ -11,7 +11,6 @@ What it cannot: the C++ side (PTX JIT, the engine running).
 from __future__ import annotations
 
 import re
-import sys
 
 import fake_tensorrt
 import numpy as np
@@ -24,23 +23,10 @@ pytestmark = pytest.mark.skipif(fake_tensorrt.BINDINGS is None, reason=fake_tens
 @pytest.fixture(scope="module")
 def trt_env():
     """(stand-in tensorrt, real tensorrt.plugin, deploytool's plugin module compiling for an H100)."""
-    pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
     from deploytool.engine import plugins
-    from deploytool.kernels import triton_kernel
 
-    if triton_kernel.interpreting():
-        pytest.skip("this process runs the Triton interpreter; it cannot compile")
-    with fake_tensorrt.installed() as trt, pytest.MonkeyPatch.context() as mp:
-        real_compile = triton_kernel.compile_ptx
-        mp.setattr(triton_kernel, "compile_ptx", lambda *a, **k: real_compile(
-            *a, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **k))
-        mp.delitem(sys.modules, plugins.PLUGIN_MODULE, raising=False)
-        try:
-            yield trt, trt.plugin, plugins.load_plugins()
-        finally:
-            sys.modules.pop(plugins.PLUGIN_MODULE, None)
+    with fake_tensorrt.on_h100() as trt:
+        yield trt, trt.plugin, plugins.load_plugins()
 
 
 def _build_layer(trt, op_type: str, attrs: dict, in_dtype, in_shape: tuple) -> PluginLayer:
