@@ -234,3 +234,51 @@ def test_nodes_between_softmax_and_select_and_the_constants_they_read_stay_exact
     assert list(scale.input) == ["probs1", "pi"]  # no Cast to fp16 on the way: the Mul runs in fp32
     pi = next(n for n in lowered.graph.node if n.output[0] == "pi")
     assert pi.attribute[0].t.data_type == TensorProto.FLOAT and numpy_helper.to_array(pi.attribute[0].t) == np.float32(3.14159)
+
+
+def test_a_later_hardselect_without_a_softmax_is_a_router_of_its_own():
+    first, w1 = _routed_layer(1, "x")
+    second, w2 = _routed_layer(2, "h1")
+    del second[1]  # router 2: logits -> HardSelect directly
+    second[1].input[0] = "logits2"
+    from deploytool.engine.plan import routing_regions
+
+    model = _model(first + second, w1 + w2, outputs=("h2",))
+    assert routing_regions(list(model.graph.node)) == [
+        {"from": ["logits1"], "to": ["index1", "mask1", "probs1"]},
+        {"from": ["logits2"], "to": ["index2", "mask2"]}]
+    assert _types(_lower(model))["e1"] == TensorProto.FLOAT16  # the layers between stay lowered
+
+
+def test_names_the_lowering_would_generate_are_kept_unique():
+    model = _model([helper.make_node("Relu", ["x"], ["x__fp16"], name="cast_x__fp16"),
+                    helper.make_node("Add", ["x", "x__fp16"], ["out__fp16"]),
+                    helper.make_node("Mul", ["out__fp16", "x"], ["out"])])
+    _ort_matches(model, _lower(model))
+
+
+def test_a_weight_that_is_a_graph_output_and_an_op_that_makes_fp32_by_itself_still_lower():
+    scale, bias = _weight("scale", [4], 1.0), _weight("bias", [4], 0.0)
+    model = _model([
+        # LayerNormalization's Mean is float32 whatever it reads (stash_type=1): cast where it is made
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y", "mean", "inv_std"], axis=-1),
+        helper.make_node("Add", ["y", "mean"], ["out"]),
+    ], [scale, bias], outputs=("out", "scale"))
+    model.graph.output[1].type.tensor_type.shape.ClearField("dim")
+    model.graph.output[1].type.tensor_type.shape.dim.add().dim_value = 4
+    lowered = _lower(model)
+    assert _types(lowered)["mean"] == TensorProto.FLOAT16
+    _ort_matches(model, lowered)
+
+
+def test_missing_external_weights_are_bad_input_naming_the_model(tmp_path):
+    path = write_routing_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    for t in model.graph.initializer:  # raw data, which is what goes to an external file
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.weights", size_threshold=0)
+    assert plan_engine(path, precision="fp16").lower_to == "fp16"  # external weights are read in
+    (tmp_path / "m.weights").unlink()
+    with pytest.raises(BadInput, match=r"m\.onnx: its external weights cannot be read"):
+        plan_engine(path, precision="fp16")

@@ -56,6 +56,18 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     types = _tensor_types(lowered, refuse)
     graph_inputs = {v.name for v in graph.input}
     initializers = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+    taken = set(types) | {n for node in nodes for n in [*node.input, *node.output, node.name]}
+
+    def fresh(base: str) -> str:
+        """A tensor or node name the graph does not use yet (ONNX Runtime wants both unique)."""
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    def cast(source: str, result: str, to: int):
+        return helper.make_node("Cast", [source], [result], to=to, name=fresh(f"cast_{result}"))
 
     out_nodes: list = []
     converted: dict[tuple[str, int], str] = {}
@@ -64,11 +76,11 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     def as_type(name: str, to: int) -> str:
         """`name` converted to `to`: a weight's data is converted once, anything else gets a Cast."""
         if (name, to) not in converted:
-            new = f"{name}__{'fp32' if to == TensorProto.FLOAT else precision}"
+            new = fresh(f"{name}__{'fp32' if to == TensorProto.FLOAT else precision}")
             if to != TensorProto.FLOAT and name in initializers:
                 graph.initializer.append(_convert_tensor(initializers[name], new, precision, refuse))
             else:
-                out_nodes.append(helper.make_node("Cast", [name], [new], to=to, name=f"cast_{new}"))
+                out_nodes.append(cast(name, new, to))
             converted[(name, to)] = new
         return converted[(name, to)]
 
@@ -85,17 +97,34 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
             low.update(o for o in node.output if types.get(o) == TensorProto.FLOAT)
         out_nodes.append(node)
 
+    # ops that make float32 whatever they read (RandomNormal without dtype, a LayerNormalization's
+    # statistics, ...): their float32 outputs are cast to `precision` where they are made
+    after = _infer_types(lowered, out_nodes)
+    made_fp32 = {t for t in low if after.get(t) == TensorProto.FLOAT}
+    repaired = []
+    for node in out_nodes:
+        repaired.append(node)
+        for j, name in enumerate(node.output):
+            if name in made_fp32:
+                node.output[j] = made = fresh(f"{name}__fp32")
+                repaired.append(cast(made, name, target))
     del graph.node[:]
-    graph.node.extend(out_nodes)
-    for output in graph.output:  # back to float32 at the graph's edge, under the same name
-        if output.name in low:
-            inner = f"{output.name}__{precision}"
-            for node in graph.node:
-                node.input[:] = [inner if n == output.name else n for n in node.input]
-                node.output[:] = [inner if n == output.name else n for n in node.output]
-            graph.node.append(helper.make_node("Cast", [inner], [output.name], to=TensorProto.FLOAT,
-                                               name=f"cast_{output.name}"))
-    used = {n for node in graph.node for n in node.input} | graph_inputs
+    graph.node.extend(repaired)
+
+    producers = {o: node for node in graph.node for o in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for name in dict.fromkeys(o.name for o in graph.output):  # back to float32 at the graph's edge, same name
+        if name in low:
+            inner = fresh(f"{name}__{precision}")
+            producer = producers[name]
+            producer.output[:] = [inner if n == name else n for n in producer.output]
+            for reader in readers.get(name, []):
+                reader.input[:] = [inner if n == name else n for n in reader.input]
+            graph.node.append(cast(inner, name, TensorProto.FLOAT))
+    used = {n for node in graph.node for n in node.input} | graph_inputs | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -132,32 +161,38 @@ def _kept_nodes(nodes, regions: list[dict[str, list[str]]]) -> set[int]:
 
 
 def _tensor_types(model, refuse) -> dict[str, int]:
-    """Element type of every tensor of the main graph. Shape inference gives most; deploytool's own
-    nodes are typed by their definition and inference runs again from there, so a model without
-    their function bodies still lowers."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
-
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    while True:
-        inferred = onnx.shape_inference.infer_shapes(work).graph
-        types = {v.name: v.type.tensor_type.elem_type
-                 for v in [*inferred.input, *inferred.value_info, *inferred.output] if v.type.tensor_type.elem_type}
-        types.update({t.name: t.data_type for t in model.graph.initializer})
-        derived = {}
-        for node in model.graph.node:
-            if node.domain == DOMAIN and node.op_type in (TEMPERED_SOFTMAX, HARD_SELECT) and node.input[0] in types:
-                kinds = [types[node.input[0]], TensorProto.INT64]
-                derived.update({o: kind for o, kind in zip(node.output, kinds) if o and o not in types})
-        if not derived:
-            break
-        work.graph.value_info.extend(helper.make_tensor_value_info(o, kind, None) for o, kind in derived.items())
+    """Element type of every tensor of the main graph, or BadInput naming one that cannot be typed."""
+    types = _infer_types(model)
     unknown = [o for node in model.graph.node for o in node.output if o and o not in types]
     if unknown:
         raise refuse(f"the type of {', '.join(unknown[:3])} cannot be inferred")
+    return types
+
+
+def _infer_types(model, nodes=None) -> dict[str, int]:
+    """Shape inference's element types for `model` (with `nodes` in place of its own, if given),
+    run on a copy without the float weights' data (inference needs only their types and dims, and a
+    model past 2 GiB cannot be handed to it) and with deploytool's function bodies attached, so a
+    model exported without them is typed by their definition."""
+    import onnx
+    from onnx import TensorProto
+
+    from deploytool.ops.onnx_functions import attach
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    work = onnx.ModelProto(ir_version=model.ir_version)
+    work.opset_import.extend(model.opset_import)
+    work.functions.extend(model.functions)
+    work.graph.node.extend(model.graph.node if nodes is None else nodes)
+    work.graph.input.extend(model.graph.input)
+    work.graph.output.extend(model.graph.output)
+    work.graph.initializer.extend(TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+                                  if t.data_type in floats else t for t in model.graph.initializer)
+    attach(work)
+    graph = onnx.shape_inference.infer_shapes(work).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*graph.input, *graph.value_info, *graph.output] if v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
 
 

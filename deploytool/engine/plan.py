@@ -119,9 +119,9 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
 
 def routing_regions(nodes) -> list[dict[str, list[str]]]:
     """One {"from", "to"} per router in graph `nodes`: from a TemperedSoftmax's logits to its probs
-    and the outputs of the HardSelect nodes it feeds (directly or through other nodes, never through
-    another TemperedSoftmax, so the layers between two routers are not mistaken for routing). A
-    HardSelect fed by no TemperedSoftmax is a region of its own."""
+    and the outputs of the HardSelect nodes it feeds (directly or through other nodes, but never
+    through another TemperedSoftmax or HardSelect, so the layers between two routers are not
+    mistaken for routing). A HardSelect fed by no TemperedSoftmax is a region of its own."""
     readers: dict[str, list] = {}
     for node in nodes:
         for name in node.input:
@@ -135,10 +135,11 @@ def routing_regions(nodes) -> list[dict[str, list[str]]]:
                 if node.op_type == TEMPERED_SOFTMAX and node.domain == DOMAIN or id(node) in seen:
                     continue
                 seen.add(id(node))
-                frontier.extend(node.output)
-                if node.domain == DOMAIN and node.op_type == HARD_SELECT:
+                if node.domain == DOMAIN and node.op_type == HARD_SELECT:  # the decision: stop here
                     ends.extend(node.output)
                     claimed.add(id(node))
+                else:
+                    frontier.extend(node.output)
         regions.append({"from": sorted(i for i in softmax.input if i), "to": sorted(o for o in ends if o)})
     for select in (n for n in ours if n.op_type == HARD_SELECT and id(n) not in claimed):
         regions.append({"from": sorted(i for i in select.input if i), "to": sorted(o for o in select.output if o)})
@@ -150,10 +151,14 @@ def with_weights(model, onnx_path: str | Path):
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     if any(uses_external_data(t) for t in model.graph.initializer):
+        import onnx
+
         try:
             load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
-        except OSError as exc:
-            raise BadInput(f"{onnx_path}: its external weights cannot be read ({exc})") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            from deploytool.errors import first_line
+
+            raise BadInput(f"{onnx_path}: its external weights cannot be read ({first_line(exc)})") from exc
     return model
 
 
