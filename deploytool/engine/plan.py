@@ -1,9 +1,10 @@
 """EngineBuildPlan: the whole TensorRT build configuration as plain data, decided before TensorRT loads.
 
 Everything a build depends on (precision and whether the graph is lowered to it, flags, the
-optimisation profile derived from the ONNX inputs, workspace, timing cache, which deploytool ops become plugins) is computed here from the ONNX
-file and the options, validated, and printed by `build-engine --dry-run`. engine/build.py only applies
-it, so this part is tested on machines without TensorRT or a GPU.
+optimisation profile derived from the ONNX inputs, workspace, timing cache, which deploytool ops
+become plugins) is computed here from the ONNX file and the options, validated, and printed by
+`build-engine --dry-run`. engine/build.py only applies it, so this part is tested on machines
+without TensorRT or a GPU.
 """
 
 from __future__ import annotations
