@@ -168,6 +168,18 @@ def test_an_engine_built_here_packages_as_a_triton_tensorrt_plan_model(exported_
     assert "TensorRT 11.4.0.106" in result.readme.read_text()
 
 
+def test_a_build_lowers_the_model_once_and_a_dry_run_lowers_it_as_a_check(model, trt, tmp_path, monkeypatch):
+    from deploytool.engine import lowering
+
+    calls = []
+    real = lowering.lower_precision
+    monkeypatch.setattr(lowering, "lower_precision", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    build_engine(model, tmp_path / "model.plan", precision="bf16")
+    assert calls == ["bf16"]
+    build_engine(model, tmp_path / "other.plan", precision="fp16", dry_run=True)
+    assert calls == ["bf16", "fp16"] and not (tmp_path / "other.plan").exists()
+
+
 def test_the_stand_in_parser_refuses_mixed_types_as_strongly_typed_tensorrt_does(trt, tmp_path):
     """The guard behind the fp16 test above: a lowering that forgot a Cast would fail here."""
     import numpy as np

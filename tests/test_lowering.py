@@ -282,3 +282,25 @@ def test_missing_external_weights_are_bad_input_naming_the_model(tmp_path):
     (tmp_path / "m.weights").unlink()
     with pytest.raises(BadInput, match=r"m\.onnx: its external weights cannot be read"):
         plan_engine(path, precision="fp16")
+
+
+def test_an_fp32_making_op_whose_sibling_output_is_a_graph_output_is_repaired():
+    scale, bias = _weight("scale", [4], 1.0), _weight("bias", [4], 0.0)
+    model = _model([helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y", "mean", "inv_std"]),
+                    helper.make_node("Add", ["y", "mean"], ["out"])], [scale, bias], outputs=("out", "y"))
+    lowered = _lower(model)
+    _ort_matches(model, lowered)
+    # the graph outputs come back to fp32 through one Cast each, from tensors that hold fp16
+    assert sum(n.op_type == "Cast" and n.output[0] in ("out", "y") for n in lowered.graph.node) == 2
+
+
+def test_small_float_weights_that_inference_reads_keep_their_values_for_it():
+    depth = numpy_helper.from_array(np.array(4.0, np.float32), "depth")
+    values = numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "values")
+    indices = numpy_helper.from_array(np.array([[0, 1, 2, 3]], np.int64), "indices")
+    model = _model([helper.make_node("OneHot", ["indices", "depth", "values"], ["oh"], axis=-1),
+                    helper.make_node("MatMul", ["x", "oh"], ["mm"]),
+                    helper.make_node("Squeeze", ["mm"], ["out"], )], [depth, values, indices])
+    model.graph.node[2].input.append("axes")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    _ort_matches(model, _lower(model))

@@ -54,7 +54,8 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
         raise BadInput(f"--out: {out} is not an engine file name; end it with {', '.join(ENGINE_SUFFIXES)} "
                        "(e.g. --out model.plan)")
     plan = plan_engine(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
-                       max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin)
+                       max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin,
+                       check_lowering=dry_run)
     if dry_run:
         return plan
     if out is None:

@@ -21,6 +21,9 @@ _FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
 #: ops whose output type an attribute names
 _TYPED_BY_ATTRIBUTE = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
                        "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Multinomial": "dtype"}
+#: float weights up to this many elements keep their data for shape inference, which reads some
+#: (OneHot's depth, Range's bounds); larger ones are weights it never reads
+_VALUES_READ_BY_INFERENCE = 64
 #: protobuf cannot serialise a model past 2 GiB; such a model needs external data, which this pass does not write
 _MAX_BYTES = (1 << 31) - (1 << 20)
 
@@ -99,7 +102,7 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
 
     # ops that make float32 whatever they read (RandomNormal without dtype, a LayerNormalization's
     # statistics, ...): their float32 outputs are cast to `precision` where they are made
-    after = _infer_types(lowered, out_nodes)
+    after = _infer_types(lowered, out_nodes)  # outputs' declared types are the old ones: not used
     made_fp32 = {t for t in low if after.get(t) == TensorProto.FLOAT}
     repaired = []
     for node in out_nodes:
@@ -170,12 +173,13 @@ def _tensor_types(model, refuse) -> dict[str, int]:
 
 
 def _infer_types(model, nodes=None) -> dict[str, int]:
-    """Shape inference's element types for `model` (with `nodes` in place of its own, if given),
-    run on a copy without the float weights' data (inference needs only their types and dims, and a
-    model past 2 GiB cannot be handed to it) and with deploytool's function bodies attached, so a
-    model exported without them is typed by their definition."""
+    """Shape inference's element types for `model`, or for its graph rewritten to `nodes` (whose
+    outputs' declared types are then stale and left out). It runs on a copy without the data of
+    large float weights (inference needs only their types and dims, and a model past 2 GiB cannot be
+    handed to it; small ones stay, as OneHot's depth is read) and with deploytool's function bodies
+    attached, so a model exported without them is typed by their definition."""
     import onnx
-    from onnx import TensorProto
+    from onnx import TensorProto, ValueInfoProto
 
     from deploytool.ops.onnx_functions import attach
 
@@ -185,9 +189,12 @@ def _infer_types(model, nodes=None) -> dict[str, int]:
     work.functions.extend(model.functions)
     work.graph.node.extend(model.graph.node if nodes is None else nodes)
     work.graph.input.extend(model.graph.input)
-    work.graph.output.extend(model.graph.output)
-    work.graph.initializer.extend(TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-                                  if t.data_type in floats else t for t in model.graph.initializer)
+    work.graph.output.extend(model.graph.output if nodes is None else
+                             [ValueInfoProto(name=o.name) for o in model.graph.output])
+    work.graph.initializer.extend(
+        TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+        if t.data_type in floats and np.prod(t.dims) > _VALUES_READ_BY_INFERENCE else t
+        for t in model.graph.initializer)
     attach(work)
     graph = onnx.shape_inference.infer_shapes(work).graph
     types = {v.name: v.type.tensor_type.elem_type

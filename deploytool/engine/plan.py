@@ -62,8 +62,12 @@ class EngineBuildPlan:
 
 def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: int = 1, opt_batch: int = 64,
                 max_batch: int = 1024, workspace_mib: int = 1024, timing_cache: str | Path | None = None,
-                plugin: bool = True) -> EngineBuildPlan:
-    """Read the ONNX model and the options into a validated EngineBuildPlan (no TensorRT needed)."""
+                plugin: bool = True, check_lowering: bool = True) -> EngineBuildPlan:
+    """Read the ONNX model and the options into a validated EngineBuildPlan (no TensorRT needed).
+
+    When the plan lowers the model (an fp32 model built as fp16/bf16), `check_lowering` lowers it
+    once to prove it can; a build, which lowers it anyway before its long run, skips that.
+    """
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _check_batches(min_batch, opt_batch, max_batch)
@@ -91,7 +95,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
     regions = routing_regions(list(model.graph.node)) if lower_to else []
-    if lower_to:  # lowered now too, so that a plan that passes (--dry-run) is one the build can lower
+    if lower_to and check_lowering:  # so that a plan that passes (--dry-run) is one the build can lower
         from deploytool.engine.lowering import lower_precision
 
         try:
