@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from deploytool.engine.build import _model_bytes
-from deploytool.engine.plan import layers_between, plan_engine
+from deploytool.engine.lowering import layers_between
+from deploytool.engine.plan import plan_engine
 from deploytool.errors import BadInput
 from deploytool.io import sha256_file
 

@@ -133,7 +133,7 @@ def _weight(name, shape, value=0.5):
 
 
 def _lower(model, precision="fp16"):
-    from deploytool.engine.plan import routing_regions
+    from deploytool.engine.lowering import routing_regions
 
     regions = routing_regions(list(model.graph.node))
     return lower_precision(model, precision, regions)
@@ -241,7 +241,7 @@ def test_a_later_hardselect_without_a_softmax_is_a_router_of_its_own():
     second, w2 = _routed_layer(2, "h1")
     del second[1]  # router 2: logits -> HardSelect directly
     second[1].input[0] = "logits2"
-    from deploytool.engine.plan import routing_regions
+    from deploytool.engine.lowering import routing_regions
 
     model = _model(first + second, w1 + w2, outputs=("h2",))
     assert routing_regions(list(model.graph.node)) == [

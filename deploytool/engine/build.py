@@ -163,13 +163,15 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     """
     import onnx
 
+    from deploytool.export.onnx import load_onnx, read_external_weights
+
     # lowering converts the weights, so it needs them in memory; otherwise the parser reads external
     # data itself, relative to the model's path
-    model = onnx.load(plan.onnx_path, load_external_data=bool(plan.lower_to))
+    model = load_onnx(plan.onnx_path)
     if plan.lower_to:
         from deploytool.engine.lowering import lower_precision
 
-        model = lower_precision(model, plan.lower_to, plan.fp32_regions)
+        model = lower_precision(read_external_weights(model, plan.onnx_path), plan.lower_to, plan.fp32_regions)
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue

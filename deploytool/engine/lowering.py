@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deploytool.errors import BadInput
+from deploytool.errors import BadInput, first_line
+from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 
 #: inputs that the ONNX spec requires in float32 whatever the data type (op -> input positions)
 _FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
@@ -139,8 +140,6 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     try:
         onnx.checker.check_model(lowered, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        from deploytool.errors import first_line
-
         raise refuse(f"the lowered graph does not check ({first_line(exc)})") from exc
     return lowered
 
@@ -148,8 +147,6 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
 def _kept_nodes(nodes, regions: list[dict[str, list[str]]]) -> set[int]:
     """Indices of the nodes that stay fp32: those between each region's ends, and constants (nodes
     without inputs) whose every reader stays fp32."""
-    from deploytool.engine.plan import layers_between
-
     io = [(list(n.input), list(n.output)) for n in nodes]
     kept = {i for region in regions for i in layers_between(io, region)}
     readers: dict[str, set[int]] = {}
@@ -249,3 +246,51 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).astype("<u2")
+
+
+def routing_regions(nodes) -> list[dict[str, list[str]]]:
+    """One {"from", "to"} per router in graph `nodes`: from a TemperedSoftmax's logits to its probs
+    and the outputs of the HardSelect nodes it feeds (directly or through other nodes, but never
+    through another TemperedSoftmax or HardSelect, so the layers between two routers are not
+    mistaken for routing). A HardSelect fed by no TemperedSoftmax is a region of its own."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    ours = [n for n in nodes if n.domain == DOMAIN]
+    regions, claimed = [], set()
+    for softmax in (n for n in ours if n.op_type == TEMPERED_SOFTMAX):
+        ends, seen, frontier = list(softmax.output), set(), list(softmax.output)
+        while frontier:
+            for node in readers.get(frontier.pop(), []):
+                if node.op_type == TEMPERED_SOFTMAX and node.domain == DOMAIN or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.domain == DOMAIN and node.op_type == HARD_SELECT:  # the decision: stop here
+                    ends.extend(node.output)
+                    claimed.add(id(node))
+                else:
+                    frontier.extend(node.output)
+        regions.append({"from": sorted(i for i in softmax.input if i), "to": sorted(o for o in ends if o)})
+    for select in (n for n in ours if n.op_type == HARD_SELECT and id(n) not in claimed):
+        regions.append({"from": sorted(i for i in select.input if i), "to": sorted(o for o in select.output if o)})
+    return regions
+
+
+def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:
+    """Indices of the layers (given as (input tensor names, output tensor names), in network order)
+    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one)."""
+    reached = set(region.get("from", []))
+    forward = set()
+    for i, (inputs, outputs) in enumerate(layers):
+        if reached & set(inputs):
+            forward.add(i)
+            reached |= set(outputs)
+    needed = set(region.get("to", []))
+    between = []
+    for i in reversed(range(len(layers))):
+        inputs, outputs = layers[i]
+        if i in forward and needed & set(outputs):
+            between.append(i)
+            needed |= set(inputs)
+    return sorted(between)

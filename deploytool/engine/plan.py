@@ -94,12 +94,14 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
                        "need the plugin: drop --no-plugin or re-export with deploytool export")
     plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
+    from deploytool.engine.lowering import lower_precision, routing_regions
+
     regions = routing_regions(list(model.graph.node)) if lower_to else []
     if lower_to and check_lowering:  # so that a plan that passes (--dry-run) is one the build can lower
-        from deploytool.engine.lowering import lower_precision
+        from deploytool.export.onnx import read_external_weights
 
         try:
-            lower_precision(with_weights(model, onnx_path), lower_to, regions)
+            lower_precision(read_external_weights(model, onnx_path), lower_to, regions)
         except BadInput as exc:
             raise BadInput(f"{onnx_path}: {exc}") from None
     return EngineBuildPlan(
@@ -120,70 +122,6 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         deploytool_nodes=names,
         fp32_regions=regions,
     )
-
-
-def routing_regions(nodes) -> list[dict[str, list[str]]]:
-    """One {"from", "to"} per router in graph `nodes`: from a TemperedSoftmax's logits to its probs
-    and the outputs of the HardSelect nodes it feeds (directly or through other nodes, but never
-    through another TemperedSoftmax or HardSelect, so the layers between two routers are not
-    mistaken for routing). A HardSelect fed by no TemperedSoftmax is a region of its own."""
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    ours = [n for n in nodes if n.domain == DOMAIN]
-    regions, claimed = [], set()
-    for softmax in (n for n in ours if n.op_type == TEMPERED_SOFTMAX):
-        ends, seen, frontier = list(softmax.output), set(), list(softmax.output)
-        while frontier:
-            for node in readers.get(frontier.pop(), []):
-                if node.op_type == TEMPERED_SOFTMAX and node.domain == DOMAIN or id(node) in seen:
-                    continue
-                seen.add(id(node))
-                if node.domain == DOMAIN and node.op_type == HARD_SELECT:  # the decision: stop here
-                    ends.extend(node.output)
-                    claimed.add(id(node))
-                else:
-                    frontier.extend(node.output)
-        regions.append({"from": sorted(i for i in softmax.input if i), "to": sorted(o for o in ends if o)})
-    for select in (n for n in ours if n.op_type == HARD_SELECT and id(n) not in claimed):
-        regions.append({"from": sorted(i for i in select.input if i), "to": sorted(o for o in select.output if o)})
-    return regions
-
-
-def with_weights(model, onnx_path: str | Path):
-    """`model` with its external data (if any) read in from beside `onnx_path`."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    if any(uses_external_data(t) for t in model.graph.initializer):
-        import onnx
-
-        try:
-            load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            from deploytool.errors import first_line
-
-            raise BadInput(f"{onnx_path}: its external weights cannot be read ({first_line(exc)})") from exc
-    return model
-
-
-def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:
-    """Indices of the layers (given as (input tensor names, output tensor names), in network order)
-    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one)."""
-    reached = set(region.get("from", []))
-    forward = set()
-    for i, (inputs, outputs) in enumerate(layers):
-        if reached & set(inputs):
-            forward.add(i)
-            reached |= set(outputs)
-    needed = set(region.get("to", []))
-    between = []
-    for i in reversed(range(len(layers))):
-        inputs, outputs = layers[i]
-        if i in forward and needed & set(outputs):
-            between.append(i)
-            needed |= set(inputs)
-    return sorted(between)
 
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:

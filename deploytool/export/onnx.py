@@ -281,6 +281,20 @@ def load_onnx(path: str | Path):
     return proto
 
 
+def read_external_weights(model, onnx_path: str | Path):
+    """`model` (from load_onnx) with its external data, if any, read in from beside `onnx_path`;
+    a missing or short weights file is BadInput."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        onnx = _onnx()
+        try:
+            load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise BadInput(f"{onnx_path}: its external weights cannot be read ({first_line(exc)})") from exc
+    return model
+
+
 #: onnx.TensorProto element type -> NumPy dtype name (bfloat16 by name: NumPy has none)
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
