@@ -116,10 +116,7 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     graph.node.extend(repaired)
 
     producers = {o: node for node in graph.node for o in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph.node)
     for name in dict.fromkeys(o.name for o in graph.output):  # back to float32 at the graph's edge, same name
         if name in low:
             inner = fresh(f"{name}__{precision}")
@@ -149,15 +146,21 @@ def _kept_nodes(nodes, regions: list[dict[str, list[str]]]) -> set[int]:
     without inputs) whose every reader stays fp32."""
     io = [(list(n.input), list(n.output)) for n in nodes]
     kept = {i for region in regions for i in layers_between(io, region)}
-    readers: dict[str, set[int]] = {}
+    readers, routing = _readers(nodes), {id(nodes[k]) for k in kept}
     for i, node in enumerate(nodes):
-        for name in node.input:
-            readers.setdefault(name, set()).add(i)
-    for i, node in enumerate(nodes):
-        read_by = set().union(*(readers.get(o, set()) for o in node.output))
-        if not node.input and read_by and read_by <= kept:
+        read_by = {id(r) for o in node.output for r in readers.get(o, [])}
+        if not node.input and read_by and read_by <= routing:  # a constant only the routing reads
             kept.add(i)
     return kept
+
+
+def _readers(nodes) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def _tensor_types(model, refuse) -> dict[str, int]:
@@ -253,10 +256,7 @@ def routing_regions(nodes) -> list[dict[str, list[str]]]:
     and the outputs of the HardSelect nodes it feeds (directly or through other nodes, but never
     through another TemperedSoftmax or HardSelect, so the layers between two routers are not
     mistaken for routing). A HardSelect fed by no TemperedSoftmax is a region of its own."""
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(nodes)
     ours = [n for n in nodes if n.domain == DOMAIN]
     regions, claimed = [], set()
     for softmax in (n for n in ours if n.op_type == TEMPERED_SOFTMAX):
