@@ -12,41 +12,75 @@ CONFIDENT = 0.99
 
 
 def routing_metrics(model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Evaluate `model` on (x, y) with soft and with hard routing; everything the report shows."""
+    """Evaluate `model` on (x, y) with soft and with hard routing; everything the report shows.
+
+    Confidence and expert load are measured per router over every decision it makes (each row, or
+    each token of a token-level router) under hard routing, and summarised over all routers: the
+    share of confident decisions overall, the smallest expert load of any router. The class-by-expert
+    counts and the plot's load panel are those of the first router.
+
+    Args:
+        model: a module with deploytool routers whose forward takes `x` and returns class logits first.
+        x: inputs, batch first, in the model's input shape.
+        y: int class labels, one per sample.
+
+    Returns:
+        The metrics dict (`routers` holds the per-router figures by module path).
+    """
     import torch
 
-    from deploytool.nn import routing_mode
+    from deploytool.model_io import primary_output
+    from deploytool.nn import named_routers, record_routing, routing_mode
 
     model.eval()
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     with torch.no_grad():
         with routing_mode(model, "soft"):
-            soft = model(xt)
-        with routing_mode(model, "hard"):
-            hard = model(xt)
-    probs = hard.probs.double().numpy()
-    index = hard.index.numpy()
-    n_experts = probs.shape[1]
-    max_prob = probs.max(axis=1)
-    load = np.bincount(index, minlength=n_experts) / len(index)
-    row_entropy = -(probs * np.log(np.clip(probs, 1e-300, None))).sum(axis=1) / math.log(n_experts)
-    soft_acc = float((soft.output.argmax(1).numpy() == y).mean())
-    hard_acc = float((hard.output.argmax(1).numpy() == y).mean())
-    classes = int(max(y.max() + 1, 1))
-    per_class = np.zeros((classes, n_experts))
-    np.add.at(per_class, (y, index), 1)
+            soft = primary_output(model(xt))
+        with routing_mode(model, "hard"), record_routing(model) as calls:
+            hard = primary_output(model(xt))
+    soft_acc = float((soft.argmax(1).numpy() == y).mean())
+    hard_acc = float((hard.argmax(1).numpy() == y).mean())
+    routers = {path: _router_metrics(calls[path][-1], y) for path, _ in named_routers(model) if calls[path]}
+    first = next(iter(routers.values()))
+    max_probs = np.concatenate([r.pop("_max_prob") for r in routers.values()])
     return {
         "soft_accuracy": soft_acc,
         "hard_accuracy": hard_acc,
         "hard_soft_gap": soft_acc - hard_acc,
+        "mean_max_prob": float(max_probs.mean()),
+        "frac_confident": float((max_probs >= CONFIDENT).mean()),
+        "expert_load": first["expert_load"],
+        "min_expert_load": min(r["min_expert_load"] for r in routers.values()),
+        "routing_entropy": float(np.mean([r["routing_entropy"] for r in routers.values()])),
+        "n_test": int(len(y)),
+        "class_expert_counts": first["class_expert_counts"],
+        "max_prob_histogram": np.histogram(max_probs, bins=20, range=(0.0, 1.0))[0].tolist(),
+        "routers": routers,
+    }
+
+
+def _router_metrics(routing, y: np.ndarray) -> dict[str, Any]:
+    """One router's figures from its hard-routing output; a sample's label counts for each of its positions."""
+    probs = routing.probs.double().numpy().reshape(len(y), -1, routing.probs.shape[-1])
+    index = routing.index.numpy().reshape(len(y), -1)
+    n_experts = probs.shape[-1]
+    max_prob = probs.max(axis=-1).ravel()
+    load = np.bincount(index.ravel(), minlength=n_experts) / index.size
+    flat = probs.reshape(-1, n_experts)
+    row_entropy = -(flat * np.log(np.clip(flat, 1e-300, None))).sum(axis=1) / math.log(n_experts)
+    classes = int(max(y.max() + 1, 1))
+    per_class = np.zeros((classes, n_experts))
+    np.add.at(per_class, (np.repeat(y, index.shape[1]), index.ravel()), 1)
+    return {
+        "decisions": int(index.size),
         "mean_max_prob": float(max_prob.mean()),
         "frac_confident": float((max_prob >= CONFIDENT).mean()),
         "expert_load": load.tolist(),
         "min_expert_load": float(load.min()),
         "routing_entropy": float(row_entropy.mean()),
-        "n_test": int(len(y)),
         "class_expert_counts": per_class.astype(int).tolist(),
-        "max_prob_histogram": np.histogram(max_prob, bins=20, range=(0.0, 1.0))[0].tolist(),
+        "_max_prob": max_prob,
     }
 
 

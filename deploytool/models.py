@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from deploytool.errors import BadInput
-from deploytool.nn import RoutedExperts, RoutedOutput, Router, RoutingLoss
+from deploytool.nn import RoutedExperts, Router, RoutingLoss
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -21,7 +22,7 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class RoutedMLP(nn.Module):
-    """[shared trunk] + router + E expert MLPs + linear head; returns (output, index, probs).
+    """[shared trunk] + router + E expert MLPs + linear head; input [B, features], returns the class logits.
 
     The optional trunk (a Linear + ReLU of width `trunk`) learns from every sample, so experts that each
     see a share of the data still start from good features.
@@ -39,9 +40,13 @@ class RoutedMLP(nn.Module):
                                     [nn.Sequential(e, nn.ReLU()) for e in experts], dispatch, loss)
         self.head = nn.Linear(width, n_classes)
 
-    def forward(self, x: torch.Tensor) -> RoutedOutput:
-        routed = self.routed(self.trunk(x))
-        return RoutedOutput(self.head(routed.output), routed.index, routed.probs)
+    @staticmethod
+    def input_shape(in_features: int) -> tuple[int, ...]:
+        """One sample's shape, from the data set's feature count."""
+        return (in_features,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.routed(self.trunk(x)).output)
 
 
 MODELS = {"routed-mlp": RoutedMLP}
@@ -49,6 +54,23 @@ MODELS = {"routed-mlp": RoutedMLP}
 # config.json keys that become constructor arguments
 ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden", "trunk",
              "temperature", "router", "dispatch")
+
+
+#: the name of a built-in model's input (its forward's parameter)
+INPUT_NAME = "x"
+
+
+def input_shape(config: dict[str, Any]) -> tuple[int, ...]:
+    """One sample's shape for the run config's model (a data set row is reshaped to it)."""
+    name = config.get("model")
+    if name not in MODELS:
+        raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+    return MODELS[name].input_shape(int(config["in_features"]))
+
+
+def example_inputs(config: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
+    """Zero inputs of the run config's model, keyed by input name (what a signature is traced on)."""
+    return {INPUT_NAME: np.zeros((batch, *input_shape(config)), np.float32)}
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

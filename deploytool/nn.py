@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deploytool import losses
+from deploytool.dispatch import exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.ops.functional import hard_select, tempered_softmax
 
@@ -26,9 +27,9 @@ RoutingMode = Literal["auto", "soft", "hard", "gumbel"]
 
 
 class RouterOutput(NamedTuple):
-    logits: torch.Tensor  # [B, E] before the temperature
-    probs: torch.Tensor   # [B, E] tempered softmax
-    index: torch.Tensor   # [B] int64 top-1
+    logits: torch.Tensor  # [..., E] before the temperature
+    probs: torch.Tensor   # [..., E] tempered softmax
+    index: torch.Tensor   # [...] int64 top-1, one decision per position
 
 
 class RoutedOutput(NamedTuple):
@@ -97,18 +98,29 @@ class RoutingLoss:
         losses.check_routing_loss(self.penalty, self.alpha, self.balance, self.beta)
 
     def __call__(self, routing: RouterOutput, temperature: float) -> torch.Tensor:
-        return (losses.routing_penalty(self.penalty, routing.logits, temperature, self.alpha)
-                + losses.balance_loss(self.balance, routing.probs, self.beta))
+        """The penalty and balance terms, averaged over every routed position (rows, tokens, pixels)."""
+        n = routing.logits.shape[-1]
+        return (losses.routing_penalty(self.penalty, routing.logits.reshape(-1, n), temperature, self.alpha)
+                + losses.balance_loss(self.balance, routing.probs.reshape(-1, n), self.beta))
 
 
 class RoutedExperts(nn.Module):
-    """Routes each row to experts: soft blend in training, one expert per row in evaluation."""
+    """Routes each position to experts: soft blend in training, one expert per position in evaluation.
+
+    The router sees `x [..., features]` (or `route_on`, when the decision should come from other
+    features than the experts' input, e.g. pooled features for experts that take a feature map) and
+    decides once per position of its leading dims: per row for [B, D], per token for [B, T, D]. Every
+    expert takes `x` and returns a tensor whose leading dims are those positions; its trailing dims
+    may be anything (a vector, a feature map).
+    """
 
     def __init__(self, router: Router, experts: Sequence[nn.Module], dispatch: Dispatch = "dense",
                  loss: RoutingLoss | None = None):
         super().__init__()
         if len(experts) != router.n_experts:
             raise ValueError(f"router has {router.n_experts} experts, got {len(experts)} expert modules")
+        if dispatch not in ("dense", "sparse"):
+            raise ValueError(f"dispatch must be dense or sparse, got {dispatch!r}")
         self.router = router
         self.experts = nn.ModuleList(experts)
         self.dispatch = dispatch
@@ -116,8 +128,12 @@ class RoutedExperts(nn.Module):
         self.mode: RoutingMode = "auto"
         self.routing_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> RoutedOutput:
-        routing = self.router(x)
+    def forward(self, x: torch.Tensor, route_on: torch.Tensor | None = None) -> RoutedOutput:
+        routing = self.router(x if route_on is None else route_on)
+        lead = routing.index.shape
+        if tuple(x.shape[:len(lead)]) != tuple(lead):
+            raise ValueError(f"the router decides over positions {list(lead)} but the experts' input has shape "
+                             f"{list(x.shape)}: its leading dims must be those positions")
         mode = self.mode if self.mode != "auto" else ("soft" if self.training else "hard")
         if self.training:
             self.routing_loss = self.loss(routing, self.router.temperature)
@@ -126,17 +142,26 @@ class RoutedExperts(nn.Module):
         elif mode == "gumbel":
             weights = losses.gumbel_straight_through(routing.logits, self.router.temperature)
         elif mode == "hard":
-            if self.dispatch == "sparse" and not torch.onnx.is_in_onnx_export():
-                return RoutedOutput(self.sparse(x, routing.index), routing.index, routing.probs)
+            if self.dispatch == "sparse":
+                flat = x.reshape(-1, *x.shape[len(lead):])
+                rows = routing.index.reshape(-1)
+                y = (exported_sparse(flat, rows, self.experts) if torch.onnx.is_in_onnx_export()
+                     else self.sparse(flat, rows))
+                return RoutedOutput(y.reshape(*lead, *y.shape[1:]), routing.index, routing.probs)
             weights, _ = hard_select(routing.probs)
         else:
             raise ValueError(f"unknown routing mode {mode!r}")
-        output = sum(weights[:, e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        output = None
+        for e, expert in enumerate(self.experts):
+            y = expert(x)
+            # the weight of each position, broadcast over whatever trailing dims the expert returns
+            term = weights[..., e].reshape(*lead, *([1] * (y.dim() - len(lead)))) * y
+            output = term if output is None else output + term
         index = weights.argmax(dim=-1) if mode == "gumbel" else routing.index
         return RoutedOutput(output, index, routing.probs)
 
     def sparse(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Only the chosen expert computes each row.
+        """Only the chosen expert computes each row of `x [rows, ...]` (`index [rows]`).
 
         Rows are sorted by expert once, so each expert runs on a contiguous slice (a view, no copy);
         an expert with no rows is never called. Experts are module calls (their hooks fire) unless all
@@ -149,7 +174,7 @@ class RoutedExperts(nn.Module):
         order = torch.argsort(index)  # rows are independent: their order within an expert is free
         counts = torch.bincount(index, minlength=len(self.experts)).tolist()
         xs = x.index_select(0, order)
-        plain = _plain_stacks(self.experts)
+        plain = _plain_stacks(self.experts) if x.dim() == 2 else None
         if plain is not None:
             ys = _plain_experts(plain, xs, counts)
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
@@ -235,6 +260,28 @@ def _plain_experts(stacks: list[_PlainStack], xs: torch.Tensor, counts: list[int
 
 def routed_modules(model: nn.Module) -> list[RoutedExperts]:
     return [m for m in model.modules() if isinstance(m, RoutedExperts)]
+
+
+def named_routers(model: nn.Module) -> list[tuple[str, Router]]:
+    """Every Router in `model` with its module path (what names its outputs in an export)."""
+    return [(path or "router", m) for path, m in model.named_modules() if isinstance(m, Router)]
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[dict[str, list[RouterOutput]]]:
+    """Collect what every Router in `model` decides during the forwards run inside the block.
+
+    Yields {module path: [RouterOutput of each call]}; the caller clears the lists between forwards.
+    A forward hook reads each Router's output, so nothing about the model changes.
+    """
+    calls: dict[str, list[RouterOutput]] = {path: [] for path, _ in named_routers(model)}
+    handles = [router.register_forward_hook(lambda _m, _i, out, path=path: calls[path].append(out))
+               for path, router in named_routers(model)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def collect_routing_loss(model: nn.Module) -> torch.Tensor:

@@ -67,7 +67,8 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
 
     from deploytool.data import load_dataset
     from deploytool.metrics import plot_routing, routing_metrics
-    from deploytool.models import build_model
+    from deploytool.model_io import primary_output
+    from deploytool.models import build_model, input_shape
     from deploytool.nn import collect_routing_loss, routing_mode, set_temperature
     from deploytool.progress import progress_bar
 
@@ -80,7 +81,8 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     arch = model_config(config, data.n_features, data.n_classes)
     model = build_model({**arch, "temperature": config.temperature})
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    x = torch.from_numpy(data.x_train)
+    shape = input_shape(arch)
+    x = torch.from_numpy(data.x_train).reshape(-1, *shape)
     y = torch.from_numpy(data.y_train)
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, -(-len(x) // config.batch_size))
@@ -98,8 +100,8 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                 for i in range(0, len(x), config.batch_size):
                     idx = perm[i:i + config.batch_size]
                     set_temperature(model, temperature_at(config, step, total))
-                    out_b = model(x[idx])
-                    loss = torch.nn.functional.cross_entropy(out_b.output, y[idx]) + collect_routing_loss(model)
+                    logits = primary_output(model(x[idx]))
+                    loss = torch.nn.functional.cross_entropy(logits, y[idx]) + collect_routing_loss(model)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -108,7 +110,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     step += 1
             advance(status=f"loss {epoch_loss:.4f}")
     set_temperature(model, arch["temperature"])
-    metrics = routing_metrics(model, data.x_test, data.y_test)
+    metrics = routing_metrics(model, data.x_test.reshape(-1, *shape), data.y_test)
     metrics.update(seed=config.seed, epochs=config.epochs, train_seconds=round(time.perf_counter() - start, 3),
                    temperature=arch["temperature"], dataset=data.name)
     with io.atomic_dir(out) as tmp:
