@@ -1,17 +1,19 @@
 """Parity between two runners' outputs, routing-aware; knows nothing of backends.
 
-Numbers are compared with NumPy's allclose rule, |cand - ref| <= atol + rtol * |ref|. Routing is
-compared as decisions: a row whose `index` differs is a flip. A flip is a tie-break (reported, not a
-failure) when the reference's top1-top2 probability margin is within what the tolerance lets two
-correct backends disagree on: each prob may move by atol + rtol, so the ordering of the top two can
-swap when the margin is below 2 * (atol + rtol). A flip at a larger margin is a real failure. Outputs
-downstream of the decision (`output`) are compared only on rows where the decisions agree, since a
-tie-broken row legitimately runs another expert.
+Numbers are compared with NumPy's allclose rule, |cand - ref| <= atol + rtol * |ref|; NaN never
+matches (not even NaN), equal infinities do. Routing is compared per router, as decisions: a position
+(row, token) whose index differs is a flip. A flip is a tie-break (reported, not a failure) when the
+reference's top1-top2 probability margin there is within what the tolerance lets two correct backends
+disagree on: each prob may move by atol + rtol, so the top two can swap when the margin is below
+2 * (atol + rtol). A flip at a larger margin is a real failure, except in a sample where some router
+tie-broke: everything after a tie legitimately differs. Every other output is compared on the samples
+where every router agrees, since a tie-broken sample runs another expert.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +21,10 @@ import numpy as np
 
 from deploytool.errors import BadInput
 from deploytool.ops.reference import top2_margin
+from deploytool.signature import RouterMeta
+
+#: a tolerance for every output, or per output name (the others take the dtype default)
+Tolerance = float | Mapping[str, float] | None
 
 #: default (atol, rtol) by the least precise dtype of the two outputs compared: the one table
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -32,10 +38,6 @@ _PRECISION_ORDER = ("bfloat16", "float16", "float32", "float64")
 #: edges of the reference-margin buckets that flips are counted in
 MARGIN_EDGES = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
-DECISION = "index"
-PROBS = "probs"
-#: outputs computed after the routing decision (compared on agreeing rows only)
-ROUTED_OUTPUTS = ("output",)
 
 
 def default_tolerance(*dtypes: str) -> tuple[float, float]:
@@ -65,11 +67,14 @@ class OutputDiff:
 
 @dataclass
 class RoutingDiff:
-    rows: int
-    agreement: float     # percent of rows with the same decision
+    """One router's decisions compared: flips, and each flip judged by the reference's margin."""
+
+    router: str          # module path
+    rows: int            # decisions compared (positions: rows x tokens)
+    agreement: float     # percent of decisions that are the same
     flips: int
     tie_breaks: int      # flips at a reference margin below tie_margin
-    failures: int        # flips at a larger margin
+    failures: int        # flips at a larger margin, in samples without a tie-break
     tie_margin: float
     buckets: list[dict[str, Any]]  # [{"lo", "hi", "flips"}] over MARGIN_EDGES
     min_flip_margin: float | None
@@ -78,11 +83,23 @@ class RoutingDiff:
 
 @dataclass
 class Comparison:
+    """Two runners' outputs on one input set.
+
+    Attributes:
+        reference: the reference runner's name.
+        candidate: the candidate runner's name.
+        inputs: the input set's label.
+        outputs: every compared output but the routers' indices.
+        routing: one RoutingDiff per router.
+        passed: every output within tolerance, no routing failure, no note.
+        notes: what else failed (an output missing).
+    """
+
     reference: str
     candidate: str
     inputs: str
     outputs: list[OutputDiff]
-    routing: RoutingDiff | None
+    routing: list[RoutingDiff]
     passed: bool
     notes: list[str] = field(default_factory=list)
 
@@ -96,48 +113,94 @@ class Comparison:
         if bad:
             parts.append("outputs out of tolerance: " + ", ".join(
                 f"{o.name} (max abs {o.max_abs:.3g} > atol {o.atol:g})" for o in self.outputs if not o.passed))
-        if self.routing is not None and not self.routing.passed:
-            parts.append(f"{self.routing.failures} routing flips at margin >= {self.routing.tie_margin:.3g}")
+        for r in self.routing:
+            if not r.passed:
+                parts.append(f"router {r.router}: {r.failures} decision flips at margin >= {r.tie_margin:.3g}")
         parts.extend(self.notes)
         return "; ".join(parts)
 
 
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, atol: float | None = None,
-            rtol: float | None = None, reference_name: str = "reference", candidate_name: str = "candidate",
-            inputs: str = "", compute_dtypes: tuple[str, ...] = ()) -> Comparison:
-    """Compare every output the two dicts share; atol/rtol None take the defaults of the least precise
-    of the outputs' dtypes and `compute_dtypes` (what either side computed in, when coarser)."""
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *,
+            routers: Sequence[RouterMeta] = (), atol: Tolerance = None, rtol: Tolerance = None,
+            reference_name: str = "reference", candidate_name: str = "candidate", inputs: str = "",
+            compute_dtypes: tuple[str, ...] = ()) -> Comparison:
+    """Compare every output the reference has, routing-aware for every router in `routers`.
+
+    Args:
+        reference: outputs of the reference runner, by name.
+        candidate: the candidate's outputs.
+        routers: the model's routers (their index/probs outputs are compared as decisions).
+        atol: absolute tolerance, or {output name: tolerance} (others take the default); None: the
+            default of the least precise of the outputs' dtypes and `compute_dtypes`.
+        rtol: relative tolerance, likewise.
+        reference_name: label of the reference.
+        candidate_name: label of the candidate.
+        inputs: label of the input set.
+        compute_dtypes: what either side computed in, when coarser than its outputs.
+
+    Returns:
+        The Comparison.
+
+    Raises:
+        BadInput: a negative, NaN or infinite tolerance.
+    """
     check_tolerances(atol, rtol)
     notes = [f"output {k!r} missing from {candidate_name}" for k in reference if k not in candidate]
-    routing = None
+    judged = [r for r in routers if r.index in reference and r.index in candidate and r.probs in reference]
+    routing: list[RoutingDiff] = []
     agree = None
-    if DECISION in reference and DECISION in candidate and PROBS in reference:
-        tol = _tolerance(reference[PROBS], candidate.get(PROBS, reference[PROBS]), atol, rtol, compute_dtypes)
-        routing = compare_routing(reference[DECISION], candidate[DECISION], reference[PROBS], *tol)
-        if reference[DECISION].shape == candidate[DECISION].shape:
-            agree = reference[DECISION] == candidate[DECISION]
+    if judged:
+        n = len(reference[judged[0].index])
+        tols = {r.path: _tolerance(r.probs, reference[r.probs], candidate.get(r.probs, reference[r.probs]),
+                                   atol, rtol, compute_dtypes) for r in judged}
+        agree, tied = np.ones(n, bool), np.zeros(n, bool)
+        for r in judged:
+            flipped, ties = _flips(reference[r.index], candidate[r.index], reference[r.probs], tie_margin(*tols[r.path]))
+            if flipped is not None:
+                agree &= ~_per_sample(flipped, n)
+                tied |= _per_sample(ties, n)
+        routing = [compare_routing(reference[r.index], candidate[r.index], reference[r.probs], *tols[r.path],
+                                   router=r.path, tied_samples=tied) for r in judged]
+    decisions = {r.index for r in judged}
     diffs = []
     for name, ref in reference.items():
-        if name == DECISION or name not in candidate:
+        if name in decisions or name not in candidate:
             continue
-        rows = agree if name in ROUTED_OUTPUTS else None
         diffs.append(compare_output(name, ref, candidate[name],
-                                    *_tolerance(ref, candidate[name], atol, rtol, compute_dtypes), rows=rows))
-    passed = not notes and all(d.passed for d in diffs) and (routing is None or routing.passed)
+                                    *_tolerance(name, ref, candidate[name], atol, rtol, compute_dtypes), rows=agree))
+    passed = not notes and all(d.passed for d in diffs) and all(r.passed for r in routing)
     return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
 
 
-def check_tolerances(atol: float | None, rtol: float | None) -> None:
+def _flips(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, limit: float):
+    """(flipped positions, tie-break positions) of one router; (None, None) when the shapes differ."""
+    if ref_index.shape != cand_index.shape:
+        return None, None
+    flipped = ref_index != cand_index
+    margins = np.nan_to_num(top2_margin(ref_probs), nan=1.0) if ref_probs.shape[-1] > 1 else np.zeros(flipped.shape)
+    return flipped, flipped & (margins.reshape(flipped.shape) < limit)
+
+
+def _per_sample(mask: np.ndarray, n: int) -> np.ndarray:
+    """Positions -> samples: True where any position of the sample is True."""
+    return mask.reshape(n, -1).any(axis=1) if mask.ndim else np.full(n, bool(mask))
+
+
+def check_tolerances(atol: Tolerance, rtol: Tolerance) -> None:
     """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly."""
     for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise BadInput(f"--{name} must be a finite number >= 0, got {value}")
+        values = value.values() if isinstance(value, Mapping) else [value]
+        for v in values:
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise BadInput(f"{name} must be a finite number >= 0, got {v!r}")
 
 
-def _tolerance(ref: np.ndarray, cand: np.ndarray, atol: float | None, rtol: float | None,
+def _tolerance(name: str, ref: np.ndarray, cand: np.ndarray, atol: Tolerance, rtol: Tolerance,
                compute_dtypes: tuple[str, ...] = ()) -> tuple[float, float]:
     default_atol, default_rtol = default_tolerance(ref.dtype.name, cand.dtype.name, *compute_dtypes)
-    return (default_atol if atol is None else float(atol), default_rtol if rtol is None else float(rtol))
+    a = atol.get(name) if isinstance(atol, Mapping) else atol
+    r = rtol.get(name) if isinstance(rtol, Mapping) else rtol
+    return (default_atol if a is None else float(a), default_rtol if r is None else float(r))
 
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
@@ -158,8 +221,8 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
                           "no rows to compare")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         err = np.abs(c - r)
-        err[(r == c) | (np.isnan(r) & np.isnan(c))] = 0.0  # equal infinities too: inf - inf is NaN
-        err[np.isnan(err)] = np.inf  # NaN on one side only
+        err[r == c] = 0.0  # equal infinities too (inf - inf is NaN); NaN equals nothing
+        err[np.isnan(err)] = np.inf  # NaN on either side fails
         rel = np.where(err == 0, 0.0, err / np.abs(r))  # an error against an exact 0 is infinitely relative
         min_atol = float(np.max(np.maximum(err - rtol * np.abs(np.nan_to_num(r)), 0.0)))
         stats = [float(f(a)) for a in (err, rel) for f in (np.max, np.mean, lambda v: np.percentile(v, 99))]
@@ -173,18 +236,20 @@ def tie_margin(atol: float, rtol: float) -> float:
 
 
 def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, atol: float,
-                    rtol: float) -> RoutingDiff:
-    """Decision agreement, and each flip judged by the reference's margin at that row."""
+                    rtol: float, *, router: str = "router", tied_samples: np.ndarray | None = None) -> RoutingDiff:
+    """One router's decision agreement, each flip judged by the reference's margin at that position;
+    a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure."""
     limit = tie_margin(atol, rtol)
-    if ref_index.shape != cand_index.shape:
-        return RoutingDiff(0, 0.0, 0, 0, 0, limit, [], None, False)
-    flipped = ref_index != cand_index
-    margins = top2_margin(ref_probs)[flipped] if ref_probs.shape[-1] > 1 else np.zeros(int(flipped.sum()))
-    margins = np.nan_to_num(margins, nan=1.0)  # a flip on a NaN row is never a tie
-    counts, _ = np.histogram(margins, bins=MARGIN_EDGES)
-    buckets = [{"lo": lo, "hi": hi, "flips": int(n)} for lo, hi, n in zip(MARGIN_EDGES, MARGIN_EDGES[1:], counts)]
-    failures = int((margins >= limit).sum())
-    n = int(flipped.size)
-    return RoutingDiff(n, 100.0 * (1.0 - flipped.sum() / n) if n else 100.0, int(flipped.sum()),
-                       int(flipped.sum()) - failures, failures, limit, buckets,
-                       float(margins.min()) if margins.size else None, failures == 0)
+    flipped, ties = _flips(ref_index, cand_index, ref_probs, limit)
+    if flipped is None:
+        return RoutingDiff(router, 0, 0.0, 0, 0, 0, limit, [], None, False)
+    margins = np.nan_to_num(top2_margin(ref_probs), nan=1.0).reshape(flipped.shape) if ref_probs.shape[-1] > 1 \
+        else np.zeros(flipped.shape)
+    failing = flipped & ~ties
+    if tied_samples is not None and flipped.ndim:
+        failing &= ~tied_samples.reshape(-1, *([1] * (flipped.ndim - 1)))
+    counts, _ = np.histogram(margins[flipped], bins=MARGIN_EDGES)
+    buckets = [{"lo": lo, "hi": hi, "flips": int(k)} for lo, hi, k in zip(MARGIN_EDGES, MARGIN_EDGES[1:], counts)]
+    n, n_flips, failures = int(flipped.size), int(flipped.sum()), int(failing.sum())
+    return RoutingDiff(router, n, 100.0 * (1.0 - n_flips / n) if n else 100.0, n_flips, n_flips - failures,
+                       failures, limit, buckets, float(margins[flipped].min()) if n_flips else None, failures == 0)

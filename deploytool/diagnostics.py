@@ -131,7 +131,8 @@ def _commands(report: dict) -> dict:
 
 def check_engine(engine: str | Path) -> dict:
     """Compare an engine's manifest with this machine: will it load, and if not, why."""
-    from deploytool.engine.manifest import load_problems, read_manifest
+    from deploytool.engine.manifest import load_problems
+    from deploytool.artifacts import read_manifest
 
     manifest = read_manifest(engine)
     here = describe_machine()

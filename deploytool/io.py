@@ -35,6 +35,23 @@ def check_parent_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+#: the files of a run directory, which no command's output may replace
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, ROUTING_PLOT)
+
+
+def refuse_overwrite(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuse an output path that is one of the `inputs` (files) or a file of an input run directory:
+    a command must never replace what it reads."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if item is None or not isinstance(item, (str, os.PathLike)):
+            continue
+        source = Path(item).resolve()
+        protected = [source / name for name in RUN_FILES] if source.is_dir() else [source]
+        if target in protected or target == source:
+            raise BadInput(f"output {out} would replace the input {target}; write it somewhere else")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

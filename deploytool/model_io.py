@@ -150,12 +150,14 @@ def module_signature(named: NamedModule, example: Mapping[str, torch.Tensor], *,
     with torch.no_grad():
         outputs = named.named(*example.values())
     sizes: dict[int, str] = {}
+    examples: dict[str, int] = {}
     inputs = []
     for name, tensor in example.items():
         axes = dynamic.get(name, {0: BATCH}) if dynamic is not None else {0: BATCH}
         shape = tuple(axes.get(i, int(d)) for i, d in enumerate(tensor.shape))
         for axis, dim_name in axes.items():
             sizes.setdefault(int(tensor.shape[axis]), dim_name)
+            examples.setdefault(dim_name, int(tensor.shape[axis]))
         inputs.append(TensorMeta(name, dtype_name(tensor.dtype), shape))
     batch_size = int(next(iter(example.values())).shape[0])
     others = {size: dim for size, dim in sizes.items() if dim != BATCH}
@@ -163,7 +165,7 @@ def module_signature(named: NamedModule, example: Mapping[str, torch.Tensor], *,
                        tuple(BATCH if i == 0 and int(d) == batch_size else others.get(int(d), int(d)) if i else int(d)
                              for i, d in enumerate(tensor.shape)))
             for name, tensor in outputs.items()]
-    return ModelSignature(tuple(inputs), tuple(outs), named.router_metas())
+    return ModelSignature(tuple(inputs), tuple(outs), named.router_metas(), examples)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -2,8 +2,9 @@
 
 `verify` returns a ParityReport whether or not it passed (`report.passed`); the CLI renders it and
 exits 1 on a failure, a Python caller decides for itself. Bad input (missing or broken files, a
-checkpoint that does not match the model, a feature mismatch, NaN inputs, an unknown backend) raises
-BadInput before anything runs. Export reuses `compare_runners` for its validation right after export.
+checkpoint that does not match the model, inputs that do not fit its signature, NaN inputs, an unknown
+backend, a model without routers) raises BadInput before anything runs. Export reuses
+`compare_runners` for its validation right after export.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from deploytool.compare import Comparison, check_tolerances, compare
+from deploytool.artifacts import open_artifact
+from deploytool.compare import Comparison, Tolerance, check_tolerances, compare
 from deploytool.errors import BadInput
+from deploytool.feeds import Feed, batch_of, load_feed, take
 from deploytool.io import WEIGHTS_FILE
-from deploytool.runners import INPUT_NAME, Runner, make_runner, parse_backends, static_batch
-from deploytool.runtime import artifact_kind, check_rows
+from deploytool.runners import Runner, artifact_of, make_runner, parse_backends
 
 DEFAULT_SAMPLES = 512
 DEFAULT_BATCH = 256
@@ -29,9 +31,21 @@ DEFAULT_BATCH = 256
 
 @dataclass
 class ParityReport:
+    """Every pair of backends compared on every input set.
+
+    Attributes:
+        model: the model (ONNX or engine) verified.
+        backends: the backends, in order (the earlier of a pair is its reference).
+        inputs: input set label -> samples.
+        comparisons: one Comparison per pair and input set.
+        checkpoint: the run directory the torch backends loaded, if any.
+        metadata: the model's deploytool metadata.
+        notes: remarks (a checkpoint that is not the exported one).
+    """
+
     model: str
     backends: list[str]
-    inputs: dict[str, int]             # input set name -> rows
+    inputs: dict[str, int]
     comparisons: list[Comparison]
     checkpoint: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -48,44 +62,43 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed, "failures": self.failures()}
 
 
-def check_inputs(x: np.ndarray, n_features: int | str | None, what: str = "inputs") -> np.ndarray:
-    """Rows as runtime.check_rows accepts them, in float32 (what every fp32 runner takes)."""
-    return check_rows(x, n_features, what).astype(np.float32, copy=False)
-
-
-def run_batched(runner: Runner, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
-    """Outputs for every row of `x`, fed in chunks (engines have a maximum batch), concatenated.
+def run_batched(runner: Runner, feed: Feed, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+    """Outputs for every sample of `feed`, fed in chunks (engines have a maximum batch), concatenated.
 
     A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
-    repeating its final row, and the padded rows are dropped from the outputs (routing is per row).
+    repeating its final sample, and the padded samples are dropped from the outputs (routing is per sample).
     """
-    if not len(x):
-        raise BadInput("no rows to run: give at least one")
-    fixed = static_batch(runner)
+    total = batch_of(feed)
+    if not total:
+        raise BadInput("no samples to run: give at least one")
+    fixed = runner.signature.static_batch
     step = fixed or batch_size
     parts = []
-    for i in range(0, len(x), step):
-        chunk = x[i:i + step]
-        rows = len(chunk)
+    for i in range(0, total, step):
+        chunk = take(feed, slice(i, i + step))
+        rows = batch_of(chunk)
         if fixed and rows < fixed:
-            chunk = np.pad(chunk, [(0, fixed - rows)] + [(0, 0)] * (chunk.ndim - 1), mode="edge")
-        parts.append({k: v[:rows] for k, v in runner.infer({INPUT_NAME: chunk}).items()})
+            chunk = {k: np.pad(v, [(0, fixed - rows)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
+        parts.append({k: v[:rows] for k, v in runner.infer(chunk).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, atol: float | None = None,
-                    rtol: float | None = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
-    """Every pair of runners on every input set; the earlier runner of a pair is the reference."""
+def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, Feed], *, atol: Tolerance = None,
+                    rtol: Tolerance = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
+    """Every pair of runners on every input set; the earlier runner of a pair is the reference. The
+    routers judged are those of the first runner that names any (torch and ONNX both do)."""
     comparisons = []
     with contextlib.ExitStack() as stack:
         for runner in runners:
             stack.enter_context(runner)
-        for label, x in inputs.items():
-            results = [run_batched(r, x, batch_size) for r in runners]
+        routers = next((r.signature.routers for r in runners if r.signature.routers), ())
+        for label, feed in inputs.items():
+            results = [run_batched(r, feed, batch_size) for r in runners]
             for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
                 computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
-                comparisons.append(compare(ref, cand, atol=atol, rtol=rtol, reference_name=runners[i].name,
-                                           candidate_name=runners[j].name, inputs=label, compute_dtypes=computes))
+                comparisons.append(compare(ref, cand, routers=routers, atol=atol, rtol=rtol,
+                                           reference_name=runners[i].name, candidate_name=runners[j].name,
+                                           inputs=label, compute_dtypes=computes))
     return comparisons
 
 
@@ -99,74 +112,83 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
 
 
-def load_inputs(data: str | Path | np.ndarray, samples: int | None = None, seed: int = 0,
-                **data_options: Any) -> tuple[str, np.ndarray]:
-    """(label, rows): a data set's held-out rows (all of them for samples=None), training rows after
-    them when more are asked for; an array is taken as given."""
-    if samples is not None and samples < 1:
-        raise BadInput(f"samples must be >= 1, got {samples}")
-    if isinstance(data, np.ndarray):
-        return "array", data[:samples]
-    from deploytool.data import load_dataset
-
-    ds = load_dataset(str(data), seed, **data_options)
-    if samples is None or samples <= len(ds.x_test):
-        return f"{ds.name} held-out", ds.x_test[:samples]
-    return f"{ds.name} held-out + train", np.concatenate([ds.x_test, ds.x_train])[:samples]
-
-
-def verify(model_path: str | Path, checkpoint: str | Path | None = None,
-           backends: str | Sequence[str] = ("torch", "onnxruntime"), data: str | Path | np.ndarray = "digits",
-           samples: int = DEFAULT_SAMPLES, atol: float | None = None, rtol: float | None = None, *,
+def verify(model_path: str | Path, *, checkpoint: str | Path | None = None,
+           backends: str | Sequence[str] = ("torch", "onnxruntime"), data: Any = "digits",
+           samples: int = DEFAULT_SAMPLES, atol: Tolerance = None, rtol: Tolerance = None,
            seed: int = 0) -> ParityReport:
-    """Compare `backends` pairwise on `samples` rows of `data`; returns the report (see `.passed`).
+    """Compare `backends` pairwise on `samples` samples of `data`: every output, every router's decisions.
 
-    `model_path` is the ONNX model (or a TensorRT engine when only tensorrt needs a file);
-    `checkpoint` is the run directory (or its weights file) the torch backends load.
+    Args:
+        model_path: the ONNX model, or a TensorRT engine (then tensorrt is the only file-based backend).
+        checkpoint: the run directory (or its weights file) the torch backends load.
+        backends: two or more backend names (see deploytool.runners.BACKENDS).
+        data: a data set name, .npz, array or dict of arrays (see deploytool.feeds.load_feed).
+        samples: how many samples to compare.
+        atol: absolute tolerance, or per output name (default: by dtype).
+        rtol: relative tolerance, likewise.
+        seed: the data split's seed.
+
+    Returns:
+        The ParityReport (see `.passed`).
+
+    Raises:
+        BadInput: bad files, backends, tolerances or data; a model without routers; a checkpoint that
+            does not match the model.
+        MissingDependency: a backend's library or hardware is missing.
     """
-    from deploytool.export.onnx import read_onnx_metadata
-    from deploytool.runners.ort import check_onnx_file
-
     names = parse_backends(backends, minimum=2)
     check_tolerances(atol, rtol)
-    model_path = check_onnx_file(model_path, "model")
-    is_engine = artifact_kind(model_path) == "engine"
-    engine_path = model_path if is_engine else None
-    onnx_path = None if is_engine else model_path
-    metadata = read_onnx_metadata(onnx_path) if onnx_path else {}
+    art = open_artifact(model_path)
+    if art.kind == "run":
+        raise BadInput(f"{model_path} is a run directory, not a model; export it first: "
+                       f"deploytool export {model_path} --out model.onnx")
+    files = {art.kind: art.path}
     run_dir = weights = None
-    if any(n.startswith("torch") for n in names):
+    if any(artifact_of(n) == "run" for n in names):
         if checkpoint is None:
-            raise BadInput("the torch backends need the model's weights: give --checkpoint RUN_DIR")
+            raise BadInput("the torch backends need the model's weights: give the checkpoint (its run directory)")
         run_dir, weights = resolve_checkpoint(checkpoint)
-    runners = [make_runner(n, run_dir=run_dir, onnx_path=onnx_path, engine_path=engine_path,
-                           **({"checkpoint": weights} if n.startswith("torch") else {})) for n in names]
-    notes = check_runners_match(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
-    n_features = runners[0].inputs[0].shape[-1]
-    label, x = load_inputs(data, samples, seed)
-    x = check_inputs(x, n_features, what=f"{label} rows")
-    comparisons = compare_runners(runners, {label: x}, atol=atol, rtol=rtol)
-    return ParityReport(str(model_path), names, {label: len(x)}, comparisons,
-                        str(checkpoint) if checkpoint else None, metadata, notes)
+        files["run"] = run_dir
+    missing = [n for n in names if artifact_of(n) not in files]
+    if missing:
+        raise BadInput(f"backend {missing[0]} needs {'an engine' if artifact_of(missing[0]) == 'engine' else 'an ONNX model'}"
+                       f", and {model_path} is {'an engine' if art.kind == 'engine' else 'an ONNX model'}")
+    runners = [make_runner(n, files[artifact_of(n)], **({"checkpoint": weights} if artifact_of(n) == "run" else {}))
+               for n in names]
+    art.signature.require_router(str(model_path))
+    notes = check_runners_match(runners, art.metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
+    label, feed = load_feed(data, art.signature, samples=samples, seed=seed)
+    comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
+    return ParityReport(str(model_path), names, {label: batch_of(feed)}, comparisons,
+                        str(checkpoint) if checkpoint else None, art.metadata, notes)
 
 
 def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:
-    """Refuse runners whose shapes disagree (a checkpoint for another model); note a `weights` file
+    """Refuse runners whose signatures disagree (a checkpoint for another model); note a `weights` file
     whose sha256 differs from the one the ONNX `metadata` records (when a torch runner is among them)."""
-    from deploytool.runners.torch import TorchRunner
+    def shapes(r: Runner):
+        return ({m.name: m.shape[1:] for m in r.inputs}, {m.name: m.shape[1:] for m in r.outputs})
 
-    shapes = [(r.name, ([m.shape[-1] for m in r.inputs], {m.name: m.shape[1:] for m in r.outputs}))
-              for r in runners]  # a list: two runners may share a name
-    (first, ref), *rest = shapes
-    for name, other in rest:
-        if other[0] != ref[0] or any(other[1].get(k, v) != v for k, v in ref[1].items()):
-            raise BadInput(f"{name} and {first} disagree on shapes (inputs {other[0]} vs {ref[0]}, outputs "
-                           f"{other[1]} vs {ref[1]}): the checkpoint does not match the model")
+    first, *rest = runners
+    ref_in, ref_out = shapes(first)
+    for runner in rest:
+        ins, outs = shapes(runner)
+        if set(ins) != set(ref_in) or any(not _dims_match(ins[k], ref_in[k]) for k in ins) or \
+                any(k in ref_out and not _dims_match(v, ref_out[k]) for k, v in outs.items()) or \
+                set(outs) != set(ref_out):
+            raise BadInput(f"{runner.name} and {first.name} disagree on the model's signature (inputs {ins} vs "
+                           f"{ref_in}; outputs {sorted(outs)} vs {sorted(ref_out)}): the checkpoint does not "
+                           "match the model")
     notes = []
     recorded = metadata.get("deploytool.checkpoint_sha256")
-    if recorded and weights and any(isinstance(r, TorchRunner) for r in runners):
+    if recorded and weights and any(r.backend == "torch" for r in runners):
         from deploytool.io import sha256_file
 
         if Path(weights).is_file() and sha256_file(weights) != recorded:
             notes.append(f"checkpoint {weights} is not the one the model was exported from (sha256 differs)")
     return notes
+
+
+def _dims_match(a: tuple, b: tuple) -> bool:
+    """Same rank, and the same size wherever both are static."""
+    return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b))

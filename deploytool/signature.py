@@ -86,6 +86,9 @@ class ModelSignature:
     inputs: tuple[TensorMeta, ...]
     outputs: tuple[TensorMeta, ...]
     routers: tuple[RouterMeta, ...] = field(default=())
+    #: the size each named dynamic dim had in the example the model was exported from (what generated
+    #: inputs and an engine's optimisation profile use when nothing else says)
+    dim_examples: dict[str, int] = field(default_factory=dict)
 
     # --- reading ------------------------------------------------------------------------------
     def input(self, name: str) -> TensorMeta:
@@ -214,7 +217,8 @@ def numpy_dtype(name: str) -> np.dtype | None:
 def to_json(signature: ModelSignature) -> str:
     return json.dumps({"inputs": [m.to_dict() for m in signature.inputs],
                        "outputs": [m.to_dict() for m in signature.outputs],
-                       "routers": [r.to_dict() for r in signature.routers]}, sort_keys=True)
+                       "routers": [r.to_dict() for r in signature.routers],
+                       "dim_examples": signature.dim_examples}, sort_keys=True)
 
 
 def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
@@ -223,7 +227,8 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
         data = json.loads(text) if isinstance(text, str) else text
         return ModelSignature(tuple(TensorMeta.from_dict(m) for m in data["inputs"]),
                               tuple(TensorMeta.from_dict(m) for m in data["outputs"]),
-                              tuple(RouterMeta.from_dict(r) for r in data.get("routers", ())))
+                              tuple(RouterMeta.from_dict(r) for r in data.get("routers", ())),
+                              {str(k): int(v) for k, v in data.get("dim_examples", {}).items()})
     except (ValueError, TypeError, KeyError) as exc:
         raise BadInput(f"{source}: its deploytool signature is unreadable ({type(exc).__name__}: {exc}); "
                        "export the model again") from exc
@@ -231,4 +236,6 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
 
 def with_io(signature: ModelSignature | None, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> ModelSignature:
     """The backend's own inputs/outputs (what it really takes) with the routers a stored signature names."""
-    return ModelSignature(tuple(inputs), tuple(outputs), signature.routers if signature else ())
+    if signature is None:
+        return ModelSignature(tuple(inputs), tuple(outputs))
+    return ModelSignature(tuple(inputs), tuple(outputs), signature.routers, signature.dim_examples)

@@ -180,7 +180,7 @@ def engine_max_batch(engine_path: Path) -> int | None:
 
     Without a manifest there is nothing to check here: the tensorrt runner refuses the engine itself.
     """
-    from deploytool.engine.manifest import manifest_path, max_batch, read_manifest
+    from deploytool.artifacts import manifest_path, max_batch, read_manifest
 
     if not manifest_path(engine_path).is_file():
         return None
@@ -219,7 +219,7 @@ class Artifacts:
     @classmethod
     def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
         from deploytool.parity import resolve_checkpoint
-        from deploytool.runtime import artifact_kind
+        from deploytool.artifacts import artifact_kind
 
         path = Path(target)
         kind = artifact_kind(path)
@@ -264,7 +264,7 @@ class Artifacts:
 def _source_run(onnx_path: Path) -> Path | None:
     """The run directory an exported model records as its source, if it still exists. A relative
     source (older exports) meant the exporter's working directory, unknown here: not guessed from ours."""
-    from deploytool.export.onnx import META_PREFIX, read_onnx_metadata
+    from deploytool.artifacts import META_PREFIX, read_onnx_metadata
 
     source = Path(read_onnx_metadata(onnx_path).get(META_PREFIX + "source", ""))
     return source if source.is_absolute() and (source / io.CONFIG_FILE).is_file() else None
@@ -293,7 +293,7 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
     apart). A run found through the model's metadata that no longer matches it is another model: its torch
     backends are skipped with the reason. A run given with --checkpoint is the user's choice: shapes that
     disagree are refused, other weights only noted."""
-    from deploytool.export.onnx import read_onnx_metadata
+    from deploytool.artifacts import read_onnx_metadata
     from deploytool.parity import check_runners_match
 
     torch = [r for r in runners if r.backend == "torch"]

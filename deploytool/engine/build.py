@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploytool.engine.manifest import build_manifest, manifest_path
+from deploytool.engine.manifest import build_manifest
+from deploytool.artifacts import manifest_path
 from deploytool.engine.plan import FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH, EngineBuildPlan, plan_engine
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.ops import DOMAIN
@@ -42,7 +43,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     and a real build refuses them before its long run rather than after.
     """
     from deploytool.io import check_parent_dir
-    from deploytool.runtime import ENGINE_SUFFIXES
+    from deploytool.artifacts import ENGINE_SUFFIXES
 
     for flag, path in (("--out", out), ("--timing-cache", timing_cache)):
         if path is not None:
@@ -163,7 +164,7 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     """
     import onnx
 
-    from deploytool.export.onnx import load_onnx, read_external_weights
+    from deploytool.artifacts import load_onnx, read_external_weights
 
     # lowering converts the weights, so it needs them in memory; otherwise the parser reads external
     # data itself, relative to the model's path

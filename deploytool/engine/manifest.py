@@ -8,20 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from deploytool.errors import BadInput
-from deploytool.io import read_json
-
-if TYPE_CHECKING:
-    from deploytool.runners.base import TensorMeta
 
 SCHEMA = 1
-
-
-def manifest_path(engine_path: str | Path) -> Path:
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
 
 
 def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str], embedded_ptx: dict[str, dict[str, str]],
@@ -54,66 +42,6 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
         "onnx": {"path": plan.onnx_path, "sha256": plan.onnx_sha256},
         "plan": plan.to_dict(),
     }
-
-
-def read_manifest(engine_path: str | Path) -> dict:
-    engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise BadInput(f"engine {engine_path} does not exist")
-    path = manifest_path(engine_path)
-    if not path.is_file():
-        raise BadInput(f"engine {engine_path} has no manifest {path.name}; rebuild it with deploytool build-engine")
-    manifest = read_json(path, "engine manifest")
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise BadInput(f"{path} is not a deploytool engine manifest ({problem}); "
-                       "rebuild the engine with deploytool build-engine")
-    return manifest
-
-
-def _manifest_problem(manifest) -> str | None:
-    """What a manifest lacks that readers (runner, package, doctor) rely on; None when whole."""
-    if not isinstance(manifest, dict):
-        return "not a JSON object"
-    if "tensorrt" not in manifest:
-        return "no tensorrt version"
-    io = manifest.get("io")
-    if not isinstance(io, dict):
-        return "no io"
-    for kind in ("inputs", "outputs"):
-        tensors = io.get(kind)
-        if not isinstance(tensors, list) or not tensors or not all(map(_is_tensor, tensors)):
-            return f"io.{kind} is not a list of tensors with name, dtype and shape"
-    profile = manifest.get("profile")
-    if not isinstance(profile, dict):
-        return "no profile"
-    for name, shapes in profile.items():
-        if not (isinstance(shapes, dict) and all(_is_shape(shapes.get(k)) for k in ("min", "opt", "max"))):
-            return f"profile of {name!r} lacks integer min, opt and max shapes"
-    return None
-
-
-def _is_shape(shape) -> bool:
-    return isinstance(shape, list) and bool(shape) and all(isinstance(d, int) and not isinstance(d, bool)
-                                                           for d in shape)
-
-
-def _is_tensor(t) -> bool:
-    return (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
-            and isinstance(t.get("shape"), list) and all(isinstance(d, int) for d in t["shape"]))
-
-
-def tensor_metas(manifest: dict, kind: str) -> list[TensorMeta]:
-    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest."""
-    from deploytool.runners.base import TensorMeta
-
-    return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
-            for t in manifest["io"][kind]]
-
-
-def max_batch(manifest: dict) -> int | None:
-    """The largest batch every input of the engine's profile accepts; None for an engine without a profile."""
-    return min((shapes["max"][0] for shapes in manifest["profile"].values()), default=None)
 
 
 def load_problems(manifest: dict, machine: dict) -> list[str]:

@@ -73,7 +73,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     _check_batches(min_batch, opt_batch, max_batch)
     if not isinstance(workspace_mib, int) or workspace_mib < 1:
         raise BadInput(f"--workspace must be a whole number of MiB >= 1, got {workspace_mib}")
-    from deploytool.export.onnx import load_onnx
+    from deploytool.artifacts import load_onnx
 
     model = load_onnx(onnx_path)
     inputs = _graph_inputs(model)
@@ -98,7 +98,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
 
     regions = routing_regions(list(model.graph.node)) if lower_to else []
     if lower_to and check_lowering:  # so that a plan that passes (--dry-run) is one the build can lower
-        from deploytool.export.onnx import read_external_weights
+        from deploytool.artifacts import read_external_weights
 
         try:
             lower_precision(read_external_weights(model, onnx_path), lower_to, regions)
@@ -133,7 +133,7 @@ def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
 
 
 def _graph_inputs(model) -> list[dict]:
-    from deploytool.export.onnx import graph_signature
+    from deploytool.artifacts import graph_signature
 
     inputs = [{"name": m.name, "dtype": m.dtype, "shape": list(m.shape)} for m in graph_signature(model)[0]]
     if not inputs:

@@ -2,9 +2,12 @@
 
 The routing step becomes two custom nodes (deploytool::TemperedSoftmax, deploytool::HardSelect,
 emitted by deploytool.ops.functional under torch.onnx's dynamo export) whose bodies travel with the
-model as local functions, so every ONNX runtime can run it. The model is exported in evaluation mode
-with dense dispatch (an ONNX graph has no cheap per-row dispatch: every expert runs, the one-hot mask
-selects). The file lands at its target only after onnx.checker and validation pass.
+model as local functions, so every ONNX runtime can run it. Any routed model exports: inputs of any
+rank and dtype (from example inputs; a run directory knows its own), the model's own outputs under
+their names, and every router's `index` and `probs` as outputs beside them. That model signature is
+written into the metadata, where every later step reads it. With sparse dispatch (the default) each
+expert runs only on the rows routed to it. The file lands at its target only after onnx.checker and
+validation pass.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploytool import io
+from deploytool.artifacts import META_PREFIX
 from deploytool.errors import BadInput, CheckFailed, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from deploytool.runners import INPUT_NAME, OUTPUT_NAMES
-from deploytool.runners.base import TensorMeta
+from deploytool.signature import BATCH, META_KEY, ModelSignature, to_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,15 +37,32 @@ if TYPE_CHECKING:
     from deploytool.parity import ParityReport
 
 VALIDATION_BATCH = 256
-META_PREFIX = "deploytool."
+DISPATCHES = ("sparse", "dense")
+#: the largest static batch an export accepts: beyond it the example alone outgrows memory
+MAX_STATIC_BATCH = 65536
 
 
 @dataclass
 class ExportResult:
+    """What `export_onnx` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        opset: the standard-domain opset.
+        static_batch: the fixed batch, or None for a dynamic one.
+        dispatch: "sparse" (each expert runs on its rows only) or "dense".
+        metadata: the deploytool metadata props written into the model.
+        signature: the model signature (inputs, outputs, routers).
+        seconds: export plus validation time.
+        validation: the parity report of ONNX Runtime against PyTorch (None when not validated).
+    """
+
     path: Path
     opset: int
     static_batch: int | None
+    dispatch: str
     metadata: dict[str, str]
+    signature: ModelSignature
     seconds: float
     validation: ParityReport | None = None
 
@@ -51,67 +71,113 @@ class ExportResult:
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "validation"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("validation", "signature")}
+        out["signature"] = {"inputs": [m.to_dict() for m in self.signature.inputs],
+                            "outputs": [m.to_dict() for m in self.signature.outputs],
+                            "routers": [r.to_dict() for r in self.signature.routers]}
         out["validation"] = self.validation.to_dict() if self.validation else None
         out["passed"] = self.passed
         return out
 
 
 def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: str | Path | None = None,
+                example_inputs: Any = None, output_names: Sequence[str] | None = None,
+                dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, dispatch: str = "sparse",
                 opset: int = DEFAULT_OPSET, static_batch: int | None = None, validate: bool = True,
-                keep_invalid: bool = False, data: str | Path | np.ndarray | None = None,
+                keep_invalid: bool = False, data: str | Path | np.ndarray | Mapping | None = None,
                 atol: float | None = None, rtol: float | None = None, seed: int = 0) -> ExportResult:
-    """Export a run directory (or an nn.Module using deploytool.nn.Router) to `path`, validated.
+    """Export a run directory, or an nn.Module that routes through deploytool.nn.Router, to `path`, validated.
 
-    The input is `x [batch, features]` (batch fixed to `static_batch` if given), the outputs
-    `output`, `index`, `probs`. Validation compares ONNX Runtime with PyTorch on held-out rows of
-    `data` (the run's own data set by default) and random rows at batch 1 and 256; when it fails,
-    CheckFailed(report=result) is raised and nothing is left at `path` unless `keep_invalid`.
+    Validation compares ONNX Runtime with PyTorch on held-out samples of `data` (the run's own data set
+    by default) and on random samples at batch 1 and 256, every output and every router's decisions.
+
+    Args:
+        model: a run directory, or a module (then `example_inputs` is required).
+        path: the .onnx file to write; it appears only when export and validation pass.
+        checkpoint: another weights file for a run directory.
+        example_inputs: a tensor, a tuple of tensors (named after forward's parameters) or a dict of
+            keyword tensors; batch first. A run directory knows its own.
+        output_names: names for the model's own output tensors, in the order forward returns them
+            (default: a lone tensor is `output`, NamedTuple/dict fields keep their names, tuples are
+            numbered `output_0`, ...). Every router adds `<module path>.index` and `.probs`.
+        dynamic_dims: extra dynamic dims per input, {input: {axis: name}} (e.g. {"x": {1: "tokens"}});
+            axis 0 of every input is the dynamic `batch` unless `static_batch`.
+        dispatch: "sparse" (default): each expert runs only on the rows (tokens) routed to it;
+            "dense": every expert runs on every row and a one-hot mask selects, which can win at
+            batch 1 or on runtimes that handle data-dependent shapes poorly.
+        opset: the standard-domain opset, MIN_OPSET..MAX_OPSET.
+        static_batch: fix the batch dim to this size.
+        validate: compare with PyTorch before the file lands.
+        keep_invalid: keep the file even when validation fails.
+        data: validation inputs (a data set name, .npz, array or dict of arrays).
+        atol: absolute tolerance (default by dtype).
+        rtol: relative tolerance (default by dtype).
+        seed: seed of the data split and the random samples.
+
+    Returns:
+        The ExportResult (its `validation` holds the parity report).
+
+    Raises:
+        BadInput: a bad path, option, model or example input.
+        CheckFailed: the export or its validation failed (`report` holds the ExportResult); nothing is
+            left at `path` unless `keep_invalid`.
     """
     from deploytool.compare import check_tolerances
 
     start = time.perf_counter()
     path = io.check_parent_dir(path)
     if path.suffix.lower() != ".onnx":
-        raise BadInput(f"--out {path} must end in .onnx (tools downstream tell models from engines by suffix)")
+        raise BadInput(f"output {path} must end in .onnx (tools downstream tell models from engines by suffix)")
     check_tolerances(atol, rtol)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BadInput(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
-    if static_batch is not None and static_batch < 1:
-        raise BadInput(f"static batch must be >= 1, got {static_batch}")
-    module, source, sha256, run_config = _resolve(model, checkpoint)
-    proto, metadata = to_onnx(module, opset=opset, static_batch=static_batch, source=source, sha256=sha256)
-    result = ExportResult(path, opset, static_batch, metadata, 0.0)
+    if static_batch is not None and not 1 <= static_batch <= MAX_STATIC_BATCH:
+        raise BadInput(f"static batch must be between 1 and {MAX_STATIC_BATCH}, got {static_batch}")
+    if dispatch not in DISPATCHES:
+        raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
+    module, example, source, sha256, run_config = _resolve(model, checkpoint, example_inputs)
+    io.refuse_overwrite(path, *([model, checkpoint] if run_config is not None else []))
+    proto, metadata, signature, named = to_onnx(
+        module, example, opset=opset, static_batch=static_batch, dynamic_dims=dynamic_dims,
+        output_names=output_names, dispatch=dispatch, source=source, sha256=sha256)
+    result = ExportResult(path, opset, static_batch, dispatch, metadata, signature, 0.0)
     with io.atomic_path(path) as tmp:
         _save(proto, tmp)
         if validate:
-            inputs = validation_inputs(module, data, run_config, seed)
-            result.validation = validate_export(module, tmp, inputs, atol=atol, rtol=rtol)
+            inputs = validation_inputs(signature, data, run_config, seed)
+            result.validation = validate_export(named, tmp, inputs, atol=atol, rtol=rtol)
             result.validation.model = str(path)
         result.seconds = round(time.perf_counter() - start, 3)
         if not result.passed and not keep_invalid:
             raise CheckFailed(f"exported model failed validation, not written to {path}: "
                               + " | ".join(result.validation.failures()), report=result)
     if not result.passed:
-        raise CheckFailed(f"exported model failed validation (kept at {path} by --keep-invalid): "
+        raise CheckFailed(f"exported model failed validation (kept at {path} by keep_invalid): "
                           + " | ".join(result.validation.failures()), report=result)
     return result
 
 
-def _resolve(model: Any, checkpoint: str | Path | None) -> tuple[nn.Module, str, str, dict | None]:
-    """(module, source label, sha256 of its weights, run config or None)."""
+def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
+             ) -> tuple[nn.Module, Any, str, str, dict | None]:
+    """(module, example inputs, source label, sha256 of its weights, run config or None)."""
     from torch import nn
 
     if isinstance(model, nn.Module):
         if checkpoint is not None:
             raise BadInput("checkpoint= applies to a run directory; load the weights into your module instead")
-        return model, f"module:{type(model).__name__}", state_dict_sha256(model), None
+        if example_inputs is None:
+            raise BadInput(f"exporting a {type(model).__name__} module needs example_inputs= (a tensor, a tuple "
+                           "of tensors or a dict), batch first")
+        return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None
+    from deploytool.models import example_inputs as run_examples
     from deploytool.training import load_model, load_run
 
     run = load_run(model)
     weights = Path(checkpoint) if checkpoint else run.weights
+    example = example_inputs if example_inputs is not None else run_examples(run.config)
     # absolute: tools that later read the source back (bench) run from another directory
-    return load_model(run.path, weights), str(Path(run.path).resolve()), io.sha256_file(weights), run.config
+    return (load_model(run.path, weights), example, str(Path(run.path).resolve()), io.sha256_file(weights),
+            run.config)
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -126,79 +192,145 @@ def _save(proto, path: Path) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
-def to_onnx(module: nn.Module, *, opset: int = DEFAULT_OPSET, static_batch: int | None = None,
-            source: str = "", sha256: str = ""):
-    """The checked ModelProto and its deploytool metadata props."""
+def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSET, static_batch: int | None = None,
+            dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, output_names: Sequence[str] | None = None,
+            dispatch: str = "sparse", source: str = "", sha256: str = ""):
+    """(checked ModelProto, its deploytool metadata props, its signature, the NamedModule it came from).
+
+    Args:
+        module: the routed model.
+        example_inputs: as export_onnx takes them.
+        opset: standard-domain opset.
+        static_batch: fix the batch dim to this size (None: dynamic).
+        dynamic_dims: extra dynamic dims, {input: {axis: name}}.
+        output_names: names of the model's own outputs.
+        dispatch: "sparse" or "dense".
+        source: where the model came from (recorded in the metadata).
+        sha256: its weights' sha256 (recorded).
+
+    Returns:
+        The tuple above.
+
+    Raises:
+        BadInput: the module or its examples cannot be exported.
+        CheckFailed: the exported graph lacks the routing ops or fails onnx.checker.
+    """
     import onnx
     import torch
 
     from deploytool import __version__
+    from deploytool.artifacts import graph_signature
+    from deploytool.model_io import NamedModule, as_named_inputs, module_signature
     from deploytool.ops.onnx_functions import attach
-    from deploytool.runners.torch import in_features_of, outputs_as_dict
+    from deploytool.signature import ModelSignature
 
-    routers = _routers(module)
-    in_features = in_features_of(module)
-    example = torch.randn(static_batch or 2, in_features)
-    with export_mode(module) as temperatures:
-        with torch.no_grad():
-            returned = outputs_as_dict(module(example))
-        if tuple(returned) != OUTPUT_NAMES:
-            raise BadInput(f"{type(module).__name__}.forward returns {len(returned)} output(s); export needs "
-                           f"({', '.join(OUTPUT_NAMES)}), e.g. a deploytool.nn.RoutedOutput")
-        dynamic = None if static_batch else ({0: torch.export.Dim("batch")},)
+    example = _sized(as_named_inputs(module, example_inputs), static_batch)
+    named = NamedModule(module, list(example), output_names=output_names,
+                        keyword=isinstance(example_inputs, Mapping))
+    dims = _dynamic_dims(example, dynamic_dims, static_batch)
+    with export_mode(module, dispatch):
+        traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
+        shapes = tuple({axis: torch.export.Dim(name) for axis, name in dims[n].items()} or None for n in example)
         with _quiet_torch():
-            program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic,
-                                        opset_version=opset, optimize=True, verbose=False)
+            try:
+                program = torch.onnx.export(named, tuple(example.values()), dynamo=True,
+                                            input_names=list(example), output_names=named.output_names,
+                                            dynamic_shapes=(shapes,), opset_version=opset, optimize=True,
+                                            verbose=False)
+            except BadInput:
+                raise
+            except Exception as exc:  # torch.export's many error types: one line, the model's fault
+                raise BadInput(f"torch.onnx could not export {type(module).__name__}: {_export_error(exc)}") from exc
     proto = program.model_proto
     ops = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     if not {TEMPERED_SOFTMAX, HARD_SELECT} <= ops:
         raise CheckFailed(f"the exported graph lacks the deploytool routing ops (found {sorted(ops)}); "
                           "the model must route through deploytool.nn.Router")
     attach(proto, opset)
+    inputs, outputs = graph_signature(proto)
+    signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples)
     metadata = {
         "version": __version__,
-        "temperature": ",".join(f"{t:g}" for t in temperatures),
-        "experts": ",".join(str(r.n_experts) for r in routers),
-        "in_features": str(in_features),
         "checkpoint_sha256": sha256,
         "source": source,
         "opset": str(opset),
+        "dispatch": dispatch,
     }
-    for key, value in metadata.items():
+    for key, value in {**{META_PREFIX + k: v for k, v in metadata.items()}, META_KEY: to_json(signature)}.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = META_PREFIX + key, value
+        entry.key, entry.value = key, value
     proto.doc_string = f"routed model exported by deploytool {__version__} from {source}"
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
-    return proto, {META_PREFIX + k: v for k, v in metadata.items()}
+    return proto, {META_PREFIX + k: v for k, v in metadata.items()}, signature, named
 
 
-def _routers(module: nn.Module) -> list:
-    from deploytool.nn import Router
+def _export_error(exc: BaseException) -> str:
+    """The line of a torch.onnx export error that names the cause (its summary), not the boilerplate."""
+    text = str(exc)
+    if "## Exception summary" in text:
+        rest = [ln.strip() for ln in text.split("## Exception summary", 1)[1].splitlines() if ln.strip()]
+        if rest:
+            return rest[0][:400]
+    return first_line(exc)[:400]
 
-    routers = [m for m in module.modules() if isinstance(m, Router)]
-    if not routers:
-        raise BadInput(f"{type(module).__name__} has no deploytool.nn.Router: there is no routing to export")
-    return routers
+
+def _sized(example: dict, static_batch: int | None) -> dict:
+    """Examples at the batch the export traces with: `static_batch`, or at least 2 (torch.export
+    specialises a dynamic dim whose example is 1), by repeating samples."""
+    want = static_batch
+    batches = {int(t.shape[0]) for t in example.values()}
+    if len(batches) > 1:
+        raise BadInput(f"example inputs have different batch sizes {sorted(batches)}; give one batch")
+    have = batches.pop()
+    if have == 0:
+        raise BadInput("example inputs are an empty batch; give at least one sample")
+    if want is None:
+        want = max(have, 2)
+    if want == have:
+        return example
+    reps = -(-want // have)
+    return {k: t.repeat(reps, *([1] * (t.dim() - 1)))[:want] for k, t in example.items()}
+
+
+def _dynamic_dims(example: dict, dynamic_dims: Mapping[str, Mapping[int, str]] | None,
+                  static_batch: int | None) -> dict[str, dict[int, str]]:
+    """{input: {axis: dim name}}: the batch (unless static) plus what the caller asked for."""
+    extra = dict(dynamic_dims or {})
+    unknown = sorted(set(extra) - set(example))
+    if unknown:
+        raise BadInput(f"dynamic dims name input(s) {unknown}; the model's inputs are {list(example)}")
+    dims: dict[str, dict[int, str]] = {}
+    for name, tensor in example.items():
+        axes = {} if static_batch else {0: BATCH}
+        for axis, dim in dict(extra.get(name, {})).items():
+            axis = int(axis)
+            if not 1 <= axis < tensor.dim():
+                raise BadInput(f"input {name!r} has {tensor.dim()} dims; dynamic axis {axis} must be 1..{tensor.dim() - 1} "
+                               "(axis 0 is the batch)")
+            if not str(dim).isidentifier():
+                raise BadInput(f"dynamic dim name {dim!r} must be an identifier (e.g. tokens)")
+            if tensor.shape[axis] < 2:
+                raise BadInput(f"input {name!r} axis {axis} has size {tensor.shape[axis]} in the example; give an "
+                               "example of size >= 2 there so it can stay dynamic")
+            axes[axis] = str(dim)
+        dims[name] = axes
+    return dims
 
 
 @contextlib.contextmanager
-def export_mode(module: nn.Module) -> Iterator[list[float]]:
-    """Eval, hard routing and dense dispatch (ONNX has no per-row dispatch); yields the temperatures.
-
-    Everything is restored afterwards, so the caller's module is unchanged.
-    """
+def export_mode(module: nn.Module, dispatch: str | None = None) -> Iterator[None]:
+    """Eval mode, hard routing and `dispatch` (None: the model's own) on every RoutedExperts; all
+    restored afterwards, so the caller's module is unchanged."""
     from deploytool.nn import dispatch_mode, routing_mode
 
-    routers = _routers(module)
     was_training = module.training
     try:
         module.eval()
-        with routing_mode(module, "hard"), dispatch_mode(module, "dense"):
-            yield [r.temperature for r in routers]
+        with routing_mode(module, "hard"), dispatch_mode(module, dispatch):
+            yield
     finally:
         module.train(was_training)
 
@@ -219,36 +351,27 @@ def _quiet_torch() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def validation_inputs(module: nn.Module, data: str | Path | np.ndarray | None, run_config: dict | None,
-                      seed: int = 0) -> dict[str, np.ndarray]:
-    """Held-out rows (when a data set is known) and random rows at batch 1 and a larger batch.
+def validation_inputs(signature: ModelSignature, data: Any, run_config: dict | None,
+                      seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Input sets keyed by label: held-out samples (when a data set is known) and random samples at
+    batch 1 and a larger batch. A static-batch export takes them in chunks of its batch."""
+    from deploytool.feeds import load_feed, random_feed
 
-    The same sets serve a static-batch export: run_batched feeds it in padded chunks of its batch.
-    """
-    from deploytool.parity import check_inputs, load_inputs
-    from deploytool.runners.torch import in_features_of
-
-    n_features = in_features_of(module)
-    label = held_out = None
+    sets: dict[str, dict[str, np.ndarray]] = {}
+    held_out = None
+    if data is None and run_config is not None:
+        data = run_config.get("dataset", "digits")
+        seed = run_config.get("seed", seed)
     if data is not None:
-        label, held_out = load_inputs(data, seed=seed)
-    elif run_config is not None:
-        label, held_out = load_inputs(run_config.get("dataset", "digits"), seed=run_config.get("seed", seed),
-                                      **run_config.get("data_options", {}))
-    inputs: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(seed)
-    mean, std = 0.0, 1.0
-    if held_out is not None:
-        held_out = check_inputs(held_out, n_features, what=f"{label} rows")
-        mean, std = held_out.mean(0), held_out.std(0) + 1e-3
-        if len(held_out):
-            inputs[label] = held_out
+        options = run_config.get("data_options", {}) if run_config and isinstance(data, str) else {}
+        label, held_out = load_feed(data, signature, seed=seed, data_options=options)
+        sets[label] = held_out
     for batch in (1, VALIDATION_BATCH):
-        inputs[f"random batch {batch}"] = (mean + std * rng.standard_normal((batch, n_features))).astype(np.float32)
-    return inputs
+        sets[f"random batch {batch}"] = random_feed(signature, batch, seed=seed + batch, like=held_out)
+    return sets
 
 
-def validate_export(module: nn.Module, onnx_path: str | Path, inputs: dict[str, np.ndarray], *,
+def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np.ndarray]], *,
                     atol: float | None = None, rtol: float | None = None) -> ParityReport:
     """ONNX Runtime (CPU) against the module with dense dispatch, on every input set.
 
@@ -258,69 +381,15 @@ def validate_export(module: nn.Module, onnx_path: str | Path, inputs: dict[str, 
     from deploytool.runners.ort import OnnxRuntimeRunner
     from deploytool.runners.torch import TorchRunner
 
-    runners = [TorchRunner(module, dispatch="dense", name="torch"),
+    first = next(iter(inputs.values()))
+    example = dict(first) if named.keyword else tuple(first[n] for n in named.names)
+    runners = [TorchRunner(named.model, dispatch="dense", name="torch", example_inputs=example,
+                           output_names=named.user_output_names),
                OnnxRuntimeRunner(onnx_path, device="cpu")]
     comparisons = compare_runners(runners, inputs, atol=atol, rtol=rtol, batch_size=VALIDATION_BATCH)
-    return ParityReport(str(onnx_path), [r.name for r in runners], {k: len(v) for k, v in inputs.items()},
+    return ParityReport(str(onnx_path), [r.name for r in runners], {k: _rows(v) for k, v in inputs.items()},
                         comparisons)
 
 
-def load_onnx(path: str | Path):
-    """The ModelProto at `path` (external data not loaded); a missing path, a directory, a run
-    directory, or an empty, truncated or non-ONNX file is BadInput."""
-    from deploytool.runners.ort import check_onnx_file
-
-    onnx = _onnx()
-    path = check_onnx_file(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise BadInput(f"{path} is not an ONNX model (or is truncated): {type(exc).__name__}") from exc
-    if not proto.graph.node:  # an empty file parses as an empty model
-        raise BadInput(f"{path} is not an ONNX model (or is truncated): it has no graph")
-    return proto
-
-
-def read_external_weights(model, onnx_path: str | Path):
-    """`model` (from load_onnx) with its external data, if any, read in from beside `onnx_path`;
-    a missing or short weights file is BadInput."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    if any(uses_external_data(t) for t in model.graph.initializer):
-        onnx = _onnx()
-        try:
-            load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise BadInput(f"{onnx_path}: its external weights cannot be read ({first_line(exc)})") from exc
-    return model
-
-
-#: onnx.TensorProto element type -> NumPy dtype name (bfloat16 by name: NumPy has none)
-ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
-
-
-def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
-    """(inputs, outputs) of a ModelProto's graph; initializers listed as inputs are not inputs."""
-    onnx = _onnx()
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-
-    def meta(value) -> TensorMeta:
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        dtype = ONNX_DTYPES.get(tensor.elem_type) or onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
-        return TensorMeta(value.name, dtype, dims)
-
-    return [meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output]
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
-    return {p.key: p.value for p in load_onnx(path).metadata_props}
-
-
-def _onnx():
-    from deploytool.deps import require
-
-    return require("onnx", "reading ONNX models")
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return int(len(next(iter(feed.values()))))

@@ -1,61 +1,79 @@
-"""One Runner per backend (Polygraphy-style); parity, bench, demo and serve loop over runners.
+"""One Runner per backend (Polygraphy-style) and the one registry that maps backend names to them.
 
-`make_runner(name, ...)` is the only place that maps a backend name to a runner class, so callers
-(verify, bench, serve) take backend names from the user and never import a backend themselves.
-Backend modules are imported lazily: importing this package loads neither torch nor onnxruntime.
+`BACKENDS` says, for every backend name the CLI takes, which runner class runs it (imported lazily:
+importing this package loads neither torch nor onnxruntime), which library it needs and which
+artifact kind it reads. verify, bench, serve and load take backend names and call `make_runner`;
+none of them imports a backend itself.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploytool.errors import BadInput
-from deploytool.runners.base import Runner, TensorMeta
-
-#: tensor names every deploytool model uses, in every backend
-INPUT_NAME = "x"
-OUTPUT_NAMES = ("output", "index", "probs")
-
-#: backend names as the CLI spells them; "torch" keeps the model's own dispatch
-BACKENDS = ("torch", "torch-dense", "torch-sparse", "onnxruntime", "tensorrt")
-
-_TORCH_DISPATCH = {"torch": None, "torch-dense": "dense", "torch-sparse": "sparse"}
-_LIBRARY = {name: "torch" for name in _TORCH_DISPATCH}  # the module each backend imports
+from deploytool.runners.base import Runner
 
 
-def make_runner(backend: str, *, run_dir: str | Path | Any = None, onnx_path: str | Path | None = None,
-                engine_path: str | Path | None = None, **options: Any) -> Runner:
-    """Build the runner for `backend` from the artifact it needs.
+@dataclass(frozen=True)
+class Backend:
+    """A backend: its runner class (`module:Class`), the library it imports, the artifact it reads."""
 
-    torch*: `run_dir` (a run directory, or an nn.Module); onnxruntime: `onnx_path`; tensorrt:
-    `engine_path`. `options` go to the runner class (e.g. checkpoint=, device=, threads=).
-    Raises BadInput for an unknown name or a missing artifact, MissingDependency when the backend's
-    library is not installed.
+    runner: str
+    library: str
+    artifact: str                      # "run" (a run directory or module), "onnx" or "engine"
+    options: dict[str, Any] = field(default_factory=dict)  # fixed runner options
+    summary: str = ""
+
+
+#: backend name as the CLI spells it -> how to run it; "torch" keeps the model's own dispatch
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": None},
+                     "PyTorch eager, the model's own dispatch"),
+    "torch-dense": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": "dense"},
+                           "PyTorch eager, every expert runs and a mask selects"),
+    "torch-sparse": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": "sparse"},
+                            "PyTorch eager, only the chosen expert runs"),
+    "onnxruntime": Backend("deploytool.runners.ort:OnnxRuntimeRunner", "onnxruntime", "onnx", {"device": "cpu"},
+                           "ONNX Runtime on the CPU"),
+    "onnxruntime-cuda": Backend("deploytool.runners.ort:OnnxRuntimeRunner", "onnxruntime", "onnx",
+                                {"device": "cuda"}, "ONNX Runtime's CUDA provider (onnxruntime-gpu, a GPU)"),
+    "tensorrt": Backend("deploytool.runners.trt:TensorRTRunner", "tensorrt", "engine", {},
+                        "a TensorRT engine (TensorRT >= 10.9, a GPU)"),
+}
+#: artifact kind -> the backend that reads it natively
+NATIVE = {"run": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
+_ARTIFACT_WORDS = {"run": "the run directory (--checkpoint DIR) of the model", "onnx": "an ONNX model path",
+                   "engine": "an engine path (build one with `deploytool build-engine`)"}
+
+
+def check_backend(name: str) -> Backend:
+    """The registry entry of `name`, or BadInput listing the known backends."""
+    if name not in BACKENDS:
+        raise BadInput(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
+    """The runner for `backend` over `artifact` (the path, or for torch an nn.Module, of the kind the
+    backend reads). `options` go to the runner class (e.g. checkpoint=, threads=).
+
+    Raises:
+        BadInput: an unknown backend name or no artifact.
+        MissingDependency: the backend's library is not installed.
     """
-    if backend not in BACKENDS:
-        raise BadInput(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    entry = check_backend(backend)
+    if artifact is None:
+        raise BadInput(f"backend {backend} needs {_ARTIFACT_WORDS[entry.artifact]}")
     from deploytool.deps import require
 
-    require(_LIBRARY.get(backend, backend), f"the {backend} backend")
-    if backend in _TORCH_DISPATCH:
-        from deploytool.runners.torch import TorchRunner
-
-        if run_dir is None:
-            raise BadInput(f"backend {backend} needs the run directory (--checkpoint DIR) of the model")
-        return TorchRunner(run_dir, dispatch=_TORCH_DISPATCH[backend], name=backend, **options)
-    if backend == "onnxruntime":
-        from deploytool.runners.ort import OnnxRuntimeRunner
-
-        if onnx_path is None:
-            raise BadInput("backend onnxruntime needs an ONNX model path")
-        return OnnxRuntimeRunner(onnx_path, **options)
-    from deploytool.runners.trt import TensorRTRunner
-
-    if engine_path is None:
-        raise BadInput("backend tensorrt needs an engine path (build one with `deploytool build-engine`)")
-    return TensorRTRunner(engine_path, **options)
+    require(entry.library, f"the {backend} backend")
+    module, cls = entry.runner.split(":")
+    runner_class = getattr(importlib.import_module(module), cls)
+    return runner_class(artifact, name=backend, **entry.options, **options)
 
 
 def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
@@ -63,9 +81,8 @@ def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
     itself proves nothing), at least `minimum` of them."""
     names = [b.strip() for b in value.split(",")] if isinstance(value, str) else [str(b).strip() for b in value]
     names = [b for b in names if b]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise BadInput(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    for name in names:
+        check_backend(name)
     repeated = [b for i, b in enumerate(names) if b in names[:i]]
     if repeated:
         raise BadInput(f"backend {repeated[0]!r} is given twice; name each backend once")
@@ -74,21 +91,10 @@ def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
     return names
 
 
-def check_routed_outputs(runner: Runner) -> None:
-    """Refuse a model without deploytool's outputs: its results would read as None, not as an error."""
-    have = {m.name for m in runner.outputs}
-    missing = [n for n in OUTPUT_NAMES if n not in have]
-    if missing:
-        raise BadInput(f"{runner.name} model lacks output(s) {', '.join(missing)} (it has {', '.join(sorted(have))}); "
-                       f"deploytool serves routed models with outputs {', '.join(OUTPUT_NAMES)}: "
-                       "export one with `deploytool export`")
+def artifact_of(backend: str) -> str:
+    """The artifact kind `backend` reads: "run", "onnx" or "engine"."""
+    return check_backend(backend).artifact
 
 
-def static_batch(runner: Runner) -> int | None:
-    """The batch the runner's input is fixed to (a static-batch export or engine), None when dynamic."""
-    dim = runner.inputs[0].shape[0]
-    return dim if isinstance(dim, int) and dim > 0 else None
-
-
-__all__ = ["BACKENDS", "INPUT_NAME", "OUTPUT_NAMES", "Runner", "TensorMeta", "check_routed_outputs", "make_runner",
-           "parse_backends", "static_batch"]
+__all__ = ["BACKENDS", "NATIVE", "Backend", "Runner", "artifact_of", "check_backend", "make_runner",
+           "parse_backends"]

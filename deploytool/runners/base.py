@@ -1,32 +1,26 @@
 """The Runner interface: `with runner: outputs = runner.infer(feed)`.
 
 Every backend (torch, onnxruntime, tensorrt) implements it, so callers never name a backend. Feeds and
-outputs are dicts of NumPy arrays keyed by tensor name (inputs: `x`; outputs: `output`, `index`,
-`probs`). Backends import their libraries in `activate`, never at module import.
+outputs are dicts of NumPy arrays keyed by tensor name, as the model's signature names them; the
+runner's `signature` says which those are and which outputs are which router's decisions. Backends
+import their libraries in `activate`, never at module import.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Name, NumPy dtype name and shape of one input or output; a str or None dim is dynamic."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
+from deploytool.signature import ModelSignature, TensorMeta
 
 
 class Runner(abc.ABC):
     """Base of every backend runner.
 
-    Subclasses implement `_activate`, `_deactivate`, `_infer` and `_meta` (the `inputs`/`outputs` metadata).
-    `activate` loads the model (session, engine); `infer` may only be called while active.
+    Subclasses implement `_activate`, `_deactivate`, `_infer` and `_signature` (available before
+    activation where the backend allows). `activate` loads the model (session, engine); `infer` may
+    only be called while active.
     """
 
     #: backend name as the CLI spells it ("torch", "onnxruntime", "tensorrt", ...)
@@ -38,6 +32,7 @@ class Runner(abc.ABC):
     def __init__(self, name: str | None = None):
         self.name = name or self.backend
         self.is_active = False
+        self._cached_signature: ModelSignature | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def activate(self) -> None:
@@ -64,16 +59,23 @@ class Runner(abc.ABC):
         return self._infer(feed)
 
     @property
+    def signature(self) -> ModelSignature:
+        """Inputs, outputs and routers of the model this runner runs (read once)."""
+        if self._cached_signature is None:
+            self._cached_signature = self._signature()
+        return self._cached_signature
+
+    @property
     def inputs(self) -> list[TensorMeta]:
-        return self._meta("inputs")
+        return list(self.signature.inputs)
 
     @property
     def outputs(self) -> list[TensorMeta]:
-        return self._meta("outputs")
+        return list(self.signature.outputs)
 
     @abc.abstractmethod
-    def _meta(self, kind: str) -> list[TensorMeta]:
-        """Metadata of the model's "inputs" or "outputs", available before activation where possible."""
+    def _signature(self) -> ModelSignature:
+        """The model's signature, available before activation where possible."""
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

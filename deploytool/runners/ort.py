@@ -10,30 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from deploytool.artifacts import check_onnx_file
+from deploytool.dtypes import ORT_DTYPES
 from deploytool.errors import BadInput, MissingDependency, first_line
-from deploytool.io import CONFIG_FILE, check_file
-from deploytool.runners.base import Runner, TensorMeta
+from deploytool.runners.base import Runner
+from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json, with_io
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
-
-# ONNX Runtime's type strings -> NumPy dtype names
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-              "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
-              "tensor(bool)": "bool"}
-
-
-def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
-    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        raise BadInput(f"{path} is a run directory, not a model; export it first: "
-                       f"deploytool export {path} --out model.onnx")
-    if path.is_dir():
-        raise BadInput(f"{path} is a directory; give an ONNX file")
-    return check_file(path, what)
-
 
 def load_session(path: str | Path, providers: list[str], options=None):
     """An InferenceSession, with ORT's load errors (not ONNX, truncated, bad graph) as one-line BadInput."""
@@ -69,7 +54,6 @@ class OnnxRuntimeRunner(Runner):
         self.device = device
         self.threads = threads
         self.session = None
-        self._io: dict[str, list[TensorMeta]] | None = None
 
     def providers(self) -> list[str]:
         available = _ort().get_available_providers()
@@ -102,12 +86,15 @@ class OnnxRuntimeRunner(Runner):
     def active_providers(self) -> list[str]:
         return self.session.get_providers() if self.session is not None else []
 
-    def _meta(self, kind: str) -> list[TensorMeta]:
-        if self._io is None:  # read once: while inactive it takes a whole session to read
-            session = self.session or self._session()
-            self._io = {k: [TensorMeta(t.name, _ORT_TYPES.get(t.type, t.type), tuple(t.shape))
-                            for t in getattr(session, f"get_{k}")()] for k in ("inputs", "outputs")}
-        return self._io[kind]
+    def _signature(self) -> ModelSignature:
+        """The session's inputs and outputs with the routers deploytool's metadata names (read from
+        the session, so reading it needs only onnxruntime)."""
+        session = self.session or self._session()
+        tensors = {k: [TensorMeta(t.name, ORT_DTYPES.get(t.type, t.type), tuple(t.shape))
+                       for t in getattr(session, f"get_{k}")()] for k in ("inputs", "outputs")}
+        stored = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        return with_io(from_json(stored, str(self.model_path)) if stored else None,
+                       tensors["inputs"], tensors["outputs"])
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

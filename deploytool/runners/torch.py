@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deploytool.errors import BadInput
-from deploytool.runners import INPUT_NAME, OUTPUT_NAMES
-from deploytool.runners.base import Runner, TensorMeta
+from deploytool.runners.base import Runner
+from deploytool.signature import ModelSignature
 
 if TYPE_CHECKING:
     from torch import nn
@@ -18,60 +19,44 @@ if TYPE_CHECKING:
 DISPATCHES = ("dense", "sparse")
 
 
-def in_features_of(model: "nn.Module") -> int:
-    """The feature count a model expects: its `in_features`, else that of its first Linear layer."""
-    from torch import nn
-
-    value = getattr(model, "in_features", None)
-    if isinstance(value, int):
-        return value
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            return int(module.in_features)
-    raise BadInput(f"cannot tell the input feature count of {type(model).__name__}; give in_features=")
-
-
-def outputs_as_dict(result: Any) -> dict[str, Any]:
-    """A model's forward result (RoutedOutput, tuple or a single tensor) keyed by OUTPUT_NAMES."""
-    if isinstance(result, tuple):
-        if len(result) > len(OUTPUT_NAMES):
-            raise BadInput(f"the model returns {len(result)} outputs; expected at most {len(OUTPUT_NAMES)} "
-                           f"({', '.join(OUTPUT_NAMES)})")
-        return dict(zip(OUTPUT_NAMES, result))
-    return {OUTPUT_NAMES[0]: result}
-
-
 class TorchRunner(Runner):
     """Runs an eval-mode nn.Module, from a run directory or a module the caller built.
 
+    Outputs are the model's own (named as export names them) plus every router's index and probs.
     While active the module is in eval mode and `dispatch` ("dense" | "sparse" | None for the model's
     own) applies to every RoutedExperts; both are restored afterwards, so a caller's module is left
-    as it was given.
+    as it was given. A module needs `example_inputs` (a run directory knows its own).
     """
 
     backend = "torch"
 
     def __init__(self, model: "str | Path | nn.Module", *, checkpoint: str | Path | None = None,
-                 dispatch: str | None = None, device: str = "cpu", in_features: int | None = None,
-                 name: str | None = None):
+                 dispatch: str | None = None, device: str = "cpu", example_inputs: Any = None,
+                 output_names: Sequence[str] | None = None,
+                 dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, name: str | None = None):
         super().__init__(name)
         if dispatch not in (None, *DISPATCHES):
             raise BadInput(f"unknown dispatch {dispatch!r}; choose dense or sparse")
         self.dispatch = dispatch
         self.device = device
         self.checkpoint = checkpoint
+        self.output_names = output_names
+        self.dynamic_dims = dynamic_dims
         self._module = None
-        self._out_meta: list[TensorMeta] | None = None
+        self._named = None
         if isinstance(model, (str, Path)):
+            from deploytool.models import example_inputs as run_examples
             from deploytool.training import load_run
 
             self.run_dir: Path | None = Path(model)
-            config = load_run(model).config
-            self._in_features = int(in_features or config["in_features"])
+            self._example = example_inputs if example_inputs is not None else run_examples(load_run(model).config)
         else:
+            if example_inputs is None:
+                raise BadInput(f"a {type(model).__name__} module needs example inputs (example_inputs=) to tell "
+                               "its input names and shapes")
             self.run_dir = None
             self._module = model
-            self._in_features = int(in_features or in_features_of(model))
+            self._example = example_inputs
 
     @property
     def model(self) -> "nn.Module":
@@ -82,19 +67,30 @@ class TorchRunner(Runner):
             self._module = load_model(self.run_dir, self.checkpoint)
         return self._module
 
-    def _meta(self, kind: str) -> list[TensorMeta]:
-        if kind == "inputs":
-            return [TensorMeta(INPUT_NAME, "float32", ("batch", self._in_features))]
-        if self._out_meta is None:  # outputs: one forward of a zero row tells names, dtypes and shapes
-            was_active = self.is_active
-            self.activate()
-            try:
-                result = self._infer({INPUT_NAME: np.zeros((1, self._in_features), np.float32)})
-            finally:
-                if not was_active:
-                    self.deactivate()
-            self._out_meta = [TensorMeta(k, v.dtype.name, ("batch", *v.shape[1:])) for k, v in result.items()]
-        return self._out_meta
+    @property
+    def named(self):
+        """The module wrapped as named inputs -> named outputs (deploytool.model_io.NamedModule)."""
+        if self._named is None:
+            from deploytool.model_io import NamedModule, as_named_inputs
+
+            example = as_named_inputs(self.model, self._example)
+            self._named = NamedModule(self.model, list(example), output_names=self.output_names,
+                                      keyword=isinstance(self._example, Mapping))
+            self._example_tensors = example
+        return self._named
+
+    def _signature(self) -> ModelSignature:
+        from deploytool.model_io import module_signature
+        from deploytool.nn import dispatch_mode, routing_mode
+
+        named = self.named
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with routing_mode(self.model, "hard"), dispatch_mode(self.model, self.dispatch):
+                return module_signature(named, self._example_tensors, dynamic=self.dynamic_dims)
+        finally:
+            self.model.train(was_training)
 
     def _activate(self) -> None:
         import torch
@@ -106,7 +102,7 @@ class TorchRunner(Runner):
         self._torch = torch
         self._restore = contextlib.ExitStack()
         self._restore.enter_context(dispatch_mode(model, self.dispatch))
-        self._dtype = next(model.parameters()).dtype
+        self._names = list(self.signature.input_names)
 
     def _deactivate(self) -> None:
         self._restore.close()
@@ -114,10 +110,9 @@ class TorchRunner(Runner):
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        try:
-            x = feed[INPUT_NAME]
-        except KeyError:
-            raise BadInput(f"feed has {sorted(feed)}; the model's input is named {INPUT_NAME!r}") from None
+        missing = [n for n in self._names if n not in feed]
+        if missing:
+            raise BadInput(f"feed has {sorted(feed)}; the model's inputs are {self._names}")
         with torch.inference_mode():
-            result = self._module(torch.as_tensor(x, dtype=self._dtype, device=self.device))
-        return {k: v.detach().cpu().numpy() for k, v in outputs_as_dict(result).items()}
+            result = self._named.named(*(torch.as_tensor(feed[n], device=self.device) for n in self._names))
+        return {k: v.detach().cpu().numpy() for k, v in result.items()}

@@ -19,7 +19,7 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, name: str | None = None):
-        from deploytool.engine.manifest import read_manifest
+        from deploytool.artifacts import read_manifest
 
         super().__init__(name)
         self.engine_path = Path(engine_path)
@@ -56,7 +56,7 @@ class TensorRTRunner(Runner):
         self._runtime = self._logger = None
 
     def _meta(self, kind: str) -> list[TensorMeta]:
-        from deploytool.engine.manifest import tensor_metas
+        from deploytool.artifacts import tensor_metas
 
         return tensor_metas(self.manifest, kind)
 

@@ -77,7 +77,7 @@ def check_name(name: str) -> str:
 
 def onnx_signature(path: str | Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
     """Inputs and outputs of an ONNX file, read with onnx (no session, external data not loaded)."""
-    from deploytool.export.onnx import graph_signature, load_onnx
+    from deploytool.artifacts import graph_signature, load_onnx
 
     return graph_signature(load_onnx(path))
 

@@ -58,7 +58,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     An existing `repository/name` is refused unless `force`; with it the old one stays whole until the
     new one is complete.
     """
-    from deploytool.runtime import artifact_kind, resolve_backend
+    from deploytool.runtime import resolve_backend
+    from deploytool.artifacts import artifact_kind
 
     cfg.check_name(name)
     target, repository = Path(target), Path(repository)
@@ -124,7 +125,7 @@ def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], l
     cannot run.
     """
     from deploytool.engine.manifest import max_batch as profile_max_batch
-    from deploytool.engine.manifest import read_manifest, tensor_metas
+    from deploytool.artifacts import read_manifest, tensor_metas
 
     manifest = read_manifest(engine)
     profile_max = profile_max_batch(manifest)
@@ -158,7 +159,7 @@ def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
             (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target.parent / location, dest.parent / location)
     else:
-        from deploytool.engine.manifest import manifest_path
+        from deploytool.artifacts import manifest_path
 
         shutil.copyfile(manifest_path(target), manifest_path(dest))
 
@@ -167,7 +168,7 @@ def _external_data(onnx_path: Path) -> list[str]:
     """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
     import onnx
 
-    from deploytool.export.onnx import load_onnx
+    from deploytool.artifacts import load_onnx
 
     graph = load_onnx(onnx_path).graph
     locations = set()

@@ -1,0 +1,212 @@
+"""Open any target the commands take: a run directory, an ONNX model or a TensorRT engine.
+
+`open_artifact(path)` gives its kind, its model signature (ONNX: from the metadata deploytool wrote;
+engine: from its manifest; run directory: None, the torch runner traces it), its deploytool metadata and
+the run directory it came from. The readers of ONNX files and engine manifests live here too, so every
+command opens artifacts one way. Only NumPy and (lazily) onnx: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploytool import io
+from deploytool.dtypes import ONNX_DTYPES
+from deploytool.errors import BadInput, first_line
+from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json, with_io
+
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+#: prefix of every deploytool key in an ONNX model's metadata props
+META_PREFIX = "deploytool."
+
+@dataclass
+class Artifact:
+    """What a path holds: `kind` is "run", "onnx" or "engine"."""
+
+    path: Path
+    kind: str
+    signature: ModelSignature | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_run: Path | None = None
+
+
+def artifact_kind(path: str | Path) -> str:
+    """"run", "onnx" or "engine"; anything else is refused with what was expected."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / io.CONFIG_FILE).is_file():
+            return "run"
+        raise BadInput(f"{path} is a directory without {io.CONFIG_FILE}; give a run directory from `deploytool train`")
+    if not path.exists():
+        raise BadInput(f"{path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        return "engine"
+    raise BadInput(f"{path} is neither a run directory, an .onnx file nor a TensorRT engine "
+                   f"({', '.join(ENGINE_SUFFIXES)})")
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    """The kind, signature, metadata and source run of `path`; broken files are BadInput."""
+    path = Path(path)
+    kind = artifact_kind(path)
+    if kind == "run":
+        return Artifact(path, kind, source_run=path)
+    if kind == "onnx":
+        model = load_onnx(path)
+        metadata = {p.key: p.value for p in model.metadata_props}
+        inputs, outputs = graph_signature(model)
+        stored = from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
+        return Artifact(path, kind, with_io(stored, inputs, outputs), metadata, _source_run(metadata))
+    manifest = read_manifest(path)
+    return Artifact(path, kind, manifest_signature(manifest, path), manifest.get("metadata", {}),
+                    _source_run(manifest.get("metadata", {})))
+
+
+def _source_run(metadata: dict[str, str]) -> Path | None:
+    source = metadata.get(META_PREFIX + "source", "")
+    return Path(source) if source and not source.startswith("module:") else None
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
+    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it."""
+    path = Path(path)
+    if (path / io.CONFIG_FILE).is_file():
+        raise BadInput(f"{path} is a run directory, not a model; export it first: "
+                       f"deploytool export {path} --out model.onnx")
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give an ONNX file")
+    return io.check_file(path, what)
+
+
+def load_onnx(path: str | Path):
+    """The ModelProto at `path` (external data not loaded); a missing path, a directory, a run
+    directory, or an empty, truncated or non-ONNX file is BadInput."""
+    onnx = _onnx()
+    path = check_onnx_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BadInput(f"{path} is not an ONNX model (or is truncated): {type(exc).__name__}") from exc
+    if not proto.graph.node:  # an empty file parses as an empty model
+        raise BadInput(f"{path} is not an ONNX model (or is truncated): it has no graph")
+    return proto
+
+
+def read_external_weights(model, onnx_path: str | Path):
+    """`model` (from load_onnx) with its external data, if any, read in from beside `onnx_path`;
+    a missing or short weights file is BadInput."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        onnx = _onnx()
+        try:
+            load_external_data_for_model(model, str(Path(onnx_path).resolve().parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise BadInput(f"{onnx_path}: its external weights cannot be read ({first_line(exc)})") from exc
+    return model
+
+
+def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """(inputs, outputs) of a ModelProto's graph; initializers listed as inputs are not inputs."""
+    onnx = _onnx()
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+
+    def meta(value) -> TensorMeta:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        dtype = ONNX_DTYPES.get(tensor.elem_type) or onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        return TensorMeta(value.name, dtype, dims)
+
+    return [meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output]
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
+    return {p.key: p.value for p in load_onnx(path).metadata_props}
+
+
+def _onnx():
+    from deploytool.deps import require
+
+    return require("onnx", "reading ONNX models")
+
+
+# --- engine manifests ------------------------------------------------------------------------
+
+def manifest_path(engine_path: str | Path) -> Path:
+    """Where an engine's manifest lives: beside it, `<engine>.json`."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def read_manifest(engine_path: str | Path) -> dict[str, Any]:
+    """The manifest of the engine at `engine_path`, checked for what its readers rely on."""
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise BadInput(f"engine {engine_path} does not exist")
+    path = manifest_path(engine_path)
+    if not path.is_file():
+        raise BadInput(f"engine {engine_path} has no manifest {path.name}; rebuild it with deploytool build-engine")
+    manifest = io.read_json(path, "engine manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BadInput(f"{path} is not a deploytool engine manifest ({problem}); "
+                       "rebuild the engine with deploytool build-engine")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What a manifest lacks that readers (runner, package, doctor) rely on; None when whole."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if "tensorrt" not in manifest:
+        return "no tensorrt version"
+    tensors_io = manifest.get("io")
+    if not isinstance(tensors_io, dict):
+        return "no io"
+    for kind in ("inputs", "outputs"):
+        tensors = tensors_io.get(kind)
+        if not isinstance(tensors, list) or not tensors or not all(map(_is_tensor, tensors)):
+            return f"io.{kind} is not a list of tensors with name, dtype and shape"
+    profile = manifest.get("profile")
+    if not isinstance(profile, dict):
+        return "no profile"
+    for name, shapes in profile.items():
+        if not (isinstance(shapes, dict) and all(_is_shape(shapes.get(k)) for k in ("min", "opt", "max"))):
+            return f"profile of {name!r} lacks integer min, opt and max shapes"
+    return None
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, list) and bool(shape) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                           for d in shape)
+
+
+def _is_tensor(t) -> bool:
+    return (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list) and all(isinstance(d, int) for d in t["shape"]))
+
+
+def tensor_metas(manifest: dict, kind: str) -> list[TensorMeta]:
+    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest."""
+    return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
+            for t in manifest["io"][kind]]
+
+
+def manifest_signature(manifest: dict, engine_path: str | Path) -> ModelSignature:
+    """The engine's signature: its own tensors, with the routers its manifest copied from the ONNX model."""
+    stored = manifest.get("signature")
+    routers = from_json(stored, f"{manifest_path(engine_path)}") if stored else None
+    return with_io(routers, tensor_metas(manifest, "inputs"), tensor_metas(manifest, "outputs"))
+
+
+def max_batch(manifest: dict) -> int | None:
+    """The largest batch every input of the engine's profile accepts; None for an engine without a profile."""
+    return min((shapes["max"][0] for shapes in manifest["profile"].values()), default=None)
