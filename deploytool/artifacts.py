@@ -67,8 +67,10 @@ def open_artifact(path: str | Path) -> Artifact:
 
 
 def _source_run(metadata: dict[str, str]) -> Path | None:
-    source = metadata.get(META_PREFIX + "source", "")
-    return Path(source) if source and not source.startswith("module:") else None
+    """The run directory the metadata records as the model's source, while it still exists. A relative
+    source (older exports) meant the exporter's working directory, unknown here: not guessed."""
+    source = Path(metadata.get(META_PREFIX + "source", ""))
+    return source if source.is_absolute() and (source / io.CONFIG_FILE).is_file() else None
 
 
 # --- ONNX ------------------------------------------------------------------------------------

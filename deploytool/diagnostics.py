@@ -6,48 +6,13 @@ reason, so doctor works on the machines that most need it (no GPU, no TensorRT).
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import platform
 from pathlib import Path
 
 from deploytool.deps import install_hint
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _import(module: str):
-    try:
-        return importlib.import_module(module), None
-    except Exception as exc:  # ImportError, or a broken install raising anything on import
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def gpu() -> dict | None:
-    """Name and compute capability ("9.0") of CUDA device 0 as torch sees it, or None."""
-    torch, _ = _import("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-
-
-def describe_machine() -> dict:
-    """The facts an engine depends on: TensorRT and CUDA versions, GPU name and compute capability."""
-    trt, _ = _import("tensorrt")
-    torch, _ = _import("torch")
-    device = gpu()
-    return {
-        "tensorrt": getattr(trt, "__version__", None),
-        "cuda": getattr(getattr(torch, "version", None), "cuda", None),
-        "gpu": device and device["name"],
-        "compute_capability": device and device["compute_capability"],
-    }
+from deploytool.machine import describe_machine, gpu
+from deploytool.machine import try_import as _import
+from deploytool.machine import version as _version
 
 
 def doctor(engine: str | Path | None = None) -> dict:
@@ -99,6 +64,7 @@ def _commands(report: dict) -> dict:
         "onnx": _version("onnx") is not None,
         "onnxscript": _version("onnxscript") is not None,
         "onnxruntime": bool(report["onnxruntime"].get("version")),
+        "onnxruntime-cuda": "CUDAExecutionProvider" in (report["onnxruntime"].get("providers") or []),
         "tensorrt": bool(report["tensorrt"].get("version")),
         "gpu": report["gpu"] is not None,
         "triton": report["triton"] is not None,
@@ -109,18 +75,23 @@ def _commands(report: dict) -> dict:
     needs = {
         "train": ["torch"],
         "export": ["torch", "onnx", "onnxscript"],
-        "verify / bench (torch, onnxruntime)": ["torch", "onnxruntime"],
         "build-engine --dry-run": ["onnx"],
         "build-engine --no-plugin": ["onnx", "tensorrt", "gpu"],
         "build-engine (plugin path)": ["onnx", "tensorrt", "gpu", "triton", "deploytool plugins"],
-        "verify / bench --backends tensorrt": ["torch", "tensorrt", "gpu"],
         "fused kernel on GPU (tempered_softmax_select)": ["torch", "triton", "gpu"],
         "package": ["onnx"],
         "serve": ["pytriton", "tritonclient"],
         "demo": ["torch", "onnx", "onnxscript", "onnxruntime"],
     }
     hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
+             "onnxruntime-cuda": 'pip install "deploytool[gpu]" (onnxruntime-gpu) on a GPU machine',
              "deploytool plugins": "TensorRT >= 10.9 and triton"}
+    from deploytool.runners import BACKENDS
+
+    for name, backend in BACKENDS.items():
+        required = [backend.library] + (["onnxruntime-cuda"] if name == "onnxruntime-cuda" else []) \
+            + (["gpu"] if backend.options.get("device") == "cuda" or backend.library == "tensorrt" else [])
+        needs[f"--backends {name} ({backend.summary})"] = required
     commands = {}
     for command, required in needs.items():
         missing = [r for r in required if not have[r]]

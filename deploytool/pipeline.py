@@ -42,11 +42,28 @@ class _Steps:
         return status == "ok"
 
 
-def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train on digits, export to ONNX, verify and bench torch vs onnxruntime, try a TensorRT engine, package."""
+def demo(out: str | Path | None = None, *, recipe: str = DEMO_RECIPE, progress: bool = True,
+         force: bool = False) -> dict[str, Any]:
+    """Train a built-in recipe, export to ONNX, verify and bench torch vs onnxruntime, try a TensorRT
+    engine (verified and benched like the others where one builds), package for Triton.
+
+    Args:
+        out: the directory for every artifact (default: a new temporary directory).
+        recipe: the training recipe (a built-in name such as digits-4, digits-cnn, digits-transformer,
+            or a TOML path).
+        progress: show progress bars on a terminal.
+        force: replace what an earlier demo left in `out`.
+
+    Returns:
+        {"out", "passed", "steps", "artifacts", "key_numbers", "seconds"}.
+
+    Raises:
+        BadInput: an `out` that is a file, or that holds anything (an earlier demo's or other files)
+            without `force`.
+    """
     from deploytool.benchmark.run import bench
     from deploytool.engine.build import build_engine
-    from deploytool.errors import CheckFailed
+    from deploytool.errors import BadInput, CheckFailed
     from deploytool.export.onnx import export_onnx
     from deploytool.io import prepare_out_dir
     from deploytool.parity import verify
@@ -54,12 +71,16 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
     from deploytool.training import train
 
     start = time.perf_counter()
-    out = prepare_out_dir(out or tempfile.mkdtemp(prefix="deploytool-demo-"))
+    out = Path(out or tempfile.mkdtemp(prefix="deploytool-demo-"))
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BadInput(f"demo output directory {out.resolve()} is not empty; give an empty or new directory, "
+                       "or replace an earlier demo's files with force")
+    out = prepare_out_dir(out)
     steps, artifacts, key = _Steps(), {}, {}
     run_dir, onnx_path, engine_path = out / "run", out / "model.onnx", out / "model.plan"
 
     def do_train() -> str:
-        run = train(DEMO_RECIPE, run_dir, progress=progress, force=True)
+        run = train(recipe, run_dir, progress=progress, force=True)
         artifacts.update(run_dir=str(run.path), weights=str(run.weights), routing_plot=str(run.plot))
         m = run.metrics
         key.update({k: m[k] for k in ("hard_accuracy", "soft_accuracy", "frac_confident", "min_expert_load")})
@@ -71,31 +92,37 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
         artifacts["onnx"] = str(result.path)
         return f"opset {result.opset}, validated against PyTorch in {result.seconds:.1f} s"
 
-    def do_verify() -> str:
-        report = verify(onnx_path, run_dir, backends=("torch", "onnxruntime"), data="digits")
-        if not report.passed:
-            raise CheckFailed("demo: torch vs onnxruntime parity failed: " + "; ".join(report.failures()), report)
-        comparison = report.comparisons[0]
-        max_abs = max(o.max_abs for o in comparison.outputs)
-        key.update(routing_agreement=comparison.routing.agreement, parity_max_abs=max_abs)
-        return (f"{comparison.routing.agreement:.1f}% routing agreement over {comparison.routing.rows} rows, "
-                f"max abs error {max_abs:.2e}")
+    def do_verify(backends: tuple[str, ...], model: Path) -> Callable[[], str]:
+        def step() -> str:
+            report = verify(model, checkpoint=run_dir, backends=backends, data="digits")
+            if not report.passed:
+                raise CheckFailed(f"demo: {' vs '.join(backends)} parity failed: " + "; ".join(report.failures()),
+                                  report)
+            comparison = report.comparisons[-1]
+            max_abs = max(o.max_abs for o in comparison.outputs)
+            agreement = min(r.agreement for r in comparison.routing)
+            key[f"routing_agreement_{backends[-1]}"], key[f"parity_max_abs_{backends[-1]}"] = agreement, max_abs
+            decisions = sum(r.rows for r in comparison.routing)
+            return (f"{agreement:.1f}% routing agreement (worst of {len(comparison.routing)} router(s), "
+                    f"{decisions} decisions), max abs error {max_abs:.2e}")
+        return step
 
-    def do_bench() -> str:
-        result = bench(onnx_path, backends=("torch", "onnxruntime"), batch_sizes=BENCH_BATCHES, duration_s=1.0,
-                       checkpoint=run_dir, json_path=out / "bench.json", plot_path=out / "latency.png",
-                       progress=progress)
-        artifacts.update(bench_json=str(out / "bench.json"), latency_plot=str(out / "latency.png"))
-        parts = []
-        for line in result.lines:
-            if line.backend == "onnxruntime":
-                key[f"ort_over_torch_median_b{line.batch_size}"] = round(line.ratio, 3)
-            parts.append(f"{line.backend} b{line.batch_size} {line.stats.median_ms * 1000:.0f} us")
-        return ", ".join(parts) + " (median)"
+    def do_bench(backends: tuple[str, ...], model: Path, name: str) -> Callable[[], str]:
+        def step() -> str:
+            result = bench(model, backends=backends, batch_sizes=BENCH_BATCHES, duration_s=1.0, checkpoint=run_dir,
+                           json_path=out / f"{name}.json", plot_path=out / f"{name}.png", progress=progress)
+            artifacts.update({f"{name}_json": str(out / f"{name}.json"), f"{name}_plot": str(out / f"{name}.png")})
+            parts = []
+            for line in result.lines:
+                if line.backend != backends[0]:
+                    key[f"{line.backend}_over_{backends[0]}_median_b{line.batch_size}"] = round(line.ratio, 3)
+                parts.append(f"{line.backend} b{line.batch_size} {line.stats.median_ms * 1000:.0f} us")
+            return ", ".join(parts) + " (median)"
+        return step
 
     def do_package() -> str:
-        pkg = package(engine_path if engine_path.exists() else onnx_path, out / "triton", "routed_mlp", force=True,
-                      dynamic_batching=True)
+        pkg = package(engine_path if "engine" in artifacts else onnx_path, out / "triton", "routed_model",
+                      force=True, dynamic_batching=True)
         artifacts.update(triton_repository=str(pkg.repository), triton_config=str(pkg.config_path))
         checked = "checked with Triton's schema" if pkg.validated else "not schema-checked (no tritonclient)"
         return f"{pkg.backend} model, config {checked}; README with the tritonserver command"
@@ -105,10 +132,14 @@ def demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]
         artifacts["engine"] = str(engine_path)
         return f"deploytool ops via the {result.op_path} path"
 
-    steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify)
+    torch_ort = ("torch", "onnxruntime")
+    steps.run("train", do_train) and steps.run("export", do_export) and steps.run("verify", do_verify(torch_ort, onnx_path))
     if steps.passed and "onnx" in artifacts:
-        steps.run("bench", do_bench)
-        steps.run("build-engine", do_engine)
-        steps.run("package", do_package)
+        steps.run("bench", do_bench(torch_ort, onnx_path, "bench"))
+        if steps.run("build-engine", do_engine):  # an engine nothing verified is not shipped
+            steps.run("verify engine", do_verify(("torch", "tensorrt"), engine_path)) and \
+                steps.run("bench engine", do_bench(("onnxruntime", "tensorrt"), engine_path, "bench-engine"))
+        if steps.passed:
+            steps.run("package", do_package)
     return {"out": str(out), "passed": steps.passed, "steps": steps.rows, "artifacts": artifacts,
             "key_numbers": key, "seconds": round(time.perf_counter() - start, 2)}

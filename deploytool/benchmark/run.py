@@ -1,8 +1,11 @@
 """`bench`: latency of several backends on one model, side by side, from one process and one run.
 
 For every batch size and routing pattern the backends are measured interleaved (see harness), so
-the ratio of each backend's median to the first backend's survives a noisy machine. Each line carries
-the expert histogram of its feeds as that backend routed them, so the cost of a traffic mix is visible.
+the ratio of each backend's median to the first backend's survives a noisy machine. Inputs come from
+the model's signature (a data set's samples, reshaped to its inputs, or made-up ones); a routing
+pattern picks samples by one router's decisions (the first router unless told), and each line carries
+every router's expert histogram over its feeds as that backend routed them, so the cost of a traffic
+mix is visible.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from deploytool.batch_sizes import check_batch_sizes
 from deploytool.benchmark import harness, patterns
 from deploytool.benchmark.stats import CV_WARN, LatencyStats, summarize
 from deploytool.errors import BadInput, DeployToolError, MissingDependency, first_line
-from deploytool.runners import check_routed_outputs, parse_backends
+from deploytool.feeds import Feed, batch_of, take
+from deploytool.runners import artifact_of, parse_backends
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
-#: rows of random inputs when no data set is known
+#: samples of made-up inputs when no data set is known
 RANDOM_POOL = 4096
+#: the most input data one batch may hold: a larger batch is refused before anything is allocated
+MAX_FEED_BYTES = 1 << 30
 
 
 @dataclass
@@ -43,17 +49,37 @@ class Line:
     routing: str
     stats: LatencyStats
     ratio: float                 # median over the first backend's median, same batch size and routing
-    histogram: list[int]         # rows per expert over the feed cycle, as this backend routed them
-    device: dict[str, LatencyStats] = field(default_factory=dict)  # GPU: h2d, compute, d2h, device
+    #: router path -> decisions per expert over the feed cycle, as this backend routed them
+    histograms: dict[str, list[int]]
+
+    @property
+    def histogram(self) -> list[int]:
+        """The first router's histogram (the one routing patterns steer unless told otherwise)."""
+        return next(iter(self.histograms.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "batch_size": self.batch_size, "routing": self.routing,
-                **self.stats.to_dict(), "ratio": self.ratio, "histogram": self.histogram,
-                "device": {k: v.to_dict() for k, v in self.device.items()}}
+                **self.stats.to_dict(), "ratio": self.ratio, "histograms": self.histograms}
 
 
 @dataclass
 class BenchResult:
+    """Every line measured, with the settings, inputs and machine they were measured on.
+
+    Attributes:
+        target: what was benchmarked.
+        kind: its artifact kind (run, onnx, engine).
+        backends: the backends measured, in order (ratios are to the first).
+        skipped: backends that could not run here, with the reason.
+        lines: one per backend, batch size and routing pattern.
+        settings: the timing settings.
+        inputs: where the samples came from.
+        machine: the machine's description.
+        date: when (UTC, ISO 8601).
+        total_s: the whole run's seconds.
+        notes: remarks (noisy machine, experts never chosen).
+    """
+
     target: str
     kind: str                    # run | onnx | engine
     backends: list[str]          # measured, in order; the first is the reference of the ratios
@@ -77,20 +103,43 @@ class BenchResult:
                 "cv_warn": CV_WARN}
 
 
-def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
+def bench(target: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, routing: Sequence[str] = ("uniform",),
-          warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
-          json_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool = True, *,
-          checkpoint: str | Path | None = None, data: str | Path | None = None, seed: int = 0) -> BenchResult:
+          router: str | None = None, warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
+          json_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool = True,
+          checkpoint: str | Path | None = None, data: Any = None, seed: int = 0) -> BenchResult:
     """Measure `backends` on TARGET (a run directory, an ONNX model or a TensorRT engine).
 
     torch backends need the run directory (TARGET, `checkpoint`, or the run an ONNX model was exported
-    from, while its weights are still the exported ones); onnxruntime the ONNX model (TARGET, the run's model.onnx, or a temporary export); tensorrt the
-    engine. A backend that cannot run here is skipped with its reason in `skipped`, unless none can
-    run: then its error is raised (MissingDependency, exit 3). Rows come from `data`, else the run's
-    data set, else random normal rows.
+    from, while its weights are still the exported ones); onnxruntime the ONNX model (TARGET, the run's
+    model.onnx, or a temporary export); tensorrt the engine. A backend that cannot run here is skipped
+    with its reason in `skipped`, unless none can run: then its error is raised.
+
+    Args:
+        target: the artifact.
+        backends: backend names, the first the reference of the ratios.
+        batch_sizes: batch sizes to measure.
+        routing: routing patterns (uniform, skewed, single).
+        router: the module path of the router the patterns steer (default: the first).
+        warmup_ms: warm-up per callable.
+        duration_s: timed duration per callable and cell.
+        min_iters: at least this many timed calls.
+        json_path: write the result as JSON here.
+        plot_path: write a PNG plot here.
+        progress: show a progress bar on a terminal.
+        checkpoint: the run directory (or weights) the torch backends load.
+        data: samples to pick feeds from (see deploytool.feeds.load_feed); default the run's data set,
+            else made-up inputs from the signature.
+        seed: seed of the data split and pattern sampling.
+
+    Returns:
+        The BenchResult.
+
+    Raises:
+        BadInput: bad options or files, an output path that is an input, a model without routers.
+        MissingDependency: no backend can run here.
     """
-    from deploytool.benchmark.machine import machine_info
+    from deploytool.machine import machine_info
     from deploytool.parity import run_batched
 
     start = time.perf_counter()
@@ -98,10 +147,11 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
     check_settings(warmup_ms, duration_s, min_iters, seed)
+    art = Artifacts.resolve(target, checkpoint)
     for path in (json_path, plot_path):
         if path is not None:
             io.check_parent_dir(path)
-    art = Artifacts.resolve(target, checkpoint)
+            io.refuse_overwrite(path, target, checkpoint, art.onnx_path, art.run_dir, art.engine_path)
     load = busy_note()
     if load:
         art.notes.append(load)
@@ -111,26 +161,30 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     with contextlib.ExitStack() as stack:
         runners, skipped = _open_runners(backends, art, stack)
         for runner in runners:
-            check_routed_outputs(runner)
+            runner.signature.require_router(f"the {runner.name} model")
         runners = _check_same_model(runners, art, skipped)
         check_static_batch(runners, batch_sizes)
-        label, pool = _pool(runners[0], art, data, seed)
+        signature = runners[0].signature
+        steered = _steered_router(signature, router)
+        label, pool = _pool(signature, art, data, seed)
+        check_feed_size(pool, batch_sizes)
         routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
-        n_experts = int(routes["probs"].shape[-1])
-        lines, device_notes = _measure(runners, pool, routes["index"], n_experts, batch_sizes, routing,
+        per_sample = sample_experts(routes[steered.index], steered.n_experts)
+        lines, device_notes = _measure(runners, pool, per_sample, steered.n_experts, batch_sizes, routing,
                                        dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
                                        progress, seed)
     notes = list(art.notes) + device_notes
-    present = np.bincount(routes["index"], minlength=n_experts) > 0
+    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
     if "uniform" in routing and not present.all():
-        notes.append(f"experts {np.flatnonzero(~present).tolist()} never chosen on these rows; "
-                     "uniform spreads over the others")
+        notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
+                     "samples; uniform spreads over the others")
     result = BenchResult(
         target=str(target), kind=art.kind, backends=[r.name for r in runners], skipped=skipped, lines=lines,
-        settings={"batch_sizes": batch_sizes, "routing": routing, "warmup_ms": warmup_ms, "duration_s": duration_s,
-                  "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends, "seed": seed},
-        inputs=f"{label} ({len(pool)} rows, {n_experts} experts)", machine=machine_info(),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+        settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
+                  "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
+                  "seed": seed},
+        inputs=f"{label} ({batch_of(pool)} samples; router {steered.path}, {steered.n_experts} experts)",
+        machine=machine_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
     if plot_path is not None:
         from deploytool.benchmark.plot import plot_latency
 
@@ -139,6 +193,36 @@ def bench(target: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS,
     if json_path is not None:
         io.write_json(json_path, result.to_dict())
     return result
+
+
+def _steered_router(signature, path: str | None):
+    """The router whose decisions the routing patterns steer: `path`, or the first."""
+    if path is None:
+        return signature.routers[0]
+    for meta in signature.routers:
+        if meta.path == path:
+            return meta
+    raise BadInput(f"the model has no router {path!r}; its routers are {[r.path for r in signature.routers]}")
+
+
+def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
+    """Each sample's expert for pattern selection: its decision, or for a router deciding per token
+    the expert most of its tokens go to."""
+    flat = np.asarray(index, dtype=np.int64).reshape(len(index), -1)
+    if flat.shape[1] == 1:
+        return flat[:, 0]
+    counts = np.apply_along_axis(np.bincount, 1, flat, minlength=n_experts)
+    return counts.argmax(axis=1)
+
+
+def check_feed_size(pool: Feed, batch_sizes: list[int]) -> None:
+    """Refuse a batch whose inputs alone would not fit in memory, before building any feed."""
+    per_sample = sum(v[0].nbytes for v in pool.values())
+    largest = max(batch_sizes)
+    if largest * per_sample > MAX_FEED_BYTES:
+        raise BadInput(f"batch size {largest} needs {largest * per_sample / 2**30:.1f} GiB of inputs per call "
+                       f"({per_sample} bytes a sample); the most a benchmark feed may hold is "
+                       f"{MAX_FEED_BYTES / 2**30:.0f} GiB: give smaller batch sizes")
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -190,10 +274,8 @@ def engine_max_batch(engine_path: Path) -> int | None:
 def check_static_batch(runners, batch_sizes: list[int]) -> None:
     """A static-batch model (its runner's input metadata fixes axis 0) takes its own batch only:
     refuse any other before measuring."""
-    from deploytool.runners import static_batch
-
     for runner in runners:
-        fixed = static_batch(runner)
+        fixed = runner.signature.static_batch
         other = [b for b in batch_sizes if fixed is not None and b != fixed]
         if other:
             raise BadInput(f"the {runner.name} model has a static batch of {fixed} (input {runner.inputs[0].name} "
@@ -218,8 +300,8 @@ class Artifacts:
 
     @classmethod
     def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
+        from deploytool.artifacts import artifact_kind, open_artifact
         from deploytool.parity import resolve_checkpoint
-        from deploytool.artifacts import artifact_kind
 
         path = Path(target)
         kind = artifact_kind(path)
@@ -229,7 +311,7 @@ class Artifacts:
             return cls("run", run_dir or path, weights, onnx if onnx.is_file() else None)
         onnx = path if kind == "onnx" else path.with_suffix(".onnx")
         onnx = onnx if onnx.is_file() else None
-        source = None if run_dir or onnx is None else _source_run(onnx)
+        source = None if run_dir or onnx is None else open_artifact(onnx).source_run
         return cls(kind, run_dir or source, weights, onnx, path if kind == "engine" else None,
                    run_found=source is not None)
 
@@ -250,24 +332,16 @@ class Artifacts:
     def runner_for(self, backend: str, stack: contextlib.ExitStack):
         from deploytool.runners import make_runner
 
-        if backend.startswith("torch"):
+        kind = artifact_of(backend)
+        if kind == "run":
             if self.run_dir is None:
-                raise BadInput(f"the {backend} backend needs the training run directory: give --checkpoint RUN_DIR")
-            return make_runner(backend, run_dir=self.run_dir, checkpoint=self.weights)
-        if backend == "onnxruntime":
-            return make_runner(backend, onnx_path=self.onnx(stack))
+                raise BadInput(f"the {backend} backend needs the training run directory: give the checkpoint")
+            return make_runner(backend, self.run_dir, checkpoint=self.weights)
+        if kind == "onnx":
+            return make_runner(backend, self.onnx(stack))
         if self.engine_path is None:
-            raise BadInput("the tensorrt backend needs an engine as TARGET (build one with `deploytool build-engine`)")
-        return make_runner(backend, engine_path=self.engine_path)
-
-
-def _source_run(onnx_path: Path) -> Path | None:
-    """The run directory an exported model records as its source, if it still exists. A relative
-    source (older exports) meant the exporter's working directory, unknown here: not guessed from ours."""
-    from deploytool.artifacts import META_PREFIX, read_onnx_metadata
-
-    source = Path(read_onnx_metadata(onnx_path).get(META_PREFIX + "source", ""))
-    return source if source.is_absolute() and (source / io.CONFIG_FILE).is_file() else None
+            raise BadInput(f"the {backend} backend needs an engine as TARGET (build one with `deploytool build-engine`)")
+        return make_runner(backend, self.engine_path)
 
 
 def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitStack):
@@ -321,67 +395,53 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
     return kept
 
 
-def _pool(runner, art: Artifacts, data: str | Path | None, seed: int) -> tuple[str, np.ndarray]:
-    """Rows to pick feeds from: `data`, else the run's data set, else random normal rows."""
-    from deploytool.parity import check_inputs, load_inputs
+def _pool(signature, art: Artifacts, data: Any, seed: int) -> tuple[str, Feed]:
+    """Samples to pick feeds from: `data`, else the run's data set, else made up from the signature."""
+    from deploytool.feeds import load_feed, random_feed
 
-    n_features = runner.inputs[0].shape[-1]
     if data is not None:
-        label, x = load_inputs(data, 10**9, seed)
-        return label.replace(" held-out", ""), check_inputs(x, n_features, what=f"{label} rows")
+        label, feed = load_feed(data, signature, samples=10**9, seed=seed)
+        return label.replace(" held-out", ""), feed
     if art.run_dir is not None:
-        from deploytool.data import load_dataset
         from deploytool.training import load_run
 
         config = load_run(art.run_dir).config
-        ds = load_dataset(config.get("dataset", "digits"), config.get("seed", seed), **config.get("data_options", {}))
-        return ds.name, check_inputs(np.concatenate([ds.x_test, ds.x_train]), n_features, what=f"{ds.name} rows")
-    if not isinstance(n_features, int):
-        raise BadInput("the model's feature count is dynamic; give --data to choose the rows")
-    art.notes.append("no data set known: random normal rows (give --data for real ones)")
-    rng = np.random.default_rng(seed)
-    return "random normal", rng.standard_normal((RANDOM_POOL, n_features)).astype(np.float32)
+        label, feed = load_feed(config.get("dataset", "digits"), signature, samples=10**9,
+                                seed=config.get("seed", seed), data_options=config.get("data_options", {}))
+        return label.replace(" held-out", ""), feed
+    art.notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
+    return "random normal", random_feed(signature, RANDOM_POOL, seed=seed)
 
 
 # --- measuring ---------------------------------------------------------------------------------
 
-def _measure(runners, pool: np.ndarray, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
+def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
              routing: list[str], settings: dict[str, Any], progress: bool, seed: int) -> tuple[list[Line], list[str]]:
     from deploytool.progress import progress_bar
-    from deploytool.runners import INPUT_NAME
 
     cells = list(itertools.product(routing, batch_sizes))
     lines: list[Line] = []
     notes: list[str] = []
+    routers = runners[0].signature.routers
     with progress_bar("measuring " + ", ".join(r.name for r in runners), len(cells), progress) as advance:
         for pattern, batch in cells:
-            feeds = [{INPUT_NAME: pool[rows]} for rows in patterns.select_rows(pattern, routes, n_experts, batch,
-                                                                               seed)]
+            feeds = [take(pool, rows) for rows in patterns.select_rows(pattern, routes, n_experts, batch, seed)]
             calls = [_timed_call(r, feeds, notes) for r in runners]
             summaries = [summarize(ns, batch) for ns in harness.measure(calls, **settings)]
             first_median = summaries[0].median_ms  # the same figure, so the first ratio is exactly 1
-            for runner, call, stats in zip(runners, calls, summaries):
-                index = [runner.infer(feed)["index"] for feed in feeds]
-                device = {k: summarize(v, batch) for k, v in call.stage_ns().items()} \
-                    if isinstance(call, harness.CudaStages) else {}
-                lines.append(Line(runner.name, batch, pattern, stats, stats.median_ms / first_median,
-                                  patterns.histogram(index, n_experts), device))
+            for runner, stats in zip(runners, summaries):
+                outputs = [runner.infer(feed) for feed in feeds]
+                histograms = {r.path: patterns.histogram([o[r.index] for o in outputs], r.n_experts) for r in routers}
+                lines.append(Line(runner.name, batch, pattern, stats, stats.median_ms / first_median, histograms))
             advance()
     return lines, list(dict.fromkeys(notes))
 
 
-def _timed_call(runner, feeds: list[dict[str, np.ndarray]], notes: list[str]) -> Callable[[], object]:
-    """runner.infer over the feed cycle; a GPU runner with `device_stages()` is timed stage by stage.
-
-    `device_stages()` returns (to_device(feed), compute(device_feed), to_host(device_out)) enqueued on
-    the runner's `stream` attribute (a torch.cuda.Stream) or, without one, torch's current stream.
-    """
+def _timed_call(runner, feeds: list[Feed], notes: list[str]) -> Callable[[], object]:
+    """runner.infer over the feed cycle (host time: a GPU runner's call includes its copies)."""
     next_feed = itertools.cycle(feeds).__next__
-    stages = getattr(runner, "device_stages", None)
-    if stages is not None:
-        return harness.CudaStages(*stages(), feeds=next_feed, stream=getattr(runner, "stream", None))
     if _on_gpu(runner):
-        notes.append(f"{runner.name}: host time only (the runner has no device_stages() for CUDA events)")
+        notes.append(f"{runner.name}: host time, copies to and from the GPU included")
     infer = runner.infer
     return lambda: infer(next_feed())
 

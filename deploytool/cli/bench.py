@@ -23,6 +23,8 @@ def bench(
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64,256",
     routing: Annotated[str, typer.Option("--routing", help="Routing patterns: uniform, skewed (Zipf), single.")]
     = "uniform",
+    router: Annotated[Optional[str], typer.Option(
+        "--router", help="Module path of the router the patterns steer (default: the first).")] = None,
     warmup_ms: Annotated[float, typer.Option("--warmup-ms", help="Warm-up time per backend and batch size.")] = 200.0,
     duration_s: Annotated[float, typer.Option("--duration-s", help="Measured time per backend and batch size.")]
     = 3.0,
@@ -41,8 +43,9 @@ def bench(
     from deploytool.benchmark.run import bench as run_bench
 
     to_stdout = str(json_path) == "-"
-    result = run_bench(target, split_list(backends), batch_sizes, split_list(routing), warmup_ms, duration_s,
-                       min_iters, None if to_stdout else json_path, plot, progress=not (quiet or to_stdout),
+    result = run_bench(target, backends=split_list(backends), batch_sizes=batch_sizes, routing=split_list(routing),
+                       router=router, warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters,
+                       json_path=None if to_stdout else json_path, plot_path=plot, progress=not (quiet or to_stdout),
                        checkpoint=checkpoint, data=data, seed=seed)
     if to_stdout:
         print_json(result.to_dict())
@@ -62,34 +65,30 @@ def render(result: "BenchResult", json_path: Optional[Path] = None, plot: Option
 
     out = console()
     first = result.backends[0] if result.backends else "-"
+    steered = result.settings["router"]
     for pattern in dict.fromkeys(ln.routing for ln in result.lines):
         lines = sorted((ln for ln in result.lines if ln.routing == pattern), key=lambda ln: ln.batch_size)
         latency, throughput = [], []
         for ln in lines:
             s = ln.stats
-            total = sum(ln.histogram) or 1
+            histogram = ln.histograms[steered]
+            total = sum(histogram) or 1
             latency.append((ln.backend, ln.batch_size, _us(s.median_ms), f"{ln.ratio:.2f}x", _us(s.p90_ms),
                             _us(s.p95_ms), _us(s.p99_ms), _us(s.max_ms),
                             f"{100 * s.cv:.1f}%" + ("!" if s.unstable else "")))
             throughput.append((ln.backend, ln.batch_size, s.iterations, _us(s.min_ms), _us(s.mean_ms),
                                _si(s.queries_per_s), _si(s.samples_per_s),
-                               " ".join(f"{100 * c / total:.0f}" for c in ln.histogram)))
+                               " ".join(f"{100 * c / total:.0f}" for c in histogram)))
         for title, columns, rows in (
                 (f"latency (us), routing {pattern}; ratio = median / {first}'s", LATENCY, latency),
-                (f"throughput, routing {pattern}; experts % = rows per expert 0, 1, ...", THROUGHPUT, throughput)):
+                (f"throughput, routing {pattern}; experts % = decisions of {steered} per expert 0, 1, ...", THROUGHPUT, throughput)):
             t = table(title, columns, rows)
             t.box, t.pad_edge = box.SIMPLE_HEAD, False
             t.columns[0].min_width = max(len(ln.backend) for ln in lines)
             t.columns[-1].justify = "left"
             out.print(t)
     m = result.machine
-    if any(ln.device for ln in result.lines):
-        out.print(table("GPU device time (CUDA events), median ms", ("backend", "batch", "routing", "h2d", "compute",
-                                                                      "d2h", "device"),
-                        [(ln.backend, ln.batch_size, ln.routing, *(ln.device[k].median_ms for k in
-                                                                   ("h2d", "compute", "d2h", "device")))
-                         for ln in result.lines if ln.device]))
-    out.print(f"rows: {result.inputs}")
+    out.print(f"inputs: {result.inputs}")
     for name, reason in result.skipped.items():
         out.print(f"skipped {name}: {reason}")
     if result.unstable:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from deploytool.cli.options import Json, OutDir, Quiet
@@ -11,11 +13,19 @@ app = typer.Typer()
 
 
 @app.command()
-def demo(out: OutDir = None, json: Json = False, quiet: Quiet = False) -> None:
+def demo(
+    out: OutDir = None,
+    recipe: Annotated[str, typer.Option(
+        "--recipe", help="Built-in recipe (digits-4: routed MLP, digits-cnn: image model, digits-transformer: "
+                         "token-level MoE with 2 routers) or a TOML file.")] = "digits-4",
+    force: Annotated[bool, typer.Option("--force", help="Replace what an earlier demo left in --out.")] = False,
+    json: Json = False,
+    quiet: Quiet = False,
+) -> None:
     """Run the whole chain on digits: train, export, verify, bench, package (TensorRT where available)."""
     from deploytool.pipeline import demo as run_demo
 
-    result = run_demo(out, progress=not (quiet or json))
+    result = run_demo(out, recipe=recipe, force=force, progress=not (quiet or json))
     _show(result, json)
     if not result["passed"]:
         from deploytool.errors import CheckFailed

@@ -22,6 +22,9 @@ def build_engine(
     min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch the engine accepts.")] = 1,
     opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 64,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch the engine accepts.")] = 1024,
+    dim: Annotated[Optional[list[str]], typer.Option(
+        "--dim", help="Range of another dynamic dim, NAME=MIN:OPT:MAX (e.g. tokens=1:8:64); repeatable. "
+                      "Without it such a dim is fixed at the export example's size.")] = None,
     workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = 1024,
     timing_cache: Annotated[Optional[Path], typer.Option(
         "--timing-cache", help="Timing cache file: read if present, updated after the build.")] = None,
@@ -35,7 +38,7 @@ def build_engine(
     from deploytool.engine.build import build_engine as build
 
     result = build(model, out, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                   workspace_mib=workspace, timing_cache=timing_cache, plugin=plugin, dry_run=dry_run)
+                   dims=parse_dims(dim or []), workspace_mib=workspace, timing_cache=timing_cache, plugin=plugin, dry_run=dry_run)
     if dry_run or json:
         print_json(result.to_dict())
         return
@@ -62,3 +65,17 @@ def _op_path_line(data: dict, plan: dict) -> str:
     if plan["op_path"] == "plugin":
         return "local-function path: the parser found no registered deploytool plugin for these nodes"
     return "local-function path (ONNX function bodies as standard layers)"
+
+
+def parse_dims(values: list[str]) -> dict[str, tuple[int, int, int]]:
+    """NAME=MIN:OPT:MAX strings as {name: (min, opt, max)}; a malformed one is BadInput."""
+    from deploytool.errors import BadInput
+
+    dims = {}
+    for value in values:
+        name, _, spec = value.partition("=")
+        parts = spec.split(":")
+        if not name or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise BadInput(f"--dim {value!r}: give NAME=MIN:OPT:MAX with whole numbers, e.g. tokens=1:8:64")
+        dims[name.strip()] = tuple(int(p) for p in parts)
+    return dims

@@ -36,7 +36,7 @@ def verify(
     from deploytool.parity import verify as run_verify
 
     options = {"samples": samples} if samples is not None else {}
-    report = run_verify(model, checkpoint, backends, data, atol=atol, rtol=rtol, **options)
+    report = run_verify(model, checkpoint=checkpoint, backends=backends, data=data, atol=atol, rtol=rtol, **options)
     show_parity(report.to_dict(), json)
     if not report.passed:
         raise CheckFailed("parity failed: " + " | ".join(report.failures()))
@@ -55,12 +55,11 @@ def show_parity(report: dict[str, Any], json: bool, title: str = "parity") -> No
         rows.append(("result", *("pass" if o["passed"] else f"FAIL {o['note']}".strip() for o in outs)))
         con.print(table(f"{title}: {c['candidate']} vs {c['reference']} on {c['inputs']}: {verdict}",
                         ["", *(o["name"] for o in outs)], rows))
-        r = c["routing"]
-        if r:
+        for r in c["routing"]:
             buckets = ", ".join(f"[{b['lo']:g}, {b['hi']:g}): {b['flips']}" for b in r["buckets"] if b["flips"])
-            con.print(f"routing: {r['agreement']:.2f}% agree over {r['rows']} rows, {r['flips']} flips "
-                      f"({r['tie_breaks']} tie-breaks below margin {r['tie_margin']:.3g}, {r['failures']} failures)"
-                      + (f"; flips by reference margin: {buckets}" if buckets else ""))
+            con.print(f"router {r['router']}: {r['agreement']:.2f}% agree over {r['rows']} decisions, {r['flips']} "
+                      f"flips ({r['tie_breaks']} tie-breaks below margin {r['tie_margin']:.3g} or after one, "
+                      f"{r['failures']} failures)" + (f"; flips by reference margin: {buckets}" if buckets else ""))
         for note in c["notes"]:
             con.print(f"note: {note}")
     for note in report.get("notes", []):

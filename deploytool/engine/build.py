@@ -34,29 +34,53 @@ class EngineBuildResult:
 
 
 def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precision: str = "fp32",
-                 min_batch: int = 1, opt_batch: int = 64, max_batch: int = 1024, workspace_mib: int = 1024,
+                 min_batch: int = 1, opt_batch: int = 64, max_batch: int = 1024,
+                 dims: dict[str, tuple[int, int, int]] | None = None, workspace_mib: int = 1024,
                  timing_cache: str | Path | None = None, plugin: bool = True,
                  dry_run: bool = False) -> EngineBuildPlan | EngineBuildResult:
     """Build a TensorRT engine from an ONNX model; with dry_run, return the plan and touch nothing.
 
     The output paths are checked first, dry run or not: a plan that passes is one the build accepts,
     and a real build refuses them before its long run rather than after.
-    """
-    from deploytool.io import check_parent_dir
-    from deploytool.artifacts import ENGINE_SUFFIXES
 
-    for flag, path in (("--out", out), ("--timing-cache", timing_cache)):
+    Args:
+        onnx_path: the exported model.
+        out: the engine file (.plan, .engine or .trt); its manifest goes beside it.
+        precision: fp32, fp16 or bf16.
+        min_batch: the profile's smallest batch.
+        opt_batch: the batch TensorRT tunes for.
+        max_batch: the largest batch.
+        dims: (min, opt, max) of other dynamic dims by name (see engine.plan.plan_engine).
+        workspace_mib: TensorRT's workspace.
+        timing_cache: a timing cache file, read if present and written back.
+        plugin: use the fused plugin.
+        dry_run: return the plan only.
+
+    Returns:
+        The EngineBuildPlan (dry run) or the EngineBuildResult.
+
+    Raises:
+        BadInput: bad paths or options, a model the build cannot take.
+        MissingDependency: no TensorRT or GPU.
+        CheckFailed: TensorRT failed to parse or build.
+    """
+    from deploytool.artifacts import ENGINE_SUFFIXES
+    from deploytool.io import check_parent_dir, refuse_overwrite
+
+    for what, path in (("engine", out), ("timing cache", timing_cache)):
         if path is not None:
-            try:
-                check_parent_dir(path)
-            except BadInput as exc:
-                raise BadInput(f"{flag}: {exc}") from None
+            check_parent_dir(path)
+            refuse_overwrite(path, onnx_path)
     if out is not None and Path(out).suffix.lower() not in ENGINE_SUFFIXES:
-        raise BadInput(f"--out: {out} is not an engine file name; end it with {', '.join(ENGINE_SUFFIXES)} "
-                       "(e.g. --out model.plan)")
+        raise BadInput(f"engine path {out} is not an engine file name; end it with {', '.join(ENGINE_SUFFIXES)} "
+                       "(e.g. model.plan)")
+    if timing_cache is not None and (Path(timing_cache).suffix.lower() in NOT_TIMING_CACHES
+                                     or (out is not None and Path(timing_cache).resolve() == Path(out).resolve())):
+        raise BadInput(f"timing cache {timing_cache} names another kind of file (a model, engine, image or JSON), "
+                       "which the build would overwrite; give a file such as model.cache")
     plan = plan_engine(onnx_path, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
-                       max_batch=max_batch, workspace_mib=workspace_mib, timing_cache=timing_cache, plugin=plugin,
-                       check_lowering=dry_run)
+                       max_batch=max_batch, dims=dims, workspace_mib=workspace_mib, timing_cache=timing_cache,
+                       plugin=plugin, check_lowering=dry_run)
     if dry_run:
         return plan
     if out is None:
@@ -65,11 +89,15 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     return _build(trt, plan, Path(out))
 
 
+#: suffixes of files a timing cache never is (the build writes the cache back over whatever is there)
+NOT_TIMING_CACHES = (".onnx", ".plan", ".engine", ".trt", ".json", ".png", ".safetensors", ".npz", ".toml", ".md")
+
+
 def require_tensorrt_and_gpu(purpose: str = "build-engine"):
     """The tensorrt module, or MissingDependency naming everything that is missing, in one line."""
     import importlib
 
-    from deploytool.diagnostics import gpu
+    from deploytool.machine import gpu
 
     missing = []
     try:
@@ -92,7 +120,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
-    from deploytool.diagnostics import describe_machine
+    from deploytool.machine import describe_machine
     from deploytool.engine import plugins
     from deploytool.io import write_bytes
 

@@ -40,6 +40,9 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
         "kernel_source_sha256": kernel_source_sha256 if op_path == "plugin" else None,
         "embedded_ptx_sha256": embedded_ptx if op_path == "plugin" else {},
         "onnx": {"path": plan.onnx_path, "sha256": plan.onnx_sha256},
+        #: the ONNX model's signature (routers included) and metadata, read back by artifacts.open_artifact
+        "signature": plan.signature,
+        "metadata": plan.metadata,
         "plan": plan.to_dict(),
     }
 

@@ -55,18 +55,39 @@ class EngineBuildPlan:
     #: them keeps float32 (the routing decision: logits -> TemperedSoftmax -> HardSelect)
     fp32_regions: list[dict[str, list[str]]] = field(default_factory=list)
     requires_tensorrt: str = f">={MIN_TENSORRT}"
+    #: the model signature (as deploytool.signature.to_json writes it) and deploytool metadata of the
+    #: ONNX model, copied into the engine's manifest so the engine is read like the model
+    signature: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: int = 1, opt_batch: int = 64,
-                max_batch: int = 1024, workspace_mib: int = 1024, timing_cache: str | Path | None = None,
+                max_batch: int = 1024, dims: dict[str, tuple[int, int, int]] | None = None,
+                workspace_mib: int = 1024, timing_cache: str | Path | None = None,
                 plugin: bool = True, check_lowering: bool = True) -> EngineBuildPlan:
     """Read the ONNX model and the options into a validated EngineBuildPlan (no TensorRT needed).
 
-    When the plan lowers the model (an fp32 model built as fp16/bf16), `check_lowering` lowers it
-    once to prove it can; a build, which lowers it anyway before its long run, skips that.
+    Args:
+        onnx_path: the exported model.
+        precision: fp32, fp16 or bf16 (an fp32 model is lowered in-graph, routing kept in fp32).
+        min_batch: the profile's smallest batch.
+        opt_batch: the batch TensorRT tunes for.
+        max_batch: the largest batch.
+        dims: (min, opt, max) of every other dynamic dim by name (e.g. {"tokens": (1, 8, 64)}); a dim
+            not given is fixed at the size of the export's example.
+        workspace_mib: TensorRT's workspace.
+        timing_cache: a timing cache file to read and update.
+        plugin: use the fused plugin for deploytool's ops.
+        check_lowering: lower once to prove the build can (a build, which lowers anyway, skips it).
+
+    Returns:
+        The EngineBuildPlan.
+
+    Raises:
+        BadInput: bad options, or a model the build could not take.
     """
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -74,10 +95,13 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     if not isinstance(workspace_mib, int) or workspace_mib < 1:
         raise BadInput(f"--workspace must be a whole number of MiB >= 1, got {workspace_mib}")
     from deploytool.artifacts import load_onnx
+    from deploytool.signature import META_KEY, from_json
 
     model = load_onnx(onnx_path)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    examples = from_json(metadata[META_KEY], str(onnx_path)).dim_examples if META_KEY in metadata else {}
     inputs = _graph_inputs(model)
-    profile = _profile(inputs, min_batch, opt_batch, max_batch)
+    profile = _profile(inputs, (min_batch, opt_batch, max_batch), _dim_ranges(dims, examples))
     model_precision = _model_precision(inputs)
     lower_to = _lower_to(model_precision, precision)
 
@@ -121,6 +145,8 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         plugin_ids=plugin_ids,
         deploytool_nodes=names,
         fp32_regions=regions,
+        signature=metadata.get(META_KEY),
+        metadata={k: v for k, v in metadata.items() if k != META_KEY},
     )
 
 
@@ -141,24 +167,41 @@ def _graph_inputs(model) -> list[dict]:
     return inputs
 
 
-def _profile(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int) -> dict:
-    """Batch = axis 0 of every input; every other axis must be static (TensorRT needs its extent)."""
+def _dim_ranges(dims: dict[str, tuple[int, int, int]] | None, examples: dict[str, int]) -> dict[str, list[int]]:
+    """(min, opt, max) per named dynamic dim: those given, checked, then the export examples' sizes."""
+    ranges = {name: [size, size, size] for name, size in examples.items()}
+    for name, values in (dims or {}).items():
+        values = list(values)
+        if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values) \
+                or not values[0] <= values[1] <= values[2]:
+            raise BadInput(f"dim {name}: give min <= opt <= max, whole numbers >= 1 (e.g. {name}=1:8:64), got {values}")
+        ranges[name] = values
+    return ranges
+
+
+def _profile(inputs: list[dict], batch: tuple[int, int, int], dims: dict[str, list[int]]) -> dict:
+    """Axis 0 of every input is the batch; every other dynamic axis takes its named range from `dims`."""
     profile = {}
     for inp in inputs:
         shape = inp["shape"]
         if not shape:
             raise BadInput(f"input {inp['name']} is a scalar; build-engine needs a batch axis")
-        rest = shape[1:]
-        dynamic = [i + 1 for i, d in enumerate(rest) if not isinstance(d, int) or d < 1]
-        if dynamic:
-            raise BadInput(f"input {inp['name']} has dynamic axes {dynamic} besides the batch axis; "
-                           "re-export with only the batch dynamic")
-        batch = shape[0]
-        if isinstance(batch, int) and batch > 0:
-            if not min_batch == opt_batch == max_batch == batch:
-                raise BadInput(f"input {inp['name']} has a static batch of {batch}: pass --min-batch "
-                               f"{batch} --opt-batch {batch} --max-batch {batch}, or re-export with a dynamic batch")
-        profile[inp["name"]] = {"min": [min_batch, *rest], "opt": [opt_batch, *rest], "max": [max_batch, *rest]}
+        first = shape[0]
+        if isinstance(first, int) and first > 0:
+            if not batch[0] == batch[1] == batch[2] == first:
+                raise BadInput(f"input {inp['name']} has a static batch of {first}: build with min, opt and max "
+                               f"batch {first}, or re-export with a dynamic batch")
+        ranges = []
+        for axis, dim in enumerate(shape[1:], start=1):
+            if isinstance(dim, int) and dim > 0:
+                ranges.append([dim] * 3)
+            elif isinstance(dim, str) and dim in dims:
+                ranges.append(dims[dim])
+            else:
+                raise BadInput(f"input {inp['name']} axis {axis} is dynamic ({dim or 'unnamed'}) with no range: "
+                               f"give one (e.g. --dim {dim or 'NAME'}=1:8:64)")
+        profile[inp["name"]] = {key: [b, *(r[k] for r in ranges)]
+                                for k, (key, b) in enumerate(zip(("min", "opt", "max"), batch))}
     return profile
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
-from deploytool.runners.base import Runner, TensorMeta
+from deploytool.runners.base import Runner
+from deploytool.signature import ModelSignature
 
 
 class TensorRTRunner(Runner):
@@ -30,7 +31,7 @@ class TensorRTRunner(Runner):
     def _activate(self) -> None:
         import torch
 
-        from deploytool.diagnostics import describe_machine
+        from deploytool.machine import describe_machine
         from deploytool.engine.build import require_tensorrt_and_gpu
         from deploytool.engine.manifest import load_problems
 
@@ -55,10 +56,10 @@ class TensorRTRunner(Runner):
         self.engine = None
         self._runtime = self._logger = None
 
-    def _meta(self, kind: str) -> list[TensorMeta]:
-        from deploytool.artifacts import tensor_metas
+    def _signature(self) -> ModelSignature:
+        from deploytool.artifacts import manifest_signature
 
-        return tensor_metas(self.manifest, kind)
+        return manifest_signature(self.manifest, self.engine_path)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

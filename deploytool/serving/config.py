@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.errors import BadInput, CheckFailed
-from deploytool.runners.base import TensorMeta
+from deploytool.signature import TensorMeta
 
 # NumPy dtype name -> Triton data type (Triton's model_configuration.md "Datatypes" table)
 TRITON_DTYPES = {
@@ -73,13 +73,6 @@ def check_name(name: str) -> str:
         raise BadInput(f"model name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
                        "(no path separators or spaces, not starting with '.')")
     return name
-
-
-def onnx_signature(path: str | Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
-    """Inputs and outputs of an ONNX file, read with onnx (no session, external data not loaded)."""
-    from deploytool.artifacts import graph_signature, load_onnx
-
-    return graph_signature(load_onnx(path))
 
 
 def _is_dynamic(dim: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from deploytool import io
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.errors import BadInput
-from deploytool.runners.base import TensorMeta
+from deploytool.signature import ModelSignature
 from deploytool.serving import config as cfg
 
 TRITON_BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
@@ -58,14 +58,16 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     An existing `repository/name` is refused unless `force`; with it the old one stays whole until the
     new one is complete.
     """
-    from deploytool.runtime import resolve_backend
     from deploytool.artifacts import artifact_kind
+    from deploytool.runtime import resolve_backend
 
     cfg.check_name(name)
     target, repository = Path(target), Path(repository)
     if repository.exists() and not repository.is_dir():
         raise BadInput(f"repository {repository} exists and is a file; give a directory")
     model_dir = repository / name
+    if model_dir.resolve() == target.resolve() or model_dir.resolve() in target.resolve().parents:
+        raise BadInput(f"{model_dir} holds the input {target}; package into another repository or name")
     if model_dir.exists() and not force:
         raise BadInput(f"{model_dir} already exists; pass --force to replace it "
                        "(the old model stays intact until the new one is complete)")
@@ -80,13 +82,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     preferred = tuple(check_batch_sizes(preferred_batch, "--preferred-batch", allow_empty=True))
     batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
-    notes: list[str] = []
-    if kind == "engine":
-        inputs, outputs, notes = _engine_signature(target, max_batch)
-    elif kind == "onnx":
-        inputs, outputs = cfg.onnx_signature(target)
-    else:
-        inputs, outputs = _run_signature(target)
+    signature, notes = _signature(target, kind, max_batch)
+    inputs, outputs = list(signature.inputs), list(signature.outputs)
     runtime_backend = parameters = None
     if backend == "python":
         runtime_backend = resolve_backend(target)[1]
@@ -110,28 +107,38 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                    files=files, config=config, validated=validated, notes=notes)
 
 
-def _run_signature(run_dir: Path) -> tuple[list[TensorMeta], list[TensorMeta]]:
-    """A run directory's tensors, from the torch runner (which also proves the checkpoint loads)."""
-    from deploytool.runtime import load
+def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature, list[str]]:
+    """The target's signature (a run directory's from the torch runner, which also proves the
+    checkpoint loads) and README notes; a model without routers is refused."""
+    from deploytool.artifacts import open_artifact
 
-    with load(run_dir) as session:
-        return session.inputs, session.outputs
+    notes: list[str] = []
+    if kind == "run":
+        from deploytool.runners import make_runner
+
+        signature = make_runner("torch", target).signature
+    else:
+        signature = open_artifact(target).signature
+        if kind == "engine":
+            notes = _engine_notes(target, max_batch)
+    signature.require_router(str(target))
+    return signature, notes
 
 
-def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], list[TensorMeta], list[str]]:
-    """Tensors of an engine from its manifest (model.plan.json), README notes on loading it.
+def _engine_notes(engine: Path, max_batch: int) -> list[str]:
+    """README notes on loading an engine, from its manifest (model.plan.json).
 
     Refuses a max batch above the engine's optimisation profile: Triton would accept batches the engine
     cannot run.
     """
-    from deploytool.engine.manifest import max_batch as profile_max_batch
-    from deploytool.artifacts import read_manifest, tensor_metas
+    from deploytool.artifacts import max_batch as profile_max_batch
+    from deploytool.artifacts import read_manifest
 
     manifest = read_manifest(engine)
     profile_max = profile_max_batch(manifest)
     if profile_max is not None and max_batch > profile_max:
-        raise BadInput(f"--max-batch {max_batch} is above the engine's optimisation profile (max batch "
-                       f"{profile_max}); lower --max-batch or rebuild with build-engine --max-batch {max_batch}")
+        raise BadInput(f"max batch {max_batch} is above the engine's optimisation profile (max batch "
+                       f"{profile_max}); lower it or rebuild with build-engine --max-batch {max_batch}")
     if manifest.get("op_path") == "plugin":
         ops = ", ".join(manifest.get("plugin_ids", [])) or "deploytool's ops"
         plugin = (f"The engine runs {ops} as TensorRT plugins whose Triton kernels are compiled into the engine "
@@ -143,7 +150,7 @@ def _engine_signature(engine: Path, max_batch: int) -> tuple[list[TensorMeta], l
     machine = (f"It loads only under TensorRT {manifest.get('tensorrt')} on a GPU of compute capability "
                f"{manifest.get('compute_capability')} ({manifest.get('gpu')}): pick the Triton release whose "
                "TensorRT matches, or rebuild the engine where Triton runs.")
-    return tensor_metas(manifest, "inputs"), tensor_metas(manifest, "outputs"), [plugin, machine]
+    return [plugin, machine]
 
 
 def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
@@ -188,11 +195,12 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
     """How to serve this model with tritonserver and call it: the exact command and a client example."""
     name, max_batch = config["name"], config["max_batch_size"]
     backend = config.get("platform") or config["backend"]
-    x = config["input"][0]
-    dims = [d if d > 0 else 1 for d in x["dims"]]
-    shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
-    dtype = x["data_type"].removeprefix("TYPE_")
-    numpy_dtype = {v: k for k, v in cfg.TRITON_DTYPES.items()}[x["data_type"]]
+    numpy_dtypes = {v: k for k, v in cfg.TRITON_DTYPES.items()}
+    examples = []  # (name, Triton dtype, NumPy dtype, shape of 2 samples, shape of one)
+    for x in config["input"]:
+        dims = [d if d > 0 else 8 for d in x["dims"]]
+        shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
+        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), numpy_dtypes[x["data_type"]], shape, one_row))
     env = ""
     if backend == "python":
         env = ('LD_LIBRARY_PATH="$(python -c \'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))\'):'
@@ -237,18 +245,23 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         "import tritonclient.http as httpclient",
         "",
         'client = httpclient.InferenceServerClient("localhost:8000")',
-        f"x = np.random.rand({', '.join(map(str, shape))}).astype(np.{numpy_dtype})",
-        f'inp = httpclient.InferInput("{x["name"]}", list(x.shape), "{dtype}")',
-        "inp.set_data_from_numpy(x)",
-        f'result = client.infer("{name}", [inp])',
-        *[f'{t["name"]} = result.as_numpy("{t["name"]}")' for t in config["output"]],
+        "inputs = []",
+        *[line for x_name, dtype, np_dtype, shape, _ in examples for line in (
+            f"value = np.random.rand({', '.join(map(str, shape))}).astype(np.{np_dtype})",
+            f'inputs.append(httpclient.InferInput("{x_name}", list(value.shape), "{dtype}"))',
+            "inputs[-1].set_data_from_numpy(value)")],
+        f'result = client.infer("{name}", inputs)',
+        'outputs = {name: result.as_numpy(name) for name in ('
+        + ", ".join(f'"{t["name"]}"' for t in config["output"]) + ")}",
         "```",
         "",
-        "Or with curl, one row:",
+        "Or with curl, one sample:",
         "",
         "```bash",
-        f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"{x['name']}\", "
-        f"\"shape\": {one_row}, \"datatype\": \"{dtype}\", \"data\": [{', '.join(['0.5'] * math.prod(one_row))}]}}]}}'",
+        f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": ["
+        + ", ".join(f"{{\"name\": \"{x_name}\", \"shape\": {one_row}, \"datatype\": \"{dtype}\", "
+                    f"\"data\": [{', '.join(['0.5'] * math.prod(one_row))}]}}" for x_name, dtype, _, _, one_row in examples)
+        + "]}'",
         "```",
         "",
     ]

@@ -3,7 +3,8 @@
 `package(..., backend="python")` copies this file to <repository>/<name>/1/model.py beside the artifact;
 config.pbtxt's parameters name the artifact and the runtime backend, so one file serves run directories,
 ONNX files and engines. Each request is checked on its own: a bad one (NaN, wrong feature count) gets an
-error response while the others in the same dynamic batch still run, together, as one batch.
+error response while the others in the same dynamic batch still run, together, as one batch. Models
+with several inputs take them by name, as the signature names them.
 Runs inside Triton's Python-backend stub, which provides `triton_python_backend_utils`.
 """
 
@@ -28,7 +29,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["deploytool_artifact"]
         self.session = deploytool.load(artifact, backend=params.get("deploytool_backend", "auto"))
-        self.input_name = self.session.inputs[0].name
+        self.input_names = [meta.name for meta in self.session.inputs]
         self.output_names = [output["name"] for output in config["output"]]
         # with batching, a [batch] output is declared as dims [1]: send it as [batch, 1]
         self.expand = int(config.get("max_batch_size", 0)) > 0
@@ -39,25 +40,25 @@ class TritonPythonModel:
         from deploytool.errors import DeployToolError
 
         responses = [None] * len(requests)
-        rows, arrays = [], []
+        rows, feeds = [], []
         for i, request in enumerate(requests):
-            x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             try:
-                arrays.append(self.session.validate(x))
+                feeds.append(self.session.validate(feed))
                 rows.append(i)
             except DeployToolError as exc:
                 responses[i] = _error(pb_utils, exc)
         if not rows:
             return responses
         try:
-            result = self.session.infer(np.concatenate(arrays))
+            result = self.session.run({name: np.concatenate([f[name] for f in feeds]) for name in self.input_names})
         except DeployToolError as exc:
             for i in rows:
                 responses[i] = _error(pb_utils, exc)
             return responses
         start = 0
-        for i, x in zip(rows, arrays):
-            stop = start + len(x)
+        for i, feed in zip(rows, feeds):
+            stop = start + len(feed[self.input_names[0]])
             tensors = []
             for name in self.output_names:
                 value = result[name][start:stop]
