@@ -10,14 +10,18 @@ from deploytool.errors import MissingDependency
 
 # module -> what to install when it is missing
 _INSTALL_HINTS = {
+    "torch": 'pip install "deploytool[train]" (training, export and the torch backends)',
+    "safetensors": 'pip install "deploytool[train]"',
+    "sklearn": 'pip install "deploytool[train]"',
+    "onnxscript": 'pip install "deploytool[train]"',
     "onnx": 'pip install onnx',
     "onnxruntime": 'pip install onnxruntime (or "deploytool[gpu]" for CUDA)',
-    "onnxscript": "pip install onnxscript",
     "tensorrt": 'pip install "deploytool[tensorrt]" (needs an NVIDIA GPU and driver)',
     "triton": 'pip install "deploytool[gpu]" (Triton compiler)',
     "pytriton": 'pip install "deploytool[serve]"',
-    "tritonclient": 'pip install "deploytool[serve]"',
-    "matplotlib": "pip install matplotlib",
+    "tritonclient": 'pip install "tritonclient[grpc]"',
+    "google": "pip install protobuf",
+    "matplotlib": 'pip install "deploytool[train]" (or matplotlib alone, for plots)',
 }
 
 

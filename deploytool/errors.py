@@ -1,7 +1,8 @@
 """One exception family; the CLI turns each into one line and the exit code below.
 
 Exit codes: 0 ok; 1 a check failed (parity, validation, a target missed); 2 bad input (file, flag,
-shape, value); 3 missing dependency or hardware (TensorRT, GPU, server).
+shape, value); 3 missing dependency or hardware (TensorRT, GPU, server); 70 an internal error (a bug:
+the line asks for --debug); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
+EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
+EXIT_INTERRUPTED = 130
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ import deploytool
 
 PACKAGE = Path(deploytool.__file__).parent
 #: layer 0 of docs/architecture.md: these import nothing of deploytool above them
-LOW = {"deploytool.errors", "deploytool.deps", "deploytool.io", "deploytool.signature", "deploytool.artifacts",
+LOW = {"deploytool", "deploytool.errors", "deploytool.deps", "deploytool.io", "deploytool.signature", "deploytool.artifacts",
        "deploytool.machine", "deploytool.dtypes"}
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from deploytool.cli import bench, demo, doctor, engine, export, serve, train, verify
+from deploytool.cli import bench, commit, demo, doctor, engine, export, serve, train, verify
 
 app = typer.Typer(
     name="deploytool",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (train, export, verify, engine, bench, serve, doctor, demo):
+for group in (train, commit, export, verify, engine, bench, serve, doctor, demo):
     app.add_typer(group.app)
 
 
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error is one line on stderr with its exit code, never a traceback.
 
     Exit codes (deploytool.errors): 0 ok, 1 a check failed, 2 bad input (usage errors too), 3 missing
-    dependency or hardware, 130 interrupted. `--debug` (or DEPLOYTOOL_DEBUG=1) re-raises instead.
+    dependency or hardware, 70 an internal error, 130 interrupted (Ctrl-C, also when a library wrapped
+    it in its own error). `--debug` (or DEPLOYTOOL_DEBUG=1) re-raises instead.
     """
-    from deploytool.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, DeployToolError
+    from deploytool.errors import EXIT_INTERRUPTED
 
     args = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("DEPLOYTOOL_DEBUG") == "1" or "--debug" in args
@@ -63,32 +64,52 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=args, prog_name="deploytool", standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
-    except DeployToolError as exc:
-        if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except (KeyboardInterrupt, abort):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except click_error as exc:  # usage: unknown option, a value that does not parse, a missing argument
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if _interrupted(exc):
+            typer.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if debug and not isinstance(exc, click_error):
+            raise
+        code, line = _report(exc, click_error, args)
+        if line:
+            typer.echo(line, err=True)
+        sys.exit(code)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when Ctrl-C is behind `exc` (torch.onnx, for one, wraps it in its own error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _report(exc: Exception, click_error: type, args: list[str]) -> tuple[int, str]:
+    """(exit code, the one line to print) for an exception that reached the top."""
+    from deploytool.deps import install_hint
+    from deploytool.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_MISSING, DeployToolError, first_line
+
+    if isinstance(exc, DeployToolError):
+        return exc.exit_code, f"error: {first_line(exc)}"
+    if isinstance(exc, click_error):  # usage: unknown option, a value that does not parse, a missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()
-        else:
-            command = _command_path(args)
-            hint = f" (see 'deploytool {command} --help')" if command else " (see 'deploytool --help')"
-            typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    except (ValueError, OSError) as exc:  # bad values and paths that reached the library unwrapped
-        if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    except Exception as exc:  # a bug: one line, the traceback behind --debug
-        if debug:
-            raise
-        typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
-        sys.exit(EXIT_CHECK_FAILED)
+            return EXIT_BAD_INPUT, ""
+        command = _command_path(args)
+        hint = f" (see 'deploytool {command} --help')" if command else " (see 'deploytool --help')"
+        return EXIT_BAD_INPUT, f"error: {' '.join(exc.format_message().split())}{hint}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name:  # an optional package imported without deps.require
+        return EXIT_MISSING, f"error: {exc.name} is not installed: {install_hint(exc.name)}"
+    if isinstance(exc, (ValueError, OSError)):  # bad values and paths that reached the library unwrapped
+        return EXIT_BAD_INPUT, f"error: {first_line(exc)}"
+    return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
+                           "(rerun with --debug for the traceback)")
 
 
 def _command_path(args: list[str]) -> str:

@@ -22,6 +22,12 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset of the standard domain.")] = DEFAULT_OPSET,
     static_batch: Annotated[Optional[int], typer.Option(
         "--static-batch", help="Fix the batch dimension to this size (default: dynamic batch).")] = None,
+    dispatch: Annotated[str, typer.Option(
+        "--dispatch", help="sparse: each expert runs only on the rows (tokens) routed to it; dense: every expert "
+                           "runs and a one-hot mask selects, which can win at batch 1 (see docs/benchmarks.md).")]
+    = "sparse",
+    dynamic: Annotated[Optional[list[str]], typer.Option(
+        "--dynamic", help="Make another input dim dynamic, INPUT:AXIS=NAME (e.g. x:1=tokens); repeatable.")] = None,
     validate: Annotated[bool, typer.Option("--validate/--no-validate",
                                            help="Compare ONNX Runtime with PyTorch right after export.")] = True,
     keep_invalid: Annotated[bool, typer.Option("--keep-invalid",
@@ -37,7 +43,8 @@ def export(
     from deploytool.export.onnx import export_onnx
 
     try:
-        result = export_onnx(run_dir, out, opset=opset, static_batch=static_batch, validate=validate,
+        result = export_onnx(run_dir, out, opset=opset, static_batch=static_batch, dispatch=dispatch,
+                             dynamic_dims=parse_dynamic(dynamic or []), validate=validate,
                              keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol)
     except CheckFailed as exc:
         if exc.report is not None:
@@ -53,7 +60,22 @@ def _show(result: dict, json: bool) -> None:
     if result["validation"]:
         show_parity(result["validation"], False, title="validation")
     con = console()
-    meta = result["metadata"]
+    routers = ", ".join(f"{r['path']} ({r['n_experts']} experts, T={r['temperature']:g})"
+                        for r in result["signature"]["routers"])
     con.print(f"{'wrote' if result['passed'] else 'validation failed for'} {result['path']} (opset {result['opset']}, "
-              f"batch {result['static_batch'] or 'dynamic'}, {meta.get('deploytool.experts')} experts, "
-              f"temperature {meta.get('deploytool.temperature')}) in {result['seconds']:.1f} s")
+              f"batch {result['static_batch'] or 'dynamic'}, {result['dispatch']} dispatch; routers: {routers}) "
+              f"in {result['seconds']:.1f} s")
+
+
+def parse_dynamic(values: list[str]) -> dict[str, dict[int, str]]:
+    """INPUT:AXIS=NAME strings as {input: {axis: name}}; a malformed one is BadInput."""
+    from deploytool.errors import BadInput
+
+    dims: dict[str, dict[int, str]] = {}
+    for value in values:
+        where, _, name = value.partition("=")
+        tensor, _, axis = where.rpartition(":")
+        if not tensor or not axis.isdigit() or not name:
+            raise BadInput(f"--dynamic {value!r}: give INPUT:AXIS=NAME, e.g. x:1=tokens")
+        dims.setdefault(tensor, {})[int(axis)] = name
+    return dims

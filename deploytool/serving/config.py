@@ -165,15 +165,14 @@ def _scalar(value: Any) -> str:
 
 
 def validate(text: str) -> bool:
-    """Parse config.pbtxt with Triton's ModelConfig schema; False when tritonclient is not installed.
+    """Parse config.pbtxt with Triton's ModelConfig schema (tritonclient, a base dependency); True when it parses.
 
     A parse failure is a bug in the generator (the inputs were already checked): CheckFailed.
     """
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        return False
+    from deploytool.deps import require
+
+    text_format = require("google.protobuf.text_format", "checking config.pbtxt against Triton's schema")
+    model_config_pb2 = require("tritonclient.grpc.model_config_pb2", "checking config.pbtxt against Triton's schema")
     try:
         text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:
