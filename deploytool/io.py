@@ -96,8 +96,21 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def dumps_json(obj: Any) -> str:
-    """JSON as deploytool writes it everywhere: indented, sorted keys, NumPy values and paths allowed."""
-    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """JSON as deploytool writes it everywhere: indented, sorted keys, NumPy values and paths allowed,
+    NaN and infinities as null (JSON has no such numbers; a bare NaN breaks every strict parser)."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite(obj.tolist())
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -140,12 +153,14 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it into place when complete.
 
-    An existing directory at `path` stays intact until the new one is whole.
+    An existing directory at `path` stays intact until the new one is whole. With `replace` False, a
+    non-empty directory that appeared at `path` meanwhile (another process writing the same run) is
+    refused at the swap instead of replaced. Nothing temporary is left behind, whatever fails.
     """
-    target = Path(path)
+    target = Path(path).resolve()  # "" and "." name the directory itself, not a hidden sibling
     if target.exists() and not target.is_dir():
         raise BadInput(f"{target} exists and is a file")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,14 +168,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _as_if_created(tmp, 0o777)
     try:
         yield tmp
+        if target.exists() and not replace and any(target.iterdir()):
+            raise BadInput(f"{target} was written by another process meanwhile; it is kept, this result is not")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "x")
             try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "x", target)  # put the old one back
-                raise
+                os.replace(target, old / "x")
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old / "x", target)  # put the old one back
+                    raise
             finally:
                 shutil.rmtree(old, ignore_errors=True)
         else:

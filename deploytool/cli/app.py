@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import warnings
 from typing import Annotated
 
 import typer
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("DEPLOYTOOL_DEBUG") == "1" or "--debug" in args
     click_error, abort = _click_exception_types()
+    if not debug:  # library warnings (torch's, numpy's) would break the one-line contract of every error
+        warnings.simplefilter("ignore")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # unwind, so temporary files are removed, then exit 143
     try:
         result = app(args=args, prog_name="deploytool", standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
@@ -77,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         if line:
             typer.echo(line, err=True)
         sys.exit(code)
+
+
+def _terminated(signum, frame) -> None:
+    typer.echo("terminated", err=True)
+    raise SystemExit(128 + signum)
 
 
 def _interrupted(exc: BaseException) -> bool:

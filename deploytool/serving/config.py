@@ -29,6 +29,8 @@ _BACKEND_FIELDS = {
     "onnxruntime": ({"backend": "onnxruntime"}, "KIND_AUTO"),
     "python": ({"backend": "python"}, "KIND_CPU"),
 }
+#: the largest max_batch_size a config may declare: beyond it one request's tensors outgrow a server
+MAX_BATCH = 65536
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -46,8 +48,8 @@ class Batching:
     max_queue_delay_us: int = 100
 
     def __post_init__(self):
-        if self.max_batch < 0:
-            raise BadInput(f"--max-batch must be >= 0 (0 turns batching off), got {self.max_batch}")
+        if not 0 <= self.max_batch <= MAX_BATCH:
+            raise BadInput(f"max batch must be between 0 (batching off) and {MAX_BATCH}, got {self.max_batch}")
         if not self.dynamic:
             return
         if self.max_batch == 0:

@@ -191,7 +191,10 @@ def _start(server: Server) -> None:
         if time.monotonic() - begin > STARTUP_TIMEOUT_S:
             break
     reason = _log_error(server.log_file)
-    if not started.is_set() or failure:
+    if "address already in use" in reason.lower():  # another server took the port after our check
+        raise BadInput(f"port {server.http_port} or {server.grpc_port} on {server.host} was taken while the server "
+                       "started (another server is starting there); pick free ports with --port and --grpc-port")
+    if not started.is_set() or failure or not triton.is_alive():
         detail = reason or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no reason in its log")
         raise MissingDependency(f"tritonserver did not start: {detail}")
     if not _model_ready(server):
@@ -199,11 +202,16 @@ def _start(server: Server) -> None:
 
 
 def _model_ready(server: Server) -> bool:
+    """Whether our model is ready; a port that answers as another server (403 and the like) is BadInput."""
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(server.http_url)
     try:
         return client.is_model_ready(server.name)
+    except InferenceServerException as exc:
+        raise BadInput(f"port {server.http_port} on {server.host} answers as another server ({exc}); "
+                       "pick free ports with --port and --grpc-port") from exc
     finally:
         client.close()
 
