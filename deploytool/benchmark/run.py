@@ -103,12 +103,13 @@ class BenchResult:
                 "cv_warn": CV_WARN}
 
 
-def bench(target: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
+def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] = DEFAULT_BACKENDS,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, routing: Sequence[str] = ("uniform",),
           router: str | None = None, warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
           json_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool = True,
           checkpoint: str | Path | None = None, data: Any = None, seed: int = 0) -> BenchResult:
-    """Measure `backends` on TARGET (a run directory, an ONNX model or a TensorRT engine).
+    """Measure `backends` on TARGET (a run directory, an ONNX model or a TensorRT engine), or on several
+    targets side by side (e.g. the sparse and the dense export of one model), ratios to the first line.
 
     torch backends need the run directory (TARGET, `checkpoint`, or the run an ONNX model was exported
     from, while its weights are still the exported ones); onnxruntime the ONNX model (TARGET, the run's
@@ -116,7 +117,7 @@ def bench(target: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     with its reason in `skipped`, unless none can run: then its error is raised.
 
     Args:
-        target: the artifact.
+        target: the artifact, or a list of artifacts of one model (same inputs and routers).
         backends: backend names, the first the reference of the ratios.
         batch_sizes: batch sizes to measure.
         routing: routing patterns (uniform, skewed, single).
@@ -147,22 +148,44 @@ def bench(target: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
     check_settings(warmup_ms, duration_s, min_iters, seed)
-    art = Artifacts.resolve(target, checkpoint)
+    targets = [Path(target)] if isinstance(target, (str, Path)) else [Path(t) for t in target]
+    if not targets or len({t.resolve() for t in targets}) != len(targets):
+        raise BadInput("give one or more distinct targets")
+    arts = [Artifacts.resolve(t, checkpoint) for t in targets]
+    art = arts[0]
     for path in (json_path, plot_path):
         if path is not None:
             io.check_parent_dir(path)
-            io.refuse_overwrite(path, target, checkpoint, art.onnx_path, art.run_dir, art.engine_path)
+            io.refuse_overwrite(path, checkpoint, *targets,
+                                *(p for a in arts for p in (a.onnx_path, a.run_dir, a.engine_path)))
     load = busy_note()
     if load:
         art.notes.append(load)
-    if "tensorrt" in backends and art.engine_path is not None:
-        check_engine_batch(art.engine_path, batch_sizes)
+    for a in arts:
+        if "tensorrt" in backends and a.engine_path is not None:
+            check_engine_batch(a.engine_path, batch_sizes)
 
     with contextlib.ExitStack() as stack:
-        runners, skipped = _open_runners(backends, art, stack)
+        runners, skipped = [], {}
+        for i, (path, a) in enumerate(zip(targets, arts)):
+            # torch runs the weights, the same for every export of one run: measured once, with the first
+            names = backends if i == 0 else [b for b in backends if artifact_of(b) != "run"]
+            opened, missed = _open_runners(names, a, stack)
+            opened = _check_same_model(opened, a, missed)
+            if len(targets) > 1:
+                for runner in opened:
+                    if artifact_of(runner.name) != "run":
+                        runner.name = f"{runner.name} {path.name}"
+                missed = {f"{k} {path.name}": v for k, v in missed.items()}
+            runners += opened
+            skipped.update(missed)
+            art.notes += a.notes if a is not art else []
         for runner in runners:
             runner.signature.require_router(f"the {runner.name} model")
-        runners = _check_same_model(runners, art, skipped)
+        if len(targets) > 1:
+            from deploytool.parity import check_runners_match
+
+            check_runners_match(runners, {}, None)
         check_static_batch(runners, batch_sizes)
         signature = runners[0].signature
         steered = _steered_router(signature, router)
@@ -179,7 +202,7 @@ def bench(target: str | Path, *, backends: Sequence[str] = DEFAULT_BACKENDS,
         notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
                      "samples; uniform spreads over the others")
     result = BenchResult(
-        target=str(target), kind=art.kind, backends=[r.name for r in runners], skipped=skipped, lines=lines,
+        target=", ".join(map(str, targets)), kind=art.kind, backends=[r.name for r in runners], skipped=skipped, lines=lines,
         settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
                   "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
                   "seed": seed},

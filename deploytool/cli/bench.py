@@ -18,7 +18,9 @@ app = typer.Typer()
 
 @app.command()
 def bench(
-    target: Annotated[Path, typer.Argument(help="A training run directory, an .onnx model or a TensorRT engine.")],
+    targets: Annotated[list[Path], typer.Argument(
+        help="A training run directory, an .onnx model or a TensorRT engine; several (e.g. the sparse and the "
+             "dense export of one model) are measured side by side, ratios to the first.")],
     backends: Backends = "torch,onnxruntime",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64,256",
     routing: Annotated[str, typer.Option("--routing", help="Routing patterns: uniform, skewed (Zipf), single.")]
@@ -43,7 +45,7 @@ def bench(
     from deploytool.benchmark.run import bench as run_bench
 
     to_stdout = str(json_path) == "-"
-    result = run_bench(target, backends=split_list(backends), batch_sizes=batch_sizes, routing=split_list(routing),
+    result = run_bench(targets, backends=split_list(backends), batch_sizes=batch_sizes, routing=split_list(routing),
                        router=router, warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters,
                        json_path=None if to_stdout else json_path, plot_path=plot, progress=not (quiet or to_stdout),
                        checkpoint=checkpoint, data=data, seed=seed)
