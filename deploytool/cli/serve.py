@@ -76,7 +76,7 @@ def serve(
         typer.echo(f"serving {server.name}: http://{server.http_url}/v2/models/{server.name}, "
                    f"gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
 
-    run_server(target, port, host=host, grpc_port=grpc_port, name=name, max_batch=max_batch,
+    run_server(target, port=port, host=host, grpc_port=grpc_port, name=name, max_batch=max_batch,
                dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
                max_queue_delay_us=max_queue_delay_us, instances=instances, on_ready=ready)
     typer.echo("server stopped", err=True)

@@ -88,7 +88,7 @@ class Server:
         self.stop()
 
 
-def serve(target: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1", grpc_port: int | None = None,
+def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.1", grpc_port: int | None = None,
           name: str = DEFAULT_NAME, max_batch: int = 64, dynamic_batching: bool = False,
           preferred_batch: str | Sequence[int] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
           block: bool = True, on_ready: Any = None) -> Server:
