@@ -41,10 +41,6 @@ class TensorMeta:
     def from_dict(cls, data: Mapping[str, Any]) -> TensorMeta:
         return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
 
-    @property
-    def dynamic_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, d in enumerate(self.shape) if not is_static(d))
-
     def text(self) -> str:
         """`name: dtype[d0, d1, ...]`, dynamic dims by name (or ?)."""
         return f"{self.name}: {self.dtype}{shape_text(self.shape)}"
@@ -104,17 +100,6 @@ class ModelSignature:
     @property
     def output_names(self) -> list[str]:
         return [m.name for m in self.outputs]
-
-    @property
-    def routing_outputs(self) -> set[str]:
-        """Names of the outputs that are routers' decisions (index and probs)."""
-        return {name for r in self.routers for name in (r.index, r.probs)}
-
-    @property
-    def model_outputs(self) -> list[TensorMeta]:
-        """The model's own outputs (everything that is not a router's decision)."""
-        routing = self.routing_outputs
-        return [m for m in self.outputs if m.name not in routing]
 
     @property
     def static_batch(self) -> int | None:
