@@ -11,7 +11,10 @@ Sparse runs plain Linear/ReLU experts by hand (no module calls, shared buffers);
 `modules`, is sparse on a copy whose experts carry a no-op hook, which makes it call them as modules
 (what any other expert gets).
 
-    python benchmarks/bench_dispatch.py [--experts 8] [--batch 4096] [--threads N] [--json out.json]
+On --device cuda each timed call ends with torch.cuda.synchronize(), so host latency covers the
+GPU's work (sparse's one host sync, for the per-expert row counts, is inside it too).
+
+    python benchmarks/bench_dispatch.py [--experts 8] [--batch 4096] [--threads N] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from deploytool.benchmark import harness, patterns
-from deploytool.benchmark.machine import machine_info
+from deploytool.machine import machine_info
 from deploytool.benchmark.stats import summarize
 from deploytool.data import load_blobs
 from deploytool.io import write_json
@@ -56,7 +59,10 @@ def timed(module: nn.Module, dispatch: str, x: torch.Tensor):
     def call():
         set_dispatch(module, dispatch)
         with torch.inference_mode():
-            return module(x)
+            out = module(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return out
     return call
 
 
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--duration-s", type=float, default=3.0)
     ap.add_argument("--warmup-ms", type=float, default=500.0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -79,21 +86,24 @@ def main() -> None:
     data = load_blobs(0, n_samples=8192, n_features=args.features)
     pool = torch.from_numpy(np.concatenate([data.x_test, data.x_train]))
     model = RoutedMLP(args.features, data.n_classes, n_experts=args.experts, expert_hidden=args.expert_hidden).eval()
+    model.to(args.device)
+    pool = pool.to(args.device)
     routed = model.routed
     with torch.inference_mode():
-        routes = model(pool).index.numpy()
+        routes = routed.router(pool).index.cpu().numpy()
 
     print(f"RoutedMLP: {args.features} features, E={args.experts}, expert hidden {args.expert_hidden}, "
-          f"batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads; medians in ms")
+          f"batch {args.batch}; torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads; "
+          "medians in ms")
     print(f"{'routing':<8} {'experts %':<25} {'timed':<9} {'dense':>7} {'sparse':>7} {'modules':>7} "
           f"{'d p90':>7} {'s p90':>7} {'d p99':>7} {'s p99':>7} {'sparse/dense':>12} {'modules/dense':>13}")
     rows = []
     for pattern in args.routing.split(","):
         (feed,) = patterns.select_rows(pattern, routes, args.experts, args.batch)
-        x = pool[feed]
+        x = pool[torch.from_numpy(feed).to(args.device)]
         with torch.inference_mode():
             routing = routed.router(x)
-        hist = patterns.histogram(routing.index.numpy(), args.experts)
+        hist = patterns.histogram(routing.index.cpu().numpy(), args.experts)
         mix = "/".join(f"{100 * c / args.batch:.0f}" for c in hist)
         dispatch_only = RoutedExperts(FixedRouter(routing, routed.router), list(routed.experts)).eval()
         dense_out, sparse_out = timed(dispatch_only, "dense", x)(), timed(dispatch_only, "sparse", x)()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from deploytool.benchmark import harness
-from deploytool.benchmark.machine import machine_info
+from deploytool.machine import machine_info
 from deploytool.benchmark.stats import summarize
 from deploytool.io import write_json
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing  # noqa: F401  (tensorrt.plugin reads np.typing without importing it)
 
-from deploytool.export.onnx import ONNX_DTYPES
+from deploytool.artifacts import ONNX_DTYPES
 
 BINDINGS = importlib.util.find_spec("tensorrt_bindings")
 SKIP_REASON = "needs tensorrt-cu12-bindings (pip install -e '.[dev]' on Linux x86-64)"
@@ -40,8 +40,9 @@ _OPS = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, 
 _BUILDER_FLAGS = ("DEBUG GPU_FALLBACK DISABLE_TIMING_CACHE EDITABLE_TIMING_CACHE TF32 SPARSE_WEIGHTS SAFETY_SCOPE "
                      "VERSION_COMPATIBLE ERROR_ON_TIMING_CACHE_MISS DISABLE_COMPILATION_CACHE STRIP_PLAN "
                   "REFIT_IDENTICAL WEIGHT_STREAMING REFIT_INDIVIDUAL STRICT_NANS MONITOR_MEMORY")
-#: ops whose inputs must share one type in a strongly typed network
-_SAME_TYPE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Max", "Min", "Sum", "Mean"}
+#: ops whose float inputs must share one type in a strongly typed network (a scatter's data and updates too)
+_SAME_TYPE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Max", "Min", "Sum", "Mean", "Concat",
+                  "ScatterND", "ScatterElements", "Where"}
 
 
 class _Member:
