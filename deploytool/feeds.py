@@ -9,13 +9,14 @@ signature alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deploytool.errors import BadInput
-from deploytool.signature import ModelSignature, is_static, numpy_dtype
+from deploytool.signature import BATCH, ModelSignature, is_static, numpy_dtype
 
 Feed = dict[str, np.ndarray]
 #: the size given to a dynamic non-batch dim the signature has no example size for
@@ -58,7 +59,16 @@ def load_feed(data: str | Path | np.ndarray | Mapping[str, Any], signature: Mode
         if want is not None and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
             arr = arr.astype(want)
         feed[meta.name] = arr
-    return label, signature.check_feed(feed, what=f"{label} input")
+    return label, any_batch(signature).check_feed(feed, what=f"{label} input")
+
+
+def any_batch(signature: ModelSignature) -> ModelSignature:
+    """`signature` with every input's batch dim dynamic: a feed may hold any number of samples, since
+    a static-batch runner takes them in padded chunks of its batch (parity.run_batched)."""
+    if signature.static_batch is None:
+        return signature
+    inputs = tuple(replace(m, shape=(BATCH, *m.shape[1:])) for m in signature.inputs)
+    return replace(signature, inputs=inputs)
 
 
 def _read(data: Any, signature: ModelSignature, samples: int | None, seed: int,

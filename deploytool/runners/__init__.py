@@ -70,10 +70,14 @@ def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
         raise BadInput(f"backend {backend} needs {_ARTIFACT_WORDS[entry.artifact]}")
     from deploytool.deps import require
 
+    clash = next((k for k, v in options.items() if k in entry.options and v != entry.options[k]), None)
+    if clash is not None:
+        raise BadInput(f"backend {backend} runs with {clash}={entry.options[clash]!r}, not {options[clash]!r}; "
+                       f"choose the backend that does ({', '.join(BACKENDS)})")
     require(entry.library, f"the {backend} backend")
     module, cls = entry.runner.split(":")
     runner_class = getattr(importlib.import_module(module), cls)
-    return runner_class(artifact, name=backend, **entry.options, **options)
+    return runner_class(artifact, name=backend, **{**options, **entry.options})
 
 
 def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
