@@ -112,16 +112,19 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
 
 
-def verify(model_path: str | Path, *, checkpoint: str | Path | None = None,
+def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | Path | None = None,
            backends: str | Sequence[str] = ("torch", "onnxruntime"), data: Any = "digits",
            samples: int = DEFAULT_SAMPLES, atol: Tolerance = None, rtol: Tolerance = None,
            seed: int = 0) -> ParityReport:
     """Compare `backends` pairwise on `samples` samples of `data`: every output, every router's decisions.
 
+    Several models of one network (the sparse and the dense export, an engine and its ONNX model) are
+    compared with each other too: every file backend runs on every model it reads.
+
     Args:
-        model_path: the ONNX model, or a TensorRT engine (then tensorrt is the only file-based backend).
+        model_path: the ONNX model or TensorRT engine, or several of them.
         checkpoint: the run directory (or its weights file) the torch backends load.
-        backends: two or more backend names (see deploytool.runners.BACKENDS).
+        backends: backend names (see deploytool.runners.BACKENDS); two runners at least in all.
         data: a data set name, .npz, array or dict of arrays (see deploytool.feeds.load_feed).
         samples: how many samples to compare.
         atol: absolute tolerance, or per output name (default: by dtype).
@@ -132,35 +135,48 @@ def verify(model_path: str | Path, *, checkpoint: str | Path | None = None,
         The ParityReport (see `.passed`).
 
     Raises:
-        BadInput: bad files, backends, tolerances or data; a model without routers; a checkpoint that
-            does not match the model.
+        BadInput: bad files, backends, tolerances or data; a model without routers; models or a
+            checkpoint that do not match each other.
         MissingDependency: a backend's library or hardware is missing.
     """
-    names = parse_backends(backends, minimum=2)
+    paths = [Path(model_path)] if isinstance(model_path, (str, Path)) else [Path(p) for p in model_path]
+    if not paths or len({p.resolve() for p in paths}) != len(paths):
+        raise BadInput("give one or more distinct models")
+    names = parse_backends(backends, minimum=1 if len(paths) > 1 else 2)
     check_tolerances(atol, rtol)
-    art = open_artifact(model_path)
-    if art.kind == "run":
-        raise BadInput(f"{model_path} is a run directory, not a model; export it first: "
-                       f"deploytool export {model_path} --out model.onnx")
-    files = {art.kind: art.path}
+    arts = [open_artifact(p) for p in paths]
+    for art in arts:
+        if art.kind == "run":
+            raise BadInput(f"{art.path} is a run directory, not a model; export it first: "
+                           f"deploytool export {art.path} --out model.onnx")
+        art.signature.require_router(str(art.path))
     run_dir = weights = None
     if any(artifact_of(n) == "run" for n in names):
         if checkpoint is None:
             raise BadInput("the torch backends need the model's weights: give the checkpoint (its run directory)")
         run_dir, weights = resolve_checkpoint(checkpoint)
-        files["run"] = run_dir
-    missing = [n for n in names if artifact_of(n) not in files]
-    if missing:
-        raise BadInput(f"backend {missing[0]} needs {'an engine' if artifact_of(missing[0]) == 'engine' else 'an ONNX model'}"
-                       f", and {model_path} is {'an engine' if art.kind == 'engine' else 'an ONNX model'}")
-    runners = [make_runner(n, files[artifact_of(n)], **({"checkpoint": weights} if artifact_of(n) == "run" else {}))
-               for n in names]
-    art.signature.require_router(str(model_path))
-    notes = check_runners_match(runners, art.metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
-    label, feed = load_feed(data, art.signature, samples=samples, seed=seed)
+    runners = []
+    for name in names:
+        kind = artifact_of(name)
+        if kind == "run":
+            runners.append(make_runner(name, run_dir, checkpoint=weights))
+            continue
+        readable = [a for a in arts if a.kind == kind]
+        if not readable:
+            raise BadInput(f"backend {name} needs {'an engine' if kind == 'engine' else 'an ONNX model'}; "
+                           f"{', '.join(str(p) for p in paths)} {'is' if len(paths) == 1 else 'are'} not one")
+        for art in readable:
+            runners.append(make_runner(name, art.path))
+            if len(paths) > 1:
+                runners[-1].name = f"{name} {art.path.name}"
+    if len(runners) < 2:
+        raise BadInput(f"{len(runners)} runner to compare; give two backends, or several models")
+    metadata = arts[0].metadata
+    notes = check_runners_match(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
+    label, feed = load_feed(data, arts[0].signature, samples=samples, seed=seed)
     comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
-    return ParityReport(str(model_path), names, {label: batch_of(feed)}, comparisons,
-                        str(checkpoint) if checkpoint else None, art.metadata, notes)
+    return ParityReport(", ".join(map(str, paths)), [r.name for r in runners], {label: batch_of(feed)}, comparisons,
+                        str(checkpoint) if checkpoint else None, metadata, notes)
 
 
 def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:

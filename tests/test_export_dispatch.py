@@ -183,3 +183,20 @@ def test_polygraphy_runs_the_sparse_graph_on_onnx_runtime(mlp_model, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "PASSED" in done.stdout + done.stderr
+
+
+def test_verify_judges_the_sparse_export_against_pytorch_and_the_dense_export(trained_run, exported_onnx, tmp_path,
+                                                                             cli):
+    from deploytool.artifacts import open_artifact
+    from deploytool.export.onnx import export_onnx
+    from deploytool.parity import verify
+
+    dense = export_onnx(trained_run.path, tmp_path / "dense model.onnx", dispatch="dense", validate=False).path
+    assert open_artifact(exported_onnx).metadata["deploytool.dispatch"] == "sparse"
+    report = verify([exported_onnx, dense], checkpoint=trained_run.path, backends=("torch", "onnxruntime"), samples=64)
+    pairs = {(c.reference, c.candidate) for c in report.comparisons}
+    assert pairs == {("torch", f"onnxruntime {exported_onnx.name}"), ("torch", "onnxruntime dense model.onnx"),
+                     (f"onnxruntime {exported_onnx.name}", "onnxruntime dense model.onnx")}
+    assert report.passed and all(c.routing and c.routing[0].agreement == 100.0 for c in report.comparisons)
+    code, out, err = cli("verify", exported_onnx, dense, "--backends", "onnxruntime", "--samples", "32")
+    assert code == 0 and "parity: PASS" in out, err

@@ -21,7 +21,9 @@ Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Relative toleranc
 
 @app.command()
 def verify(
-    model: Annotated[Path, typer.Argument(help="The ONNX model (or a TensorRT engine).")],
+    models: Annotated[list[Path], typer.Argument(
+        help="The ONNX model (or a TensorRT engine); several exports of one model (e.g. sparse and dense) "
+             "are compared with each other too.")],
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", "-c", help="Run directory (or its model.safetensors) for the torch backends.")] = None,
     backends: Backends = "torch,onnxruntime",
@@ -36,7 +38,7 @@ def verify(
     from deploytool.parity import verify as run_verify
 
     options = {"samples": samples} if samples is not None else {}
-    report = run_verify(model, checkpoint=checkpoint, backends=backends, data=data, atol=atol, rtol=rtol, **options)
+    report = run_verify(models, checkpoint=checkpoint, backends=backends, data=data, atol=atol, rtol=rtol, **options)
     show_parity(report.to_dict(), json)
     if not report.passed:
         raise CheckFailed("parity failed: " + " | ".join(report.failures()))
