@@ -19,12 +19,71 @@ _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "float | None": (
           "dict[str, Any]": (dict,)}
 
 
+def _check_types(obj: Any) -> None:
+    """Each value has its field's type (a TOML typo like experts = "four" or 2.7, or epochs = true)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        wanted = _TYPES[f.type]
+        ok = isinstance(value, wanted) and not isinstance(value, bool) or (value is None and "None" in f.type)
+        if not ok:
+            names = " or ".join(t.__name__ for t in wanted)
+            raise BadInput(f"{f.name} must be {names}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the training loop runs, whatever the model: `train`, `fit` and `commit` share it.
+
+    The router temperature anneals geometrically from `temperature` to `temperature_end` (None: constant);
+    `routing` is soft (blend the experts) or gumbel (straight-through) while training.
+    """
+
+    epochs: int = 100
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"      # cosine (decay to 0) | constant
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    temperature: float = 1.0
+    temperature_end: float | None = 0.02
+    routing: str = "soft"            # soft blend or gumbel straight-through while training
+
+    def __post_init__(self):
+        _check_types(self)
+        try:
+            check_temperature(self.temperature)
+            if self.temperature_end is not None:
+                check_temperature(self.temperature_end, "temperature_end")
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise BadInput(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.routing not in ROUTINGS:
+            raise BadInput(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise BadInput(f"lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise BadInput(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name} must be a whole number >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise BadInput(f"seed must be a whole number >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopSettings))
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run; stored in config.json so the model can be rebuilt.
 
     The defaults are the measured default recipe (docs/routing.md): on digits with 4 experts they keep
-    hard accuracy equal to soft accuracy with 95%+ of rows routed at p >= 0.99.
+    hard accuracy equal to soft accuracy with 95%+ of rows routed at p >= 0.99. `channels` sizes
+    routed-cnn; `d_model`, `layers` and `heads` size moe-transformer; other models ignore them.
     """
 
     model: str = "routed-mlp"
@@ -48,6 +107,10 @@ class TrainConfig:
     width: int = 32
     router_hidden: int = 0
     trunk: int = 0
+    channels: int = 16               # routed-cnn: conv channels
+    d_model: int = 32                # moe-transformer: token width
+    layers: int = 2                  # moe-transformer: encoder layers (one router each)
+    heads: int = 4                   # moe-transformer: attention heads (d_model must be a multiple)
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,7 +119,7 @@ class TrainConfig:
     def validate(self) -> None:
         from deploytool.models import MODELS
 
-        self._check_types()
+        _check_types(self)
         if self.model not in MODELS:
             raise BadInput(f"unknown model {self.model!r}; built-in models: {', '.join(MODELS)}")
         if self.router not in ("softmax", "sigmoid"):
@@ -69,39 +132,23 @@ class TrainConfig:
             raise BadInput(f"a sigmoid router routes between exactly 2 experts, got experts={self.experts}")
         try:
             check_routing_loss(self.penalty, self.alpha, self.balance, self.beta)
-            check_temperature(self.temperature)
-            if self.temperature_end is not None:
-                check_temperature(self.temperature_end, "temperature_end")
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise BadInput(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
-        if self.routing not in ROUTINGS:
-            raise BadInput(f"unknown routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise BadInput(f"lr must be a finite number > 0, got {self.lr}")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise BadInput(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        for name in ("epochs", "batch_size", "expert_hidden", "width"):
+        self.loop()  # checks the loop's own fields
+        for name in ("expert_hidden", "width", "channels", "d_model", "layers", "heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise BadInput(f"{name} must be a whole number >= 1, got {value}")
-        if self.seed < 0:
-            raise BadInput(f"seed must be a whole number >= 0, got {self.seed}")
+        if self.model == "moe-transformer" and self.d_model % self.heads:
+            raise BadInput(f"d_model={self.d_model} must be a multiple of heads={self.heads}")
         for name in ("router_hidden", "trunk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise BadInput(f"{name} must be a whole number >= 0, got {value}")
 
-    def _check_types(self) -> None:
-        """Each value has its field's type (a TOML typo like experts = "four" or 2.7, or epochs = true)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            wanted = _TYPES[f.type]
-            ok = isinstance(value, wanted) and not isinstance(value, bool) or (value is None and "None" in f.type)
-            if not ok:
-                names = " or ".join(t.__name__ for t in wanted)
-                raise BadInput(f"{f.name} must be {names}, got {value!r}")
+    def loop(self) -> LoopSettings:
+        """The settings of the training loop this config runs."""
+        return LoopSettings(**{name: getattr(self, name) for name in LOOP_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

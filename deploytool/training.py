@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from deploytool import io
 from deploytool.errors import BadInput
-from deploytool.recipes import TrainConfig
+from deploytool.recipes import LoopSettings, TrainConfig
 
 
 @dataclass
@@ -33,7 +32,7 @@ class RunDir:
         return self.path / io.ROUTING_PLOT
 
 
-def temperature_at(config: TrainConfig, step: int, total: int) -> float:
+def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:
     """Geometric annealing from temperature to temperature_end over the run."""
     if config.temperature_end is None or total <= 1:
         return config.temperature
@@ -41,11 +40,16 @@ def temperature_at(config: TrainConfig, step: int, total: int) -> float:
     return float(config.temperature * (config.temperature_end / config.temperature) ** frac)
 
 
+def final_temperature(config: LoopSettings | TrainConfig) -> float:
+    """The router temperature a run ends at (and inference uses)."""
+    return config.temperature_end if config.temperature_end is not None else config.temperature
+
+
 def model_config(config: TrainConfig, n_features: int, n_classes: int) -> dict[str, Any]:
     """What config.json stores: the recipe plus the architecture arguments build_model needs."""
     from deploytool import __version__
 
-    final_t = config.temperature_end or config.temperature
+    final_t = final_temperature(config)
     return {**config.to_dict(), "in_features": n_features, "n_classes": n_classes, "n_experts": config.experts,
             "temperature": final_t, "temperature_start": config.temperature, "deploytool_version": __version__}
 
@@ -54,23 +58,35 @@ def default_out_dir() -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
+#: `config["model"]` of a run trained from a user's own module: "module:<ClassName>"
+MODULE_PREFIX = "module:"
+
+
 def train(config: TrainConfig | str | Path | None = None, out: str | Path | None = None, *, progress: bool = True,
           force: bool = False, **overrides: Any) -> RunDir:
-    """Train with the routing losses and write the run directory `out`.
+    """Train a built-in model with the routing losses and write the run directory `out`.
 
-    `config` is a TrainConfig, a recipe (path or built-in name) or None for the defaults; keyword
-    `overrides` (e.g. experts=8, penalty="entropy") apply on top, as the CLI flags do. The run dir
-    appears only when complete; an existing non-empty `out` is refused unless `force` (it stays
-    intact until the new run is whole).
+    The run dir appears only when complete; an existing non-empty `out` stays intact until the new run
+    is whole.
+
+    Args:
+        config: a TrainConfig, a recipe (path or built-in name) or None for the defaults.
+        out: the run directory to write (default: runs/train-<time>).
+        progress: draw a progress bar on a terminal.
+        force: replace a non-empty `out`.
+        **overrides: TrainConfig fields (e.g. experts=8, penalty="entropy") applied on top, as the CLI
+            flags do; None values are ignored.
+
+    Returns:
+        The RunDir (path, config, metrics).
+
+    Raises:
+        BadInput: a bad config value, data set or output directory.
     """
     import torch
 
     from deploytool.data import load_dataset
-    from deploytool.metrics import plot_routing, routing_metrics
-    from deploytool.model_io import primary_output
     from deploytool.models import build_model, input_shape
-    from deploytool.nn import collect_routing_loss, routing_mode, set_temperature
-    from deploytool.progress import progress_bar
 
     config = resolve_config(config, overrides)
     out = check_run_target(out or default_out_dir(), force)
@@ -80,28 +96,147 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     torch.manual_seed(config.seed)
     arch = model_config(config, data.n_features, data.n_classes)
     model = build_model({**arch, "temperature": config.temperature})
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     shape = input_shape(arch)
-    x = torch.from_numpy(data.x_train).reshape(-1, *shape)
-    y = torch.from_numpy(data.y_train)
-    gen = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = max(1, -(-len(x) // config.batch_size))
-    total = config.epochs * steps_per_epoch
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if config.lr_schedule == "cosine"
+    seconds = training_loop(model, torch.from_numpy(data.x_train).reshape(-1, *shape),
+                            torch.from_numpy(data.y_train), config.loop(), progress=progress)
+    metrics = evaluate(model, data.x_test.reshape(-1, *shape), data.y_test, config.loop(), seconds,
+                       dataset=data.name)
+    return write_run(out, model, arch, metrics, f"{config.model} on {data.name}, {config.experts} experts, "
+                     f"penalty {config.penalty}")
+
+
+def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int,
+        test_data: tuple[Any, Any] | None = None, lr: float = 2e-3, lr_schedule: str = "cosine",
+        weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0, temperature: float = 1.0,
+        temperature_end: float | None = 0.02, routing: str = "soft",
+        loss_fn: Callable[[Any, Any], Any] | None = None, progress: bool = True, force: bool = False) -> RunDir:
+    """Train your own module that contains deploytool Routers with the loop the built-in models use.
+
+    Every Router's temperature anneals geometrically from `temperature` to `temperature_end`; the loss
+    is `loss_fn(output, labels)` on the first tensor forward returns (cross-entropy by default) plus the
+    routing losses (penalty, balance) each RoutedExperts records. Trains `model` in place, then writes
+    the run directory `out` (model.safetensors, config.json with "model": "module:<ClassName>", the
+    training settings and "input_shape", metrics.json, routing.png), which appears only when complete.
+    `load_model` cannot rebuild your class: build it yourself and call `load_weights_into(module, out)`.
+
+    Args:
+        model: a torch nn.Module with at least one deploytool.nn.Router; forward takes x and returns the
+            class logits first (alone, or first in a tuple/dict).
+        train_data: (x, y): x a float array or tensor of any shape, batch first; y integer class labels [N].
+        out: the run directory to write.
+        epochs: passes over train_data.
+        test_data: (x, y) the metrics are measured on (default: train_data, and metrics say so).
+        lr: AdamW learning rate.
+        lr_schedule: cosine (decay to 0) or constant.
+        weight_decay: AdamW weight decay.
+        batch_size: rows per step.
+        seed: seeds torch and the shuffling.
+        temperature: the routers' temperature at the start.
+        temperature_end: the temperature at the end (None: constant).
+        routing: soft (blend experts) or gumbel (straight-through) while training.
+        loss_fn: replaces cross-entropy: `loss_fn(output, labels) -> scalar tensor`.
+        progress: draw a progress bar on a terminal.
+        force: replace a non-empty `out`.
+
+    Returns:
+        The RunDir (path, config, metrics); `model` is left trained, in eval mode.
+
+    Raises:
+        BadInput: a model without a Router, malformed data, a bad setting or output directory.
+    """
+    import torch
+
+    from deploytool.nn import named_routers
+
+    if not isinstance(model, torch.nn.Module):
+        raise BadInput(f"fit trains a torch nn.Module, got {type(model).__name__}")
+    if not named_routers(model):
+        raise BadInput(f"{type(model).__name__} has no deploytool.nn.Router: there is no routing to train")
+    settings = LoopSettings(epochs=epochs, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
+                            batch_size=batch_size, seed=seed, temperature=temperature,
+                            temperature_end=temperature_end, routing=routing)
+    out = check_run_target(out, force)
+    x, y = as_xy(train_data, "train_data")
+    x_test, y_test = as_xy(test_data, "test_data") if test_data is not None else (x, y)
+    if x_test.shape[1:] != x.shape[1:]:
+        raise BadInput(f"test_data samples have shape {list(x_test.shape[1:])}, train_data's {list(x.shape[1:])}")
+    torch.manual_seed(seed)
+    seconds = training_loop(model, x, y, settings, loss_fn=loss_fn, progress=progress)
+    metrics = evaluate(model, x_test.numpy(), y_test.numpy(), settings, seconds,
+                       evaluated_on="test_data" if test_data is not None else "train_data")
+    config = module_config(model, settings, tuple(x.shape[1:]), n_classes=int(max(y.max(), y_test.max())) + 1)
+    return write_run(out, model, config, metrics, f"{config['model']}")
+
+
+def as_xy(data: Any, what: str) -> tuple[Any, Any]:
+    """(x, y) arrays or tensors -> (float32 tensor [N, ...], int64 tensor [N]), checked."""
+    import numpy as np
+    import torch
+
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise BadInput(f"{what} must be a pair (x, y), got {type(data).__name__}")
+    x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for v in data)
+    if x.dim() < 2 or y.dim() != 1:
+        raise BadInput(f"{what}: x must be batch first with at least 2 dims and y 1-D labels, got "
+                       f"x{list(x.shape)} y{list(y.shape)}")
+    if len(x) != len(y) or len(x) == 0:
+        raise BadInput(f"{what}: x has {len(x)} samples but y has {len(y)} labels")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex or int(y.min()) < 0:
+        raise BadInput(f"{what}: y must be integer class labels >= 0, got {y.dtype}")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise BadInput(f"{what}: x contains NaN or inf")
+    return x.contiguous(), y.to(torch.int64)
+
+
+def training_loop(model: Any, x: Any, y: Any, settings: LoopSettings, *,
+                  loss_fn: Callable[[Any, Any], Any] | None = None, params: Iterable[Any] | None = None,
+                  progress: bool = True, label: str = "training") -> float:
+    """THE loop: AdamW on `params` (default: all), every Router annealed, loss on the primary output plus
+    the routing losses. Leaves every Router at the final temperature and `model` in eval mode.
+
+    Args:
+        model: a module with deploytool Routers.
+        x: float tensor [N, ...] in the model's input shape.
+        y: int64 labels [N] (or whatever `loss_fn` reads).
+        settings: epochs, lr, schedule, batch size, seed (of the shuffling), temperatures, routing.
+        loss_fn: `loss_fn(output, labels)`; cross-entropy when None.
+        params: the parameters to train (e.g. only the routers').
+        progress: draw a progress bar on a terminal.
+        label: the progress bar's label.
+
+    Returns:
+        Seconds spent.
+    """
+    import torch
+
+    from deploytool.model_io import primary_output
+    from deploytool.nn import collect_routing_loss, named_routers, routing_mode
+    from deploytool.progress import progress_bar
+
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    routers = [router for _, router in named_routers(model)]
+    opt = torch.optim.AdamW(list(model.parameters() if params is None else params), lr=settings.lr,
+                            weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    steps_per_epoch = max(1, -(-len(x) // settings.batch_size))
+    total = settings.epochs * steps_per_epoch
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if settings.lr_schedule == "cosine"
                 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     step = 0
     start = time.perf_counter()
-    with single_thread(), progress_bar("training", config.epochs, progress) as advance:
-        for _ in range(config.epochs):
+    with single_thread(), progress_bar(label, settings.epochs, progress) as advance:
+        for _ in range(settings.epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
             epoch_loss = 0.0
-            with routing_mode(model, config.routing):
-                for i in range(0, len(x), config.batch_size):
-                    idx = perm[i:i + config.batch_size]
-                    set_temperature(model, temperature_at(config, step, total))
-                    logits = primary_output(model(x[idx]))
-                    loss = torch.nn.functional.cross_entropy(logits, y[idx]) + collect_routing_loss(model)
+            with routing_mode(model, settings.routing):
+                for i in range(0, len(x), settings.batch_size):
+                    idx = perm[i:i + settings.batch_size]
+                    t = temperature_at(settings, step, total)
+                    for router in routers:
+                        router.set_temperature(t)
+                    loss = loss_fn(primary_output(model(x[idx])), y[idx]) + collect_routing_loss(model)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -109,18 +244,44 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
             advance(status=f"loss {epoch_loss:.4f}")
-    set_temperature(model, arch["temperature"])
-    metrics = routing_metrics(model, data.x_test.reshape(-1, *shape), data.y_test)
-    metrics.update(seed=config.seed, epochs=config.epochs, train_seconds=round(time.perf_counter() - start, 3),
-                   temperature=arch["temperature"], dataset=data.name)
+    for router in routers:
+        router.set_temperature(final_temperature(settings))
+    model.eval()
+    return time.perf_counter() - start
+
+
+def evaluate(model: Any, x: Any, y: Any, settings: LoopSettings, seconds: float, **extra: Any) -> dict[str, Any]:
+    """routing_metrics on (x, y) plus what the run was: seed, epochs, seconds, final temperature (`extra` wins)."""
+    from deploytool.metrics import routing_metrics
+
+    metrics = routing_metrics(model, x, y)
+    metrics.update({"seed": settings.seed, "epochs": settings.epochs, "train_seconds": round(seconds, 3),
+                    "temperature": final_temperature(settings), **extra})
+    return metrics
+
+
+def module_config(model: Any, settings: LoopSettings, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+    """config.json of a run trained from a user's module: its class name, the settings, its input shape."""
+    from deploytool import __version__
+    from deploytool.nn import named_routers
+
+    return {"model": f"{MODULE_PREFIX}{type(model).__name__}", **settings.to_dict(), "input_shape": list(shape),
+            "temperature": final_temperature(settings), "temperature_start": settings.temperature,
+            "routers": {path: router.n_experts for path, router in named_routers(model)},
+            "deploytool_version": __version__, **extra}
+
+
+def write_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[str, Any], title: str) -> RunDir:
+    """Write a run directory atomically: weights, config.json, metrics.json and the routing plot."""
+    from deploytool.metrics import plot_routing
+
     with io.atomic_dir(out) as tmp:
-        io.save_weights(tmp / io.WEIGHTS_FILE, model.state_dict(), metadata={"model": config.model})
-        io.write_json(tmp / io.CONFIG_FILE, arch)
-        plot_routing(metrics, tmp / io.ROUTING_PLOT, title=f"{config.model} on {data.name}, {config.experts} "
-                     f"experts, penalty {config.penalty}: hard acc {metrics['hard_accuracy']:.3f}, "
+        io.save_weights(tmp / io.WEIGHTS_FILE, model.state_dict(), metadata={"model": str(config["model"])})
+        io.write_json(tmp / io.CONFIG_FILE, config)
+        plot_routing(metrics, tmp / io.ROUTING_PLOT, title=f"{title}: hard acc {metrics['hard_accuracy']:.3f}, "
                      f"soft {metrics['soft_accuracy']:.3f}")
         io.write_json(tmp / io.METRICS_FILE, metrics)
-    return RunDir(out, arch, metrics)
+    return RunDir(out, config, metrics)
 
 
 def check_run_target(out: str | Path, force: bool) -> Path:
@@ -176,6 +337,8 @@ def check_run_config(config: Any, source: Path) -> None:
     """What every consumer of a run dir (load_model, runners, package, serve) relies on, checked once."""
     if not isinstance(config, dict):
         raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
+    if is_module_run(config):
+        return
     missing = [k for k in RUN_CONFIG_INTS if k not in config]
     if missing or "model" not in config:
         raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
@@ -189,21 +352,73 @@ def check_run_config(config: Any, source: Path) -> None:
 RUN_CONFIG_INTS = ("in_features", "n_classes", "n_experts")
 
 
+def is_module_run(config: dict[str, Any]) -> bool:
+    """A run trained by `fit` from a user's own module (its class is not deploytool's to rebuild)."""
+    return str(config.get("model", "")).startswith(MODULE_PREFIX)
+
+
 def load_model(path: str | Path, checkpoint: str | Path | None = None):
-    """Rebuild the model of a run directory and load its safetensors weights, in eval mode."""
+    """Rebuild the built-in model of a run directory and load its safetensors weights, in eval mode.
+
+    Args:
+        path: the run directory.
+        checkpoint: other weights to load instead of the run's own.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        BadInput: not a run dir, a run of your own module (use `load_weights_into`), or weights that
+            do not match.
+    """
     from deploytool.models import build_model
 
     run = load_run(path)
+    if is_module_run(run.config):
+        raise BadInput(f"{run.path} holds a {run.config['model'].removeprefix(MODULE_PREFIX)} trained with "
+                       "deploytool.fit: build that module yourself and load the weights with "
+                       "deploytool.load_weights_into(module, run_dir)")
     model = build_model(run.config)
-    state = io.load_weights(checkpoint or run.weights)
+    _load_state(model, checkpoint or run.weights, str(run.config.get("model")))
+    return model.eval()
+
+
+def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path | None = None):
+    """Load a run directory's weights into a module you built (for runs of `fit` and `commit` on your module).
+
+    Every Router gets the run's final temperature (a plain attribute, not in the weights).
+
+    Args:
+        module: an instance of the class the run was trained from, built with the same arguments.
+        run_dir: the run directory.
+        checkpoint: other weights to load instead of the run's own.
+
+    Returns:
+        `module`, in eval mode.
+
+    Raises:
+        BadInput: not a run dir, or weights whose names or shapes do not match the module.
+    """
+    from deploytool.nn import named_routers
+
+    run = load_run(run_dir)
+    _load_state(module, checkpoint or run.weights, type(module).__name__)
+    if "temperature" in run.config:
+        for _, router in named_routers(module):
+            router.set_temperature(float(run.config["temperature"]))
+    return module.eval()
+
+
+def _load_state(model: Any, weights: str | Path, what: str) -> None:
+    """Load safetensors weights into `model`, refusing missing, unexpected or reshaped tensors."""
+    state = io.load_weights(weights)
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
     if missing or unexpected:
-        raise BadInput(f"checkpoint does not match {run.config.get('model')}: missing {sorted(missing)[:3]}, "
+        raise BadInput(f"checkpoint does not match {what}: missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(unexpected)[:3]}")
     for name, tensor in model.state_dict().items():
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise BadInput(f"checkpoint tensor {name} has shape {list(state[name].shape)}, "
                            f"the model expects {list(tensor.shape)}")
     model.load_state_dict(state)
-    return model.eval()

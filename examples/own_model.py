@@ -2,8 +2,10 @@
 
     python examples/own_model.py [OUT_DIR]
 
-The router in the middle of the network commits to one expert per row at inference; the export is
-validated against PyTorch right away, and deploytool.load runs it in ONNX Runtime.
+deploytool.fit trains the module with the loop the built-in models use (temperature annealed 1 -> 0.02,
+the routing losses added) and writes a run directory; the router in the middle of the network commits to
+one expert per row at inference. The run's weights load into a module you build, the export is validated
+against PyTorch right away, and deploytool.load runs it in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 import deploytool
 from deploytool.data import load_digits
-from deploytool.nn import RoutedExperts, Router, RoutingLoss, collect_routing_loss, set_temperature
+from deploytool.nn import RoutedExperts, Router, RoutingLoss
 
 
 class MyModel(nn.Module):
@@ -29,38 +31,27 @@ class MyModel(nn.Module):
         self.head = nn.Linear(32, 10)
 
     def forward(self, x):
-        routed = self.routed(self.embed(x))
-        return self.head(routed.output), routed.index, routed.probs
+        # the logits only: each Router's decisions are recorded by deploytool (and exported as outputs)
+        return self.head(self.routed(self.embed(x)).output)
 
 
 def main(out: Path) -> None:
     torch.manual_seed(0)
     data = load_digits(seed=0)
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    model = MyModel()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    epochs = 60
-    for epoch in range(epochs):
-        set_temperature(model, 1.0 * (0.02 / 1.0) ** (epoch / (epochs - 1)))  # anneal 1 -> 0.02
-        model.train()
-        for idx in torch.randperm(len(x)).split(64):
-            logits, _, _ = model(x[idx])
-            loss = nn.functional.cross_entropy(logits, y[idx]) + collect_routing_loss(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    run = deploytool.fit(MyModel(), (data.x_train, data.y_train), out=out / "run", epochs=60,
+                         test_data=(data.x_test, data.y_test))
+    m = run.metrics
+    print(f"hard-routed test accuracy {m['hard_accuracy']:.3f} (soft {m['soft_accuracy']:.3f}), "
+          f"{m['frac_confident']:.1%} confident")
 
-    model.eval()
-    with torch.no_grad():
-        logits, index, probs = model(torch.from_numpy(data.x_test))
-    hard_acc = (logits.argmax(1).numpy() == data.y_test).mean()
-    print(f"hard-routed test accuracy {hard_acc:.3f}, {(probs.max(1).values >= 0.99).float().mean():.1%} confident")
-
-    result = deploytool.export_onnx(model, out / "my_model.onnx", data=data.x_test)
+    # deploytool cannot rebuild your class from the run dir: build it, then load the weights into it
+    model = deploytool.load_weights_into(MyModel(), run.path)
+    result = deploytool.export_onnx(model, out / "my_model.onnx", example_inputs=torch.from_numpy(data.x_test[:2]),
+                                    data=data.x_test)
     print(f"exported {result.path}: validation {'passed' if result.passed else 'FAILED'}")
     session = deploytool.load(out / "my_model.onnx")
-    routed = session.run(data.x_test[:8])
-    print("experts chosen for 8 test rows:", routed.index.tolist())
+    outputs = session.run(data.x_test[:8])  # {name: array}: the logits and every router's index and probs
+    print("experts chosen for 8 test rows:", outputs["routed.router.index"].tolist())
 
 
 if __name__ == "__main__":

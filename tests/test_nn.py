@@ -44,20 +44,22 @@ def test_training_blends_and_records_a_routing_loss_eval_commits_to_one_expert()
     soft = model(x)
     assert dnn.collect_routing_loss(model).requires_grad
     model.eval()
-    hard = model(x)
+    with dnn.record_routing(model) as calls:
+        hard = model(x)
+    index = calls["routed.router"][0].index
     experts = model.routed.experts
-    chosen = torch.stack([experts[int(e)](x[i:i + 1])[0] for i, e in enumerate(hard.index)])
-    torch.testing.assert_close(hard.output, model.head(chosen))
-    assert not torch.allclose(soft.output, hard.output)
+    chosen = torch.stack([experts[int(e)](x[i:i + 1])[0] for i, e in enumerate(index)])
+    torch.testing.assert_close(hard, model.head(chosen))
+    assert not torch.allclose(soft, hard)
 
 
 def test_dense_and_sparse_dispatch_give_the_same_outputs():
     torch.manual_seed(1)
     model = RoutedMLP(16, 5, n_experts=8, expert_hidden=32).eval()
     x = torch.randn(333, 16)
-    dense = model(x)
+    dense = model.routed(x)
     dnn.set_dispatch(model, "sparse")
-    sparse = model(x)
+    sparse = model.routed(x)
     torch.testing.assert_close(sparse.output, dense.output, rtol=1e-5, atol=1e-6)
     assert torch.equal(sparse.index, dense.index)
 
@@ -69,7 +71,7 @@ def test_sparse_dispatch_runs_only_the_chosen_experts():
     for e, expert in enumerate(model.routed.experts):
         expert.register_forward_hook(lambda mod, inp, out, e=e: calls.append((e, inp[0].shape[0])))
     x = torch.randn(40, 6)
-    index = model(x).index
+    index = model.routed(x).index
     counts = torch.bincount(index, minlength=4)
     assert sorted(calls) == sorted((e, int(n)) for e, n in enumerate(counts) if n > 0)
 
@@ -109,3 +111,83 @@ def test_user_model_with_router_trains_its_router_through_the_penalty():
     routed(torch.randn(8, 4))
     dnn.collect_routing_loss(routed).backward()
     assert routed.router.net[0].weight.grad.abs().sum() > 0
+
+
+def _token_moe(dispatch: str = "dense") -> dnn.RoutedExperts:
+    torch.manual_seed(4)
+    return dnn.RoutedExperts(dnn.Router(6, 3), [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU())
+                                                 for _ in range(3)], dispatch=dispatch)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard", "gumbel"])
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+def test_token_level_routing_decides_once_per_token(mode, dispatch):
+    routed = _token_moe(dispatch).train(mode != "hard")
+    x = torch.randn(4, 7, 6)
+    with dnn.routing_mode(routed, mode):
+        out = routed(x)
+    assert out.output.shape == (4, 7, 5) and out.index.shape == (4, 7) and out.probs.shape == (4, 7, 3)
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(4, 7))
+    if mode == "soft":
+        expected = sum(out.probs[..., e:e + 1] * expert(x) for e, expert in enumerate(routed.experts))
+        torch.testing.assert_close(out.output, expected)
+
+
+def test_token_level_sparse_equals_dense_in_hard_mode_and_uses_the_chosen_expert():
+    dense = _token_moe("dense").eval()
+    sparse = _token_moe("sparse").eval()
+    x = torch.randn(5, 9, 6)
+    a, b = dense(x), sparse(x)
+    torch.testing.assert_close(a.output, b.output, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.index, b.index) and len(a.index.unique()) > 1
+    token = (3, 4)
+    chosen = dense.experts[int(a.index[token])](x[token])
+    torch.testing.assert_close(a.output[token], chosen)
+
+
+class _ConvExpert(torch.nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+def test_feature_map_experts_are_weighted_per_sample_routed_on_pooled_features(dispatch):
+    torch.manual_seed(5)
+    routed = dnn.RoutedExperts(dnn.Router(2, 3), [_ConvExpert(s) for s in (1.0, -2.0, 3.0)], dispatch=dispatch)
+    x = torch.randn(6, 2, 4, 4)
+    pooled = x.mean(dim=(2, 3))
+    routed.train()
+    soft = routed(x, route_on=pooled)
+    expected = sum(soft.probs[:, e].reshape(6, 1, 1, 1) * expert(x) for e, expert in enumerate(routed.experts))
+    assert soft.output.shape == (6, 3, 4, 4) and soft.index.shape == (6,)
+    torch.testing.assert_close(soft.output, expected)
+    routed.eval()
+    hard = routed(x, route_on=pooled)
+    for i in range(6):
+        torch.testing.assert_close(hard.output[i], routed.experts[int(hard.index[i])](x[i:i + 1])[0])
+
+
+def test_router_positions_must_lead_the_experts_input():
+    routed = dnn.RoutedExperts(dnn.Router(2, 2), [torch.nn.Identity(), torch.nn.Identity()])
+    with pytest.raises(ValueError, match="leading dims"):
+        routed(torch.randn(6, 2, 4, 4), route_on=torch.randn(5, 2))
+
+
+def test_routing_loss_averages_over_positions():
+    """A token-level routing loss is the row loss of the same tokens flattened: a mean over every position."""
+    routed = _token_moe().train()
+    routed.loss = dnn.RoutingLoss(penalty="frank", alpha=1.0, balance="entropy", beta=2.0)
+    x = torch.randn(4, 7, 6)
+    routed(x)
+    per_token = routed.routing_loss
+    routed(x.reshape(28, 6))
+    torch.testing.assert_close(per_token, routed.routing_loss)
+    routed(x[:1].expand(4, 7, 6))  # the same sample four times: the same mean as once
+    repeated = routed.routing_loss
+    routed(x[:1])
+    torch.testing.assert_close(repeated, routed.routing_loss)

@@ -222,3 +222,19 @@ def test_config_without_architecture_keys_is_refused(tmp_path, trained_run):
     (run / io.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(BadInput, match="in_features='64' must be whole numbers"):
         load_model(run)
+
+
+def test_train_and_fit_share_one_loop_whose_settings_are_checked_once():
+    from deploytool.recipes import LOOP_FIELDS, LoopSettings
+    from deploytool.training import final_temperature
+
+    config = TrainConfig(epochs=3, lr=1e-3, temperature_end=None, routing="gumbel")
+    loop = config.loop()
+    assert {name: getattr(loop, name) for name in LOOP_FIELDS} == {name: getattr(config, name) for name in LOOP_FIELDS}
+    assert final_temperature(loop) == 1.0 and final_temperature(LoopSettings()) == 0.02
+    with pytest.raises(BadInput, match="batch_size must be a whole number >= 1"):
+        LoopSettings(batch_size=0)
+    with pytest.raises(BadInput, match="lr must be int or float"):
+        LoopSettings(lr="fast")
+    with pytest.raises(BadInput, match="unknown routing"):
+        TrainConfig(routing="hard")

@@ -48,7 +48,7 @@ def train(
                        router=router, routing=routing, penalty=penalty, alpha=alpha, balance=balance, beta=beta,
                        temperature=temperature, temperature_end=temperature_end, epochs=epochs, lr=lr,
                        batch_size=batch_size, seed=seed)
-    _show({"run_dir": str(run.path), "plot": str(run.plot), "config": run.config, "metrics": run.metrics}, json)
+    show_run(run, json)
 
 
 @app.command()
@@ -61,22 +61,35 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A training run director
 
 @app.command()
 def study(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown file for the table.")] = Path("docs/routing.md"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown file for the table (the model's section is "
+                                      "replaced, others kept).")] = Path("docs/routing.md"),
+    model: Annotated[str, typer.Option("--model", help="Built-in model whose recipe the study varies: "
+                                       "routed-mlp, routed-cnn or moe-transformer.")] = "routed-mlp",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per configuration.", min=1)] = 3,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the epochs of every run.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Only this method (repeatable), e.g. "
+                                                        "'frank penalty'.")] = None,
+    balance: Annotated[Optional[list[str]], typer.Option("--balance", help="Only this balance term (repeatable), "
+                                                         "e.g. 'batch entropy'.")] = None,
     json: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Compare temperature-only, frank, entropy and Gumbel routing, each with every balance term, on digits."""
     from deploytool.penalty_study import study as run_study
 
-    result = run_study(out, seeds=seeds, epochs=epochs, progress=not (quiet or json))
+    result = run_study(out, seeds=seeds, epochs=epochs, model=model, methods=method, balances=balance,
+                       progress=not (quiet or json))
     if json:
         print_json(result)
     else:
         from rich.markdown import Markdown
 
         console().print(Markdown(result["markdown"]))
+
+
+def show_run(run, json: bool) -> None:
+    """Print a RunDir (of train or commit) as the routing-quality table, or as JSON."""
+    _show({"run_dir": str(run.path), "plot": str(run.plot), "config": run.config, "metrics": run.metrics}, json)
 
 
 def _show(result: dict, json: bool) -> None:
