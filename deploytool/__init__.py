@@ -15,7 +15,7 @@ _API = {
     "TrainConfig": "deploytool.recipes",
     "load_recipe": "deploytool.recipes",
     "train": "deploytool.training",
-    "load_run": "deploytool.training",
+    "load_run": "deploytool.artifacts",
     "load_model": "deploytool.training",
     "fit": "deploytool.training",
     "load_weights_into": "deploytool.training",

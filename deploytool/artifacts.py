@@ -32,6 +32,80 @@ class Artifact:
     source_run: Path | None = None
 
 
+#: config.json's "model" of a run trained by `fit` from a user's own module: "module:<ClassName>"
+MODULE_PREFIX = "module:"
+
+
+@dataclass
+class RunDir:
+    """A run directory as read: its path, config.json and metrics.json.
+
+    Attributes:
+        path: the directory.
+        config: config.json (architecture + recipe, or a `fit` run's settings).
+        metrics: metrics.json ({} when absent).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.path / io.WEIGHTS_FILE
+
+    @property
+    def plot(self) -> Path:
+        return self.path / io.ROUTING_PLOT
+
+
+
+def load_run(path: str | Path) -> RunDir:
+    """Read a run directory's config and metrics (weights are loaded by training.load_model).
+
+    Args:
+        path: the run directory.
+
+    Returns:
+        The RunDir.
+
+    Raises:
+        BadInput: not a directory, or a config.json that is not a deploytool run's.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInput(f"run directory {path} does not exist or is not a directory")
+    config = io.read_json(path / io.CONFIG_FILE, "run config")
+    check_run_config(config, path / io.CONFIG_FILE)
+    metrics_path = path / io.METRICS_FILE
+    metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
+    return RunDir(path, config, metrics)
+
+
+def check_run_config(config: Any, source: Path) -> None:
+    """What every consumer of a run dir (load_model, runners, package, serve) relies on, checked once."""
+    if not isinstance(config, dict):
+        raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
+    if is_module_run(config):
+        return
+    missing = [k for k in RUN_CONFIG_INTS if k not in config]
+    if missing or "model" not in config:
+        raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
+    bad = [k for k in RUN_CONFIG_INTS if not isinstance(config[k], int) or isinstance(config[k], bool)
+           or config[k] < 1]
+    if bad:
+        raise BadInput(f"{source}: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be whole numbers >= 1")
+
+
+# config.json entries whose meaning the rest of the tool takes for granted
+RUN_CONFIG_INTS = ("in_features", "n_classes", "n_experts")
+
+
+def is_module_run(config: dict[str, Any]) -> bool:
+    """A run trained by `fit` from a user's own module (its class is not deploytool's to rebuild)."""
+    return str(config.get("model", "")).startswith(MODULE_PREFIX)
+
+
 def artifact_kind(path: str | Path) -> str:
     """"run", "onnx" or "engine"; anything else is refused with what was expected."""
     path = Path(path)

@@ -138,7 +138,8 @@ def _from_run(path: str | Path, data, test_data):
     """The model of a built-in run, and its data (the run's own split unless given)."""
     from deploytool.data import load_dataset
     from deploytool.models import input_shape
-    from deploytool.training import as_xy, load_model, load_run
+    from deploytool.artifacts import load_run
+    from deploytool.training import as_xy, load_model
 
     run = load_run(path)
     model = load_model(run.path)  # a run of your own module is refused here, with what to do instead

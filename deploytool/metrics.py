@@ -120,7 +120,7 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
 def report(run_dir: str | Path) -> dict[str, Any]:
     """The routing-quality figures of a run directory, with the paths of its artifacts."""
     from deploytool import io
-    from deploytool.training import load_run
+    from deploytool.artifacts import load_run
 
     run = load_run(run_dir)
     from deploytool.errors import BadInput

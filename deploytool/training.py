@@ -8,28 +8,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.artifacts import MODULE_PREFIX, RunDir, is_module_run, load_run
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
-
-
-@dataclass
-class RunDir:
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-
-    @property
-    def weights(self) -> Path:
-        return self.path / io.WEIGHTS_FILE
-
-    @property
-    def plot(self) -> Path:
-        return self.path / io.ROUTING_PLOT
 
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:
@@ -56,10 +41,6 @@ def model_config(config: TrainConfig, n_features: int, n_classes: int) -> dict[s
 
 def default_out_dir() -> Path:
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-
-
-#: `config["model"]` of a run trained from a user's own module: "module:<ClassName>"
-MODULE_PREFIX = "module:"
 
 
 def train(config: TrainConfig | str | Path | None = None, out: str | Path | None = None, *, progress: bool = True,
@@ -319,42 +300,6 @@ def resolve_config(config: TrainConfig | str | Path | None, overrides: dict[str,
     if isinstance(config, TrainConfig):
         return config_from_dict({**config.to_dict(), **overrides}, "options")
     return load_recipe(config, overrides)
-
-
-def load_run(path: str | Path) -> RunDir:
-    """Read a run directory's config and metrics (weights are loaded by `load_model`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BadInput(f"run directory {path} does not exist or is not a directory")
-    config = io.read_json(path / io.CONFIG_FILE, "run config")
-    check_run_config(config, path / io.CONFIG_FILE)
-    metrics_path = path / io.METRICS_FILE
-    metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
-    return RunDir(path, config, metrics)
-
-
-def check_run_config(config: Any, source: Path) -> None:
-    """What every consumer of a run dir (load_model, runners, package, serve) relies on, checked once."""
-    if not isinstance(config, dict):
-        raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
-    if is_module_run(config):
-        return
-    missing = [k for k in RUN_CONFIG_INTS if k not in config]
-    if missing or "model" not in config:
-        raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
-    bad = [k for k in RUN_CONFIG_INTS if not isinstance(config[k], int) or isinstance(config[k], bool)
-           or config[k] < 1]
-    if bad:
-        raise BadInput(f"{source}: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be whole numbers >= 1")
-
-
-# config.json entries whose meaning the rest of the tool takes for granted
-RUN_CONFIG_INTS = ("in_features", "n_classes", "n_experts")
-
-
-def is_module_run(config: dict[str, Any]) -> bool:
-    """A run trained by `fit` from a user's own module (its class is not deploytool's to rebuild)."""
-    return str(config.get("model", "")).startswith(MODULE_PREFIX)
 
 
 def load_model(path: str | Path, checkpoint: str | Path | None = None):

@@ -426,7 +426,7 @@ def _pool(signature, art: Artifacts, data: Any, seed: int) -> tuple[str, Feed]:
         label, feed = load_feed(data, signature, samples=10**9, seed=seed)
         return label.replace(" held-out", ""), feed
     if art.run_dir is not None:
-        from deploytool.training import load_run
+        from deploytool.artifacts import load_run
 
         config = load_run(art.run_dir).config
         label, feed = load_feed(config.get("dataset", "digits"), signature, samples=10**9,

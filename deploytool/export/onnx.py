@@ -170,7 +170,8 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
                            "of tensors or a dict), batch first")
         return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None
     from deploytool.models import example_inputs as run_examples
-    from deploytool.training import load_model, load_run
+    from deploytool.artifacts import load_run
+    from deploytool.training import load_model
 
     run = load_run(model)
     weights = Path(checkpoint) if checkpoint else run.weights

@@ -46,7 +46,7 @@ class TorchRunner(Runner):
         self._named = None
         if isinstance(model, (str, Path)):
             from deploytool.models import example_inputs as run_examples
-            from deploytool.training import load_run
+            from deploytool.artifacts import load_run
 
             self.run_dir: Path | None = Path(model)
             self._example = example_inputs if example_inputs is not None else run_examples(load_run(model).config)
