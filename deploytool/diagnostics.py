@@ -79,7 +79,7 @@ def _commands(report: dict) -> dict:
         "build-engine --no-plugin": ["onnx", "tensorrt", "gpu"],
         "build-engine (plugin path)": ["onnx", "tensorrt", "gpu", "triton", "deploytool plugins"],
         "fused kernel on GPU (tempered_softmax_select)": ["torch", "triton", "gpu"],
-        "package": ["onnx"],
+        "package": ["onnx", "tritonclient"],  # config.pbtxt is checked against Triton's schema
         "serve": ["pytriton", "tritonclient"],
         "demo": ["torch", "onnx", "onnxscript", "onnxruntime"],
     }

@@ -31,7 +31,7 @@ from deploytool.artifacts import ONNX_DTYPES
 
 BINDINGS = importlib.util.find_spec("tensorrt_bindings")
 SKIP_REASON = "needs tensorrt-cu12-bindings (pip install -e '.[dev]' on Linux x86-64)"
-#: the GPU the fake machine reports (diagnostics.gpu)
+#: the GPU the fake machine reports (deploytool.machine.gpu)
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 _OPS = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, b: a * b,
@@ -210,7 +210,7 @@ def on_h100(version: str = "11.4.0.106"):
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
-    from deploytool import diagnostics
+    from deploytool import diagnostics, machine
     from deploytool.engine import plugins
     from deploytool.kernels import triton_kernel
 
@@ -220,7 +220,8 @@ def on_h100(version: str = "11.4.0.106"):
     with installed(version) as trt, pytest.MonkeyPatch.context() as mp:
         mp.setattr(triton_kernel, "compile_ptx", lambda *a, **k: real_compile(
             *a, target=GPUTarget("cuda", 90, 32), ptx_limit=80, **k))
-        mp.setattr(diagnostics, "gpu", lambda: H100)
+        mp.setattr(machine, "gpu", lambda: H100)  # build-engine and describe_machine look it up here
+        mp.setattr(diagnostics, "gpu", lambda: H100)  # doctor imported it by name
         mp.delitem(sys.modules, plugins.PLUGIN_MODULE, raising=False)
         try:
             yield trt

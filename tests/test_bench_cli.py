@@ -32,7 +32,8 @@ def test_bench_of_two_backends_writes_every_figure_and_the_machine_to_json_and_a
     for ln in result["lines"]:
         assert ln["min_ms"] <= ln["median_ms"] <= ln["p90_ms"] <= ln["p95_ms"] <= ln["p99_ms"] <= ln["max_ms"]
         assert ln["iterations"] >= 5 and ln["samples_per_s"] == pytest.approx(ln["batch_size"] * ln["queries_per_s"])
-        assert sum(ln["histogram"]) >= 4 * 8  # the whole feed cycle, as this backend routed it
+        assert list(ln["histograms"]) == ["routed.router"]
+        assert sum(ln["histograms"]["routed.router"]) >= 4 * 8  # the whole feed cycle, as this backend routed it
     torch1, ort1 = result["lines"][:2]
     assert torch1["ratio"] == 1.0 and ort1["ratio"] == pytest.approx(ort1["median_ms"] / torch1["median_ms"])
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
@@ -52,7 +53,8 @@ def test_routing_patterns_show_the_measured_expert_histogram(trained_run):
     assert max(uniform) - min(uniform) <= 1 and sum(uniform) == 32
     assert sorted(hist[("torch-dense", "single")])[:-1] == [0] * (len(uniform) - 1)
     assert hist[("torch-sparse", "single")] == hist[("torch-dense", "single")]  # same routing in both dispatches
-    assert result.to_dict()["lines"][0]["histogram"] == uniform
+    assert result.to_dict()["lines"][0]["histograms"] == {"routed.router": uniform}
+    assert result.settings["router"] == "routed.router"
 
 
 def test_unavailable_backend_is_skipped_with_its_reason(cli, trained_run, tmp_path):
@@ -161,7 +163,7 @@ def test_a_run_found_in_the_onnx_metadata_that_no_longer_matches_it_is_not_timed
     assert any("sha256 differs" in note for note in result["notes"])
 
 
-def test_onnx_model_without_the_routed_outputs_is_one_line_exit_2(cli, tmp_path):
+def test_onnx_model_without_a_deploytool_router_is_one_line_exit_2(cli, tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -175,7 +177,7 @@ def test_onnx_model_without_the_routed_outputs_is_one_line_exit_2(cli, tmp_path)
     model = tmp_path / "plain.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
     code, _, err = cli("bench", model, "--backends", "onnxruntime", "--batch-sizes", "1", *FAST)
-    assert_one_line_error(code, err, 2, "lacks output(s) probs")
+    assert_one_line_error(code, err, 2, "has no deploytool router")
 
 
 def test_batch_above_the_engine_profile_says_the_maximum(cli, tmp_path):
@@ -231,3 +233,101 @@ def test_single_batch_plot_draws_the_p99_and_the_p90_p99_band(tmp_path, monkeypa
     assert any(box.y0 <= lo and box.y1 >= hi and (box.width > 0 or width > 0)
                for box, width in spans), "the p90..p99 band is not drawn with any width"
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+TOKEN_ROUTERS = ("layers.0.moe.router", "layers.1.moe.router")
+
+
+def token_onnx(path, tokens="tokens"):
+    """x [batch, tokens, 4] -> output [batch, 3], and two token-level routers of 2 experts (index
+    [batch, tokens], probs [batch, tokens, 2]): layers.0's sends a token by the sign of its feature 0,
+    layers.1's by the sign of its feature 1. Signed as export would, the example 7 tokens long."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from test_package import sign
+
+    inits = [numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "w"], ["output"])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])]
+    for feature, router in enumerate(TOKEN_ROUTERS):
+        weight = np.zeros((4, 2), np.float32)
+        weight[feature] = [-8.0, 8.0]  # expert 1 for a positive feature, expert 0 otherwise
+        inits.append(numpy_helper.from_array(weight, f"w{feature}"))
+        nodes += [helper.make_node("MatMul", ["x", f"w{feature}"], [f"logits{feature}"]),
+                  helper.make_node("Softmax", [f"logits{feature}"], [f"{router}.probs"], axis=-1),
+                  helper.make_node("ArgMax", [f"{router}.probs"], [f"{router}.index"], axis=-1, keepdims=0)]
+        outputs += [helper.make_tensor_value_info(f"{router}.index", TensorProto.INT64, ["batch", tokens]),
+                    helper.make_tensor_value_info(f"{router}.probs", TensorProto.FLOAT, ["batch", tokens, 2])]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                              ["batch", tokens, 4])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(sign(model, [(r, 2) for r in TOKEN_ROUTERS], {"batch": 2, "tokens": 7}), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def token_model(tmp_path_factory):
+    """The token-level model, and a pool of 64 samples of 7 tokens in which every token of a sample has the
+    same sign of feature 0 (so layers.0 routes the whole sample alike) and of feature 1, in all 4 mixes."""
+    folder = tmp_path_factory.mktemp("tokens")
+    x = np.abs(np.random.default_rng(1).normal(size=(64, 7, 4))).astype(np.float32) + 0.1
+    x[:, :, 0] *= np.where(np.arange(64) % 2, 1, -1)[:, None]
+    x[:, :, 1] *= np.where(np.arange(64) // 2 % 2, 1, -1)[:, None]
+    np.savez(folder / "pool.npz", x=x)
+    return token_onnx(folder / "tokens.onnx"), folder / "pool.npz"
+
+
+@pytest.mark.parametrize("steered", [None, *TOKEN_ROUTERS])
+def test_token_level_routers_each_get_a_histogram_and_router_picks_the_one_patterns_steer(cli, token_model,
+                                                                                        tmp_path, steered):
+    model, pool = token_model
+    out = tmp_path / "b.json"
+    code, stdout, err = cli("bench", model, "--backends", "onnxruntime", "--batch-sizes", "16", "--routing",
+                            "uniform,single", "--data", pool, *FAST, "--json", out,
+                            *(["--router", steered] if steered else []))
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    steered = steered or TOKEN_ROUTERS[0]  # the first router by default
+    other = next(r for r in TOKEN_ROUTERS if r != steered)
+    assert result["settings"]["router"] == steered and steered in result["inputs"]
+    lines = {ln["routing"]: ln for ln in result["lines"]}
+    for ln in lines.values():
+        assert list(ln["histograms"]) == list(TOKEN_ROUTERS)
+        assert all(sum(h) == 16 * 7 for h in ln["histograms"].values())  # one decision per token
+    assert lines["uniform"]["histograms"][steered] == [56, 56]
+    single = lines["single"]["histograms"]
+    assert sorted(single[steered]) == [0, 16 * 7]  # every token of every sample to one expert
+    assert min(single[other]) > 0  # the other router is not steered: its experts both still get tokens
+    assert f"decisions of {steered}" in stdout
+
+
+def test_an_unknown_router_path_is_one_line_exit_2(cli, token_model):
+    model, pool = token_model
+    code, _, err = cli("bench", model, "--backends", "onnxruntime", "--batch-sizes", "4", "--data", pool, *FAST,
+                       "--router", "layers.2.moe.router")
+    assert_one_line_error(code, err, 2, "no router 'layers.2.moe.router'")
+    assert "layers.0.moe.router" in err  # it names the routers there are
+
+
+def test_json_or_plot_onto_an_input_is_refused_and_the_files_are_left_alone(cli, trained_run, onnx_model, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(onnx_model, model)
+    before = {p: p.read_bytes() for p in (model, *run.iterdir()) if p.is_file()}
+    for target, option, path in ((model, "--json", model), (model, "--plot", run / "model.safetensors"),
+                                 (run, "--plot", run / "model.safetensors"), (run, "--json", run / "config.json")):
+        code, _, err = cli("bench", target, "--checkpoint", run, "--backends", "torch,onnxruntime", "--batch-sizes",
+                           "1", *FAST, option, path)
+        assert_one_line_error(code, err, 2, "would replace the input")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_batch_whose_inputs_exceed_a_gib_is_refused_before_any_feed_is_built(cli, token_model):
+    model, pool = token_model
+    code, _, err = cli("bench", model, "--backends", "onnxruntime", "--batch-sizes", "1,20000000", "--data", pool,
+                       *FAST)
+    assert_one_line_error(code, err, 2, "batch size 20000000 needs 2.1 GiB of inputs per call")

@@ -34,20 +34,18 @@ def test_measuring_runs_until_both_the_duration_and_the_minimum_iterations_are_r
     assert time.perf_counter() - start >= 0.05
 
 
-def test_warmup_calls_are_not_timed_and_a_reset_hook_is_told_when_warmup_ends():
+def test_warmup_calls_are_not_timed():
+    """The first calls (slow: caches, lazy initialisation) fall in the warm-up and never reach the samples."""
     calls = []
 
-    class Counting:
-        def __call__(self):
-            calls.append("call")
+    def cold_then_fast():
+        calls.append(1)
+        if len(calls) <= 3:
+            time.sleep(5e-3)
 
-        def reset(self):
-            calls.append("reset")
-
-    ns = harness.measure_one(Counting(), warmup_ms=20, duration_s=0.02)
-    warmup = calls.index("reset")
-    assert warmup >= 1
-    assert calls.count("call") - warmup == len(ns)
+    ns = harness.measure_one(cold_then_fast, warmup_ms=20, duration_s=0.02)
+    assert len(calls) - len(ns) >= 3
+    assert ns.max() < 5e6
 
 
 def test_several_callables_are_interleaved_in_slices():
@@ -143,33 +141,15 @@ def test_unknown_pattern_is_bad_input():
         patterns.check_patterns(["zipf"])
 
 
-# --- GPU device timing -------------------------------------------------------------------------
-
-@pytest.mark.gpu
-def test_cuda_stages_report_copies_and_compute_separately():
-    import torch
-
-    weight = torch.randn(1024, 1024, device="cuda")
-    feed = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)
-    timed = harness.CudaStages(lambda x: torch.from_numpy(x).cuda(), lambda d: d @ weight,
-                               lambda d: d.cpu().numpy(), feeds=lambda: feed)
-    host = harness.measure_one(timed, warmup_ms=20, duration_s=0.2)
-    device = timed.stage_ns()
-    assert set(device) == {"h2d", "compute", "d2h", "device"}
-    assert all(len(v) == len(host) for v in device.values())
-    assert (device["h2d"] > 0).all() and (device["compute"] > 0).all()
-    assert np.median(device["device"]) <= np.median(host) * 1.05
-
-
 # --- machine and kernel benchmark --------------------------------------------------------------
 
-def test_machine_info_names_the_gpu_that_diagnostics_sees(monkeypatch):
-    from deploytool import diagnostics
-    from deploytool.benchmark.machine import machine_info
+def test_machine_info_names_the_gpu_the_machine_probe_sees(monkeypatch):
+    from deploytool import machine
+    from deploytool.machine import machine_info
 
-    monkeypatch.setattr(diagnostics, "gpu", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(machine, "gpu", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
     assert machine_info()["gpu"] == "NVIDIA H100 (sm_90)"
-    monkeypatch.setattr(diagnostics, "gpu", lambda: None)
+    monkeypatch.setattr(machine, "gpu", lambda: None)
     assert machine_info()["gpu"] is None
 
 

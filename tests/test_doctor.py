@@ -9,7 +9,8 @@ import pytest
 
 from deploytool import diagnostics
 from deploytool.cli.app import main
-from deploytool.engine.manifest import load_problems, manifest_path
+from deploytool.engine.manifest import load_problems
+from deploytool.artifacts import manifest_path
 
 BUILT = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100", "op_path": "plugin",
          "io": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 64]}],
@@ -43,7 +44,52 @@ def test_doctor_without_tensorrt_says_which_commands_fail_and_how_to_fix(monkeyp
     assert not build["works"] and {"tensorrt", "gpu"} <= set(build["missing"])
     assert 'pip install "deploytool[tensorrt]"' in build["hint"]
     assert report["commands"]["build-engine --dry-run"]["works"]
-    assert report["commands"]["verify / bench (torch, onnxruntime)"]["works"]
+    backends = _backend_rows(report)
+    assert backends["torch"]["works"] and backends["onnxruntime"]["works"]  # verify / bench on the CPU
+    assert not backends["tensorrt"]["works"] and {"tensorrt", "gpu"} <= set(backends["tensorrt"]["missing"])
+
+
+def _backend_rows(report: dict) -> dict:
+    """The commands rows of the registry's backends, by backend name."""
+    rows = {}
+    for command, row in report["commands"].items():
+        if command.startswith("--backends "):
+            rows[command.split()[1]] = row
+    return rows
+
+
+def test_doctor_lists_every_backend_of_the_registry_with_whether_it_works_here(monkeypatch, capsys):
+    from deploytool.runners import BACKENDS
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(diagnostics, "gpu", lambda: None)
+    monkeypatch.setattr(diagnostics, "_onnxruntime", lambda: {"version": "1.20", "providers": ["CPUExecutionProvider"]})
+    backends = _backend_rows(diagnostics.doctor())
+    assert list(backends) == list(BACKENDS)  # every backend, onnxruntime-cuda included, in registry order
+    cuda = backends["onnxruntime-cuda"]
+    assert not cuda["works"] and {"onnxruntime-cuda", "gpu"} <= set(cuda["missing"]) and "onnxruntime-gpu" in cuda["hint"]
+    assert backends["onnxruntime"]["works"] and not backends["tensorrt"]["works"]
+
+    # a GPU machine with onnxruntime-gpu: the CUDA provider works, TensorRT still is not installed
+    monkeypatch.setattr(diagnostics, "gpu", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(diagnostics, "_onnxruntime", lambda: {
+        "version": "1.20", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]})
+    backends = _backend_rows(diagnostics.doctor())
+    assert backends["onnxruntime-cuda"]["works"] and backends["onnxruntime-cuda"]["missing"] == []
+    assert backends["tensorrt"]["missing"] == ["tensorrt"]
+
+    code, out, _ = _run(["doctor"], capsys)  # the table shows each of them, with yes/no
+    assert code in (0, None)
+    text = " ".join(out.split())
+    for name in BACKENDS:
+        assert f"--backends {name} (" in text, name
+
+
+def test_package_needs_tritonclient_for_the_schema_check(monkeypatch):
+    real = diagnostics._version
+    monkeypatch.setattr(diagnostics, "_version", lambda dist: None if dist == "tritonclient" else real(dist))
+    package = diagnostics.doctor()["commands"]["package"]
+    assert not package["works"] and package["missing"] == ["tritonclient"]
 
 
 def test_doctor_without_tensorrt_shows_plugins_need_it_and_lists_every_command(capsys, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 from test_engine_plan import write_routing_model
 
 from deploytool.engine.build import build_engine
-from deploytool.engine.manifest import read_manifest
+from deploytool.artifacts import read_manifest
 from deploytool.errors import CheckFailed
 
 pytestmark = pytest.mark.skipif(fake_tensorrt.BINDINGS is None, reason=fake_tensorrt.SKIP_REASON)
@@ -66,8 +66,18 @@ def test_plugin_build_embeds_both_kernels_and_the_manifest_says_which(exported_o
     assert manifest["kernel_source_sha256"] == plugins.kernel_source_sha256()
     assert (manifest["tensorrt"], manifest["gpu"], manifest["compute_capability"]) == (
         "11.4.0.106", fake_tensorrt.H100["name"], "9.0")
-    assert {t["name"]: t["dtype"] for t in manifest["io"]["outputs"]}["index"] == "int64"
+    assert {t["name"]: t["dtype"] for t in manifest["io"]["outputs"]}["routed.router.index"] == "int64"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.plan", "model.plan.json"]
+
+    # the engine reads like the model: its signature names the same routers, its metadata the same source
+    from deploytool.artifacts import open_artifact
+
+    engine, onnx_model = open_artifact(out), open_artifact(exported_onnx)
+    assert engine.kind == "engine" and engine.signature.routers == onnx_model.signature.routers
+    assert [r.path for r in engine.signature.routers] == ["routed.router"]
+    assert engine.signature.output_names == onnx_model.signature.output_names
+    assert engine.metadata == {k: v for k, v in onnx_model.metadata.items() if k != "deploytool.signature"}
+    assert engine.source_run == onnx_model.source_run
 
 
 def test_the_engine_built_here_is_one_doctor_says_will_load_here(exported_onnx, trt, tmp_path):
@@ -111,8 +121,8 @@ def test_an_fp16_build_of_an_fp32_model_parses_a_lowered_graph_with_fp32_routing
     result = build_engine(exported_onnx, tmp_path / "model.plan", precision="fp16")
     network = trt.last_build.network
     assert [t.dtype for t in network.inputs] == [trt.float32]  # the interface keeps fp32
-    assert {t.name: t.dtype for t in network.outputs} == {"output": trt.float32, "index": trt.int64,
-                                                          "probs": trt.float32}
+    assert {t.name: t.dtype for t in network.outputs} == {"output": trt.float32, "routed.router.index": trt.int64,
+                                                          "routed.router.probs": trt.float32}
     layers = {layer.name: layer for layer in network.layers}
     expert = layers["node_linear_1"]  # an expert's first Gemm: fp16 in, fp16 out
     assert expert.inputs[0].dtype == trt.float16 and expert.outputs[0].dtype == trt.float16
@@ -164,7 +174,7 @@ def test_an_engine_built_here_packages_as_a_triton_tensorrt_plan_model(exported_
     result = package(tmp_path / "model.plan", tmp_path / "repo", "router", max_batch=128)
     config = parse(result.model_dir)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 128
-    assert {t.name for t in config.output} >= {"index", "probs"}
+    assert [t.name for t in config.output] == ["output", "routed.router.index", "routed.router.probs"]
     assert "TensorRT 11.4.0.106" in result.readme.read_text()
 
 

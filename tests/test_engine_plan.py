@@ -98,9 +98,46 @@ def test_static_batch_model_needs_that_batch_everywhere(tmp_path):
     assert plan_engine(path, min_batch=8, opt_batch=8, max_batch=8).profile["x"]["max"] == [8, 16]
 
 
-def test_dynamic_axis_besides_batch_is_bad_input(tmp_path):
-    with pytest.raises(BadInput, match="dynamic axes"):
-        plan_engine(write_routing_model(tmp_path / "m.onnx", extra_dynamic=True))
+def test_dynamic_axis_besides_batch_without_a_range_or_an_example_is_bad_input(tmp_path):
+    model = write_routing_model(tmp_path / "m.onnx", extra_dynamic=True)  # no signature: no example size
+    with pytest.raises(BadInput, match=r"input x axis 1 is dynamic \(feat\) with no range"):
+        plan_engine(model)
+    plan = plan_engine(model, min_batch=1, opt_batch=8, max_batch=64, dims={"feat": (16, 16, 32)})
+    assert plan.profile == {"x": {"min": [1, 16], "opt": [8, 16], "max": [64, 32]}}
+
+
+def test_named_dims_take_their_range_or_the_export_examples_size_and_unknown_names_are_refused(tmp_path):
+    from test_bench_cli import token_onnx
+
+    model = token_onnx(tmp_path / "tokens.onnx", tokens="tokens")  # x [batch, tokens, 4], example 7 tokens
+    ranged = plan_engine(model, opt_batch=8, max_batch=32, dims={"tokens": (1, 8, 64)})
+    assert ranged.profile == {"x": {"min": [1, 1, 4], "opt": [8, 8, 4], "max": [32, 64, 4]}}
+    fixed = plan_engine(model, opt_batch=8, max_batch=32)
+    assert fixed.profile == {"x": {"min": [1, 7, 4], "opt": [8, 7, 4], "max": [32, 7, 4]}}
+    with pytest.raises(BadInput, match="no dynamic dim 'seq'"):
+        plan_engine(model, dims={"seq": (1, 8, 64)})
+    for bad in [(1, 8), (8, 1, 64), (0, 1, 2), (1.5, 2, 3)]:
+        with pytest.raises(BadInput, match="min <= opt <= max"):
+            plan_engine(model, dims={"tokens": bad})
+
+
+def test_the_plan_carries_the_models_signature_and_metadata_for_the_manifest(tmp_path):
+    import onnx
+    from test_package import tiny_onnx
+
+    from deploytool.signature import META_KEY, from_json
+
+    path = tiny_onnx(tmp_path / "tiny.onnx")
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "deploytool.source": "/somewhere/run"})
+    onnx.save(model, str(path))
+    plan = plan_engine(path, max_batch=64)
+    stored = {p.key: p.value for p in model.metadata_props}
+    assert plan.signature == stored[META_KEY]
+    assert [r.path for r in from_json(plan.signature, "plan").routers] == ["router"]
+    assert plan.metadata == {"deploytool.source": "/somewhere/run"}
+    assert plan.to_dict()["signature"] == plan.signature  # what build_manifest copies
 
 
 def test_unknown_precision_missing_file_and_garbage_are_bad_input(model, tmp_path):

@@ -14,8 +14,24 @@ from deploytool.serving import repository
 from deploytool.serving.repository import package
 
 
-def tiny_onnx(path, features=8, classes=3, experts=2, dtype="FLOAT", batch="batch"):
-    """x [batch, features] -> output [batch, classes], index [batch] (int64), probs [batch, experts]."""
+def sign(model, routers, examples=None):
+    """Write the deploytool signature (the graph's own inputs and outputs, plus `routers`: (module path,
+    experts) whose `<path>.index` / `.probs` outputs the graph has, and the export example's size of each
+    named dim, `examples`) into a hand-built ModelProto, as export does."""
+    from deploytool.artifacts import graph_signature
+    from deploytool.signature import META_KEY, ModelSignature, RouterMeta, router_output_names, to_json
+
+    inputs, outputs = graph_signature(model)
+    metas = tuple(RouterMeta(path, experts, 1.0, *router_output_names(path)) for path, experts in routers)
+    signature = ModelSignature(tuple(inputs), tuple(outputs), metas, examples or {"batch": 2})
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, to_json(signature)
+    return model
+
+
+def tiny_onnx(path, features=8, classes=3, experts=2, dtype="FLOAT", batch="batch", router="router"):
+    """x [batch, features] -> output [batch, classes], `router`.index [batch] (int64), `router`.probs
+    [batch, experts], with the deploytool signature export would write (one router at `router`)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -24,15 +40,17 @@ def tiny_onnx(path, features=8, classes=3, experts=2, dtype="FLOAT", batch="batc
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np_dtype), "w")
     r = numpy_helper.from_array(rng.normal(size=(features, experts)).astype(np_dtype), "r")
+    index, probs = f"{router}.index", f"{router}.probs"
     nodes = [helper.make_node("MatMul", ["x", "w"], ["output"]), helper.make_node("MatMul", ["x", "r"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-             helper.make_node("ArgMax", ["probs"], ["index"], axis=-1, keepdims=0)]
+             helper.make_node("Softmax", ["logits"], [probs], axis=-1),
+             helper.make_node("ArgMax", [probs], [index], axis=-1, keepdims=0)]
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, features])],
         [helper.make_tensor_value_info("output", elem, [batch, classes]),
-         helper.make_tensor_value_info("index", TensorProto.INT64, [batch]),
-         helper.make_tensor_value_info("probs", elem, [batch, experts])], [w, r])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+         helper.make_tensor_value_info(index, TensorProto.INT64, [batch]),
+         helper.make_tensor_value_info(probs, elem, [batch, experts])], [w, r])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(sign(model, [(router, experts)]), str(path))
     return path
 
 
@@ -65,15 +83,16 @@ def onnx_file(tmp_path_factory):
 @pytest.fixture
 def fake_engine(onnx_file, tmp_path):
     """An engine file with the manifest build-engine writes (the engine bytes are never read by package)."""
-    from deploytool.engine.manifest import build_manifest, manifest_path
+    from deploytool.engine.manifest import build_manifest
+    from deploytool.artifacts import manifest_path
     from deploytool.engine.plan import plan_engine
     from deploytool.io import write_json
 
     plan = plan_engine(onnx_file, min_batch=1, opt_batch=16, max_batch=32)
     io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 8]}],
           "outputs": [{"name": "output", "dtype": "float32", "shape": [-1, 3]},
-                      {"name": "index", "dtype": "int64", "shape": [-1]},
-                      {"name": "probs", "dtype": "float32", "shape": [-1, 2]}]}
+                      {"name": "router.index", "dtype": "int64", "shape": [-1]},
+                      {"name": "router.probs", "dtype": "float32", "shape": [-1, 2]}]}
     machine = {"tensorrt": "10.9.0", "cuda": "12.8", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
     manifest = build_manifest(plan, machine=machine, op_path="plugin", plugin_layers=["TemperedSoftmax_0"],
                               embedded_ptx={}, kernel_source_sha256=None, io=io)
@@ -92,9 +111,9 @@ def test_onnx_model_config_names_every_tensor_with_triton_types_and_batch_dims(o
     assert [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.input] == [("x", "TYPE_FP32", [8])]
     outputs = {t.name: t for t in config.output}
     assert {n: (dtype_name(t.data_type), list(t.dims)) for n, t in outputs.items()} == {
-        "output": ("TYPE_FP32", [3]), "index": ("TYPE_INT64", [1]), "probs": ("TYPE_FP32", [2])}
-    # the model's index is [batch]: Triton needs dims [1] and reshapes it back for the backend
-    assert outputs["index"].HasField("reshape") and list(outputs["index"].reshape.shape) == []
+        "output": ("TYPE_FP32", [3]), "router.index": ("TYPE_INT64", [1]), "router.probs": ("TYPE_FP32", [2])}
+    # the router's index is [batch]: Triton needs dims [1] and reshapes it back for the backend
+    assert outputs["router.index"].HasField("reshape") and list(outputs["router.index"].reshape.shape) == []
     assert not outputs["output"].HasField("reshape")
     assert not config.HasField("dynamic_batching")
     assert kinds(config) == [(1, "KIND_AUTO")]
@@ -116,7 +135,7 @@ def test_max_batch_zero_puts_the_full_shape_in_dims(onnx_file, tmp_path):
     config = parse(package(onnx_file, tmp_path, "tiny", max_batch=0).model_dir)
     assert config.max_batch_size == 0
     assert list(config.input[0].dims) == [-1, 8]
-    index = next(t for t in config.output if t.name == "index")
+    index = next(t for t in config.output if t.name == "router.index")
     assert list(index.dims) == [-1] and not index.HasField("reshape")
 
 
@@ -132,7 +151,7 @@ def test_onnx_float_types_map_to_triton_types(tmp_path, onnx_type, triton_type):
     path = tiny_onnx(tmp_path / "m.onnx", dtype=onnx_type)
     config = parse(package(path, tmp_path / "repo", "m").model_dir)
     assert dtype_name(config.input[0].data_type) == triton_type
-    assert {t.name: dtype_name(t.data_type) for t in config.output}["index"] == "TYPE_INT64"
+    assert {t.name: dtype_name(t.data_type) for t in config.output}["router.index"] == "TYPE_INT64"
 
 
 def test_run_directory_is_served_by_the_python_backend_through_the_runtime(trained_run, tmp_path):
@@ -143,7 +162,8 @@ def test_run_directory_is_served_by_the_python_backend_through_the_runtime(train
     assert config.parameters["deploytool_artifact"].string_value == "run"
     assert config.parameters["deploytool_backend"].string_value == "torch"
     assert [(t.name, list(t.dims)) for t in config.input] == [("x", [trained_run.config["in_features"]])]
-    index = next(t for t in config.output if t.name == "index")
+    assert [t.name for t in config.output] == ["output", "routed.router.index", "routed.router.probs"]
+    index = next(t for t in config.output if t.name == "routed.router.index")
     assert list(index.dims) == [1] and not index.HasField("reshape")  # model.py sends [batch, 1] itself
     assert {"1/model.py", "1/run/config.json", "1/run/model.safetensors"} <= set(result.files)
     assert (result.model_dir / "1" / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
@@ -154,7 +174,8 @@ def test_engine_config_comes_from_its_manifest_and_readme_explains_the_plugin(fa
     config = parse(result.model_dir)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 32
     assert kinds(config) == [(1, "KIND_GPU")]
-    assert [(t.name, list(t.dims)) for t in config.output] == [("output", [3]), ("index", [1]), ("probs", [2])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("output", [3]), ("router.index", [1]),
+                                                                ("router.probs", [2])]
     assert {"1/model.plan", "1/model.plan.json"} <= set(result.files)
     readme = result.readme.read_text()
     assert "deploytool::TemperedSoftmax" in readme and "no LD_PRELOAD" in readme
@@ -162,7 +183,7 @@ def test_engine_config_comes_from_its_manifest_and_readme_explains_the_plugin(fa
 
 
 def test_max_batch_above_the_engine_profile_is_refused_and_nothing_is_written(fake_engine, tmp_path):
-    with pytest.raises(BadInput, match=r"--max-batch 64 is above the engine's optimisation profile \(max batch 32\)"):
+    with pytest.raises(BadInput, match=r"max batch 64 is above the engine's optimisation profile \(max batch 32\)"):
         package(fake_engine, tmp_path / "repo", "trt", max_batch=64)
     assert not (tmp_path / "repo" / "trt").exists()
 
@@ -204,7 +225,8 @@ def test_names_with_separators_spaces_or_leading_dots_are_refused(onnx_file, tmp
 @pytest.mark.parametrize("kwargs, match", [
     ({"dynamic_batching": True, "preferred_batch": (8, 128)}, "preferred batch size 128"),
     ({"dynamic_batching": True, "max_batch": 0}, "dynamic batching needs --max-batch > 0"),
-    ({"max_batch": -1}, "--max-batch must be >= 0"),
+    ({"max_batch": -1}, "max batch must be between 0"),
+    ({"max_batch": 10**12}, "max batch must be between 0"),
     ({"instances": 0}, "--instances must be >= 1"),
     ({"backend": "tensorrt"}, "tensorrt backend serves a TensorRT engine"),
     ({"backend": "tflite"}, "unknown backend"),
@@ -234,8 +256,9 @@ def test_readme_has_the_exact_tritonserver_command_and_a_runnable_client_example
     assert f"tritonserver --model-repository={repo} --model-control-mode=explicit --load-model=tiny" in readme
     client = readme.split("```python\n")[1].split("```")[0]
     compile(client, "README client", "exec")
-    assert 'InferInput("x", list(x.shape), "FP32")' in client and 'client.infer("tiny", [inp])' in client
+    assert 'InferInput("x", list(value.shape), "FP32")' in client and 'client.infer("tiny", inputs)' in client
     assert 'np.random.rand(2, 8)' in client
+    assert '("output", "router.index", "router.probs")' in client  # every output, each router's decisions
 
 
 def test_cli_package_json_reports_the_repository(cli, onnx_file, tmp_path):
@@ -293,7 +316,7 @@ def test_cli_package_of_an_engine_whose_manifest_lacks_io_is_one_line_exit_2(cli
 
 
 def test_engine_manifest_profile_without_max_is_refused_not_a_key_error(fake_engine, tmp_path):
-    from deploytool.engine.manifest import manifest_path
+    from deploytool.artifacts import manifest_path
 
     manifest = json.loads(manifest_path(fake_engine).read_text())
     del manifest["profile"]["x"]["max"]
@@ -307,3 +330,75 @@ def test_preferred_batch_sizes_may_be_given_as_text_and_none_at_all(onnx_file, t
     assert result.config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
     result = package(onnx_file, tmp_path / "b", "tiny", dynamic_batching=True, preferred_batch="")
     assert "preferred_batch_size" not in result.config["dynamic_batching"]
+
+
+def two_router_onnx(path):
+    """image [batch, 1, 8, 8] and meta [batch, 4] -> output [batch, 3], with two routers: `image_router`
+    (on the flattened image) and `meta_router` (on meta), each with its index and probs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {"w": (68, 3), "ri": (64, 4), "rm": (4, 2)}
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([0, 64], np.int64), "flat"))
+    nodes = [helper.make_node("Reshape", ["image", "flat"], ["pixels"]),
+             helper.make_node("Concat", ["pixels", "meta"], ["both"], axis=1),
+             helper.make_node("MatMul", ["both", "w"], ["output"])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])]
+    for router, source, weight, experts in (("image_router", "pixels", "ri", 4), ("meta_router", "meta", "rm", 2)):
+        nodes += [helper.make_node("MatMul", [source, weight], [f"{router}_logits"]),
+                  helper.make_node("Softmax", [f"{router}_logits"], [f"{router}.probs"], axis=-1),
+                  helper.make_node("ArgMax", [f"{router}.probs"], [f"{router}.index"], axis=-1, keepdims=0)]
+        outputs += [helper.make_tensor_value_info(f"{router}.index", TensorProto.INT64, ["batch"]),
+                    helper.make_tensor_value_info(f"{router}.probs", TensorProto.FLOAT, ["batch", experts])]
+    graph = helper.make_graph(
+        nodes, "two-routers", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8]),
+                               helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["batch", 4])],
+        outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(sign(model, [("image_router", 4), ("meta_router", 2)]), str(path))
+    return path
+
+
+def test_config_has_every_input_and_each_routers_index_and_probs(tmp_path):
+    result = package(two_router_onnx(tmp_path / "two.onnx"), tmp_path / "repo", "two")
+    config = parse(result.model_dir)
+    assert [(t.name, list(t.dims)) for t in config.input] == [("image", [1, 8, 8]), ("meta", [4])]
+    assert [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.output] == [
+        ("output", "TYPE_FP32", [3]),
+        ("image_router.index", "TYPE_INT64", [1]), ("image_router.probs", "TYPE_FP32", [4]),
+        ("meta_router.index", "TYPE_INT64", [1]), ("meta_router.probs", "TYPE_FP32", [2])]
+    client = result.readme.read_text().split("```python\n")[1].split("```")[0]
+    compile(client, "README client", "exec")
+    assert 'InferInput("image", list(value.shape), "FP32")' in client and "np.random.rand(2, 1, 8, 8)" in client
+    assert 'InferInput("meta", list(value.shape), "FP32")' in client and "np.random.rand(2, 4)" in client
+
+
+def test_a_model_without_a_deploytool_router_is_refused_and_nothing_is_written(tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "m.onnx")))
+    del model.metadata_props[:]  # a hand-built or foreign model: no signature, so no router
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    with pytest.raises(BadInput, match="no deploytool router"):
+        package(tmp_path / "plain.onnx", tmp_path / "repo", "plain")
+    assert not (tmp_path / "repo" / "plain").exists()
+
+
+def test_cli_package_into_the_run_it_packages_is_refused_even_with_force(cli, trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "parent" / "run"
+    shutil.copytree(trained_run.path, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = cli("package", run, "--repository", run.parent, "--name", run.name, "--force")
+    assert_one_line_error(code, err, 2, "holds the input")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
+
+
+def test_cli_package_with_an_absurd_max_batch_is_one_line_exit_2(cli, onnx_file, tmp_path):
+    code, _, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny", "--max-batch", "1000000000000")
+    assert_one_line_error(code, err, 2, "max batch must be between 0")
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,8 @@ from conftest import assert_one_line_error
 from deploytool.errors import BadInput
 
 NAME = "routed"
+#: the routed-mlp's outputs: its logits and its one router's decisions
+OUTPUTS = ("output", "routed.router.index", "routed.router.probs")
 
 
 def free_port() -> int:
@@ -37,7 +39,7 @@ def require_server():
 def server(trained_run):
     """One server for the module: dynamic batching with a queue delay, so concurrent requests share a batch."""
     require_server()
-    srv = deploytool.serve(trained_run.path, free_port(), grpc_port=free_port(), name=NAME, block=False,
+    srv = deploytool.serve(trained_run.path, port=free_port(), grpc_port=free_port(), name=NAME, block=False,
                            dynamic_batching=True, preferred_batch=(4,), max_queue_delay_us=20_000)
     yield srv
     srv.stop()
@@ -53,26 +55,37 @@ def rows(n, seed=0):
     return np.random.default_rng(seed).random((n, 64), dtype=np.float32) * 16
 
 
-def triton_infer(server, x, datatype="FP32", protocol="http"):
-    """One request with the official client over HTTP or gRPC; the outputs by name."""
+def triton_infer(server, x, datatype="FP32", protocol="http", outputs=OUTPUTS):
+    """One request with the official client over HTTP or gRPC (`x`: the array of input `x`, or a dict of
+    arrays by input name); the outputs by name."""
     import importlib
+
+    from tritonclient.utils import np_to_triton_dtype
 
     client_module = importlib.import_module(f"tritonclient.{protocol}")
     client = client_module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    feed = x if isinstance(x, dict) else {"x": x}
     try:
-        inp = client_module.InferInput("x", list(x.shape), datatype)
-        inp.set_data_from_numpy(x)
-        result = client.infer(NAME, [inp])
-        return {name: result.as_numpy(name) for name in ("output", "index", "probs")}
+        inputs = []
+        for name, value in feed.items():
+            inputs.append(client_module.InferInput(name, list(value.shape), datatype if name == "x" else
+                                                   np_to_triton_dtype(value.dtype)))
+            inputs[-1].set_data_from_numpy(value)
+        result = client.infer(server.name, inputs)
+        return {name: result.as_numpy(name) for name in outputs}
     finally:
         client.close()
 
 
-def assert_matches(got, ref):
-    """Same routing, and fp32 outputs equal up to the rounding a different batch composition brings."""
-    np.testing.assert_array_equal(got["index"].ravel(), ref.index)  # Triton sends [batch] as [batch, 1]
-    np.testing.assert_allclose(got["output"], ref.output, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got["probs"], ref.probs, rtol=1e-5, atol=1e-6)
+def assert_matches(got, ref, routers=("routed.router",)):
+    """Same routing for every router, and fp32 outputs equal up to the rounding a different batch
+    composition brings."""
+    for router in routers:
+        # Triton sends a [batch] index as [batch, 1]
+        np.testing.assert_array_equal(got[f"{router}.index"].ravel(), ref[f"{router}.index"])
+        np.testing.assert_allclose(got[f"{router}.probs"], ref[f"{router}.probs"], rtol=1e-5, atol=1e-6)
+    for name in set(got) - {f"{r}.{k}" for r in routers for k in ("index", "probs")}:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.serve
@@ -80,15 +93,28 @@ def assert_matches(got, ref):
 def test_server_answers_like_the_local_runtime(server, local, protocol):
     x = rows(5, seed=3)
     got = triton_infer(server, x, protocol=protocol)
-    assert got["index"].shape == (5, 1) and got["index"].dtype == np.int64
+    assert got["routed.router.index"].shape == (5, 1) and got["routed.router.index"].dtype == np.int64
     assert_matches(got, local.run(x))
+
+
+@pytest.mark.serve
+def test_the_client_example_finds_every_routers_decisions_the_same_as_the_local_runtime(server, trained_run):
+    example = Path(__file__).resolve().parents[1] / "examples" / "serve_client.py"
+    result = subprocess.run([sys.executable, str(example), str(trained_run.path), "--name", NAME, "--http",
+                             server.http_url, "--grpc", server.grpc_url, "--batch", "5"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for protocol in ("HTTP", "gRPC"):
+        assert f"{protocol}: router routed.router: experts " in result.stdout
+        assert f"{protocol}: output output: max |diff|" in result.stdout
+    assert result.stdout.count("agreement with the local runtime 100%") == 2
 
 
 @pytest.mark.serve
 @pytest.mark.parametrize("x, datatype, match", [
     (rows(2)[:, :10].copy(), "FP32", "unexpected shape for input 'x'"),
     (rows(2).astype(np.float64), "FP64", "data-type is 'FP64', but model 'routed' expects 'FP32'"),
-    (np.full((1, 64), np.nan, np.float32), "FP32", r"NaN or inf in row\(s\) 0"),
+    (np.full((1, 64), np.nan, np.float32), "FP32", r"NaN or inf in sample\(s\) 0"),
 ])
 def test_bad_request_gets_an_error_and_the_server_keeps_serving(server, local, x, datatype, match):
     from tritonclient.utils import InferenceServerException
@@ -127,17 +153,60 @@ def test_a_nan_request_batched_with_good_ones_fails_alone(server, local):
         assert_matches(results[i], local.run(inputs[i]))
 
 
+def two_input_onnx(path):
+    """A model of two inputs (an image [B, 1, 8, 8] and a vector [B, 4]) and two routers (`image.router` on
+    the image's conv features, `meta.router` on the vector), exported as a user would."""
+    import torch
+    from torch import nn
+
+    from deploytool.nn import RoutedExperts, Router
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            self.image = RoutedExperts(Router(16, 3), [nn.Linear(16, 8) for _ in range(3)], dispatch="sparse")
+            self.meta = RoutedExperts(Router(4, 2), [nn.Linear(4, 8) for _ in range(2)], dispatch="sparse")
+            self.head = nn.Linear(16, 5)
+            with torch.no_grad():  # decisive routers: untrained, they would send almost every sample alike
+                self.image.router.net[0].weight.mul_(30)
+                self.meta.router.net[0].weight.mul_(10)
+
+        def forward(self, image, meta):
+            return self.head(torch.cat([self.image(self.conv(image)).output, self.meta(meta).output], dim=1))
+
+    torch.manual_seed(0)
+    example = {"image": torch.zeros(2, 1, 8, 8), "meta": torch.zeros(2, 4)}
+    return deploytool.export_onnx(TwoInputs().eval(), path, example_inputs=example).path
+
+
 @pytest.mark.serve
-def test_onnx_file_is_served_through_onnxruntime(exported_onnx):
+def test_onnx_file_of_two_inputs_and_two_routers_is_served_with_every_routers_decisions(tmp_path):
+    """package (config.pbtxt from the signature) + serve through onnxruntime: over HTTP and gRPC, tritonclient
+    gets the same decisions of EVERY router as local ONNX Runtime."""
     require_server()
-    srv = deploytool.serve(exported_onnx, free_port(), grpc_port=free_port(), name=NAME, block=False)
+    model = two_input_onnx(tmp_path / "two.onnx")
+    routers = ("image.router", "meta.router")
+    outputs = ("output", *(f"{r}.{k}" for r in routers for k in ("index", "probs")))
+    rng = np.random.default_rng(5)
+    feed = {"image": rng.normal(size=(16, 1, 8, 8)).astype(np.float32),
+            "meta": rng.normal(size=(16, 4)).astype(np.float32)}
+    srv = deploytool.serve(model, port=free_port(), grpc_port=free_port(), name="two", block=False)
     try:
-        x = rows(4, seed=5)
-        with deploytool.load(exported_onnx) as local_onnx:
-            assert_matches(triton_infer(srv, x), local_onnx.run(x))
+        config = (srv.workdir / "models" / "two" / "config.pbtxt").read_text()
+        assert all(f'name: "{name}"' in config for name in ("image", "meta", *outputs))
+        with deploytool.load(model) as local_onnx:
+            assert local_onnx.backend == "onnxruntime"
+            ref = local_onnx.run(feed)
+            for protocol in ("http", "grpc"):
+                got = triton_infer(srv, feed, protocol=protocol, outputs=outputs)
+                assert sorted(got) == sorted(ref)
+                assert_matches(got, ref, routers)
     finally:
         srv.stop()
     assert not srv.workdir.exists()
+    # the inputs reach both routers: neither decides the same for every sample
+    assert all(len(np.unique(ref[f"{r}.index"])) > 1 for r in routers)
 
 
 @pytest.mark.serve
@@ -164,9 +233,9 @@ def test_port_in_use_is_refused_naming_the_port(trained_run):
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(BadInput, match=f"HTTP port {port} on 127.0.0.1 is in use"):
-            deploytool.serve(trained_run.path, port, block=False)
+            deploytool.serve(trained_run.path, port=port, block=False)
         with pytest.raises(BadInput, match=f"gRPC port {port} on 127.0.0.1 is in use"):
-            deploytool.serve(trained_run.path, free_port(), grpc_port=port, block=False)
+            deploytool.serve(trained_run.path, port=free_port(), grpc_port=port, block=False)
 
 
 def test_cli_serve_refuses_a_zero_preferred_batch_before_starting_anything(cli, trained_run):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from deploytool.engine.manifest import manifest_path
+from deploytool.artifacts import manifest_path
 from deploytool.errors import BadInput, MissingDependency
 from deploytool.runners.trt import TensorRTRunner
 
@@ -74,3 +74,29 @@ def test_engine_routing_matches_reference_on_both_op_paths(tmp_path, plugin, dty
     clear = reference.top2_margin(ref_probs) > 2 * atol
     np.testing.assert_array_equal(out["index"][clear], ref_index[clear])
     np.testing.assert_array_equal(out["mask"].argmax(-1), out["index"])
+
+
+def test_runner_signature_names_the_routers_the_manifest_copied_from_the_model(tmp_path, monkeypatch):
+    from deploytool.signature import RouterMeta, from_json, to_json
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # the signature is read without TensorRT
+    engine = _fake_engine(tmp_path)
+    manifest = json.loads(manifest_path(engine).read_text())
+    io = {"inputs": IO["inputs"], "outputs": [{"name": "output", "dtype": "float32", "shape": [-1, 3]},
+                                              {"name": "r.index", "dtype": "int64", "shape": [-1]},
+                                              {"name": "r.probs", "dtype": "float32", "shape": [-1, 4]}]}
+    onnx_signature = from_json({"inputs": io["inputs"], "outputs": io["outputs"], "dim_examples": {"batch": 2},
+                                "routers": [RouterMeta("r", 4, 0.5, "r.index", "r.probs").to_dict()]}, "model")
+    manifest_path(engine).write_text(json.dumps({**manifest, "io": io, "signature": to_json(onnx_signature)}))
+    signature = TensorRTRunner(engine).signature
+    assert signature.routers == onnx_signature.routers and signature.dim_examples == {"batch": 2}
+    assert signature.output_names == ["output", "r.index", "r.probs"]
+    assert [(t.name, t.shape) for t in signature.inputs] == [("x", (None, 16))]  # the engine's own tensors
+    signature.require_router(str(engine))
+
+
+def test_an_engine_whose_manifest_has_no_signature_has_no_router_to_serve(tmp_path):
+    signature = TensorRTRunner(_fake_engine(tmp_path)).signature
+    assert signature.routers == ()
+    with pytest.raises(BadInput, match="no deploytool router"):
+        signature.require_router("model.plan")

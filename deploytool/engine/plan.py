@@ -101,6 +101,11 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     metadata = {p.key: p.value for p in model.metadata_props}
     examples = from_json(metadata[META_KEY], str(onnx_path)).dim_examples if META_KEY in metadata else {}
     inputs = _graph_inputs(model)
+    named = sorted({d for inp in inputs for d in inp["shape"][1:] if isinstance(d, str) and d})
+    unknown = [name for name in dims or {} if name not in named]
+    if unknown:  # a misspelt dim would otherwise be fixed at the example's size without a word
+        raise BadInput(f"the model has no dynamic dim {unknown[0]!r} besides the batch; its dynamic dims are "
+                       f"{', '.join(named) or 'none'}")
     profile = _profile(inputs, (min_batch, opt_batch, max_batch), _dim_ranges(dims, examples))
     model_precision = _model_precision(inputs)
     lower_to = _lower_to(model_precision, precision)
