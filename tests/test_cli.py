@@ -113,3 +113,56 @@ def test_train_refuses_a_non_empty_out_dir_without_force(cli, tmp_path):
     code, _, err = cli("train", "--epochs", "1", "--out", tmp_path)
     assert_one_line_error(code, err, 2, "not empty")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _no_heavy_imports(script: str, heavy=("torch", "tensorrt", "triton", "sklearn", "matplotlib")) -> None:
+    code = script + f"\nimport sys\nheavy = [m for m in {heavy!r} if m in sys.modules]\nassert not heavy, heavy\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_console_script_help_imports_no_torch():
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("deploytool")  # the entry point pip installed beside this python
+    if not script.is_file():
+        pytest.skip("deploytool is not installed as a console script here")
+    script = str(script)
+    code = ("import runpy, sys\nsys.argv = [%r, '--help']\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n" % (script, script))
+    _no_heavy_imports(code, heavy=("torch", "onnxruntime", "onnx", "tensorrt", "triton", "sklearn", "matplotlib"))
+
+
+def test_loading_and_running_an_onnx_model_imports_no_torch(exported_onnx):
+    _no_heavy_imports(
+        "import numpy as np\nimport deploytool\n"
+        f"with deploytool.load({str(exported_onnx)!r}) as s:\n"
+        "    out = s.run(np.ones((3, 64), np.float32))\n"
+        "assert list(out) == ['output', 'routed.router.index', 'routed.router.probs'], list(out)\n"
+        "assert out['routed.router.index'].shape == (3,)\n")
+
+
+def test_loading_a_multi_input_onnx_model_and_running_it_by_name_imports_no_torch(image_export):
+    _no_heavy_imports(
+        "import numpy as np\nimport deploytool\n"
+        f"s = deploytool.load({str(image_export.path)!r})\n"
+        "out = s.run({'img': np.ones((2, 1, 8, 8), np.float32), 'meta': np.ones((2, 3), np.float32)})\n"
+        "assert out['gate.router.index'].shape == (2,) and out['output_0'].shape == (2, 5)\n"
+        "try:\n    s.run(np.ones((2, 1, 8, 8), np.float32))\nexcept deploytool.errors.BadInput as e:\n"
+        "    assert 'takes 2 inputs' in str(e)\nelse:\n    raise AssertionError('a lone array was accepted')\n")
+
+
+def test_an_internal_error_is_one_line_exit_70_asking_for_debug(cli, monkeypatch, trained_run):
+    import deploytool.metrics
+
+    def broken(run_dir):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(deploytool.metrics, "report", broken)
+    code, _, err = cli("report", trained_run.path)
+    lines = err.strip().splitlines()
+    assert code == 70 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("internal error: KeyError: 'boom'") and "--debug" in lines[0]
+    monkeypatch.setenv("DEPLOYTOOL_DEBUG", "0")  # --debug sets it to 1 for the process: restored afterwards
+    with pytest.raises(KeyError, match="boom"):  # --debug shows the traceback instead
+        cli("--debug", "report", trained_run.path)

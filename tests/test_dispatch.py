@@ -7,16 +7,20 @@ import torch
 
 from deploytool.models import RoutedMLP
 from deploytool import nn as nn_mod
-from deploytool.nn import RoutedExperts, Router, set_dispatch
+from deploytool.nn import RoutedExperts, RoutedOutput, Router, set_dispatch
+
+
+def _run(model, x, dispatch):
+    """(logits, index, probs) of the model's router on `x` with `dispatch`."""
+    set_dispatch(model, dispatch)
+    with torch.inference_mode(), nn_mod.record_routing(model) as calls:
+        output = model(x)
+    (decision,) = calls["routed.router"]
+    return RoutedOutput(output, decision.index, decision.probs)
 
 
 def _both(model, x):
-    with torch.inference_mode():
-        set_dispatch(model, "dense")
-        dense = model(x)
-        set_dispatch(model, "sparse")
-        sparse = model(x)
-    return dense, sparse
+    return _run(model, x, "dense"), _run(model, x, "sparse")
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 4096])
@@ -117,3 +121,41 @@ def test_experts_that_are_not_plain_are_called_as_modules_even_without_autograd(
     torch.testing.assert_close(out.output, expected, rtol=1e-5, atol=1e-6)
     if how != "other layer":  # the first call is sparse's, with exactly expert 2's rows
         assert seen[0] == int((out.index == 2).sum())
+
+
+@pytest.mark.parametrize("experts", ["linear", "mlp"])
+def test_token_level_sparse_equals_dense_and_decides_once_per_token(experts):
+    """[B, T, D] in: one decision per token ([B, T]), and sparse dispatch runs each token's expert only."""
+    torch.manual_seed(6)
+    make = (lambda: torch.nn.Linear(6, 4)) if experts == "linear" else \
+        (lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4)))
+    layer = RoutedExperts(Router(6, 3), [make() for _ in range(3)]).eval()
+    x = torch.randn(5, 7, 6)
+    with torch.inference_mode():
+        dense = layer(x)
+        layer.dispatch = "sparse"
+        sparse = layer(x)
+        by_hand = torch.stack([torch.stack([layer.experts[int(dense.index[b, t])](x[b, t]) for t in range(7)])
+                               for b in range(5)])
+    assert dense.index.shape == (5, 7) and dense.probs.shape == (5, 7, 3) and dense.output.shape == (5, 7, 4)
+    assert set(dense.index.unique().tolist()) == {0, 1, 2}
+    assert torch.equal(sparse.index, dense.index)
+    torch.testing.assert_close(sparse.output, dense.output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense.output, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_route_on_decides_from_other_features_than_the_experts_input():
+    """Experts on a feature map [B, C, H, W], the decision from pooled features [B, F]: one per image."""
+    torch.manual_seed(7)
+    experts = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 3, 5)) for _ in range(2)]
+    layer = RoutedExperts(Router(4, 2, kind="sigmoid"), experts).eval()
+    x, pooled = torch.randn(9, 2, 3, 3), torch.randn(9, 4)
+    with torch.inference_mode():
+        dense = layer(x, route_on=pooled)
+        layer.dispatch = "sparse"
+        sparse = layer(x, route_on=pooled)
+        assert torch.equal(dense.index, layer.router(pooled).index)
+    assert dense.index.shape == (9,) and dense.output.shape == (9, 5)
+    torch.testing.assert_close(sparse.output, dense.output, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="leading dims must be those positions"):
+        layer(x, route_on=torch.randn(4, 4))

@@ -12,29 +12,58 @@ from conftest import assert_one_line_error
 from deploytool.errors import BadInput
 
 
-@pytest.fixture(scope="module")
-def perturbed(exported_onnx, tmp_path_factory):
-    """The exported_onnx model with the router's rows rolled: confident rows go to another expert."""
+def router_initializers(model, path: str):
+    """[(initializer, expert axis)] of the final Linear of the router at module path `path` in an
+    exported ModelProto: a Gemm's weight [E, in] for [B, D] inputs, a MatMul's folded weight [in, E]
+    for [B, T, D] ones, and the bias [E]."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    bias = next(name for name in inits if name.endswith(f"{path}.net.0.bias"))
+    node = next(n for n in model.graph.node if bias in n.input)
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return [(inits[node.input[1]], 0 if trans_b else 1), (inits[bias], 0)]
+    matmul = producers[next(i for i in node.input if i != bias)]
+    assert matmul.op_type == "MatMul", matmul.op_type
+    return [(inits[matmul.input[1]], 1), (inits[bias], 0)]
+
+
+def edit_router(source, target, path: str, edit):
+    """Save `source` as `target` with `edit(array, expert_axis)` applied to the router at `path`."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(exported_onnx))
-    for init in model.graph.initializer:
-        if init.name.startswith("routed.router.net.0."):
-            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
-    path = tmp_path_factory.mktemp("perturbed") / "flipped.onnx"
-    onnx.save(model, str(path))
-    return path
+    model = onnx.load(str(source))
+    for init, axis in router_initializers(model, path):
+        init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init), axis), init.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def roll_experts(array, axis):
+    """Every position's decision moves to the next expert, at the margin it had."""
+    return np.roll(array, 1, axis=axis)
+
+
+@pytest.fixture(scope="module")
+def perturbed(exported_onnx, tmp_path_factory):
+    """The exported_onnx model with the router's rows rolled: confident rows go to another expert."""
+    return edit_router(exported_onnx, tmp_path_factory.mktemp("perturbed") / "flipped.onnx", "routed.router",
+                       roll_experts)
 
 
 def test_exported_model_verifies_against_torch_and_sparse_torch(exported_onnx, trained_run):
     from deploytool import verify
 
-    report = verify(exported_onnx, trained_run.path, backends=("torch", "torch-sparse", "onnxruntime"), samples=360)
+    report = verify(exported_onnx, checkpoint=trained_run.path, backends=("torch", "torch-sparse", "onnxruntime"),
+                    samples=360)
     assert report.passed, report.failures()
     assert len(report.comparisons) == 3  # every pair
     for c in report.comparisons:
-        assert c.routing.agreement == 100.0 and c.routing.flips == 0
+        (routing,) = c.routing
+        assert routing.router == "routed.router" and routing.agreement == 100.0 and routing.flips == 0
+        assert routing.rows == 360
+        assert {o.name for o in c.outputs} == {"output", "routed.router.probs"}
         assert max(o.max_abs for o in c.outputs) < 1e-5
     assert report.inputs == {"digits held-out": 360}
 
@@ -55,7 +84,7 @@ def test_static_batch_model_verifies_fed_in_padded_chunks_of_its_batch(cli, stat
     assert code == 0, err
     result = json.loads(out)
     assert result["passed"] and result["inputs"] == {"digits held-out": 101}
-    assert all(c["routing"]["rows"] == 101 and c["routing"]["flips"] == 0 for c in result["comparisons"])
+    assert all(r["rows"] == 101 and r["flips"] == 0 for c in result["comparisons"] for r in c["routing"])
 
 
 def test_cli_verify_json_is_machine_readable(cli, exported_onnx, trained_run):
@@ -65,23 +94,26 @@ def test_cli_verify_json_is_machine_readable(cli, exported_onnx, trained_run):
     (c,) = result["comparisons"]
     assert result["passed"] and c["reference"] == "torch" and c["candidate"] == "onnxruntime"
     assert {"max_abs", "mean_abs", "p99_abs", "max_rel", "min_atol", "passed"} <= set(c["outputs"][0])
-    assert {"agreement", "flips", "tie_breaks", "failures", "buckets"} <= set(c["routing"])
+    (routing,) = c["routing"]
+    assert {"router", "agreement", "flips", "tie_breaks", "failures", "buckets"} <= set(routing)
+    assert routing["router"] == "routed.router"
 
 
 def test_flip_at_large_margin_fails_verify(cli, perturbed, trained_run):
     from deploytool import verify
 
-    report = verify(perturbed, trained_run.path)
+    report = verify(perturbed, checkpoint=trained_run.path)
     assert not report.passed
-    routing = report.comparisons[0].routing
+    (routing,) = report.comparisons[0].routing
     assert routing.failures > 0.5 * routing.rows and routing.agreement < 50
     code, out, err = cli("verify", perturbed, "--checkpoint", trained_run.path)
-    assert_one_line_error(code, err, 1, "routing flips")
+    assert_one_line_error(code, err, 1, "router routed.router: ")
+    assert "decision flips" in err
     assert "parity: FAIL" in out
 
 
 @pytest.mark.parametrize("name, match", [
-    ("model.PLAN", "onnxruntime needs an ONNX model path"),  # an engine whatever the suffix's case
+    ("model.PLAN", "engine .*model.PLAN has no manifest"),  # an engine whatever the suffix's case
     ("model.txt", "neither a run directory, an .onnx file nor a TensorRT engine"),
 ])
 def test_verify_tells_engines_from_onnx_by_suffix_like_load_does(tmp_path, name, match):
@@ -100,8 +132,8 @@ def test_check_runners_match_refuses_a_checkpoint_of_another_shape(exported_onnx
 
     other = tmp_path / "routing.onnx"
     other.write_bytes(routing_model(4, 0.5).SerializeToString())
-    runners = [make_runner("onnxruntime", onnx_path=p, device="cpu") for p in (exported_onnx, other)]
-    with pytest.raises(BadInput, match="disagree on shapes"):
+    runners = [make_runner("onnxruntime", p, device="cpu") for p in (exported_onnx, other)]
+    with pytest.raises(BadInput, match="disagree on the model's signature"):
         check_runners_match(runners, {}, None)
     assert check_runners_match(runners[:1], {}, None) == []
 
@@ -114,18 +146,19 @@ def test_checkpoint_sha_mismatch_is_noted(exported_onnx, trained_run, tmp_path):
     shutil.copytree(trained_run.path, run)
     state = load_weights(run / "model.safetensors")
     save_weights(run / "model.safetensors", {k: v * 1.0001 if v.is_floating_point() else v for k, v in state.items()})
-    report = verify(exported_onnx, run, samples=50)
+    report = verify(exported_onnx, checkpoint=run, samples=50)
     assert any("sha256 differs" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nan_or_infinite_inputs_are_refused(bad):
-    from deploytool.parity import check_inputs
+def test_nan_or_infinite_inputs_are_refused(exported_onnx, bad):
+    from deploytool.artifacts import open_artifact
+    from deploytool.feeds import load_feed
 
     x = np.ones((4, 64), np.float32)
     x[2, 3] = bad
-    with pytest.raises(BadInput, match=r"NaN or inf in row\(s\) 2"):
-        check_inputs(x, 64)
+    with pytest.raises(BadInput, match=r"input 'x' has NaN or inf in sample\(s\) 2;"):
+        load_feed(x, open_artifact(exported_onnx).signature)
 
 
 def test_verify_refuses_an_array_with_inf_before_running(exported_onnx, trained_run):
@@ -133,8 +166,8 @@ def test_verify_refuses_an_array_with_inf_before_running(exported_onnx, trained_
 
     x = np.ones((8, 64), np.float32)
     x[5, 0] = np.inf
-    with pytest.raises(BadInput, match=r"NaN or inf in row\(s\) 5"):
-        verify(exported_onnx, trained_run.path, data=x)
+    with pytest.raises(BadInput, match=r"NaN or inf in sample\(s\) 5"):
+        verify(exported_onnx, checkpoint=trained_run.path, data=x)
 
 
 def _pickled_run(run, tmp_path):
@@ -161,7 +194,8 @@ def _other_model_run(run, tmp_path):
 
     other = tmp_path / "other"
     other.mkdir()
-    config = {**json.loads((run / "config.json").read_text()), "n_experts": 8}
+    config = json.loads((run / "config.json").read_text())
+    config.update({k: 8 for k in ("n_experts", "experts") if k in config})
     save_weights(other / "model.safetensors", build_model(config).state_dict())
     write_json(other / "config.json", config)
     return other
@@ -183,14 +217,14 @@ def _npz(tmp_path, features=10, nan=False):
     ("pickled checkpoint", "pickled checkpoints are refused"),
     ("checkpoint shapes", "shape"),
     ("checkpoint of another model", "the checkpoint does not match the model"),
-    ("feature mismatch", "10 features but the model expects 64"),
+    ("feature mismatch", "input 'x' has shape [40, 10]; the model takes float32[batch, 64] (dim 1 differs)"),
     ("nan inputs", "NaN"),
     ("unknown backend", "unknown backend 'tflite'"),
-    ("no checkpoint", "--checkpoint"),
+    ("no checkpoint", "give the checkpoint (its run directory)"),
     ("same backend twice", "backend 'torch' is given twice"),
-    ("nan atol", "--atol must be a finite number >= 0"),
-    ("negative rtol", "--rtol must be a finite number >= 0"),
-    ("directory as model", "is a directory; give an ONNX file"),
+    ("nan atol", "atol must be a finite number >= 0, got nan"),
+    ("negative rtol", "rtol must be a finite number >= 0, got -1"),
+    ("directory as model", "is a directory without config.json"),
     ("run dir as model", "export it first: deploytool export"),
     ("directory as data", "is a directory"),
 ])
@@ -233,3 +267,110 @@ def test_cli_verify_bad_input_is_one_line_exit_2(cli, exported_onnx, trained_run
     code, out, err = cli("verify", model, *args)
     assert_one_line_error(code, err, 2, match)
     assert out == ""
+
+
+# --- several routers, each judged on its own ------------------------------------------------------
+
+TRANSFORMER_ROUTERS = ["layers.0.moe.router", "layers.1.moe.router"]
+
+
+def test_a_token_level_model_verifies_every_router_per_token(transformer_onnx, transformer_run):
+    from deploytool import verify
+
+    report = verify(transformer_onnx, checkpoint=transformer_run.path, backends="torch-dense,onnxruntime",
+                    samples=64)
+    assert report.passed, report.failures()
+    (c,) = report.comparisons
+    assert [r.router for r in c.routing] == TRANSFORMER_ROUTERS
+    assert all(r.rows == 64 * 8 and r.agreement == 100.0 for r in c.routing)  # 8 tokens per sample
+    assert {o.name for o in c.outputs} == {"output", *(f"{r}.probs" for r in TRANSFORMER_ROUTERS)}
+    assert all(o.rows == 64 for o in c.outputs)
+
+
+@pytest.fixture(scope="module")
+def second_router_flipped(transformer_onnx, tmp_path_factory):
+    """transformer_onnx with only its last router's experts rolled: the first router still decides as torch."""
+    return edit_router(transformer_onnx, tmp_path_factory.mktemp("flip2") / "flipped.onnx", TRANSFORMER_ROUTERS[1],
+                       roll_experts)
+
+
+def test_one_flipped_router_fails_verify_while_the_other_agrees(cli, second_router_flipped, transformer_run):
+    from deploytool import verify
+
+    report = verify(second_router_flipped, checkpoint=transformer_run.path, samples=64)
+    assert report.passed is False
+    first, second = report.comparisons[0].routing
+    assert first.router == TRANSFORMER_ROUTERS[0] and first.passed and first.agreement == 100.0
+    assert second.router == TRANSFORMER_ROUTERS[1] and not second.passed
+    assert second.flips == second.rows == 64 * 8 and second.failures == second.rows
+    assert [f for f in report.failures() if TRANSFORMER_ROUTERS[0] + ":" in f] == []
+    code, out, err = cli("verify", second_router_flipped, "--checkpoint", transformer_run.path, "--samples", "64")
+    assert_one_line_error(code, err, 1, f"router {TRANSFORMER_ROUTERS[1]}: 512 decision flips")
+    assert f"router {TRANSFORMER_ROUTERS[0]}:" not in err
+    assert "parity: FAIL" in out and f"router {TRANSFORMER_ROUTERS[0]}: 100.00% agree" in out
+
+
+def test_router_weights_that_are_nan_fail_verify(exported_onnx, trained_run, tmp_path):
+    """Two models that compute NaN the same way are no parity: NaN never matches, not even NaN."""
+    from deploytool import verify
+    from deploytool.io import load_weights, save_weights
+
+    nan = edit_router(exported_onnx, tmp_path / "nan.onnx", "routed.router",
+                      lambda array, axis: np.full_like(array, np.nan))
+    twin = tmp_path / "twin.onnx"
+    shutil.copyfile(nan, twin)
+    report = verify([nan, twin], backends="onnxruntime", samples=40)
+    assert report.passed is False
+    (c,) = report.comparisons
+    failed = {o.name for o in c.outputs if not o.passed}
+    assert "routed.router.probs" in failed  # the experts still compute: only the decisions' probs are NaN
+    assert all(o.max_abs == np.inf for o in c.outputs if o.name in failed)
+    # against the torch backends: a checkpoint whose router weights are NaN is refused before anything runs
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    state = load_weights(run / "model.safetensors")
+    save_weights(run / "model.safetensors",
+                 {k: v.clone().fill_(float("nan")) if k.startswith("routed.router.") else v for k, v in state.items()})
+    with pytest.raises(BadInput, match="NaN"):
+        verify(nan, checkpoint=run, samples=40)
+
+
+def _no_router_onnx(path):
+    """A valid ONNX model that routes nothing: y = relu(x)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("which", ["plain", "routing ops without a signature"])
+def test_a_model_without_a_router_is_refused_in_one_line(cli, trained_run, tmp_path, which):
+    from deploytool import verify
+    from deploytool.ops.onnx_functions import routing_model
+
+    if which == "plain":
+        model = _no_router_onnx(tmp_path / "plain.onnx")
+    else:
+        model = tmp_path / "routing.onnx"
+        model.write_bytes(routing_model(4, 0.5).SerializeToString())
+    code, out, err = cli("verify", model, "--checkpoint", trained_run.path)
+    assert_one_line_error(code, err, 2, "has no deploytool router")
+    assert out == ""
+    with pytest.raises(BadInput, match="has no deploytool router"):
+        verify(model, checkpoint=trained_run.path)
+
+
+def test_per_output_tolerances_reach_every_comparison(exported_onnx, trained_run):
+    from deploytool import verify
+
+    report = verify(exported_onnx, checkpoint=trained_run.path, samples=30, atol={"output": 0.5}, rtol={"output": 0})
+    assert report.passed, report.failures()
+    by_name = {o.name: o for o in report.comparisons[0].outputs}
+    assert (by_name["output"].atol, by_name["output"].rtol) == (0.5, 0.0)
+    assert by_name["routed.router.probs"].atol == 1e-5  # the float32 default
+    with pytest.raises(BadInput, match="atol must be a finite number >= 0, got -1"):
+        verify(exported_onnx, checkpoint=trained_run.path, atol={"output": -1})
