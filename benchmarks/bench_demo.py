@@ -34,8 +34,9 @@ def main() -> None:
         export_onnx(run, run / "model.onnx")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path, plot_path = args.out_dir / "bench_demo.json", args.out_dir / "bench_demo.png"
-    result = bench(run, args.backends.split(","), args.batch_sizes, args.routing.split(","),
-                   duration_s=args.duration_s, json_path=json_path, plot_path=plot_path)
+    result = bench(run, backends=args.backends.split(","), batch_sizes=args.batch_sizes,
+                   routing=args.routing.split(","), duration_s=args.duration_s, json_path=json_path,
+                   plot_path=plot_path)
     render(result, json_path, plot_path)
     by = {(ln.backend, ln.batch_size, ln.routing): ln for ln in result.lines}
     ort1 = by.get(("onnxruntime", 1, "uniform"))

@@ -39,14 +39,14 @@ def main() -> None:
 
     from deploytool.data import load_digits
     from deploytool.export.onnx import export_onnx
-    from deploytool.runners import INPUT_NAME, make_runner
+    from deploytool.runners import make_runner
     from deploytool.training import load_model, train
 
     work = Path(tempfile.mkdtemp(prefix="bench-runners-"))
     run_dir = Path(args.run_dir) if args.run_dir else train(None, work / "run", progress=False, epochs=2).path
     onnx_path = export_onnx(run_dir, work / "model.onnx").path
     x = np.ascontiguousarray(load_digits(0).x_test[: args.batch])
-    feed = {INPUT_NAME: x}
+    feed = {"x": x}  # the built-in models' input
 
     model = load_model(run_dir)
     xt = torch.from_numpy(x)
@@ -64,10 +64,10 @@ def main() -> None:
     def ort_bare():
         return session.run(names, feed)
 
-    torch_runner = make_runner("torch", run_dir=run_dir)
-    ort_runner = make_runner("onnxruntime", onnx_path=onnx_path, device="cpu", threads=args.threads or None)
+    torch_runner = make_runner("torch", run_dir)
+    ort_runner = make_runner("onnxruntime", onnx_path, threads=args.threads or None)
     with torch_runner, ort_runner:
-        np.testing.assert_allclose(ort_runner.infer(feed)["output"], torch_eager().output.numpy(), atol=1e-5)
+        np.testing.assert_allclose(ort_runner.infer(feed)["output"], torch_eager().numpy(), atol=1e-5)
         calls = {"torch eager": torch_eager, "TorchRunner.infer": lambda: torch_runner.infer(feed),
                  "ort InferenceSession.run": ort_bare, "OnnxRuntimeRunner.infer": lambda: ort_runner.infer(feed)}
         samples = harness.measure(list(calls.values()), warmup_ms=args.warmup_ms, duration_s=args.duration_s)
