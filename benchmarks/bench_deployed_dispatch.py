@@ -26,7 +26,6 @@ import logging
 import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper

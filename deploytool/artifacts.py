@@ -8,6 +8,8 @@ command opens artifacts one way. Only NumPy and (lazily) onnx: no torch.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ MODULE_PREFIX = "module:"
 class RunDir:
     """A run directory as read: its path, config.json and metrics.json.
 
+    Built by `load_run` (which checks config.json with `check_run_config`), and returned by `train`,
+    `fit` and `commit`.
+
     Attributes:
         path: the directory.
         config: config.json (architecture + recipe, or a `fit` run's settings).
@@ -52,12 +57,13 @@ class RunDir:
 
     @property
     def weights(self) -> Path:
+        """The run's safetensors weights, model.safetensors."""
         return self.path / io.WEIGHTS_FILE
 
     @property
     def plot(self) -> Path:
+        """The routing plot, routing.png (it may be absent)."""
         return self.path / io.ROUTING_PLOT
-
 
 
 def load_run(path: str | Path) -> RunDir:
@@ -70,39 +76,142 @@ def load_run(path: str | Path) -> RunDir:
         The RunDir.
 
     Raises:
-        BadInput: not a directory, or a config.json that is not a deploytool run's.
+        BadInput: not a directory, a config.json that is not a deploytool run's (check_run_config), a
+            config whose expert count does not match its weights, or a metrics.json that is not an object.
     """
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist or is not a directory")
     config = io.read_json(path / io.CONFIG_FILE, "run config")
     check_run_config(config, path / io.CONFIG_FILE)
+    if not is_module_run(config):
+        _check_expert_count(config, path)
     metrics_path = path / io.METRICS_FILE
     metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
+    if not isinstance(metrics, dict):
+        raise BadInput(f"{metrics_path} is not a deploytool metrics file (expected a JSON object)")
     return RunDir(path, config, metrics)
-
-
-def check_run_config(config: Any, source: Path) -> None:
-    """What every consumer of a run dir (load_model, runners, package, serve) relies on, checked once."""
-    if not isinstance(config, dict):
-        raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
-    if is_module_run(config):
-        return
-    missing = [k for k in RUN_CONFIG_INTS if k not in config]
-    if missing or "model" not in config:
-        raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
-    bad = [k for k in RUN_CONFIG_INTS if not isinstance(config[k], int) or isinstance(config[k], bool)
-           or config[k] < 1]
-    if bad:
-        raise BadInput(f"{source}: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be whole numbers >= 1")
 
 
 # config.json entries whose meaning the rest of the tool takes for granted
 RUN_CONFIG_INTS = ("in_features", "n_classes", "n_experts")
+#: architecture sizes a built-in run's config.json may hold, with their least value
+RUN_CONFIG_SIZES = {"expert_hidden": 1, "width": 1, "channels": 1, "d_model": 1, "layers": 1, "heads": 1,
+                    "router_hidden": 0, "trunk": 0}
+#: the most experts a router may have (train refuses more too); a larger count is a typo, not a model
+MAX_EXPERTS = 4096
+#: the built-in models (deploytool.models.MODELS) a run's "model" may name, unless "module:<ClassName>"
+BUILTIN_MODELS = ("routed-mlp", "routed-cnn", "moe-transformer")
+#: config.json entries that are names, with the values they may take (None: any string)
+RUN_CONFIG_NAMES = {"model": BUILTIN_MODELS, "router": ("softmax", "sigmoid"), "dispatch": ("dense", "sparse"),
+                    "penalty": None, "balance": None}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_run_config(config: Any, source: str | Path) -> None:
+    """What every consumer of a run dir (load_model, runners, export, package, serve) relies on, checked once.
+
+    Args:
+        config: config.json as read.
+        source: the file it came from, named in every message.
+
+    Raises:
+        BadInput: not a JSON object, a missing architecture key, a size that is not a whole number in
+            range, a temperature that is not a finite number > 0, a loss weight that is not a finite
+            number >= 0, a name of the wrong kind, or experts/n_experts that disagree.
+    """
+    if not isinstance(config, dict):
+        raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
+    for key in ("temperature", "temperature_start"):
+        if key in config and (not _is_number(config[key]) or config[key] <= 0):
+            raise BadInput(f"{source}: {key}={config[key]!r} must be a finite number > 0")
+    if is_module_run(config):
+        shape = config.get("input_shape")
+        if shape is not None and not (isinstance(shape, list) and all(_is_int(d) and d >= 1 for d in shape)):
+            raise BadInput(f"{source}: input_shape={shape!r} must be a list of whole numbers >= 1")
+        routers = config.get("routers")
+        if routers is not None and not (isinstance(routers, dict)
+                                        and all(_is_int(n) and n >= 1 for n in routers.values())):
+            raise BadInput(f"{source}: routers={routers!r} must map router paths to expert counts")
+        return
+    missing = [k for k in RUN_CONFIG_INTS if k not in config]
+    if missing or "model" not in config:
+        raise BadInput(f"{source} lacks {', '.join(missing or ['model'])}: is it a deploytool run's config.json?")
+    bad = [k for k in RUN_CONFIG_INTS if not _is_int(config[k]) or config[k] < 1]
+    if bad:
+        raise BadInput(f"{source}: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be whole numbers >= 1")
+    for key, least in RUN_CONFIG_SIZES.items():
+        if key in config and (not _is_int(config[key]) or config[key] < least):
+            raise BadInput(f"{source}: {key}={config[key]!r} must be a whole number >= {least}")
+    for key, allowed in RUN_CONFIG_NAMES.items():
+        value = config.get(key, allowed[0] if allowed else "")
+        if not isinstance(value, str) or (allowed and value not in allowed):
+            wanted = ", ".join(allowed) if allowed else "a name"
+            wanted = f"one of {wanted}" if allowed else wanted
+            raise BadInput(f"{source}: {key}={value!r} must be {wanted}")
+    for key in ("alpha", "beta"):
+        if key in config and (not _is_number(config[key]) or config[key] < 0):
+            raise BadInput(f"{source}: {key}={config[key]!r} must be a finite number >= 0")
+    n_experts = config["n_experts"]
+    if "experts" in config and config["experts"] != n_experts:
+        raise BadInput(f"{source}: n_experts={n_experts!r} disagrees with experts={config['experts']!r}")
+    if n_experts > MAX_EXPERTS:
+        raise BadInput(f"{source}: n_experts={n_experts} is more than the {MAX_EXPERTS} a router may have")
+    if config.get("router", "softmax") == "sigmoid" and n_experts != 2:
+        raise BadInput(f"{source}: a sigmoid router routes between exactly 2 experts, got n_experts={n_experts}")
+    if n_experts < 2:
+        raise BadInput(f"{source}: n_experts={n_experts} must be >= 2 (one expert is no routing)")
+
+
+def _check_expert_count(config: dict[str, Any], path: Path) -> None:
+    """The weights' expert modules (`<module>.experts.<i>.`) number n_experts in every routed module.
+
+    Reads only the safetensors header; weights that are absent or unreadable are left to the loader.
+    """
+    names = _safetensors_names(path / io.WEIGHTS_FILE)
+    counts: dict[str, set[int]] = {}
+    for name in names:
+        match = re.match(r"(.*?)experts\.(\d+)\.", name)
+        if match:
+            counts.setdefault(match.group(1), set()).add(int(match.group(2)))
+    for module, indices in counts.items():
+        if len(indices) != config["n_experts"]:
+            raise BadInput(f"{path / io.CONFIG_FILE}: n_experts={config['n_experts']} but {io.WEIGHTS_FILE} holds "
+                           f"{len(indices)} experts in {module.rstrip('.') or 'the model'}")
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header; [] when it is absent or not readable as one."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > min(path.stat().st_size, 1 << 28):
+                return []
+            header = json.loads(fh.read(size))
+    except (OSError, struct.error, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def is_module_run(config: dict[str, Any]) -> bool:
-    """A run trained by `fit` from a user's own module (its class is not deploytool's to rebuild)."""
+    """A run trained by `fit` from a user's own module (its class is not deploytool's to rebuild).
+
+    Args:
+        config: a run's config.json.
+
+    Returns:
+        True when its "model" is "module:<ClassName>".
+    """
     return str(config.get("model", "")).startswith(MODULE_PREFIX)
 
 

@@ -126,7 +126,7 @@ def commit(run_or_module: Any, *, out: str | Path, data: tuple[Any, Any] | None 
         metrics["dataset"] = source.metrics.get("dataset", source.config.get("dataset"))
         config = {**source.config, "penalty": penalty, "alpha": alpha, "balance": balance, "beta": beta,
                   "temperature": temperature_end, "committed_from": str(source.path), "commit": settings}
-    return write_run(out, model, config, metrics, f"{config['model']} committed")
+    return write_run(out, model, config, metrics, f"{config['model']} committed", force=force)
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,9 @@ def routing_metrics(model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
     Returns:
         The metrics dict (`routers` holds the per-router figures by module path).
+
+    Raises:
+        BadInput: a model without routers (nothing was recorded).
     """
     import torch
 
@@ -42,6 +45,10 @@ def routing_metrics(model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     soft_acc = float((soft.argmax(1).numpy() == y).mean())
     hard_acc = float((hard.argmax(1).numpy() == y).mean())
     routers = {path: _router_metrics(calls[path][-1], y) for path, _ in named_routers(model) if calls[path]}
+    if not routers:
+        from deploytool.errors import BadInput
+
+        raise BadInput(f"{type(model).__name__} made no routing decision: it has no deploytool Router in use")
     first = next(iter(routers.values()))
     max_probs = np.concatenate([r.pop("_max_prob") for r in routers.values()])
     return {
@@ -85,7 +92,19 @@ def _router_metrics(routing, y: np.ndarray) -> dict[str, Any]:
 
 
 def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Three panels: confidence histogram, expert load, class-by-expert routing."""
+    """Three panels: confidence histogram, expert load, class-by-expert routing.
+
+    Args:
+        metrics: what routing_metrics returns.
+        path: the PNG to write (atomically).
+        title: the figure's title (default: hard and soft accuracy).
+
+    Returns:
+        `path`.
+
+    Raises:
+        KeyError: metrics lacking the figures routing_metrics writes.
+    """
     from matplotlib.figure import Figure  # no pyplot: a caller's matplotlib backend is left alone
 
     from deploytool.io import atomic_path
@@ -118,20 +137,41 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
 
 
 def report(run_dir: str | Path) -> dict[str, Any]:
-    """The routing-quality figures of a run directory, with the paths of its artifacts."""
+    """The routing-quality figures of a run directory, with the paths of its artifacts.
+
+    Args:
+        run_dir: a run directory of `train`, `fit` or `commit`.
+
+    Returns:
+        {"run_dir", "plot" (None when absent), "config", "metrics"}.
+
+    Raises:
+        BadInput: not a run directory, a config.json check_run_config refuses, no metrics.json, or one
+            that lacks a summary figure or holds one that is not a finite number (each named).
+    """
     from deploytool import io
     from deploytool.artifacts import load_run
-
-    run = load_run(run_dir)
     from deploytool.errors import BadInput
 
+    run = load_run(run_dir)
+    source = run.path / io.METRICS_FILE
     if not run.metrics:
         raise BadInput(f"{run.path} has no {io.METRICS_FILE}; train into it first")
-    missing = [k for k in SUMMARY_KEYS if not isinstance(run.metrics, dict) or k not in run.metrics]
+    missing = [k for k in SUMMARY_KEYS if k not in run.metrics]
     if missing:
-        raise BadInput(f"{run.path / io.METRICS_FILE} is not a deploytool metrics file (lacks {', '.join(missing)})")
+        raise BadInput(f"{source} is not a deploytool metrics file (lacks {', '.join(missing)})")
+    for key in SUMMARY_KEYS:
+        value = run.metrics[key]
+        values = value if key == "expert_load" and isinstance(value, list) and value else [value]
+        if not all(_is_finite_number(v) for v in values):
+            wanted = "a non-empty list of finite numbers" if key == "expert_load" else "a finite number"
+            raise BadInput(f"{source}: {key}={value!r} must be {wanted}")
     return {"run_dir": str(run.path), "plot": str(run.plot) if run.plot.exists() else None,
             "config": run.config, "metrics": run.metrics}
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 SUMMARY_KEYS = ("soft_accuracy", "hard_accuracy", "hard_soft_gap", "mean_max_prob", "frac_confident",

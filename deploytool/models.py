@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -173,7 +174,17 @@ INPUT_NAME = "x"
 
 
 def input_shape(config: dict[str, Any]) -> tuple[int, ...]:
-    """One sample's shape for the run config's model (a data set row is reshaped to it)."""
+    """One sample's shape for the run config's model (a data set row is reshaped to it).
+
+    Args:
+        config: a run config (model, in_features).
+
+    Returns:
+        The shape of one sample, without the batch.
+
+    Raises:
+        BadInput: an unknown model, or features the model cannot take (not a square for images).
+    """
     name = config.get("model")
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
@@ -184,19 +195,157 @@ def input_shape(config: dict[str, Any]) -> tuple[int, ...]:
 
 
 def example_inputs(config: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
-    """Zero inputs of the run config's model, keyed by input name (what a signature is traced on)."""
+    """Zero inputs of the run config's model, keyed by input name (what a signature is traced on).
+
+    Args:
+        config: a run config.
+        batch: the batch size.
+
+    Returns:
+        {input name: float32 zeros [batch, *input_shape]}.
+
+    Raises:
+        BadInput: as input_shape.
+    """
     return {INPUT_NAME: np.zeros((batch, *input_shape(config)), np.float32)}
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its config (`config["model"]` names the architecture)."""
+    """Rebuild a model from its config (`config["model"]` names the architecture).
+
+    Args:
+        config: a run's config.json (or what train writes into it): model, in_features, n_classes,
+            n_experts and the architecture sizes.
+
+    Returns:
+        The model (untrained weights), in train mode.
+
+    Raises:
+        BadInput: a config check_run_config refuses, a model that cannot be built from it, or one that
+            would not fit this machine's memory.
+    """
+    from deploytool.artifacts import check_run_config
+
+    name = config.get("model") if isinstance(config, dict) else None
+    if name not in MODELS:
+        raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+    defaults = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items()
+                if k in ARCH_KEYS and p.default is not inspect.Parameter.empty}
+    config = {**defaults, **config}
+    check_run_config(config, "config")
+    check_memory(config)
+    return _construct(config)
+
+
+def _construct(config: dict[str, Any], **overrides: Any) -> nn.Module:
     name = config.get("model")
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; built-in models: {', '.join(MODELS)}")
     accepted = inspect.signature(MODELS[name]).parameters
     kwargs = {k: config[k] for k in ARCH_KEYS if k in config and k in accepted}
-    loss = RoutingLoss(**{k: config[k] for k in ("penalty", "alpha", "balance", "beta") if k in config})
+    kwargs.update({k: v for k, v in overrides.items() if k in accepted})
     try:
+        loss = RoutingLoss(**{k: config[k] for k in ("penalty", "alpha", "balance", "beta") if k in config})
         return MODELS[name](loss=loss, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"cannot build {name}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise BadInput(f"cannot build {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def parameter_count(config: dict[str, Any]) -> int:
+    """How many parameters the config's model has, counted without allocating any.
+
+    The models are built on the meta device at 2-3 experts and 1-2 layers, and the count extended to the
+    config's (it is exact: a count is linear in experts and in layers).
+
+    Args:
+        config: a run config (as build_model takes).
+
+    Returns:
+        The number of parameters.
+
+    Raises:
+        BadInput: a model that cannot be built from the config.
+    """
+    def count(n_experts: int, layers: int) -> int:
+        with torch.device("meta"):
+            model = _construct(config, n_experts=n_experts, layers=layers)
+        return sum(p.numel() for p in model.parameters())
+
+    n_experts, layers = int(config["n_experts"]), int(config.get("layers", 1))
+    if config.get("router") == "sigmoid":
+        low, high = count(2, 1), count(2, 2)
+        return low + (high - low) * (layers - 1)
+    p11, p21, p12, p22 = count(2, 1), count(3, 1), count(2, 2), count(3, 2)
+    per_expert, per_layer, both = p21 - p11, p12 - p11, p22 - p21 - p12 + p11
+    return p11 + per_expert * (n_experts - 2) + per_layer * (layers - 1) + both * (n_experts - 2) * (layers - 1)
+
+
+#: bytes per parameter: float32 weights (loading also holds the checkpoint's copy); training adds the
+#: gradient and AdamW's two moments
+BYTES_PER_PARAMETER = {"load": 8, "train": 16}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit if lower; None if unknown.
+
+    Returns:
+        Bytes, or None where the host does not say.
+    """
+    found = []
+    try:
+        import psutil  # optional
+
+        found.append(int(psutil.virtual_memory().available))
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        found.append(int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            pass
+        if not found:
+            try:
+                found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+            except (ValueError, OSError, AttributeError):
+                pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(config: dict[str, Any], *, training: bool = False, extra_bytes: int = 0) -> int:
+    """Refuse a model that cannot fit this machine's memory, before anything is allocated.
+
+    Args:
+        config: a run config (as build_model takes).
+        training: count the gradients and optimizer state too.
+        extra_bytes: more memory the caller needs beside the model (its data).
+
+    Returns:
+        The bytes the model needs.
+
+    Raises:
+        BadInput: it needs more than the memory available, saying how much.
+    """
+    params = parameter_count(config)
+    need = params * BYTES_PER_PARAMETER["train" if training else "load"] + extra_bytes
+    have = available_memory()
+    if have is not None and need > have:
+        what = "train" if training else "load"
+        raise BadInput(f"{config.get('model')} with {_amount(params)} parameters needs about {_gib(need)} of memory "
+                       f"to {what}; this machine has {_gib(have)} available: use fewer experts or smaller widths")
+    return need
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _amount(n: int) -> str:
+    return f"{n:,}" if n < 10**6 else f"{n / 1e6:,.0f} million"

@@ -32,10 +32,20 @@ BALANCE = {"batch entropy": {"balance": "entropy"}, "switch": {"balance": "switc
 # targets, worst over seeds, for every model; the default recipe also has an accuracy floor
 TARGETS = {"max_gap": 0.005, "min_confident": 0.95, "min_load": 0.10}
 MIN_MEAN_HARD = {"digits-4": 0.97}
+#: the most seeds a study runs per configuration (each is a whole training run)
+MAX_SEEDS = 100
 
 
 def summarise(runs: list[dict[str, Any]], min_mean_hard: float | None = MIN_MEAN_HARD[DEFAULT_RECIPE]) -> dict[str, Any]:
-    """Mean and worst figures over seeds, and whether the worst seed meets the targets."""
+    """Mean and worst figures over seeds, and whether the worst seed meets the targets.
+
+    Args:
+        runs: the metrics of each seed's run.
+        min_mean_hard: the mean hard accuracy the recipe must reach (None: no floor).
+
+    Returns:
+        The table row's figures and "meets_targets".
+    """
     hard = [r["hard_accuracy"] for r in runs]
     row = {
         "mean_hard_accuracy": statistics.fmean(hard),
@@ -55,13 +65,36 @@ def summarise(runs: list[dict[str, Any]], min_mean_hard: float | None = MIN_MEAN
 
 
 def section_markers(model: str) -> tuple[str, str]:
+    """The HTML comments that open and close a model's section in the study document.
+
+    Args:
+        model: the built-in model's name.
+
+    Returns:
+        (begin, end).
+    """
     return f"<!-- study: {model} -->", f"<!-- /study: {model} -->"
 
 
 def to_markdown(rows: list[dict[str, Any]], recipe: str, seeds: int, when: str, epochs: int | None = None, *,
                 model: str = "routed-mlp", description: str = "", min_mean_hard: float | None = None,
                 complete: bool = True) -> str:
-    """One model's section: its table between markers that a later study of the same model replaces."""
+    """One model's section: its table between markers that a later study of the same model replaces.
+
+    Args:
+        rows: summarise's rows with "method" and "balance".
+        recipe: the recipe varied.
+        seeds: seeds per configuration.
+        when: the date shown.
+        epochs: the epochs override, if any.
+        model: the model's name.
+        description: what was trained, in words.
+        min_mean_hard: the accuracy floor, if any.
+        complete: whether every configuration was run.
+
+    Returns:
+        The markdown section.
+    """
     overridden = f" (epochs overridden to {epochs})" if epochs else ""
     plural = "s" if seeds > 1 else ""
     subset = "" if complete else " Only the configurations listed were run (a reduced study)."
@@ -101,7 +134,16 @@ seeds. Each model's section below is rewritten by `deploytool study --model NAME
 
 
 def merge_section(existing: str | None, section: str, model: str) -> str:
-    """`existing` document with `model`'s section replaced (or appended); a new document if None."""
+    """`existing` document with `model`'s section replaced (or appended); a new document if None.
+
+    Args:
+        existing: the document's text, or None.
+        section: the model's new section (to_markdown).
+        model: the model's name.
+
+    Returns:
+        The whole document.
+    """
     begin, end = section_markers(model)
     if existing is None:
         return f"{INTRO}\n{section}\n"
@@ -120,8 +162,8 @@ def _pick(names: list[str] | None, known: dict[str, Any], what: str) -> list[str
     return list(dict.fromkeys(names))
 
 
-def study(out: str | Path = "docs/routing.md", seeds: int = 3, epochs: int | None = None,
-          recipe: str | None = None, progress: bool = True, *, model: str = "routed-mlp",
+def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | None = None,
+          recipe: str | None = None, progress: bool = True, model: str = "routed-mlp",
           methods: list[str] | None = None, balances: list[str] | None = None) -> dict[str, Any]:
     """Train every (method, balance) pair over `seeds` seeds on a built-in model's recipe; write its table.
 
@@ -139,23 +181,36 @@ def study(out: str | Path = "docs/routing.md", seeds: int = 3, epochs: int | Non
         {"path", "rows", "targets", "markdown"} (markdown: this model's section).
 
     Raises:
-        BadInput: an unknown model, method or balance, seeds/epochs < 1, or an unwritable `out`.
+        BadInput: an unknown model, method or balance, seeds/epochs < 1, a recipe that does not load, or
+            an `out` that cannot be written (checked before any training).
     """
     from deploytool.progress import progress_bar
     from deploytool.recipes import load_recipe
-    from deploytool.training import train
+    from deploytool.training import check_writable_parent, train
 
-    if seeds < 1 or (epochs is not None and epochs < 1):
-        raise BadInput(f"seeds and epochs must be whole numbers >= 1, got seeds={seeds}, epochs={epochs}")
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not whole(seeds) or (epochs is not None and not whole(epochs)):
+        raise BadInput(f"seeds and epochs must be whole numbers >= 1, got seeds={seeds!r}, epochs={epochs!r}")
+    if seeds > MAX_SEEDS:
+        raise BadInput(f"seeds must be at most {MAX_SEEDS}, got {seeds}")
     if recipe is None:
         if model not in RECIPES:
             raise BadInput(f"unknown model {model!r}; built-in models: {', '.join(RECIPES)}")
         recipe = RECIPES[model]
-    base = load_recipe(recipe)
+    base = load_recipe(recipe, {"epochs": epochs})  # every run's settings checked before the first
     model = base.model
     combos = [(m, b) for m in _pick(methods, METHODS, "method") for b in _pick(balances, BALANCE, "balance")]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    out = io.check_parent_dir(out)  # before minutes of training, not after
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput(f"output path {out} is a directory; give a markdown file path")
+    check_writable_parent(out, "output file")  # before minutes of training, not after
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out = io.check_parent_dir(out)
+    if out.exists() and not out.is_file():
+        raise BadInput(f"output path {out} is not a regular file")
+    check_writable_parent(out, "output file")  # the directory the write's temporary file goes in
     overrides = {"epochs": epochs} if epochs is not None else {}
     floor = MIN_MEAN_HARD.get(Path(str(recipe)).stem)
     rows = []

@@ -16,9 +16,21 @@ from deploytool.artifacts import MODULE_PREFIX, RunDir, is_module_run, load_run
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
 
+#: the most classes fit's labels may make (labels 0..K-1), as data sets
+MAX_CLASSES = 10000
+
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:
-    """Geometric annealing from temperature to temperature_end over the run."""
+    """Geometric annealing from temperature to temperature_end over the run.
+
+    Args:
+        config: the loop's settings (temperature, temperature_end).
+        step: the optimizer step, from 0.
+        total: the run's number of steps.
+
+    Returns:
+        The router temperature at `step`.
+    """
     if config.temperature_end is None or total <= 1:
         return config.temperature
     frac = min(step / (total - 1), 1.0)
@@ -26,12 +38,28 @@ def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) ->
 
 
 def final_temperature(config: LoopSettings | TrainConfig) -> float:
-    """The router temperature a run ends at (and inference uses)."""
+    """The router temperature a run ends at (and inference uses).
+
+    Args:
+        config: the loop's settings.
+
+    Returns:
+        temperature_end, or temperature when it is constant.
+    """
     return config.temperature_end if config.temperature_end is not None else config.temperature
 
 
 def model_config(config: TrainConfig, n_features: int, n_classes: int) -> dict[str, Any]:
-    """What config.json stores: the recipe plus the architecture arguments build_model needs."""
+    """What config.json stores: the recipe plus the architecture arguments build_model needs.
+
+    Args:
+        config: the checked TrainConfig.
+        n_features: the data set's features per row.
+        n_classes: its number of classes.
+
+    Returns:
+        config.json's dict.
+    """
     from deploytool import __version__
 
     final_t = final_temperature(config)
@@ -40,6 +68,11 @@ def model_config(config: TrainConfig, n_features: int, n_classes: int) -> dict[s
 
 
 def default_out_dir() -> Path:
+    """The run directory of a `train` given no `out`.
+
+    Returns:
+        runs/train-<date>-<time>.
+    """
     return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
@@ -54,7 +87,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
         config: a TrainConfig, a recipe (path or built-in name) or None for the defaults.
         out: the run directory to write (default: runs/train-<time>).
         progress: draw a progress bar on a terminal.
-        force: replace a non-empty `out`.
+        force: replace `out` if it is another run directory (never a directory that is not a run's).
         **overrides: TrainConfig fields (e.g. experts=8, penalty="entropy") applied on top, as the CLI
             flags do; None values are ignored.
 
@@ -62,20 +95,25 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
         The RunDir (path, config, metrics).
 
     Raises:
-        BadInput: a bad config value, data set or output directory.
+        BadInput: a bad config value, data set or output directory, a model too large for this machine's
+            memory, or another process that wrote `out` meanwhile (without `force`); all but the last
+            before any training.
     """
     import torch
 
     from deploytool.data import load_dataset
     from deploytool.models import build_model, input_shape
 
+    from deploytool.models import check_memory
+
     config = resolve_config(config, overrides)
-    out = check_run_target(out or default_out_dir(), force)
+    out = check_run_target(default_out_dir() if out is None else out, force)
     data = load_dataset(config.dataset, config.seed, **config.data_options)
     if data.n_classes < 2:
         raise BadInput(f"data set {config.dataset} has a single class; nothing to learn")
     torch.manual_seed(config.seed)
     arch = model_config(config, data.n_features, data.n_classes)
+    check_memory(arch, training=True)  # before anything is allocated
     model = build_model({**arch, "temperature": config.temperature})
     shape = input_shape(arch)
     seconds = training_loop(model, torch.from_numpy(data.x_train).reshape(-1, *shape),
@@ -83,7 +121,7 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
     metrics = evaluate(model, data.x_test.reshape(-1, *shape), data.y_test, config.loop(), seconds,
                        dataset=data.name)
     return write_run(out, model, arch, metrics, f"{config.model} on {data.name}, {config.experts} experts, "
-                     f"penalty {config.penalty}")
+                     f"penalty {config.penalty}", force=force)
 
 
 def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int,
@@ -117,7 +155,7 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
         routing: soft (blend experts) or gumbel (straight-through) while training.
         loss_fn: replaces cross-entropy: `loss_fn(output, labels) -> scalar tensor`.
         progress: draw a progress bar on a terminal.
-        force: replace a non-empty `out`.
+        force: replace `out` if it is another run directory (never a directory that is not a run's).
 
     Returns:
         The RunDir (path, config, metrics); `model` is left trained, in eval mode.
@@ -146,11 +184,23 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
     metrics = evaluate(model, x_test.numpy(), y_test.numpy(), settings, seconds,
                        evaluated_on="test_data" if test_data is not None else "train_data")
     config = module_config(model, settings, tuple(x.shape[1:]), n_classes=int(max(y.max(), y_test.max())) + 1)
-    return write_run(out, model, config, metrics, f"{config['model']}")
+    return write_run(out, model, config, metrics, f"{config['model']}", force=force)
 
 
 def as_xy(data: Any, what: str) -> tuple[Any, Any]:
-    """(x, y) arrays or tensors -> (float32 tensor [N, ...], int64 tensor [N]), checked."""
+    """(x, y) arrays or tensors -> (float32 tensor [N, ...], int64 tensor [N]), checked.
+
+    Args:
+        data: the pair (x, y).
+        what: its name in messages (train_data).
+
+    Returns:
+        (x as a contiguous float32 tensor, y as int64).
+
+    Raises:
+        BadInput: not a pair, wrong ranks, lengths that differ, labels that are not integers >= 0, or x
+            that is not finite in float32.
+    """
     import numpy as np
     import torch
 
@@ -164,6 +214,10 @@ def as_xy(data: Any, what: str) -> tuple[Any, Any]:
         raise BadInput(f"{what}: x has {len(x)} samples but y has {len(y)} labels")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex or int(y.min()) < 0:
         raise BadInput(f"{what}: y must be integer class labels >= 0, got {y.dtype}")
+    if int(y.max()) >= MAX_CLASSES:
+        raise BadInput(f"{what}: y must be class labels 0..K-1 with K <= {MAX_CLASSES}, got a label {int(y.max())}")
+    if x.dtype.is_complex or x.dtype == torch.bool:
+        raise BadInput(f"{what}: x must be real numbers, got {x.dtype}")
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise BadInput(f"{what}: x contains NaN or inf")
@@ -232,7 +286,19 @@ def training_loop(model: Any, x: Any, y: Any, settings: LoopSettings, *,
 
 
 def evaluate(model: Any, x: Any, y: Any, settings: LoopSettings, seconds: float, **extra: Any) -> dict[str, Any]:
-    """routing_metrics on (x, y) plus what the run was: seed, epochs, seconds, final temperature (`extra` wins)."""
+    """routing_metrics on (x, y) plus what the run was: seed, epochs, seconds, final temperature (`extra` wins).
+
+    Args:
+        model: the trained module.
+        x: inputs in the model's shape.
+        y: labels.
+        settings: the loop's settings.
+        seconds: the training time.
+        **extra: more entries for metrics.json.
+
+    Returns:
+        metrics.json's dict.
+    """
     from deploytool.metrics import routing_metrics
 
     metrics = routing_metrics(model, x, y)
@@ -242,7 +308,17 @@ def evaluate(model: Any, x: Any, y: Any, settings: LoopSettings, seconds: float,
 
 
 def module_config(model: Any, settings: LoopSettings, shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
-    """config.json of a run trained from a user's module: its class name, the settings, its input shape."""
+    """config.json of a run trained from a user's module: its class name, the settings, its input shape.
+
+    Args:
+        model: the user's module.
+        settings: the loop's settings.
+        shape: one sample's shape.
+        **extra: more entries (n_classes, commit).
+
+    Returns:
+        config.json's dict.
+    """
     from deploytool import __version__
     from deploytool.nn import named_routers
 
@@ -252,11 +328,28 @@ def module_config(model: Any, settings: LoopSettings, shape: tuple[int, ...], **
             "deploytool_version": __version__, **extra}
 
 
-def write_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[str, Any], title: str) -> RunDir:
-    """Write a run directory atomically: weights, config.json, metrics.json and the routing plot."""
+def write_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[str, Any], title: str, *,
+              force: bool) -> RunDir:
+    """Write a run directory atomically: weights, config.json, metrics.json and the routing plot.
+
+    Args:
+        out: the run directory (checked by check_run_target before training).
+        model: the trained module.
+        config: config.json.
+        metrics: metrics.json.
+        title: the routing plot's title.
+        force: replace a run that another process wrote at `out` while this one trained; without it that
+            run is kept and this one refused.
+
+    Returns:
+        The RunDir.
+
+    Raises:
+        BadInput: `out` was written meanwhile (without `force`).
+    """
     from deploytool.metrics import plot_routing
 
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, replace=force) as tmp:
         io.save_weights(tmp / io.WEIGHTS_FILE, model.state_dict(), metadata={"model": str(config["model"])})
         io.write_json(tmp / io.CONFIG_FILE, config)
         plot_routing(metrics, tmp / io.ROUTING_PLOT, title=f"{title}: hard acc {metrics['hard_accuracy']:.3f}, "
@@ -266,13 +359,71 @@ def write_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[str, 
 
 
 def check_run_target(out: str | Path, force: bool) -> Path:
-    """A run dir may go where nothing is, in an empty directory, or over another run with `force`."""
+    """A run dir may go where nothing is, in an empty directory, or over another run with `force`.
+
+    Checked before training, so that minutes of work are not lost to an output that cannot be written.
+
+    Args:
+        out: the run directory to write ("" is the current directory).
+        force: allow replacing an existing run directory (one with a config.json), never anything else.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        BadInput: `out` is a file, lies under a file, cannot be written, is the current directory or one
+            above it, a non-empty directory (without `force`), or a non-empty directory that is not a run's.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"output directory {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInput(f"output directory {out} is not empty; choose another --out or pass --force to replace it")
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        what = "is the current directory" if resolved == cwd else "holds the current directory"
+        raise BadInput(f"output directory {str(out) or repr('')} {what}: a run is written as a new directory swapped "
+                       "into place; give --out a new directory name")
+    check_writable_parent(out, "output directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BadInput(f"output directory {out} is not empty; choose another --out or pass --force to "
+                           "replace the run in it")
+        if not (out / io.CONFIG_FILE).is_file():
+            raise BadInput(f"output directory {out} is not a deploytool run directory (no {io.CONFIG_FILE}); "
+                           "--force replaces only runs: choose another --out")
     return out
+
+
+def check_writable_parent(path: str | Path, what: str) -> Path:
+    """Refuse `path` (a file or directory to write) if its nearest existing ancestor is a file or cannot
+    be written; checked before long work, whose result would otherwise be lost at the write.
+
+    Args:
+        path: what will be written (it may not exist yet, nor its parents).
+        what: how messages name it ("output directory").
+
+    Returns:
+        The nearest existing ancestor directory.
+
+    Raises:
+        BadInput: an ancestor is a file, or the directory the write would create files in is not writable.
+    """
+    import os
+    import tempfile
+
+    target = Path(path).resolve()
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{what} {path} cannot be created: {parent} is a file")
+    try:  # a probe, not os.access: it also sees read-only file systems and answers as the write will
+        fd, probe = tempfile.mkstemp(prefix=".deploytool-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"{what} {path} cannot be written: {parent} is not writable "
+                       f"({exc.strerror or type(exc).__name__})") from exc
+    return parent
 
 
 @contextlib.contextmanager
@@ -280,6 +431,9 @@ def single_thread() -> Iterator[None]:
     """Train on one intra-op thread: the routed models are small, and extra OpenMP threads only spin.
 
     Measured on 2 busy cores: 7.5 s on one thread against 126 s on two for the default recipe.
+
+    Returns:
+        A context manager that restores torch's thread count on exit.
     """
     import torch
 
@@ -292,6 +446,18 @@ def single_thread() -> Iterator[None]:
 
 
 def resolve_config(config: TrainConfig | str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig `train` runs: defaults, a TrainConfig or a recipe, with `overrides` on top.
+
+    Args:
+        config: None, a TrainConfig, or a recipe (path or built-in name).
+        overrides: TrainConfig fields (None values ignored).
+
+    Returns:
+        The checked TrainConfig.
+
+    Raises:
+        BadInput: an unknown key or a bad value.
+    """
     from deploytool.recipes import config_from_dict, load_recipe
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -313,8 +479,9 @@ def load_model(path: str | Path, checkpoint: str | Path | None = None):
         The model, in eval mode.
 
     Raises:
-        BadInput: not a run dir, a run of your own module (use `load_weights_into`), or weights that
-            do not match.
+        BadInput: not a run dir, a config.json that does not describe a model (check_run_config), a run of
+            your own module (use `load_weights_into`), a model too large for this machine's memory, or
+            weights that do not match, are not floating point or hold NaN or inf.
     """
     from deploytool.models import build_model
 
@@ -323,7 +490,10 @@ def load_model(path: str | Path, checkpoint: str | Path | None = None):
         raise BadInput(f"{run.path} holds a {run.config['model'].removeprefix(MODULE_PREFIX)} trained with "
                        "deploytool.fit: build that module yourself and load the weights with "
                        "deploytool.load_weights_into(module, run_dir)")
-    model = build_model(run.config)
+    try:
+        model = build_model(run.config)
+    except BadInput as exc:
+        raise BadInput(f"{run.path / io.CONFIG_FILE}: {exc}") from exc
     _load_state(model, checkpoint or run.weights, str(run.config.get("model")))
     return model.eval()
 
@@ -342,7 +512,8 @@ def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path |
         `module`, in eval mode.
 
     Raises:
-        BadInput: not a run dir, or weights whose names or shapes do not match the module.
+        BadInput: not a run dir, or weights whose names or shapes do not match the module, are not
+            floating point or hold NaN or inf.
     """
     from deploytool.nn import named_routers
 
@@ -355,7 +526,10 @@ def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path |
 
 
 def _load_state(model: Any, weights: str | Path, what: str) -> None:
-    """Load safetensors weights into `model`, refusing missing, unexpected or reshaped tensors."""
+    """Load safetensors weights into `model`, refusing missing, unexpected, reshaped, non-floating-point
+    or non-finite tensors (NaN weights export and serve without an error, and answer nonsense)."""
+    import torch
+
     state = io.load_weights(weights)
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
@@ -366,4 +540,11 @@ def _load_state(model: Any, weights: str | Path, what: str) -> None:
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise BadInput(f"checkpoint tensor {name} has shape {list(state[name].shape)}, "
                            f"the model expects {list(tensor.shape)}")
+        if tensor.is_floating_point():
+            if not state[name].is_floating_point():
+                got, wanted = (str(t.dtype).removeprefix("torch.") for t in (state[name], tensor))
+                raise BadInput(f"checkpoint {weights}: tensor {name} is {got}, the model expects floating point "
+                               f"({wanted})")
+            if not bool(torch.isfinite(state[name]).all()):
+                raise BadInput(f"checkpoint {weights}: tensor {name} holds NaN or inf")
     model.load_state_dict(state)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from onnx_models import TOKEN_ROUTERS, token_onnx
 
 from conftest import assert_one_line_error
 from deploytool.deps import available
@@ -233,37 +234,6 @@ def test_single_batch_plot_draws_the_p99_and_the_p90_p99_band(tmp_path, monkeypa
     assert any(box.y0 <= lo and box.y1 >= hi and (box.width > 0 or width > 0)
                for box, width in spans), "the p90..p99 band is not drawn with any width"
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-TOKEN_ROUTERS = ("layers.0.moe.router", "layers.1.moe.router")
-
-
-def token_onnx(path, tokens="tokens"):
-    """x [batch, tokens, 4] -> output [batch, 3], and two token-level routers of 2 experts (index
-    [batch, tokens], probs [batch, tokens, 2]): layers.0's sends a token by the sign of its feature 0,
-    layers.1's by the sign of its feature 1. Signed as export would, the example 7 tokens long."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from test_package import sign
-
-    inits = [numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "w")]
-    nodes = [helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[1], keepdims=0),
-             helper.make_node("MatMul", ["pooled", "w"], ["output"])]
-    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])]
-    for feature, router in enumerate(TOKEN_ROUTERS):
-        weight = np.zeros((4, 2), np.float32)
-        weight[feature] = [-8.0, 8.0]  # expert 1 for a positive feature, expert 0 otherwise
-        inits.append(numpy_helper.from_array(weight, f"w{feature}"))
-        nodes += [helper.make_node("MatMul", ["x", f"w{feature}"], [f"logits{feature}"]),
-                  helper.make_node("Softmax", [f"logits{feature}"], [f"{router}.probs"], axis=-1),
-                  helper.make_node("ArgMax", [f"{router}.probs"], [f"{router}.index"], axis=-1, keepdims=0)]
-        outputs += [helper.make_tensor_value_info(f"{router}.index", TensorProto.INT64, ["batch", tokens]),
-                    helper.make_tensor_value_info(f"{router}.probs", TensorProto.FLOAT, ["batch", tokens, 2])]
-    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              ["batch", tokens, 4])], outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(sign(model, [(r, 2) for r in TOKEN_ROUTERS], {"batch": 2, "tokens": 7}), str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

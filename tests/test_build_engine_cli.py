@@ -7,7 +7,7 @@ import sys
 import types
 
 import pytest
-from test_engine_plan import write_routing_model
+from onnx_models import write_routing_model
 
 from deploytool.cli.app import main
 
@@ -188,7 +188,7 @@ def test_a_timing_cache_named_like_another_kind_of_file_is_exit_2_and_left_alone
 @pytest.fixture
 def token_model(tmp_path):
     """x [batch, tokens, 4] with two token-level routers; the export example was 7 tokens long."""
-    from test_bench_cli import token_onnx
+    from onnx_models import token_onnx
 
     return token_onnx(tmp_path / "tokens.onnx")
 

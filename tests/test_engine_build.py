@@ -13,7 +13,7 @@ import json
 
 import fake_tensorrt
 import pytest
-from test_engine_plan import write_routing_model
+from onnx_models import write_routing_model
 
 from deploytool.engine.build import build_engine
 from deploytool.artifacts import read_manifest
@@ -80,13 +80,20 @@ def test_plugin_build_embeds_both_kernels_and_the_manifest_says_which(exported_o
     assert engine.source_run == onnx_model.source_run
 
 
-def test_the_engine_built_here_is_one_doctor_says_will_load_here(exported_onnx, trt, tmp_path):
-    from deploytool.diagnostics import check_engine
+def test_doctor_says_the_engine_loads_on_the_machine_that_built_it_and_not_on_another(exported_onnx, trt, tmp_path,
+                                                                                   monkeypatch):
+    from deploytool import diagnostics
 
     build_engine(exported_onnx, tmp_path / "model.plan")
-    report = check_engine(tmp_path / "model.plan")
+    report = diagnostics.check_engine(tmp_path / "model.plan")
     assert report["will_load"] and report["problems"] == []
     assert "no plugin library or Python needed" in report["plugin"]
+    # the same engine read on an L4 with another TensorRT: both reasons named, neither guessed
+    monkeypatch.setattr(diagnostics, "describe_machine", lambda: {"tensorrt": "10.13.0", "cuda": "12.8",
+                                                                 "gpu": "NVIDIA L4", "compute_capability": "8.9"})
+    report = diagnostics.check_engine(tmp_path / "model.plan")
+    assert not report["will_load"] and len(report["problems"]) == 2
+    assert "built with TensorRT 11.4.0.106" in report["problems"][0] and "8.9" in report["problems"][1]
 
 
 def test_no_plugin_inlines_the_function_bodies_and_embeds_nothing(model, trt, tmp_path):
@@ -166,7 +173,7 @@ def test_timing_cache_is_read_before_and_written_back_after_the_build(model, trt
 
 def test_an_engine_built_here_packages_as_a_triton_tensorrt_plan_model(exported_onnx, trt, tmp_path):
     pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    from test_package import parse
+    from onnx_models import parse
 
     from deploytool.serving.repository import package
 

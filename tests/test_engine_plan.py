@@ -6,6 +6,7 @@ import json
 
 import onnx
 import pytest
+from onnx_models import write_routing_model
 from onnx import TensorProto, helper
 
 from deploytool.engine.build import _model_bytes
@@ -13,37 +14,6 @@ from deploytool.engine.lowering import layers_between
 from deploytool.engine.plan import plan_engine
 from deploytool.errors import BadInput
 from deploytool.io import sha256_file
-
-
-def write_routing_model(path, *, batch="batch", features=16, experts=4, elem=TensorProto.FLOAT,
-                        functions=True, extra_dynamic=False):
-    """x[batch, features] -> MatMul -> TemperedSoftmax -> HardSelect, the deploytool nodes in domain
-    `deploytool` with (placeholder) function bodies, as the exporter writes them."""
-    weight = helper.make_tensor("w", elem, [features, experts], [0.0] * (features * experts))
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["logits"], name="router"),
-        helper.make_node("TemperedSoftmax", ["logits"], ["probs"], domain="deploytool", name="softmax",
-                         temperature=0.5),
-        helper.make_node("HardSelect", ["probs"], ["mask", "index"], domain="deploytool", name="select"),
-    ]
-    second = "feat" if extra_dynamic else features
-    graph = helper.make_graph(
-        nodes, "routing", [helper.make_tensor_value_info("x", elem, [batch, second])],
-        [helper.make_tensor_value_info("probs", elem, [batch, experts]),
-         helper.make_tensor_value_info("index", TensorProto.INT64, [batch])], initializer=[weight])
-    bodies = [
-        helper.make_function("deploytool", "TemperedSoftmax", ["logits"], ["probs"],
-                             [helper.make_node("Softmax", ["logits"], ["probs"])], [helper.make_opsetid("", 20)],
-                             attributes=["temperature"]),
-        helper.make_function("deploytool", "HardSelect", ["probs"], ["mask", "index"],
-                             [helper.make_node("Identity", ["probs"], ["mask"]),
-                              helper.make_node("ArgMax", ["probs"], ["index"], axis=-1, keepdims=0)],
-                             [helper.make_opsetid("", 20)]),
-    ]
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("deploytool", 1)],
-                              functions=bodies if functions else [])
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture
@@ -107,7 +77,7 @@ def test_dynamic_axis_besides_batch_without_a_range_or_an_example_is_bad_input(t
 
 
 def test_named_dims_take_their_range_or_the_export_examples_size_and_unknown_names_are_refused(tmp_path):
-    from test_bench_cli import token_onnx
+    from onnx_models import token_onnx
 
     model = token_onnx(tmp_path / "tokens.onnx", tokens="tokens")  # x [batch, tokens, 4], example 7 tokens
     ranged = plan_engine(model, opt_batch=8, max_batch=32, dims={"tokens": (1, 8, 64)})
@@ -123,7 +93,7 @@ def test_named_dims_take_their_range_or_the_export_examples_size_and_unknown_nam
 
 def test_the_plan_carries_the_models_signature_and_metadata_for_the_manifest(tmp_path):
     import onnx
-    from test_package import tiny_onnx
+    from onnx_models import tiny_onnx
 
     from deploytool.signature import META_KEY, from_json
 

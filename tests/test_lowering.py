@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_engine_plan import write_routing_model
+from onnx_models import write_routing_model
 
 from deploytool.engine.lowering import bf16_bits, lower_precision
 from deploytool.engine.plan import plan_engine

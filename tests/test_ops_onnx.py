@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX, reference
-from deploytool.ops.onnx_functions import routing_model
+from onnx_models import routing_model
 
 
 def _run_reference_evaluator(model, logits):

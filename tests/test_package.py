@@ -6,61 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from onnx_models import parse, sign, tiny_onnx
 
 from conftest import assert_one_line_error
 from deploytool.errors import BadInput, CheckFailed
 from deploytool.serving import config as cfg
 from deploytool.serving import repository
 from deploytool.serving.repository import package
-
-
-def sign(model, routers, examples=None):
-    """Write the deploytool signature (the graph's own inputs and outputs, plus `routers`: (module path,
-    experts) whose `<path>.index` / `.probs` outputs the graph has, and the export example's size of each
-    named dim, `examples`) into a hand-built ModelProto, as export does."""
-    from deploytool.artifacts import graph_signature
-    from deploytool.signature import META_KEY, ModelSignature, RouterMeta, router_output_names, to_json
-
-    inputs, outputs = graph_signature(model)
-    metas = tuple(RouterMeta(path, experts, 1.0, *router_output_names(path)) for path, experts in routers)
-    signature = ModelSignature(tuple(inputs), tuple(outputs), metas, examples or {"batch": 2})
-    entry = model.metadata_props.add()
-    entry.key, entry.value = META_KEY, to_json(signature)
-    return model
-
-
-def tiny_onnx(path, features=8, classes=3, experts=2, dtype="FLOAT", batch="batch", router="router"):
-    """x [batch, features] -> output [batch, classes], `router`.index [batch] (int64), `router`.probs
-    [batch, experts], with the deploytool signature export would write (one router at `router`)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    elem = getattr(TensorProto, dtype)
-    np_dtype = helper.tensor_dtype_to_np_dtype(elem)
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(features, classes)).astype(np_dtype), "w")
-    r = numpy_helper.from_array(rng.normal(size=(features, experts)).astype(np_dtype), "r")
-    index, probs = f"{router}.index", f"{router}.probs"
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["output"]), helper.make_node("MatMul", ["x", "r"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], [probs], axis=-1),
-             helper.make_node("ArgMax", [probs], [index], axis=-1, keepdims=0)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", elem, [batch, features])],
-        [helper.make_tensor_value_info("output", elem, [batch, classes]),
-         helper.make_tensor_value_info(index, TensorProto.INT64, [batch]),
-         helper.make_tensor_value_info(probs, elem, [batch, experts])], [w, r])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(sign(model, [(router, experts)]), str(path))
-    return path
-
-
-def parse(model_dir):
-    """config.pbtxt parsed with Triton's ModelConfig protobuf (tritonclient), as Triton reads it."""
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
-                                           reason="tritonclient is not installed (pip install deploytool[serve])")
-    from google.protobuf import text_format
-
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 def dtype_name(value):

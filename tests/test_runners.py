@@ -15,7 +15,7 @@ ROUTED_MLP_OUTPUTS = ["output", "routed.router.index", "routed.router.probs"]
 @pytest.fixture(scope="module")
 def routing_onnx(tmp_path_factory):
     """A tiny ONNX model (the routing step alone) for the runner mechanics."""
-    from deploytool.ops.onnx_functions import routing_model
+    from onnx_models import routing_model
 
     path = tmp_path_factory.mktemp("onnx") / "routing.onnx"
     path.write_bytes(routing_model(4, 0.5).SerializeToString())

@@ -154,7 +154,7 @@ def test_finite_inputs_whose_outputs_overflow_are_refused(session, onnx_session,
 
 def test_an_onnx_model_without_routers_is_refused_at_load(tmp_path):
     """Session.run would otherwise hand back outputs without any decision."""
-    from deploytool.ops.onnx_functions import routing_model
+    from onnx_models import routing_model
 
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(routing_model(4, 0.5).SerializeToString())

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from onnx_models import routing_model
 
 from deploytool.artifacts import manifest_path
 from deploytool.errors import BadInput, MissingDependency
@@ -60,10 +61,10 @@ def test_engine_routing_matches_reference_on_both_op_paths(tmp_path, plugin, dty
     import onnx
 
     from deploytool.engine.build import build_engine
-    from deploytool.ops import onnx_functions, reference
+    from deploytool.ops import reference
 
     model = tmp_path / "routing.onnx"
-    onnx.save(onnx_functions.routing_model(8, 0.7, dtype=dtype), str(model))
+    onnx.save(routing_model(8, 0.7, dtype=dtype), str(model))
     result = build_engine(model, tmp_path / "routing.plan", precision=precision, max_batch=256, plugin=plugin)
     assert result.op_path == ("plugin" if plugin else "local-function")
     logits = np.random.default_rng(0).normal(0, 3, size=(100, 8)).astype(dtype)

@@ -126,7 +126,7 @@ def test_verify_tells_engines_from_onnx_by_suffix_like_load_does(tmp_path, name,
 
 
 def test_check_runners_match_refuses_a_checkpoint_of_another_shape(exported_onnx, tmp_path):
-    from deploytool.ops.onnx_functions import routing_model
+    from onnx_models import routing_model
     from deploytool.parity import check_runners_match
     from deploytool.runners import make_runner
 
@@ -350,7 +350,7 @@ def _no_router_onnx(path):
 @pytest.mark.parametrize("which", ["plain", "routing ops without a signature"])
 def test_a_model_without_a_router_is_refused_in_one_line(cli, trained_run, tmp_path, which):
     from deploytool import verify
-    from deploytool.ops.onnx_functions import routing_model
+    from onnx_models import routing_model
 
     if which == "plain":
         model = _no_router_onnx(tmp_path / "plain.onnx")

@@ -42,10 +42,6 @@ def measure(fns: Sequence[Callable[[], object]], *, warmup_ms: float = 200.0, du
     return [np.frombuffer(s, dtype=np.int64).copy() for s in samples]
 
 
-def measure_one(fn: Callable[[], object], **options) -> np.ndarray:
-    return measure([fn], **options)[0]
-
-
 def _warmup(fn: Callable[[], object], budget_ns: float) -> None:
     perf = time.perf_counter_ns
     end = perf() + budget_ns

@@ -7,7 +7,6 @@ the manifest records both so `deploytool doctor --engine` can say, before loadin
 from __future__ import annotations
 
 import datetime as _dt
-from pathlib import Path
 
 SCHEMA = 1
 

@@ -93,23 +93,3 @@ def _int64_constant(name: str, values: list[int], scalar: int | None = None):
 
     dims, vals = ([], [scalar or 0]) if not values else ([len(values)], values)
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, dims, vals))
-
-
-def routing_model(n_experts: int, temperature: float, *, opset: int = DEFAULT_OPSET, dtype: str = "float32"):
-    """A model of just the routing step, logits [batch, E] -> probs, mask, index, with the functions.
-
-    The smallest graph that exercises both ops, for op-level tests of every runtime.
-    """
-    from onnx import TensorProto, helper
-
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
-    nodes = [
-        helper.make_node(TEMPERED_SOFTMAX, ["logits"], ["probs"], domain=DOMAIN, temperature=float(temperature)),
-        helper.make_node(HARD_SELECT, ["probs"], ["mask", "index"], domain=DOMAIN),
-    ]
-    graph = helper.make_graph(
-        nodes, "deploytool_routing", [helper.make_tensor_value_info("logits", elem, ["batch", n_experts])],
-        [helper.make_tensor_value_info("probs", elem, ["batch", n_experts]),
-         helper.make_tensor_value_info("mask", elem, ["batch", n_experts]),
-         helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])])
-    return attach(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), opset)
