@@ -36,7 +36,7 @@ def _check_types(obj: Any) -> None:
             raise BadInput(f"{f.name} must be {names}, got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoopSettings:
     """How the training loop runs, whatever the model: `train`, `fit` and `commit` share it.
 
@@ -69,6 +69,10 @@ class LoopSettings:
     routing: str = "soft"            # soft blend or gumbel straight-through while training
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the type of every field, then the loop's own (see the class's Raises)."""
         _check_types(self)
         try:
             check_temperature(self.temperature)
@@ -100,7 +104,7 @@ LOOP_FIELDS = tuple(f.name for f in dataclasses.fields(LoopSettings))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopSettings):
     """Everything that decides a training run; stored in config.json so the model can be rebuilt.
 
     The defaults are the measured default recipe (docs/routing.md): on digits with 4 experts they keep
@@ -129,19 +133,10 @@ class TrainConfig:
     dataset: str = "digits"
     experts: int = 4
     router: str = "softmax"          # softmax | sigmoid (binary: experts must be 2)
-    routing: str = "soft"            # soft blend or gumbel straight-through while training
     penalty: str = "frank"           # frank | entropy | none
     alpha: float = DEFAULT_ALPHA
     balance: str = "entropy"         # entropy | switch | none
     beta: float = DEFAULT_BETA
-    temperature: float = 1.0
-    temperature_end: float | None = 0.02
-    epochs: int = 100
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"      # cosine (decay to 0) | constant
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
     expert_hidden: int = 64
     width: int = 32
     router_hidden: int = 0
@@ -152,15 +147,12 @@ class TrainConfig:
     heads: int = 4                   # moe-transformer: attention heads (d_model must be a multiple)
     data_options: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
         """Check every field (see the class's Raises)."""
         from deploytool.data import BUILTIN, check_data_options
         from deploytool.models import MODELS
 
-        _check_types(self)
+        super().validate()  # the types of every field, then the loop's
         if self.model not in MODELS:
             raise BadInput(f"unknown model {self.model!r}; built-in models: {', '.join(MODELS)}")
         if self.router not in ("softmax", "sigmoid"):
@@ -177,7 +169,6 @@ class TrainConfig:
             check_routing_loss(self.penalty, self.alpha, self.balance, self.beta)
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
-        self.loop()  # checks the loop's own fields
         for name in ("expert_hidden", "width", "channels", "d_model", "layers", "heads"):
             value = getattr(self, name)
             if value < 1:
@@ -199,9 +190,6 @@ class TrainConfig:
     def loop(self) -> LoopSettings:
         """The settings of the training loop this config runs."""
         return LoopSettings(**{name: getattr(self, name) for name in LOOP_FIELDS})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

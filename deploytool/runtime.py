@@ -23,7 +23,7 @@ from deploytool.errors import BadInput
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
 from deploytool.runners import NATIVE, artifact_of
 from deploytool.runners.base import Runner
-from deploytool.signature import ModelSignature, TensorMeta
+from deploytool.signature import ModelSignature
 
 BACKENDS = ("auto", *RUNNER_BACKENDS)
 
@@ -88,14 +88,6 @@ class Session:
     @property
     def backend(self) -> str:
         return self._runner.backend
-
-    @property
-    def inputs(self) -> list[TensorMeta]:
-        return list(self.signature.inputs)
-
-    @property
-    def outputs(self) -> list[TensorMeta]:
-        return list(self.signature.outputs)
 
     def validate(self, inputs: Any) -> dict[str, np.ndarray]:
         """`inputs` as the feed the model takes, or BadInput saying what is wrong and what it takes.

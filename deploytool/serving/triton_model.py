@@ -29,7 +29,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["deploytool_artifact"]
         self.session = deploytool.load(artifact, backend=params.get("deploytool_backend", "auto"))
-        self.input_names = [meta.name for meta in self.session.inputs]
+        self.input_names = self.session.signature.input_names
         self.output_names = [output["name"] for output in config["output"]]
         # with batching, a [batch] output is declared as dims [1]: send it as [batch, 1]
         self.expand = int(config.get("max_batch_size", 0)) > 0
