@@ -55,8 +55,8 @@ def test_run_directory_session_returns_the_torch_models_outputs_and_decisions(se
 def test_inputs_outputs_and_routers_describe_the_signature(session, onnx_session, trained_run):
     cfg = trained_run.config
     for s in (session, onnx_session):
-        assert [(t.name, t.dtype, t.shape[1:]) for t in s.inputs] == [("x", "float32", (cfg["in_features"],))]
-        assert [(t.name, t.dtype, t.shape[1:]) for t in s.outputs] == [
+        assert [(t.name, t.dtype, t.shape[1:]) for t in s.signature.inputs] == [("x", "float32", (cfg["in_features"],))]
+        assert [(t.name, t.dtype, t.shape[1:]) for t in s.signature.outputs] == [
             ("output", "float32", (cfg["n_classes"],)), (INDEX, "int64", ()), (PROBS, "float32", (cfg["n_experts"],))]
         (router,) = s.signature.routers
         assert (router.path, router.index, router.probs, router.n_experts) == ("routed.router", INDEX, PROBS, 4)
