@@ -111,7 +111,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A real int or float, not a bool, not NaN or infinite (what a JSON figure must be)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -130,7 +131,7 @@ def check_run_config(config: Any, source: str | Path) -> None:
     if not isinstance(config, dict):
         raise BadInput(f"{source} is not a deploytool run config (expected a JSON object)")
     for key in ("temperature", "temperature_start"):
-        if key in config and (not _is_number(config[key]) or config[key] <= 0):
+        if key in config and (not is_finite_number(config[key]) or config[key] <= 0):
             raise BadInput(f"{source}: {key}={config[key]!r} must be a finite number > 0")
     if is_module_run(config):
         shape = config.get("input_shape")
@@ -157,7 +158,7 @@ def check_run_config(config: Any, source: str | Path) -> None:
             wanted = f"one of {wanted}" if allowed else wanted
             raise BadInput(f"{source}: {key}={value!r} must be {wanted}")
     for key in ("alpha", "beta"):
-        if key in config and (not _is_number(config[key]) or config[key] < 0):
+        if key in config and (not is_finite_number(config[key]) or config[key] < 0):
             raise BadInput(f"{source}: {key}={config[key]!r} must be a finite number >= 0")
     n_experts = config["n_experts"]
     if "experts" in config and config["experts"] != n_experts:
@@ -215,6 +216,27 @@ def is_module_run(config: dict[str, Any]) -> bool:
     return str(config.get("model", "")).startswith(MODULE_PREFIX)
 
 
+def builtin_run(path: str | Path) -> RunDir:
+    """`load_run` of a run of a built-in model: a run of your own module (from `fit`) is refused, since
+    nothing here can rebuild its class.
+
+    Args:
+        path: the run directory.
+
+    Returns:
+        The RunDir.
+
+    Raises:
+        BadInput: not a run directory, or a run of your own module.
+    """
+    run = load_run(path)
+    if is_module_run(run.config):
+        raise BadInput(f"{run.path} holds a {run.config['model'].removeprefix(MODULE_PREFIX)} trained with "
+                       "deploytool.fit: build that module yourself, load the weights with "
+                       "deploytool.load_weights_into(module, run_dir), and pass the module (with example inputs)")
+    return run
+
+
 def artifact_kind(path: str | Path) -> str:
     """"run", "onnx" or "engine"; anything else is refused with what was expected."""
     path = Path(path)
@@ -233,7 +255,17 @@ def artifact_kind(path: str | Path) -> str:
 
 
 def open_artifact(path: str | Path) -> Artifact:
-    """The kind, signature, metadata and source run of `path`; broken files are BadInput."""
+    """The kind, signature, metadata and source run of `path`.
+
+    Args:
+        path: a run directory, an ONNX model or a TensorRT engine (with its manifest).
+
+    Returns:
+        The Artifact (a run directory's signature is None: the torch runner traces it).
+
+    Raises:
+        BadInput: a path that is none of those, or a broken file, manifest or signature.
+    """
     path = Path(path)
     kind = artifact_kind(path)
     if kind == "run":
@@ -270,8 +302,18 @@ def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
 
 
 def load_onnx(path: str | Path):
-    """The ModelProto at `path` (external data not loaded); a missing path, a directory, a run
-    directory, or an empty, truncated or non-ONNX file is BadInput."""
+    """The ModelProto at `path`, external data not loaded.
+
+    Args:
+        path: the .onnx file.
+
+    Returns:
+        The onnx.ModelProto.
+
+    Raises:
+        BadInput: a missing path, a directory, a run directory, or an empty, truncated or non-ONNX file.
+        MissingDependency: onnx is not installed.
+    """
     onnx = _onnx()
     path = check_onnx_file(path)
     try:
@@ -312,11 +354,6 @@ def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
     return [meta(v) for v in graph.input if v.name not in initializers], [meta(v) for v in graph.output]
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The model's metadata props; a missing, non-ONNX or truncated file is BadInput."""
-    return {p.key: p.value for p in load_onnx(path).metadata_props}
-
-
 def _onnx():
     from deploytool.deps import require
 
@@ -332,7 +369,17 @@ def manifest_path(engine_path: str | Path) -> Path:
 
 
 def read_manifest(engine_path: str | Path) -> dict[str, Any]:
-    """The manifest of the engine at `engine_path`, checked for what its readers rely on."""
+    """The manifest of the engine at `engine_path`, checked for what its readers rely on.
+
+    Args:
+        engine_path: the engine; its manifest is `<engine>.json` beside it.
+
+    Returns:
+        The manifest as a dict.
+
+    Raises:
+        BadInput: no engine, no manifest, or a manifest that lacks what readers need.
+    """
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise BadInput(f"engine {engine_path} does not exist")

@@ -8,9 +8,9 @@ from typing import Any
 from deploytool.errors import BadInput
 
 
-def check_batch_sizes(value: str | Sequence[Any], flag: str = "--batch-sizes", *,
+def check_batch_sizes(value: str | Sequence[Any], what: str = "batch sizes", *,
                       allow_empty: bool = False) -> list[int]:
-    """Positive integers, each once, in the order given; anything else is BadInput naming `flag`."""
+    """Positive integers, each once, in the order given; anything else is BadInput naming `what`."""
     values = value.split(",") if isinstance(value, str) else list(value)
     out = []
     for item in values:
@@ -18,8 +18,8 @@ def check_batch_sizes(value: str | Sequence[Any], flag: str = "--batch-sizes", *
         if not text:
             continue
         if isinstance(item, bool) or not text.lstrip("+").isdigit() or int(text) < 1:
-            raise BadInput(f"{flag}: batch size must be a positive integer, got {text!r} (give e.g. 8,32)")
+            raise BadInput(f"{what}: batch size must be a positive integer, got {text!r} (give e.g. 8,32)")
         out.append(int(text))
     if not out and not allow_empty:
-        raise BadInput(f"{flag}: give at least one batch size")
+        raise BadInput(f"{what}: give at least one batch size")
     return list(dict.fromkeys(out))

@@ -13,15 +13,21 @@ where every router agrees, since a tie-broken sample runs another expert.
 from __future__ import annotations
 
 import math
+import contextlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deploytool.errors import BadInput
+from deploytool.feeds import Feed, batch_of, take
 from deploytool.ops.reference import top2_margin
 from deploytool.signature import RouterMeta
+
+if TYPE_CHECKING:
+    from deploytool.runners.base import Runner
 
 #: a tolerance for every output, or per output name (the others take the dtype default)
 Tolerance = float | Mapping[str, float] | None
@@ -151,16 +157,16 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     agree = None
     if judged:
         n = len(reference[judged[0].index])
-        tols = {r.path: _tolerance(r.probs, reference[r.probs], candidate.get(r.probs, reference[r.probs]),
-                                   atol, rtol, compute_dtypes) for r in judged}
+        limits = {r.path: tie_margin(*_tolerance(r.probs, reference[r.probs], candidate.get(r.probs, reference[r.probs]),
+                                                 atol, rtol, compute_dtypes)) for r in judged}
+        flips = {r.path: _flips(reference[r.index], candidate[r.index], reference[r.probs], limits[r.path])
+                 for r in judged}
         agree, tied = np.ones(n, bool), np.zeros(n, bool)
-        for r in judged:
-            flipped, ties = _flips(reference[r.index], candidate[r.index], reference[r.probs], tie_margin(*tols[r.path]))
+        for flipped, ties, _ in flips.values():
             if flipped is not None:
                 agree &= ~_per_sample(flipped, n)
                 tied |= _per_sample(ties, n)
-        routing = [compare_routing(reference[r.index], candidate[r.index], reference[r.probs], *tols[r.path],
-                                   router=r.path, tied_samples=tied) for r in judged]
+        routing = [_routing_diff(r.path, *flips[r.path], limits[r.path], tied) for r in judged]
     decisions = {r.index for r in judged}
     diffs = []
     for name, ref in reference.items():
@@ -173,12 +179,14 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 
 
 def _flips(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, limit: float):
-    """(flipped positions, tie-break positions) of one router; (None, None) when the shapes differ."""
+    """(flipped positions, tie-break positions, the reference's top1-top2 margins) of one router;
+    (None, None, None) when the shapes differ."""
     if ref_index.shape != cand_index.shape:
-        return None, None
+        return None, None, None
     flipped = ref_index != cand_index
-    margins = np.nan_to_num(top2_margin(ref_probs), nan=1.0) if ref_probs.shape[-1] > 1 else np.zeros(flipped.shape)
-    return flipped, flipped & (margins.reshape(flipped.shape) < limit)
+    margins = (np.nan_to_num(top2_margin(ref_probs), nan=1.0).reshape(flipped.shape) if ref_probs.shape[-1] > 1
+               else np.zeros(flipped.shape))  # a flip on a NaN row is never a tie
+    return flipped, flipped & (margins < limit), margins
 
 
 def _per_sample(mask: np.ndarray, n: int) -> np.ndarray:
@@ -240,11 +248,13 @@ def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np
     """One router's decision agreement, each flip judged by the reference's margin at that position;
     a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure."""
     limit = tie_margin(atol, rtol)
-    flipped, ties = _flips(ref_index, cand_index, ref_probs, limit)
+    return _routing_diff(router, *_flips(ref_index, cand_index, ref_probs, limit), limit, tied_samples)
+
+
+def _routing_diff(router: str, flipped: np.ndarray | None, ties: np.ndarray | None, margins: np.ndarray | None,
+                  limit: float, tied_samples: np.ndarray | None) -> RoutingDiff:
     if flipped is None:
         return RoutingDiff(router, 0, 0.0, 0, 0, 0, limit, [], None, False)
-    margins = np.nan_to_num(top2_margin(ref_probs), nan=1.0).reshape(flipped.shape) if ref_probs.shape[-1] > 1 \
-        else np.zeros(flipped.shape)
     failing = flipped & ~ties
     if tied_samples is not None and flipped.ndim:
         failing &= ~tied_samples.reshape(-1, *([1] * (flipped.ndim - 1)))
@@ -253,3 +263,104 @@ def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np
     n, n_flips, failures = int(flipped.size), int(flipped.sum()), int(failing.sum())
     return RoutingDiff(router, n, 100.0 * (1.0 - n_flips / n) if n else 100.0, n_flips, n_flips - failures,
                        failures, limit, buckets, float(margins[flipped].min()) if n_flips else None, failures == 0)
+
+
+# --- runners compared: what verify and export's validation run -----------------------------
+
+#: samples per call when a runner's batch is not fixed
+DEFAULT_BATCH = 256
+
+
+@dataclass
+class ParityReport:
+    """Every pair of backends compared on every input set.
+
+    Attributes:
+        model: the model (ONNX or engine) verified.
+        backends: the backends, in order (the earlier of a pair is its reference).
+        inputs: input set label -> samples.
+        comparisons: one Comparison per pair and input set.
+        checkpoint: the run directory the torch backends loaded, if any.
+        metadata: the model's deploytool metadata.
+        notes: remarks (a checkpoint that is not the exported one).
+    """
+
+    model: str
+    backends: list[str]
+    inputs: dict[str, int]
+    comparisons: list[Comparison]
+    checkpoint: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def failures(self) -> list[str]:
+        return [c.summary() for c in self.comparisons if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
+
+
+def run_batched(runner: "Runner", feed: Feed, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
+    """Outputs for every sample of `feed`, fed in chunks (engines have a maximum batch), concatenated.
+
+    A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
+    repeating its final sample, and the padded samples are dropped from the outputs (routing is per sample).
+
+    Args:
+        runner: an active runner.
+        feed: inputs by name.
+        batch_size: samples per call for a runner whose batch is not fixed.
+
+    Returns:
+        Outputs by name, every sample of `feed`.
+
+    Raises:
+        BadInput: an empty feed.
+    """
+    total = batch_of(feed)
+    if not total:
+        raise BadInput("no samples to run: give at least one")
+    fixed = runner.signature.static_batch
+    step = fixed or batch_size
+    parts = []
+    for i in range(0, total, step):
+        chunk = take(feed, slice(i, i + step))
+        rows = batch_of(chunk)
+        if fixed and rows < fixed:
+            chunk = {k: np.pad(v, [(0, fixed - rows)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
+        parts.append({k: v[:rows] for k, v in runner.infer(chunk).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def compare_runners(runners: Sequence["Runner"], inputs: Mapping[str, Feed], *, atol: Tolerance = None,
+                    rtol: Tolerance = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
+    """Every pair of runners on every input set; the earlier runner of a pair is the reference.
+
+    Args:
+        runners: the runners (activated and deactivated here).
+        inputs: input sets by label.
+        atol: absolute tolerance, or per output name.
+        rtol: relative tolerance, likewise.
+        batch_size: samples per call.
+
+    Returns:
+        One Comparison per pair and input set; the routers judged are those of the first runner that
+        names any (torch and ONNX both do).
+    """
+    comparisons = []
+    with contextlib.ExitStack() as stack:
+        for runner in runners:
+            stack.enter_context(runner)
+        routers = next((r.signature.routers for r in runners if r.signature.routers), ())
+        for label, feed in inputs.items():
+            results = [run_batched(r, feed, batch_size) for r in runners]
+            for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
+                computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
+                comparisons.append(compare(ref, cand, routers=routers, atol=atol, rtol=rtol,
+                                           reference_name=runners[i].name, candidate_name=runners[j].name,
+                                           inputs=label, compute_dtypes=computes))
+    return comparisons

@@ -46,6 +46,9 @@ def load_feed(data: str | Path | np.ndarray | Mapping[str, Any], signature: Mode
     if samples is not None and samples < 1:
         raise BadInput(f"samples must be >= 1, got {samples}")
     label, named = _read(data, signature, samples, seed, data_options or {})
+    missing = [n for n in signature.input_names if n not in named]
+    if missing:
+        raise BadInput(f"{label} has no input(s) {missing}; the model takes {signature.describe()}")
     feed = {}
     for meta in signature.inputs:
         arr = np.asarray(named[meta.name])[:samples]
@@ -69,6 +72,33 @@ def any_batch(signature: ModelSignature) -> ModelSignature:
         return signature
     inputs = tuple(replace(m, shape=(BATCH, *m.shape[1:])) for m in signature.inputs)
     return replace(signature, inputs=inputs)
+
+
+def sample_feed(signature: ModelSignature, *, data: Any = None, run_config: Mapping[str, Any] | None = None,
+                samples: int | None = None, seed: int = 0, made_up: int = 512) -> tuple[str, Feed]:
+    """The samples a command runs on: `data` when given, else the data set the run was trained on (when
+    it has one), else `made_up` made-up samples from the signature.
+
+    Args:
+        signature: the model's signature.
+        data: anything `load_feed` takes, or None.
+        run_config: the config.json of the model's run, if known.
+        samples: how many samples (None: all held-out ones).
+        seed: the data split's seed (a run's own seed for its data set).
+        made_up: how many made-up samples at most, when nothing else is known.
+
+    Returns:
+        (label, feed).
+
+    Raises:
+        BadInput: data that cannot feed this model.
+    """
+    if data is not None:
+        return load_feed(data, signature, samples=samples, seed=seed)
+    if run_config and run_config.get("dataset"):
+        return load_feed(run_config["dataset"], signature, samples=samples, seed=run_config.get("seed", seed),
+                         data_options=run_config.get("data_options", {}))
+    return "made-up samples", random_feed(signature, made_up if samples is None else min(samples, made_up), seed=seed)
 
 
 def _read(data: Any, signature: ModelSignature, samples: int | None, seed: int,
@@ -106,9 +136,18 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def random_feed(signature: ModelSignature, batch: int, *, seed: int = 0, like: Feed | None = None) -> Feed:
-    """`batch` made-up samples per input: float inputs normal with the mean and spread of `like`
-    (standard normal without it), integer inputs small non-negative ints, bool inputs random.
-    Dynamic non-batch dims take the size of the signature's export example."""
+    """`batch` made-up samples per input, the same for the same seed.
+
+    Args:
+        signature: the model's signature.
+        batch: samples per input.
+        seed: the random seed.
+        like: real samples whose mean and spread float inputs take (standard normal without them).
+
+    Returns:
+        The feed: float inputs normal, integer inputs 0 or 1 (valid for any embedding), bool inputs
+        random; dynamic non-batch dims at the size of the signature's export example.
+    """
     rng = np.random.default_rng(seed)
     feed = {}
     for meta in signature.inputs:

@@ -26,7 +26,17 @@ ROUTING_PLOT = "routing.png"
 
 
 def check_parent_dir(path: str | os.PathLike) -> Path:
-    """Refuse an output path whose directory does not exist or that is a directory itself."""
+    """`path` as an output file path: its directory exists and it is not a directory itself.
+
+    Args:
+        path: where a file will be written.
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        BadInput: the path is a directory, or its directory does not exist.
+    """
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"output path {path} is a directory; give a file path")
@@ -65,7 +75,17 @@ def _as_if_created(path: Path, mode: int) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it.
+
+    Args:
+        path: the file to write.
+
+    Yields:
+        The temporary path to write to.
+
+    Raises:
+        BadInput: see check_parent_dir.
+    """
     target = check_parent_dir(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -80,7 +100,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_file(path: str | os.PathLike, what: str) -> Path:
-    """An existing regular file, or BadInput saying what it is instead."""
+    """`path` when it is an existing regular file.
+
+    Args:
+        path: the file.
+        what: what it is, for messages ("checkpoint").
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        BadInput: a directory or a missing file, saying which.
+    """
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"{what} {path} is a directory; give a file")
@@ -90,6 +121,7 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see atomic_path); returns the path."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
@@ -114,6 +146,7 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as dumps_json does, atomically; returns the path."""
     return write_bytes(path, dumps_json(obj).encode())
 
 
@@ -128,6 +161,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`."""
     path = check_file(path, what)
     try:
         return json.loads(path.read_text())
@@ -136,6 +170,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -200,6 +235,7 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors, atomically; returns the path."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -209,7 +245,17 @@ def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, 
 
 
 def load_weights(path: str | os.PathLike) -> dict:
-    """Load a safetensors file; anything else (a pickle included) is refused, never unpickled."""
+    """Load a safetensors file; anything else (a pickle included) is refused, never unpickled.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        BadInput: a missing, empty, non-safetensors or corrupt file.
+    """
     path = Path(path)
     check_file(path, "checkpoint")
     if path.stat().st_size == 0:

@@ -67,9 +67,32 @@ def describe_machine() -> dict:
 
 
 def gpu_name() -> str | None:
-    """CUDA device 0 as a table shows it: "NVIDIA H100 (sm_90)"; None without a GPU."""
-    device = gpu()
+    """CUDA device 0 as a table shows it: "NVIDIA H100 (sm_90)"; None without a GPU.
+
+    Asks torch when something already imported it, else nvidia-smi: a benchmark of an ONNX model on
+    ONNX Runtime has no reason to load torch just to name the machine.
+    """
+    if "torch" in sys.modules:
+        device = gpu()
+    else:
+        device = _nvidia_smi_gpu()
     return device and f"{device['name']} (sm_{device['compute_capability'].replace('.', '')})"
+
+
+def _nvidia_smi_gpu() -> dict | None:
+    """Device 0's name and compute capability from nvidia-smi, or None (no driver, no GPU, an old driver)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        name, capability = (part.strip() for part in out.strip().split(","))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return {"name": name, "compute_capability": capability}
 
 
 def machine_info() -> dict[str, Any]:

@@ -36,7 +36,8 @@ def routing_metrics(model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     from deploytool.nn import named_routers, record_routing, routing_mode
 
     model.eval()
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    x = np.ascontiguousarray(x)
+    xt = torch.from_numpy(x.astype(np.float32, copy=False) if x.dtype.kind == "f" else x.astype(np.int64, copy=False))
     with torch.no_grad():
         with routing_mode(model, "soft"):
             soft = primary_output(model(xt))
@@ -150,7 +151,7 @@ def report(run_dir: str | Path) -> dict[str, Any]:
             that lacks a summary figure or holds one that is not a finite number (each named).
     """
     from deploytool import io
-    from deploytool.artifacts import load_run
+    from deploytool.artifacts import is_finite_number, load_run
     from deploytool.errors import BadInput
 
     run = load_run(run_dir)
@@ -163,15 +164,11 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     for key in SUMMARY_KEYS:
         value = run.metrics[key]
         values = value if key == "expert_load" and isinstance(value, list) and value else [value]
-        if not all(_is_finite_number(v) for v in values):
+        if not all(is_finite_number(v) for v in values):
             wanted = "a non-empty list of finite numbers" if key == "expert_load" else "a finite number"
             raise BadInput(f"{source}: {key}={value!r} must be {wanted}")
     return {"run_dir": str(run.path), "plot": str(run.plot) if run.plot.exists() else None,
             "config": run.config, "metrics": run.metrics}
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 SUMMARY_KEYS = ("soft_accuracy", "hard_accuracy", "hard_soft_gap", "mean_max_prob", "frac_confident",

@@ -144,9 +144,20 @@ class NamedModule(nn.Module):
 
 def module_signature(named: NamedModule, example: Mapping[str, torch.Tensor], *,
                      dynamic: Mapping[str, Mapping[int, str]] | None = None) -> ModelSignature:
-    """The signature of `named` on `example` inputs: dim 0 of every tensor is `batch` unless `dynamic`
-    says otherwise ({input: {axis: name}} lists every dynamic dim of that input); outputs' dims follow
-    their inputs' where they match in size (one forward cannot tell more)."""
+    """The signature of `named` from one forward on `example` inputs.
+
+    Args:
+        named: the wrapped model.
+        example: example inputs by name, batch first.
+        dynamic: every dynamic dim per input, {input: {axis: name}}; default: axis 0 is `batch`.
+
+    Returns:
+        The ModelSignature; outputs' dims take their inputs' names where they match in size (one
+        forward cannot tell more), and every named dim's example size is recorded.
+
+    Raises:
+        BadInput: a router that does not run exactly once, outputs that are not tensors.
+    """
     with torch.no_grad():
         outputs = named.named(*example.values())
     sizes: dict[int, str] = {}

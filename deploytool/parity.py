@@ -9,97 +9,18 @@ backend, a model without routers) raises BadInput before anything runs. Export r
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from deploytool.artifacts import open_artifact
-from deploytool.compare import Comparison, Tolerance, check_tolerances, compare
+from deploytool.artifacts import load_run, open_artifact
+from deploytool.compare import ParityReport, Tolerance, check_tolerances, compare_runners
 from deploytool.errors import BadInput
-from deploytool.feeds import Feed, batch_of, load_feed, take
+from deploytool.feeds import batch_of, sample_feed
 from deploytool.io import WEIGHTS_FILE
 from deploytool.runners import Runner, artifact_of, make_runner, parse_backends
 
 DEFAULT_SAMPLES = 512
-DEFAULT_BATCH = 256
-
-
-@dataclass
-class ParityReport:
-    """Every pair of backends compared on every input set.
-
-    Attributes:
-        model: the model (ONNX or engine) verified.
-        backends: the backends, in order (the earlier of a pair is its reference).
-        inputs: input set label -> samples.
-        comparisons: one Comparison per pair and input set.
-        checkpoint: the run directory the torch backends loaded, if any.
-        metadata: the model's deploytool metadata.
-        notes: remarks (a checkpoint that is not the exported one).
-    """
-
-    model: str
-    backends: list[str]
-    inputs: dict[str, int]
-    comparisons: list[Comparison]
-    checkpoint: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
-
-    def failures(self) -> list[str]:
-        return [c.summary() for c in self.comparisons if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
-
-
-def run_batched(runner: Runner, feed: Feed, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
-    """Outputs for every sample of `feed`, fed in chunks (engines have a maximum batch), concatenated.
-
-    A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
-    repeating its final sample, and the padded samples are dropped from the outputs (routing is per sample).
-    """
-    total = batch_of(feed)
-    if not total:
-        raise BadInput("no samples to run: give at least one")
-    fixed = runner.signature.static_batch
-    step = fixed or batch_size
-    parts = []
-    for i in range(0, total, step):
-        chunk = take(feed, slice(i, i + step))
-        rows = batch_of(chunk)
-        if fixed and rows < fixed:
-            chunk = {k: np.pad(v, [(0, fixed - rows)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
-        parts.append({k: v[:rows] for k, v in runner.infer(chunk).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, Feed], *, atol: Tolerance = None,
-                    rtol: Tolerance = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
-    """Every pair of runners on every input set; the earlier runner of a pair is the reference. The
-    routers judged are those of the first runner that names any (torch and ONNX both do)."""
-    comparisons = []
-    with contextlib.ExitStack() as stack:
-        for runner in runners:
-            stack.enter_context(runner)
-        routers = next((r.signature.routers for r in runners if r.signature.routers), ())
-        for label, feed in inputs.items():
-            results = [run_batched(r, feed, batch_size) for r in runners]
-            for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
-                computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
-                comparisons.append(compare(ref, cand, routers=routers, atol=atol, rtol=rtol,
-                                           reference_name=runners[i].name, candidate_name=runners[j].name,
-                                           inputs=label, compute_dtypes=computes))
-    return comparisons
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -113,7 +34,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
 
 
 def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | Path | None = None,
-           backends: str | Sequence[str] = ("torch", "onnxruntime"), data: Any = "digits",
+           backends: str | Sequence[str] = ("torch", "onnxruntime"), data: Any = None,
            samples: int = DEFAULT_SAMPLES, atol: Tolerance = None, rtol: Tolerance = None,
            seed: int = 0) -> ParityReport:
     """Compare `backends` pairwise on `samples` samples of `data`: every output, every router's decisions.
@@ -125,7 +46,9 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
         model_path: the ONNX model or TensorRT engine, or several of them.
         checkpoint: the run directory (or its weights file) the torch backends load.
         backends: backend names (see deploytool.runners.BACKENDS); two runners at least in all.
-        data: a data set name, .npz, array or dict of arrays (see deploytool.feeds.load_feed).
+        data: a data set name, .npz, array or dict of arrays (see deploytool.feeds.load_feed); default the
+            data set of the run (the checkpoint's, else the one the model was exported from), else
+            made-up samples from the signature.
         samples: how many samples to compare.
         atol: absolute tolerance, or per output name (default: by dtype).
         rtol: relative tolerance, likewise.
@@ -173,7 +96,10 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
         raise BadInput(f"{len(runners)} runner to compare; give two backends, or several models")
     metadata = arts[0].metadata
     notes = check_runners_match(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
-    label, feed = load_feed(data, arts[0].signature, samples=samples, seed=seed)
+    source = run_dir or arts[0].source_run
+    run_config = load_run(source).config if source is not None and data is None else None
+    label, feed = sample_feed(arts[0].signature, data=data, run_config=run_config, samples=samples, seed=seed,
+                              made_up=samples)
     comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
     return ParityReport(", ".join(map(str, paths)), [r.name for r in runners], {label: batch_of(feed)}, comparisons,
                         str(checkpoint) if checkpoint else None, metadata, notes)

@@ -158,7 +158,7 @@ class TrainConfig(LoopSettings):
         if self.router not in ("softmax", "sigmoid"):
             raise BadInput(f"router must be softmax or sigmoid, got {self.router!r}")
         if self.router == "softmax" and self.experts == 1:
-            raise BadInput(f"--experts 1: {ONE_CLASS_MESSAGE}")
+            raise BadInput(f"experts=1: {ONE_CLASS_MESSAGE}")
         if self.experts < 2:
             raise BadInput(f"experts must be a whole number >= 2, got {self.experts}")
         if self.experts > MAX_EXPERTS:

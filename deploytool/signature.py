@@ -86,13 +86,12 @@ class ModelSignature:
     #: inputs and an engine's optimisation profile use when nothing else says)
     dim_examples: dict[str, int] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: what `to_json` writes and `from_json` reads."""
+        return {"inputs": [m.to_dict() for m in self.inputs], "outputs": [m.to_dict() for m in self.outputs],
+                "routers": [r.to_dict() for r in self.routers], "dim_examples": dict(self.dim_examples)}
+
     # --- reading ------------------------------------------------------------------------------
-    def input(self, name: str) -> TensorMeta:
-        return next(m for m in self.inputs if m.name == name)
-
-    def output(self, name: str) -> TensorMeta:
-        return next(m for m in self.outputs if m.name == name)
-
     @property
     def input_names(self) -> list[str]:
         return [m.name for m in self.inputs]
@@ -200,14 +199,22 @@ def numpy_dtype(name: str) -> np.dtype | None:
 # --- (de)serialising --------------------------------------------------------------------------
 
 def to_json(signature: ModelSignature) -> str:
-    return json.dumps({"inputs": [m.to_dict() for m in signature.inputs],
-                       "outputs": [m.to_dict() for m in signature.outputs],
-                       "routers": [r.to_dict() for r in signature.routers],
-                       "dim_examples": signature.dim_examples}, sort_keys=True)
+    return json.dumps(signature.to_dict(), sort_keys=True)
 
 
 def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
-    """A signature from its JSON (or the parsed dict); anything malformed is BadInput naming `source`."""
+    """A signature from its JSON (or the parsed dict).
+
+    Args:
+        text: what `to_json` wrote, or that parsed.
+        source: the file it came from, for messages.
+
+    Returns:
+        The ModelSignature.
+
+    Raises:
+        BadInput: anything malformed, naming `source`.
+    """
     try:
         data = json.loads(text) if isinstance(text, str) else text
         return ModelSignature(tuple(TensorMeta.from_dict(m) for m in data["inputs"]),
@@ -220,7 +227,21 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
 
 
 def with_io(signature: ModelSignature | None, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> ModelSignature:
-    """The backend's own inputs/outputs (what it really takes) with the routers a stored signature names."""
+    """The backend's own inputs/outputs (what it really takes) with the routers a stored signature names;
+    a dim the backend leaves unnamed (an engine's -1) takes the stored signature's name for it."""
     if signature is None:
         return ModelSignature(tuple(inputs), tuple(outputs))
-    return ModelSignature(tuple(inputs), tuple(outputs), signature.routers, signature.dim_examples)
+    return ModelSignature(_named(inputs, signature.inputs), _named(outputs, signature.outputs), signature.routers,
+                          signature.dim_examples)
+
+
+def _named(metas: list[TensorMeta], stored: tuple[TensorMeta, ...]) -> tuple[TensorMeta, ...]:
+    known = {m.name: m for m in stored}
+    out = []
+    for meta in metas:
+        other = known.get(meta.name)
+        if other is not None and len(other.shape) == len(meta.shape):
+            meta = TensorMeta(meta.name, meta.dtype, tuple(
+                named if dim is None and isinstance(named, str) else dim for dim, named in zip(meta.shape, other.shape)))
+        out.append(meta)
+    return tuple(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import MODULE_PREFIX, RunDir, is_module_run, load_run
+from deploytool.artifacts import MODULE_PREFIX, RunDir, builtin_run, load_run
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
 
@@ -188,14 +188,15 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
 
 
 def as_xy(data: Any, what: str) -> tuple[Any, Any]:
-    """(x, y) arrays or tensors -> (float32 tensor [N, ...], int64 tensor [N]), checked.
+    """(x, y) arrays or tensors -> (x tensor [N, ...], int64 tensor [N]), checked: float x as float32,
+    integer x (token ids for an embedding) as int64.
 
     Args:
         data: the pair (x, y).
         what: its name in messages (train_data).
 
     Returns:
-        (x as a contiguous float32 tensor, y as int64).
+        (x as a contiguous float32 or int64 tensor, y as int64).
 
     Raises:
         BadInput: not a pair, wrong ranks, lengths that differ, labels that are not integers >= 0, or x
@@ -218,8 +219,8 @@ def as_xy(data: Any, what: str) -> tuple[Any, Any]:
         raise BadInput(f"{what}: y must be class labels 0..K-1 with K <= {MAX_CLASSES}, got a label {int(y.max())}")
     if x.dtype.is_complex or x.dtype == torch.bool:
         raise BadInput(f"{what}: x must be real numbers, got {x.dtype}")
-    x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
+    x = x.to(torch.float32 if x.dtype.is_floating_point else torch.int64)
+    if x.dtype.is_floating_point and not torch.isfinite(x).all():
         raise BadInput(f"{what}: x contains NaN or inf")
     return x.contiguous(), y.to(torch.int64)
 
@@ -381,15 +382,15 @@ def check_run_target(out: str | Path, force: bool) -> Path:
     if resolved == cwd or resolved in cwd.parents:
         what = "is the current directory" if resolved == cwd else "holds the current directory"
         raise BadInput(f"output directory {str(out) or repr('')} {what}: a run is written as a new directory swapped "
-                       "into place; give --out a new directory name")
+                       "into place; give a new directory name")
     check_writable_parent(out, "output directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise BadInput(f"output directory {out} is not empty; choose another --out or pass --force to "
-                           "replace the run in it")
+            raise BadInput(f"output directory {out} is not empty; choose another one, or replace the run in it "
+                           "with force")
         if not (out / io.CONFIG_FILE).is_file():
             raise BadInput(f"output directory {out} is not a deploytool run directory (no {io.CONFIG_FILE}); "
-                           "--force replaces only runs: choose another --out")
+                           "force replaces only runs: choose another output directory")
     return out
 
 
@@ -485,11 +486,7 @@ def load_model(path: str | Path, checkpoint: str | Path | None = None):
     """
     from deploytool.models import build_model
 
-    run = load_run(path)
-    if is_module_run(run.config):
-        raise BadInput(f"{run.path} holds a {run.config['model'].removeprefix(MODULE_PREFIX)} trained with "
-                       "deploytool.fit: build that module yourself and load the weights with "
-                       "deploytool.load_weights_into(module, run_dir)")
+    run = builtin_run(path)
     try:
         model = build_model(run.config)
     except BadInput as exc:

@@ -49,7 +49,7 @@ def test_routing_patterns_show_the_measured_expert_histogram(trained_run):
 
     result = bench(trained_run.path, backends=["torch-dense", "torch-sparse"], batch_sizes=[16],
                    routing=["uniform", "single"], warmup_ms=5, duration_s=0.03, min_iters=3, progress=False)
-    hist = {(ln.backend, ln.routing): ln.histogram for ln in result.lines}
+    hist = {(ln.backend, ln.routing): ln.histograms["routed.router"] for ln in result.lines}
     uniform = hist[("torch-dense", "uniform")]
     assert max(uniform) - min(uniform) <= 1 and sum(uniform) == 32
     assert sorted(hist[("torch-dense", "single")])[:-1] == [0] * (len(uniform) - 1)
@@ -70,8 +70,7 @@ def test_unavailable_backend_is_skipped_with_its_reason(cli, trained_run, tmp_pa
 
 @pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed here, so the backend is available")
 def test_only_backend_unavailable_exits_3(cli, tmp_path):
-    engine = tmp_path / "model.plan"
-    engine.write_bytes(b"not an engine")
+    engine = _engine_with_profile(tmp_path, 8)  # whole, with its manifest: only TensorRT is missing
     code, _, err = cli("bench", engine, "--backends", "tensorrt", "--batch-sizes", "1", *FAST)
     assert code == 3, err
     assert "Traceback" not in err and err.startswith("error:")
@@ -94,13 +93,13 @@ def _engine_with_profile(tmp_path, max_batch: int):
     (["--batch-sizes", "1,-8"], "positive integer, got '-8'"),
     (["--batch-sizes", "1.5"], "positive integer, got '1.5'"),
     (["--batch-sizes", "eight"], "positive integer"),
-    (["--duration-s", "0"], "--duration-s must be a finite number > 0"),
-    (["--min-iters", "0"], "--min-iters"),
-    (["--min-iters", "1000000000"], "--min-iters must be at most 1,000,000"),
-    (["--warmup-ms", "inf"], "--warmup-ms must be a finite number"),
-    (["--duration-s", "inf"], "--duration-s must be a finite number"),
-    (["--duration-s", "nan"], "--duration-s must be a finite number"),
-    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--duration-s", "0"], "duration_s must be a finite number > 0"),
+    (["--min-iters", "0"], "min_iters"),
+    (["--min-iters", "1000000000"], "min_iters must be at most 1,000,000"),
+    (["--warmup-ms", "inf"], "warmup_ms must be a finite number"),
+    (["--duration-s", "inf"], "duration_s must be a finite number"),
+    (["--duration-s", "nan"], "duration_s must be a finite number"),
+    (["--seed", "-1"], "seed must be a non-negative integer"),
     (["--routing", "zipf"], "unknown routing pattern"),
     (["--json", "no/such/dir/out.json"], "does not exist"),
     (["--plot", "no/such/dir/p.png"], "does not exist"),
@@ -208,7 +207,7 @@ def test_static_batch_model_runs_at_its_batch_and_refuses_any_other_naming_it(cl
         ("torch", 8), ("onnxruntime", 8)]
     code, _, err = cli("bench", static8, "--backends", "onnxruntime", "--batch-sizes", "1,8", *FAST)
     assert_one_line_error(code, err, 2, "static batch of 8")
-    assert "--batch-sizes 8" in err
+    assert "batch size 8 only" in err
 
 
 def test_single_batch_plot_draws_the_p99_and_the_p90_p99_band(tmp_path, monkeypatch):

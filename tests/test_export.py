@@ -302,7 +302,7 @@ def test_onnx_readers_parse_the_file_once(exported_onnx, monkeypatch, reader):
 
 def _compare_with_torch(exported, feed):
     """One comparison of ONNX Runtime against the exported module (dense dispatch) on `feed`."""
-    from deploytool.parity import compare_runners
+    from deploytool.compare import compare_runners
     from deploytool.runners import make_runner
 
     (comparison,) = compare_runners([make_runner("torch-dense", exported.module, example_inputs=exported.example),
@@ -350,7 +350,8 @@ def test_an_image_model_with_two_inputs_two_routers_and_tuple_outputs_exports(im
                                 "gate.router.index", "gate.router.probs"]
     # the sigmoid router is a 2-expert router downstream: index [B], probs [B, 2]
     assert [(r.path, r.n_experts) for r in sig.routers] == [("routed.router", 3), ("gate.router", 2)]
-    assert sig.output("gate.router.probs").shape == ("batch", 2) and sig.output("gate.router.index").dtype == "int64"
+    outputs = {m.name: m for m in sig.outputs}
+    assert outputs["gate.router.probs"].shape == ("batch", 2) and outputs["gate.router.index"].dtype == "int64"
     assert sig.routers == image_export.result.signature.routers
     for c in image_export.result.validation.comparisons:
         assert [r.router for r in c.routing] == ["routed.router", "gate.router"] and c.passed

@@ -125,7 +125,7 @@ def test_a_model_with_control_flow_cannot_be_planned_for_lowering(tmp_path):
     model.graph.node.insert(0, helper.make_node("If", ["cond"], ["x_if"], then_branch=branch, else_branch=branch))
     onnx.save(model, path)
     with pytest.raises(BadInput, match=r"m\.onnx: cannot lower this model to fp16 in-graph: node If holds a subgraph "
-                                       r"\(control flow\); build --precision fp32"):
+                                       r"\(control flow\); build in fp32"):
         plan_engine(path, precision="fp16")
     assert plan_engine(path).lower_to is None  # fp32 needs no lowering
 
@@ -200,7 +200,7 @@ def test_an_op_without_a_lower_precision_kernel_is_a_clear_refusal_not_a_crash()
                     helper.make_node("ReduceMax", ["x"], ["limit"], keepdims=0),
                     helper.make_node("Range", ["start", "limit", "delta"], ["out"])])
     with pytest.raises(BadInput, match="lower this model to fp16 in-graph: the lowered graph does not check .*"
-                                       "build --precision fp32"):
+                                       "build in fp32"):
         _lower(model)
 
 

@@ -143,7 +143,7 @@ def test_max_batch_above_the_engine_profile_is_refused_and_nothing_is_written(fa
 def test_existing_model_is_refused_without_force_and_left_untouched(onnx_file, tmp_path):
     first = package(onnx_file, tmp_path, "tiny")
     before = first.config_path.read_bytes()
-    with pytest.raises(BadInput, match="already exists; pass --force"):
+    with pytest.raises(BadInput, match="already exists; replace it with force"):
         package(onnx_file, tmp_path, "tiny", max_batch=8)
     assert first.config_path.read_bytes() == before
 
@@ -176,10 +176,10 @@ def test_names_with_separators_spaces_or_leading_dots_are_refused(onnx_file, tmp
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"dynamic_batching": True, "preferred_batch": (8, 128)}, "preferred batch size 128"),
-    ({"dynamic_batching": True, "max_batch": 0}, "dynamic batching needs --max-batch > 0"),
+    ({"dynamic_batching": True, "max_batch": 0}, "dynamic batching needs a max batch > 0"),
     ({"max_batch": -1}, "max batch must be between 0"),
     ({"max_batch": 10**12}, "max batch must be between 0"),
-    ({"instances": 0}, "--instances must be >= 1"),
+    ({"instances": 0}, "instances must be >= 1"),
     ({"backend": "tensorrt"}, "tensorrt backend serves a TensorRT engine"),
     ({"backend": "tflite"}, "unknown backend"),
 ])
@@ -210,7 +210,7 @@ def test_readme_has_the_exact_tritonserver_command_and_a_runnable_client_example
     compile(client, "README client", "exec")
     assert 'InferInput("x", list(value.shape), "FP32")' in client and 'client.infer("tiny", inputs)' in client
     assert 'np.random.rand(2, 8)' in client
-    assert '("output", "router.index", "router.probs")' in client  # every output, each router's decisions
+    assert '("output", "router.index", "router.probs",)' in client  # every output, each router's decisions
 
 
 def test_cli_package_json_reports_the_repository(cli, onnx_file, tmp_path):
@@ -226,7 +226,7 @@ def test_cli_package_json_reports_the_repository(cli, onnx_file, tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--name", "my model"], "model name 'my model' is not valid"),
     (["--name", "tiny", "--preferred-batch", "8,x", "--dynamic-batching"], "positive integer, got 'x'"),
-    (["--name", "tiny", "--preferred-batch", "0"], "--preferred-batch: batch size must be a positive integer, got '0'"),
+    (["--name", "tiny", "--preferred-batch", "0"], "preferred batch sizes: batch size must be a positive integer, got '0'"),
     (["--name", "tiny", "--preferred-batch", "8,-4", "--dynamic-batching"], "positive integer, got '-4'"),
 ])
 def test_cli_package_bad_input_is_one_line_exit_2(cli, onnx_file, tmp_path, args, match):
@@ -236,7 +236,7 @@ def test_cli_package_bad_input_is_one_line_exit_2(cli, onnx_file, tmp_path, args
 def test_cli_package_existing_model_without_force_is_one_line_exit_2(cli, onnx_file, tmp_path):
     package(onnx_file, tmp_path, "tiny")
     code, _, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny")
-    assert_one_line_error(code, err, 2, "already exists; pass --force")
+    assert_one_line_error(code, err, 2, "already exists; replace it with force")
     code, _, err = cli("package", onnx_file, "--repository", tmp_path, "--name", "tiny", "--force")
     assert code == 0, err
 

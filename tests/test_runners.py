@@ -263,7 +263,7 @@ class _Rows8(Runner):
 
 
 def test_run_batched_feeds_a_static_batch_runner_padded_chunks_and_drops_the_padding():
-    from deploytool.parity import run_batched
+    from deploytool.compare import run_batched
 
     x = np.arange(19 * 3, dtype=np.float32).reshape(19, 3)
     with _Rows8() as runner:
@@ -279,7 +279,7 @@ def test_static_batch_is_none_for_a_dynamic_batch(routing_onnx, trained_run):
 
 
 def test_run_batched_concatenates_chunks_of_a_dynamic_runner_and_refuses_an_empty_feed(exported_onnx):
-    from deploytool.parity import run_batched
+    from deploytool.compare import run_batched
 
     x = np.random.default_rng(4).random((70, 64), dtype=np.float32)
     with make_runner("onnxruntime", exported_onnx) as runner:

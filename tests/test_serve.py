@@ -240,7 +240,7 @@ def test_port_in_use_is_refused_naming_the_port(trained_run):
 
 def test_cli_serve_refuses_a_zero_preferred_batch_before_starting_anything(cli, trained_run):
     code, _, err = cli("serve", trained_run.path, "--port", free_port(), "--preferred-batch", "8,0")
-    assert_one_line_error(code, err, 2, "--preferred-batch: batch size must be a positive integer, got '0'")
+    assert_one_line_error(code, err, 2, "preferred batch sizes: batch size must be a positive integer, got '0'")
 
 
 def test_cli_serve_on_a_port_in_use_is_one_line_exit_2(cli, trained_run):

@@ -164,7 +164,7 @@ def test_run_files_get_the_permissions_a_plain_write_would(tmp_path):
 def test_existing_run_is_kept_unless_forced(tmp_path):
     out = tmp_path / "run"
     first = train(None, out, progress=False, epochs=1, seed=1)
-    with pytest.raises(BadInput, match="not empty.*--force"):
+    with pytest.raises(BadInput, match="not empty.*with force"):
         train(None, out, progress=False, epochs=1, seed=2)
     assert json.loads((out / io.METRICS_FILE).read_text())["seed"] == 1
     second = train(None, out, progress=False, epochs=1, seed=2, force=True)

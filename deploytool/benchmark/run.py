@@ -52,11 +52,6 @@ class Line:
     #: router path -> decisions per expert over the feed cycle, as this backend routed them
     histograms: dict[str, list[int]]
 
-    @property
-    def histogram(self) -> list[int]:
-        """The first router's histogram (the one routing patterns steer unless told otherwise)."""
-        return next(iter(self.histograms.values()))
-
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "batch_size": self.batch_size, "routing": self.routing,
                 **self.stats.to_dict(), "ratio": self.ratio, "histograms": self.histograms}
@@ -141,7 +136,7 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
         MissingDependency: no backend can run here.
     """
     from deploytool.machine import machine_info
-    from deploytool.parity import run_batched
+    from deploytool.compare import run_batched
 
     start = time.perf_counter()
     backends = parse_backends(backends)
@@ -153,10 +148,12 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
         raise BadInput("give one or more distinct targets")
     arts = [Artifacts.resolve(t, checkpoint) for t in targets]
     art = arts[0]
+    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise BadInput(f"the JSON report and the plot are both {json_path}; give two paths")
     for path in (json_path, plot_path):
         if path is not None:
             io.check_parent_dir(path)
-            io.refuse_overwrite(path, checkpoint, *targets,
+            io.refuse_overwrite(path, checkpoint, data if isinstance(data, (str, Path)) else None, *targets,
                                 *(p for a in arts for p in (a.onnx_path, a.run_dir, a.engine_path)))
     load = busy_note()
     if load:
@@ -262,15 +259,15 @@ def busy_note() -> str | None:
 def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
     """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
     if not (math.isfinite(duration_s) and duration_s > 0):
-        raise BadInput(f"--duration-s must be a finite number > 0, got {duration_s}")
+        raise BadInput(f"duration_s must be a finite number > 0, got {duration_s}")
     if not (math.isfinite(warmup_ms) and warmup_ms >= 0):
-        raise BadInput(f"--warmup-ms must be a finite number >= 0, got {warmup_ms}")
+        raise BadInput(f"warmup_ms must be a finite number >= 0, got {warmup_ms}")
     if isinstance(min_iters, bool) or not isinstance(min_iters, int) or min_iters < 1:
-        raise BadInput(f"--min-iters must be an integer >= 1, got {min_iters}")
+        raise BadInput(f"min_iters must be an integer >= 1, got {min_iters}")
     if min_iters > harness.MAX_ITERS:
-        raise BadInput(f"--min-iters must be at most {harness.MAX_ITERS:,} (the harness's cap), got {min_iters:,}")
+        raise BadInput(f"min_iters must be at most {harness.MAX_ITERS:,} (the harness's cap), got {min_iters:,}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise BadInput(f"--seed must be a non-negative integer, got {seed}")
+        raise BadInput(f"seed must be a non-negative integer, got {seed}")
 
 
 def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
@@ -279,7 +276,7 @@ def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
     too_big = [b for b in batch_sizes if max_batch is not None and b > max_batch]
     if too_big:
         raise BadInput(f"batch size {too_big[0]} is above the engine's profile maximum {max_batch} "
-                       f"({engine_path.name}); rebuild with a larger --max-batch or use smaller batches")
+                       f"({engine_path.name}); rebuild it with a larger max batch or use smaller batches")
 
 
 def engine_max_batch(engine_path: Path) -> int | None:
@@ -303,7 +300,7 @@ def check_static_batch(runners, batch_sizes: list[int]) -> None:
         if other:
             raise BadInput(f"the {runner.name} model has a static batch of {fixed} (input {runner.inputs[0].name} "
                            f"{list(runner.inputs[0].shape)}), so batch size {other[0]} cannot run: give "
-                           f"--batch-sizes {fixed}, or export with a dynamic batch")
+                           f"batch size {fixed} only, or export with a dynamic batch")
 
 
 # --- artifacts and runners ---------------------------------------------------------------------
@@ -320,6 +317,8 @@ class Artifacts:
     notes: list[str] = field(default_factory=list)
     #: the run directory came from the ONNX model's metadata, not from the user
     run_found: bool = False
+    #: the model's deploytool metadata (an engine carries its ONNX model's)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
@@ -332,11 +331,11 @@ class Artifacts:
         if kind == "run":
             onnx = path / "model.onnx"
             return cls("run", run_dir or path, weights, onnx if onnx.is_file() else None)
-        onnx = path if kind == "onnx" else path.with_suffix(".onnx")
-        onnx = onnx if onnx.is_file() else None
-        source = None if run_dir or onnx is None else open_artifact(onnx).source_run
+        art = open_artifact(path)
+        onnx = path if kind == "onnx" else _engine_onnx(path)
+        source = None if run_dir else art.source_run
         return cls(kind, run_dir or source, weights, onnx, path if kind == "engine" else None,
-                   run_found=source is not None)
+                   run_found=source is not None, metadata=art.metadata)
 
     def onnx(self, stack: contextlib.ExitStack) -> Path:
         """The ONNX model; a run directory without one is exported to a temporary file."""
@@ -367,6 +366,17 @@ class Artifacts:
         return make_runner(backend, self.engine_path)
 
 
+def _engine_onnx(engine: Path) -> Path | None:
+    """The ONNX model an engine was built from, as its manifest records it, while that file is unchanged."""
+    from deploytool.artifacts import read_manifest
+
+    recorded = read_manifest(engine).get("onnx") or {}
+    onnx = Path(recorded.get("path") or "")
+    if recorded.get("path") and onnx.is_file() and io.sha256_file(onnx) == recorded.get("sha256"):
+        return onnx
+    return None
+
+
 def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitStack):
     """Activated runners, and the reason for each backend that cannot run; none runnable: its error."""
     runners, skipped, errors = [], {}, []
@@ -390,16 +400,14 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
     apart). A run found through the model's metadata that no longer matches it is another model: its torch
     backends are skipped with the reason. A run given with --checkpoint is the user's choice: shapes that
     disagree are refused, other weights only noted."""
-    from deploytool.artifacts import read_onnx_metadata
     from deploytool.parity import check_runners_match
 
     torch = [r for r in runners if r.backend == "torch"]
     if not torch:
         return runners
-    metadata = read_onnx_metadata(art.onnx_path) if art.onnx_path is not None else {}
     weights = art.weights or (art.run_dir / io.WEIGHTS_FILE if art.run_dir is not None else None)
     try:
-        mismatch = check_runners_match(runners, metadata, weights)
+        mismatch = check_runners_match(runners, art.metadata, weights)
     except BadInput as exc:
         if not art.run_found:
             raise
@@ -410,7 +418,7 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
         art.notes.extend(mismatch)
         return runners
     reason = (f"the run {art.run_dir} recorded in {art.onnx_path.name} no longer matches it ({mismatch[0]}); "
-              "give --checkpoint RUN_DIR to time it anyway")
+              "give the checkpoint (its run directory) to time it anyway")
     kept = [r for r in runners if r not in torch]
     if not kept:
         raise BadInput(reason)
@@ -419,21 +427,15 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
 
 
 def _pool(signature, art: Artifacts, data: Any, seed: int) -> tuple[str, Feed]:
-    """Samples to pick feeds from: `data`, else the run's data set, else made up from the signature."""
-    from deploytool.feeds import load_feed, random_feed
+    """Samples to pick feeds from: `data`, else the run's data set (training rows too), else made up."""
+    from deploytool.artifacts import load_run
+    from deploytool.feeds import sample_feed
 
-    if data is not None:
-        label, feed = load_feed(data, signature, samples=10**9, seed=seed)
-        return label.replace(" held-out", ""), feed
-    if art.run_dir is not None:
-        from deploytool.artifacts import load_run
-
-        config = load_run(art.run_dir).config
-        label, feed = load_feed(config.get("dataset", "digits"), signature, samples=10**9,
-                                seed=config.get("seed", seed), data_options=config.get("data_options", {}))
-        return label.replace(" held-out", ""), feed
-    art.notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
-    return "random normal", random_feed(signature, RANDOM_POOL, seed=seed)
+    config = load_run(art.run_dir).config if art.run_dir is not None and data is None else None
+    label, feed = sample_feed(signature, data=data, run_config=config, samples=10**9, seed=seed, made_up=RANDOM_POOL)
+    if data is None and config is None:
+        art.notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
+    return label.replace(" held-out", ""), feed
 
 
 # --- measuring ---------------------------------------------------------------------------------

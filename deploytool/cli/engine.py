@@ -36,6 +36,10 @@ def build_engine(
 ) -> None:
     """Build a TensorRT engine; exit 3 when TensorRT or a GPU is missing (nothing is written then)."""
     from deploytool.engine.build import build_engine as build
+    from deploytool.errors import BadInput
+
+    if out is None and not dry_run:
+        raise BadInput("give the engine file to write with --out (e.g. --out model.plan), or --dry-run for the plan")
 
     result = build(model, out, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                    dims=parse_dims(dim or []), workspace_mib=workspace, timing_cache=timing_cache, plugin=plugin, dry_run=dry_run)

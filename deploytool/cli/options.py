@@ -14,7 +14,9 @@ OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file (written
 Backends = Annotated[str, typer.Option("--backends", "-b",
                                        help="Comma-separated backends: torch, torch-dense, torch-sparse, "
                                             "onnxruntime, tensorrt.")]
-Data = Annotated[str, typer.Option("--data", help="digits, blobs, or a path to an .npz with arrays x and y.")]
+Data = Annotated[Optional[str], typer.Option(
+    "--data", help="Samples to feed: digits, blobs, an .npz with arrays x and y, or an .npz of one array per "
+                   "input name (default: the run's own data set, else made-up inputs from the model's signature).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 

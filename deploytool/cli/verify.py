@@ -27,7 +27,7 @@ def verify(
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", "-c", help="Run directory (or its model.safetensors) for the torch backends.")] = None,
     backends: Backends = "torch,onnxruntime",
-    data: Data = "digits",
+    data: Data = None,
     samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Rows to compare.")] = None,
     atol: Atol = None,
     rtol: Rtol = None,

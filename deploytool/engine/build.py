@@ -84,7 +84,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     if dry_run:
         return plan
     if out is None:
-        raise BadInput("give the engine path with --out (e.g. --out model.plan)")
+        raise BadInput("give the engine path to write (e.g. model.plan)")
     trt = require_tensorrt_and_gpu()
     return _build(trt, plan, Path(out))
 
@@ -152,7 +152,7 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
             raise BadInput(f"timing cache {cache_path} is unreadable or from another GPU/TensorRT: "
-                           "delete it or pass another --timing-cache")
+                           "delete it or give another timing cache")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

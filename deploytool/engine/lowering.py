@@ -43,7 +43,7 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     if target is None:
         raise BadInput(f"cannot lower to {precision!r}: choose fp16 or bf16")
 
-    def refuse(problem: str, way_out: str = "build --precision fp32"):
+    def refuse(problem: str, way_out: str = "build in fp32"):
         return BadInput(f"cannot lower this model to {precision} in-graph: {problem}; {way_out}")
 
     lowered = onnx.ModelProto()
@@ -238,7 +238,7 @@ def _convert_tensor(tensor, name: str, precision: str, refuse):
             low = values.astype(np.float16)
         if np.isinf(low).sum() > np.isinf(values).sum():
             raise refuse(f"tensor {tensor.name or name} has values beyond the fp16 range (|x| > 65504)",
-                         "build --precision bf16 or fp32")
+                         "build in bf16 or fp32")
         return numpy_helper.from_array(low, name)
     return TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=values.shape,
                        raw_data=bf16_bits(values).tobytes())

@@ -93,7 +93,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
         raise BadInput(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _check_batches(min_batch, opt_batch, max_batch)
     if not isinstance(workspace_mib, int) or workspace_mib < 1:
-        raise BadInput(f"--workspace must be a whole number of MiB >= 1, got {workspace_mib}")
+        raise BadInput(f"workspace must be a whole number of MiB >= 1, got {workspace_mib}")
     from deploytool.artifacts import load_onnx
     from deploytool.signature import META_KEY, from_json
 
@@ -120,7 +120,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     use_plugin = plugin and any(n.op_type in PLUGIN_OPS for n in ours)
     if not use_plugin and no_body:
         raise BadInput(f"{onnx_path}: deploytool ops {', '.join(no_body)} have no ONNX function body, so they "
-                       "need the plugin: drop --no-plugin or re-export with deploytool export")
+                       "need the plugin: build with it, or re-export with deploytool export")
     plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
     from deploytool.engine.lowering import lower_precision, routing_regions
@@ -156,7 +156,7 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
 
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
-    for name, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+    for name, value in (("min batch", min_batch), ("opt batch", opt_batch), ("max batch", max_batch)):
         if not isinstance(value, int) or value < 1:
             raise BadInput(f"{name} must be a whole number >= 1, got {value}")
     if not min_batch <= opt_batch <= max_batch:
@@ -204,7 +204,7 @@ def _profile(inputs: list[dict], batch: tuple[int, int, int], dims: dict[str, li
                 ranges.append(dims[dim])
             else:
                 raise BadInput(f"input {inp['name']} axis {axis} is dynamic ({dim or 'unnamed'}) with no range: "
-                               f"give one (e.g. --dim {dim or 'NAME'}=1:8:64)")
+                               f"give its range as min:opt:max (e.g. {dim or 'NAME'}=1:8:64)")
         profile[inp["name"]] = {key: [b, *(r[k] for r in ranges)]
                                 for k, (key, b) in enumerate(zip(("min", "opt", "max"), batch))}
     return profile

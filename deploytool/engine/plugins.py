@@ -25,7 +25,7 @@ def plugin_file() -> Path:
         if path.is_file():
             return path
     raise MissingDependency(f"the deploytool TensorRT plugin ({PLUGIN_MODULE}.py) is not installed with this "
-                            "deploytool; reinstall deploytool, or build with --no-plugin")
+                            "deploytool; reinstall deploytool, or build without the plugin")
 
 
 def load_plugins() -> ModuleType:

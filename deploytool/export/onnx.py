@@ -34,7 +34,7 @@ from deploytool.signature import BATCH, META_KEY, ModelSignature, to_json
 if TYPE_CHECKING:
     from torch import nn
 
-    from deploytool.parity import ParityReport
+    from deploytool.compare import ParityReport
 
 VALIDATION_BATCH = 256
 DISPATCHES = ("sparse", "dense")
@@ -72,9 +72,7 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("validation", "signature")}
-        out["signature"] = {"inputs": [m.to_dict() for m in self.signature.inputs],
-                            "outputs": [m.to_dict() for m in self.signature.outputs],
-                            "routers": [r.to_dict() for r in self.signature.routers]}
+        out["signature"] = self.signature.to_dict()
         out["validation"] = self.validation.to_dict() if self.validation else None
         out["passed"] = self.passed
         return out
@@ -169,11 +167,11 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
             raise BadInput(f"exporting a {type(model).__name__} module needs example_inputs= (a tensor, a tuple "
                            "of tensors or a dict), batch first")
         return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None
+    from deploytool.artifacts import builtin_run
     from deploytool.models import example_inputs as run_examples
-    from deploytool.artifacts import load_run
     from deploytool.training import load_model
 
-    run = load_run(model)
+    run = builtin_run(model)
     weights = Path(checkpoint) if checkpoint else run.weights
     example = example_inputs if example_inputs is not None else run_examples(run.config)
     # absolute: tools that later read the source back (bench) run from another directory
@@ -356,16 +354,12 @@ def validation_inputs(signature: ModelSignature, data: Any, run_config: dict | N
                       seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Input sets keyed by label: held-out samples (when a data set is known) and random samples at
     batch 1 and a larger batch. A static-batch export takes them in chunks of its batch."""
-    from deploytool.feeds import load_feed, random_feed
+    from deploytool.feeds import random_feed, sample_feed
 
     sets: dict[str, dict[str, np.ndarray]] = {}
     held_out = None
-    if data is None and run_config is not None:
-        data = run_config.get("dataset", "digits")
-        seed = run_config.get("seed", seed)
-    if data is not None:
-        options = run_config.get("data_options", {}) if run_config and isinstance(data, str) else {}
-        label, held_out = load_feed(data, signature, seed=seed, data_options=options)
+    if data is not None or (run_config or {}).get("dataset"):
+        label, held_out = sample_feed(signature, data=data, run_config=run_config, seed=seed)
         sets[label] = held_out
     for batch in (1, VALIDATION_BATCH):
         sets[f"random batch {batch}"] = random_feed(signature, batch, seed=seed + batch, like=held_out)
@@ -378,7 +372,7 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
 
     A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
     """
-    from deploytool.parity import ParityReport, compare_runners
+    from deploytool.compare import ParityReport, compare_runners
     from deploytool.runners.ort import OnnxRuntimeRunner
     from deploytool.runners.torch import TorchRunner
 

@@ -45,7 +45,7 @@ BACKENDS: dict[str, Backend] = {
 }
 #: artifact kind -> the backend that reads it natively
 NATIVE = {"run": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
-_ARTIFACT_WORDS = {"run": "the run directory (--checkpoint DIR) of the model", "onnx": "an ONNX model path",
+_ARTIFACT_WORDS = {"run": "the run directory of the model (its checkpoint)", "onnx": "an ONNX model path",
                    "engine": "an engine path (build one with `deploytool build-engine`)"}
 
 
@@ -57,8 +57,15 @@ def check_backend(name: str) -> Backend:
 
 
 def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
-    """The runner for `backend` over `artifact` (the path, or for torch an nn.Module, of the kind the
-    backend reads). `options` go to the runner class (e.g. checkpoint=, threads=).
+    """The runner for `backend` over `artifact`.
+
+    Args:
+        backend: a name in BACKENDS.
+        artifact: the path (or, for the torch backends, an nn.Module) of the kind the backend reads.
+        **options: options of the runner class (e.g. checkpoint=, threads=).
+
+    Returns:
+        The runner, not yet active.
 
     Raises:
         BadInput: an unknown backend name or no artifact.

@@ -74,7 +74,7 @@ class OnnxRuntimeRunner(Runner):
         return session
 
     def _activate(self) -> None:
-        self.session = self._session()
+        self.session = self.session or self._session()  # the one `signature` opened, if it did
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._run = self.session.run
 
@@ -89,7 +89,9 @@ class OnnxRuntimeRunner(Runner):
     def _signature(self) -> ModelSignature:
         """The session's inputs and outputs with the routers deploytool's metadata names (read from
         the session, so reading it needs only onnxruntime)."""
-        session = self.session or self._session()
+        if self.session is None:  # kept for `activate`: a session takes as long to open as the model to load
+            self.session = self._session()
+        session = self.session
         tensors = {k: [TensorMeta(t.name, ORT_DTYPES.get(t.type, t.type), tuple(t.shape))
                        for t in getattr(session, f"get_{k}")()] for k in ("inputs", "outputs")}
         stored = session.get_modelmeta().custom_metadata_map.get(META_KEY)

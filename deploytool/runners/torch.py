@@ -45,11 +45,11 @@ class TorchRunner(Runner):
         self._module = None
         self._named = None
         if isinstance(model, (str, Path)):
+            from deploytool.artifacts import builtin_run
             from deploytool.models import example_inputs as run_examples
-            from deploytool.artifacts import load_run
 
             self.run_dir: Path | None = Path(model)
-            self._example = example_inputs if example_inputs is not None else run_examples(load_run(model).config)
+            self._example = example_inputs if example_inputs is not None else run_examples(builtin_run(model).config)
         else:
             if example_inputs is None:
                 raise BadInput(f"a {type(model).__name__} module needs example inputs (example_inputs=) to tell "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deploytool.errors import BadInput, CheckFailed
-from deploytool.signature import TensorMeta
+from deploytool.signature import TensorMeta, is_static
 
 # NumPy dtype name -> Triton data type (Triton's model_configuration.md "Datatypes" table)
 TRITON_DTYPES = {
@@ -52,12 +52,12 @@ class Batching:
         if not self.dynamic:
             return
         if self.max_batch == 0:
-            raise BadInput("dynamic batching needs --max-batch > 0")
+            raise BadInput("dynamic batching needs a max batch > 0")
         for size in self.preferred:
             if not 1 <= size <= self.max_batch:
-                raise BadInput(f"preferred batch size {size} must be between 1 and --max-batch {self.max_batch}")
+                raise BadInput(f"preferred batch size {size} must be between 1 and the max batch {self.max_batch}")
         if self.max_queue_delay_us < 0:
-            raise BadInput(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
+            raise BadInput(f"max queue delay must be >= 0, got {self.max_queue_delay_us}")
 
     def section(self) -> dict[str, Any] | None:
         if not self.dynamic:
@@ -76,10 +76,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def _is_dynamic(dim: Any) -> bool:
-    return not isinstance(dim, int) or dim < 0
-
-
 def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, Any]:
     """One input/output entry: Triton's dims leave out the batch dim when max_batch_size > 0.
 
@@ -91,13 +87,13 @@ def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, 
         raise BadInput(f"tensor {meta.name!r} has dtype {meta.dtype}, which Triton cannot serve")
     dims = list(meta.shape)
     if max_batch > 0:
-        if not dims or not _is_dynamic(dims[0]):
+        if not dims or is_static(dims[0]):
             fixed = dims[0] if dims else "none"
             raise BadInput(f"tensor {meta.name!r} has a fixed batch dimension ({fixed}): export it with a dynamic "
-                           "batch, or pass --max-batch 0 to turn Triton's batching off")
+                           "batch, or set the max batch to 0 to turn Triton's batching off")
         dims = dims[1:]
     entry: dict[str, Any] = {"name": meta.name, "data_type": Symbol(dtype),
-                             "dims": [-1 if _is_dynamic(d) else int(d) for d in dims] or [1]}
+                             "dims": [int(d) if is_static(d) else -1 for d in dims] or [1]}
     if not dims and reshape:
         entry["reshape"] = {"shape": []}
     return entry
@@ -109,7 +105,7 @@ def model_config(name: str, inputs: list[TensorMeta], outputs: list[TensorMeta],
     if backend not in _BACKEND_FIELDS:
         raise BadInput(f"unknown Triton backend {backend!r}; choose {', '.join(_BACKEND_FIELDS)}")
     if instances < 1:
-        raise BadInput(f"--instances must be >= 1, got {instances}")
+        raise BadInput(f"instances must be >= 1, got {instances}")
     fields, kind = _BACKEND_FIELDS[backend]
     reshape = backend != "python"
     config: dict[str, Any] = {

@@ -56,7 +56,28 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
 
     backend="python" serves any target through the deploytool runtime (model.py in the Python backend).
     An existing `repository/name` is refused unless `force`; with it the old one stays whole until the
-    new one is complete.
+    new one is complete. config.pbtxt comes from the model's signature (every input, every output, each
+    router's index and probs) and is checked with Triton's own ModelConfig schema.
+
+    Args:
+        target: a run directory, an ONNX model or a TensorRT engine.
+        repository: the model repository directory (created if needed).
+        name: the model's name in it.
+        max_batch: Triton's max_batch_size (0: no batching; the dims carry the whole shape).
+        dynamic_batching: turn on Triton's dynamic batcher.
+        preferred_batch: its preferred batch sizes.
+        max_queue_delay_us: how long it waits to fill a batch.
+        instances: model instances.
+        backend: auto (the target's own), tensorrt, onnxruntime or python.
+        force: replace an existing `repository/name`.
+
+    Returns:
+        The Package written.
+
+    Raises:
+        BadInput: a bad target, name or option; a model without routers; a repository entry that holds
+            the target; an existing entry without `force`.
+        MissingDependency: tritonclient (Triton's schema) is missing.
     """
     from deploytool.artifacts import artifact_kind
     from deploytool.runtime import resolve_backend
@@ -69,7 +90,7 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     if model_dir.resolve() == target.resolve() or model_dir.resolve() in target.resolve().parents:
         raise BadInput(f"{model_dir} holds the input {target}; package into another repository or name")
     if model_dir.exists() and not force:
-        raise BadInput(f"{model_dir} already exists; pass --force to replace it "
+        raise BadInput(f"{model_dir} already exists; replace it with force "
                        "(the old model stays intact until the new one is complete)")
     if backend not in TRITON_BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
@@ -78,8 +99,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     if backend != "python" and _NATIVE[kind] != backend:
         wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
                  else "an ONNX file (deploytool export)")
-        raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use --backend python")
-    preferred = tuple(check_batch_sizes(preferred_batch, "--preferred-batch", allow_empty=True))
+        raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use the python backend")
+    preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
     batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
     signature, notes = _signature(target, kind, max_batch)
@@ -138,7 +159,7 @@ def _engine_notes(engine: Path, max_batch: int) -> list[str]:
     profile_max = profile_max_batch(manifest)
     if profile_max is not None and max_batch > profile_max:
         raise BadInput(f"max batch {max_batch} is above the engine's optimisation profile (max batch "
-                       f"{profile_max}); lower it or rebuild with build-engine --max-batch {max_batch}")
+                       f"{profile_max}); lower it or rebuild the engine with a max batch of {max_batch}")
     if manifest.get("op_path") == "plugin":
         ops = ", ".join(manifest.get("plugin_ids", [])) or "deploytool's ops"
         plugin = (f"The engine runs {ops} as TensorRT plugins whose Triton kernels are compiled into the engine "
@@ -247,12 +268,13 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         'client = httpclient.InferenceServerClient("localhost:8000")',
         "inputs = []",
         *[line for x_name, dtype, np_dtype, shape, _ in examples for line in (
-            f"value = np.random.rand({', '.join(map(str, shape))}).astype(np.{np_dtype})",
+            (f"value = np.random.rand({', '.join(map(str, shape))}).astype(np.{np_dtype})" if _is_float(np_dtype)
+             else f"value = np.zeros(({', '.join(map(str, shape))},), dtype=np.{np_dtype})"),
             f'inputs.append(httpclient.InferInput("{x_name}", list(value.shape), "{dtype}"))',
             "inputs[-1].set_data_from_numpy(value)")],
         f'result = client.infer("{name}", inputs)',
         'outputs = {name: result.as_numpy(name) for name in ('
-        + ", ".join(f'"{t["name"]}"' for t in config["output"]) + ")}",
+        + ", ".join(f'"{t["name"]}"' for t in config["output"]) + ",)}",
         "```",
         "",
         "Or with curl, one sample:",
@@ -260,9 +282,19 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         "```bash",
         f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": ["
         + ", ".join(f"{{\"name\": \"{x_name}\", \"shape\": {one_row}, \"datatype\": \"{dtype}\", "
-                    f"\"data\": [{', '.join(['0.5'] * math.prod(one_row))}]}}" for x_name, dtype, _, _, one_row in examples)
+                    f"\"data\": [{', '.join([_json_sample(np_dtype)] * math.prod(one_row))}]}}"
+                    for x_name, dtype, np_dtype, _, one_row in examples)
         + "]}'",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _is_float(numpy_dtype: str) -> bool:
+    return numpy_dtype.startswith(("float", "bfloat"))
+
+
+def _json_sample(numpy_dtype: str) -> str:
+    """A value of the dtype as KServe v2 JSON takes it: 0.5 for floats, 0 for ints, false for bools."""
+    return "0.5" if _is_float(numpy_dtype) else ("false" if numpy_dtype == "bool" else "0")

@@ -97,6 +97,27 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
     block=True serves until Ctrl-C/SIGTERM and shuts down cleanly (no tritonserver left behind);
     block=False returns the running Server for the caller to stop. `on_ready(server)` is called once
     the model answers. Ports in use are refused (BadInput) before anything starts.
+
+    Args:
+        target: a run directory, an ONNX model or a TensorRT engine.
+        port: the HTTP port.
+        host: the address to listen on (loopback by default).
+        grpc_port: the gRPC port (default: port + 1).
+        name: the model's name on the server.
+        max_batch: Triton's max_batch_size.
+        dynamic_batching: turn on Triton's dynamic batcher.
+        preferred_batch: its preferred batch sizes.
+        max_queue_delay_us: how long it waits to fill a batch.
+        instances: model instances.
+        block: serve until stopped (True), or return the running server (False).
+        on_ready: called with the Server once the model answers.
+
+    Returns:
+        The Server (stopped already when `block`).
+
+    Raises:
+        BadInput: a bad target, name or option, a port in use.
+        MissingDependency: pytriton is missing, or tritonserver could not start or load the model.
     """
     from deploytool.batch_sizes import check_batch_sizes
     from deploytool.deps import require
@@ -104,7 +125,7 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
     from deploytool.serving.repository import package
 
     check_name(name)
-    preferred_batch = check_batch_sizes(preferred_batch, "--preferred-batch", allow_empty=True)
+    preferred_batch = check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True)
     grpc_port = port + 1 if grpc_port is None else grpc_port
     if port == grpc_port:
         raise BadInput(f"HTTP and gRPC need different ports, both are {port}")
@@ -193,7 +214,7 @@ def _start(server: Server) -> None:
     reason = _log_error(server.log_file)
     if "address already in use" in reason.lower():  # another server took the port after our check
         raise BadInput(f"port {server.http_port} or {server.grpc_port} on {server.host} was taken while the server "
-                       "started (another server is starting there); pick free ports with --port and --grpc-port")
+                       "started (another server is starting there); pick other free ports")
     if not started.is_set() or failure or not triton.is_alive():
         detail = reason or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no reason in its log")
         raise MissingDependency(f"tritonserver did not start: {detail}")
@@ -211,7 +232,7 @@ def _model_ready(server: Server) -> bool:
         return client.is_model_ready(server.name)
     except InferenceServerException as exc:
         raise BadInput(f"port {server.http_port} on {server.host} answers as another server ({exc}); "
-                       "pick free ports with --port and --grpc-port") from exc
+                       "pick other free ports") from exc
     finally:
         client.close()
 
@@ -256,7 +277,7 @@ def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
             sock.bind(address)
         except OSError as exc:
             raise BadInput(f"{what} port {port} on {host} is in use ({exc.strerror}); "
-                           "pick free ports with --port (HTTP) and --grpc-port (default: HTTP port + 1)") from exc
+                           "pick free HTTP and gRPC ports (gRPC defaults to the HTTP port + 1)") from exc
 
 
 def _client_host(host: str) -> str:
