@@ -383,6 +383,9 @@ def read_manifest(engine_path: str | Path) -> dict[str, Any]:
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise BadInput(f"engine {engine_path} does not exist")
+    if engine_path.suffix.lower() not in ENGINE_SUFFIXES:
+        raise BadInput(f"{engine_path} is not a TensorRT engine ({', '.join(ENGINE_SUFFIXES)}); "
+                       "build one with deploytool build-engine")
     path = manifest_path(engine_path)
     if not path.is_file():
         raise BadInput(f"engine {engine_path} has no manifest {path.name}; rebuild it with deploytool build-engine")

@@ -81,8 +81,10 @@ def commit(run_or_module: Any, *, out: str | Path, data: tuple[Any, Any] | None 
         x_test, y_test = as_xy(test_data, "test_data") if test_data is not None else (x, y)
     else:
         model, source, (x, y), (x_test, y_test) = _from_run(run_or_module, data, test_data)
-    if source is not None and Path(out).resolve() == source.path.resolve():
-        raise BadInput(f"the committed model goes to a new run directory, not over its input run {source.path}")
+    if source is not None and (Path(out).resolve() == source.path.resolve()
+                               or source.path.resolve() in Path(out).resolve().parents):
+        raise BadInput(f"the committed model goes to a new run directory, not over or inside its input run "
+                       f"{source.path}")
     out = check_run_target(out, force)
     if not named_routers(model):
         raise BadInput(f"{type(model).__name__} has no deploytool.nn.Router: there is no routing to commit")

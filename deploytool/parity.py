@@ -29,6 +29,8 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         return path, None
     if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise BadInput(f"checkpoint {path} is neither a run directory nor its .safetensors weights")
         return path.parent, path
     raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
 

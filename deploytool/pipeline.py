@@ -6,6 +6,7 @@ validation) is recorded as a failed step, stops the chain, and the result says p
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,21 +62,39 @@ def demo(out: str | Path | None = None, *, recipe: str = DEMO_RECIPE, progress: 
         BadInput: an `out` that is a file, or that holds anything (an earlier demo's or other files)
             without `force`.
     """
+    from deploytool.errors import BadInput
+    from deploytool.io import prepare_out_dir
+    from deploytool.training import resolve_config
+
+    start = time.perf_counter()
+    resolve_config(recipe, {})  # a bad recipe is refused before anything is created
+    if out and Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise BadInput(f"demo output directory {Path(out).resolve()} is not empty; give an empty or new directory, "
+                       "or replace an earlier demo's files with force")
+    if out:
+        missing = [p for p in (Path(out).absolute(), *Path(out).absolute().parents) if not p.exists()]
+        made = missing[-1] if missing else None  # the highest directory the demo creates
+        out = prepare_out_dir(out)
+    else:
+        out = made = Path(tempfile.mkdtemp(prefix="deploytool-demo-"))
+    try:
+        return _chain(out, recipe, progress, start)
+    except BaseException:  # interrupted or refused: directories the demo made itself go again
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _chain(out: Path, recipe: str, progress: bool, start: float) -> dict[str, Any]:
+    """The demo's steps in `out`; see `demo`."""
     from deploytool.benchmark.run import bench
     from deploytool.engine.build import build_engine
-    from deploytool.errors import BadInput, CheckFailed
+    from deploytool.errors import CheckFailed
     from deploytool.export.onnx import export_onnx
-    from deploytool.io import prepare_out_dir
     from deploytool.parity import verify
     from deploytool.serving.repository import package
     from deploytool.training import train
 
-    start = time.perf_counter()
-    out = Path(out or tempfile.mkdtemp(prefix="deploytool-demo-"))
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BadInput(f"demo output directory {out.resolve()} is not empty; give an empty or new directory, "
-                       "or replace an earlier demo's files with force")
-    out = prepare_out_dir(out)
     steps, artifacts, key = _Steps(), {}, {}
     run_dir, onnx_path, engine_path = out / "run", out / "model.onnx", out / "model.plan"
 

@@ -93,8 +93,8 @@ class LoopSettings:
                 raise BadInput(f"{name} must be a whole number >= 1, got {getattr(self, name)}")
             if getattr(self, name) > most:
                 raise BadInput(f"{name} must be at most {most}, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise BadInput(f"seed must be a whole number >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise BadInput(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

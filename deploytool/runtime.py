@@ -61,6 +61,8 @@ def load(path: str | Path, *, backend: str = "auto", **runner_options: Any) -> S
     """
     from deploytool.runners import make_runner
 
+    if not isinstance(path, (str, Path)):
+        raise BadInput(f"load takes the path of a run directory, ONNX model or engine, got {type(path).__name__}")
     _, backend = resolve_backend(path, backend)
     return Session(make_runner(backend, Path(path), **runner_options), source=Path(path))
 

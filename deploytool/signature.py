@@ -22,6 +22,8 @@ from deploytool.errors import BadInput
 META_KEY = "deploytool.signature"
 #: the conventional name of a dynamic batch dim
 BATCH = "batch"
+#: the most input data one call may take (the NaN check alone would copy it)
+MAX_FEED_BYTES = 4 << 30
 
 Dim = int | str | None
 
@@ -168,6 +170,9 @@ def _as_array(value: Any, meta: TensorMeta, what: str) -> np.ndarray:
     wrong = [i for i, d in enumerate(meta.shape) if is_static(d) and arr.shape[i] != d]
     if wrong:
         raise BadInput(f"{label} has shape {list(arr.shape)}; the model takes {expected} (dim {wrong[0]} differs)")
+    if arr.nbytes > MAX_FEED_BYTES:
+        raise BadInput(f"{label} holds {arr.nbytes / 2**30:.1f} GiB; one call takes at most "
+                       f"{MAX_FEED_BYTES / 2**30:.0f} GiB: split it into smaller batches")
     if arr.ndim and not arr.shape[0]:
         raise BadInput(f"{label} is an empty batch (shape {list(arr.shape)}); give at least one sample")
     if arr.dtype.kind in "fc":

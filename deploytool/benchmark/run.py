@@ -38,6 +38,8 @@ DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 RANDOM_POOL = 4096
 #: the most input data one batch may hold: a larger batch is refused before anything is allocated
 MAX_FEED_BYTES = 1 << 30
+#: the longest time one backend may be measured per cell (and warmed up)
+MAX_DURATION_S = 600.0
 
 
 @dataclass
@@ -150,6 +152,9 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
     art = arts[0]
     if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
         raise BadInput(f"the JSON report and the plot are both {json_path}; give two paths")
+    for path, suffix in ((json_path, ".json"), (plot_path, ".png")):
+        if path is not None and Path(path).suffix.lower() != suffix:
+            raise BadInput(f"{path} must end in {suffix} (it is written as {suffix[1:].upper()})")
     for path in (json_path, plot_path):
         if path is not None:
             io.check_parent_dir(path)
@@ -258,10 +263,10 @@ def busy_note() -> str | None:
 
 def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
     """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
-    if not (math.isfinite(duration_s) and duration_s > 0):
-        raise BadInput(f"duration_s must be a finite number > 0, got {duration_s}")
-    if not (math.isfinite(warmup_ms) and warmup_ms >= 0):
-        raise BadInput(f"warmup_ms must be a finite number >= 0, got {warmup_ms}")
+    if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
+        raise BadInput(f"duration_s must be a number > 0 and at most {MAX_DURATION_S} s, got {duration_s}")
+    if not (math.isfinite(warmup_ms) and 0 <= warmup_ms <= 1000 * MAX_DURATION_S):
+        raise BadInput(f"warmup_ms must be a number >= 0 and at most {1000 * MAX_DURATION_S} ms, got {warmup_ms}")
     if isinstance(min_iters, bool) or not isinstance(min_iters, int) or min_iters < 1:
         raise BadInput(f"min_iters must be an integer >= 1, got {min_iters}")
     if min_iters > harness.MAX_ITERS:

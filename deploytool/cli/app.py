@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("DEPLOYTOOL_DEBUG") == "1" or "--debug" in args
+    if debug:  # --debug is a root option; accepted after the command too, as the error lines suggest
+        os.environ["DEPLOYTOOL_DEBUG"] = "1"
+        args = [a for a in args if a != "--debug"]
     click_error, abort = _click_exception_types()
     if not debug:  # library warnings (torch's, numpy's) would break the one-line contract of every error
         warnings.simplefilter("ignore")
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _terminated)  # unwind, so temporary files are removed, then exit 143
     try:
         result = app(args=args, prog_name="deploytool", standalone_mode=False)
+        if result == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into a quiet Exit(130)
+            typer.echo("interrupted", err=True)
         sys.exit(result if isinstance(result, int) else 0)
     except (KeyboardInterrupt, abort):
         typer.echo("interrupted", err=True)

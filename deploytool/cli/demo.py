@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from deploytool.cli.options import Json, OutDir, Quiet
+from deploytool.cli.options import Json, Quiet
 from deploytool.cli.render import console, print_json, table
 
 app = typer.Typer()
@@ -14,7 +15,9 @@ app = typer.Typer()
 
 @app.command()
 def demo(
-    out: OutDir = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Directory for every artifact (default: a new deploytool-demo-* temporary directory; "
+                            "one the demo creates is removed again if it is interrupted).")] = None,
     recipe: Annotated[str, typer.Option(
         "--recipe", help="Built-in recipe (digits-4: routed MLP, digits-cnn: image model, digits-transformer: "
                          "token-level MoE with 2 routers) or a TOML file.")] = "digits-4",

@@ -13,7 +13,7 @@ OutDir = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output dire
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file (written atomically).")]
 Backends = Annotated[str, typer.Option("--backends", "-b",
                                        help="Comma-separated backends: torch, torch-dense, torch-sparse, "
-                                            "onnxruntime, tensorrt.")]
+                                            "onnxruntime, onnxruntime-cuda, tensorrt.")]
 Data = Annotated[Optional[str], typer.Option(
     "--data", help="Samples to feed: digits, blobs, an .npz with arrays x and y, or an .npz of one array per "
                    "input name (default: the run's own data set, else made-up inputs from the model's signature).")]

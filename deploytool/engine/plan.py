@@ -25,6 +25,11 @@ FUNCTION_PATH = "local-function"
 #: deploytool builds is strongly typed (the only kind TensorRT 11 builds), so precision lives in the graph
 MIN_TENSORRT = "10.9"
 
+#: the largest extent of any profile dim (batch or other): beyond it no GPU holds one input
+MAX_DIM = 1 << 20
+#: the largest builder workspace: 1 TiB, more than any GPU has
+MAX_WORKSPACE_MIB = 1 << 20
+
 #: input dtype -> the precision it means
 _FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -92,8 +97,8 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _check_batches(min_batch, opt_batch, max_batch)
-    if not isinstance(workspace_mib, int) or workspace_mib < 1:
-        raise BadInput(f"workspace must be a whole number of MiB >= 1, got {workspace_mib}")
+    if not isinstance(workspace_mib, int) or not 1 <= workspace_mib <= MAX_WORKSPACE_MIB:
+        raise BadInput(f"workspace must be a whole number of MiB from 1 to {MAX_WORKSPACE_MIB}, got {workspace_mib}")
     from deploytool.artifacts import load_onnx
     from deploytool.signature import META_KEY, from_json
 
@@ -157,8 +162,8 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
 
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
     for name, value in (("min batch", min_batch), ("opt batch", opt_batch), ("max batch", max_batch)):
-        if not isinstance(value, int) or value < 1:
-            raise BadInput(f"{name} must be a whole number >= 1, got {value}")
+        if not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+            raise BadInput(f"{name} must be a whole number from 1 to {MAX_DIM}, got {value}")
     if not min_batch <= opt_batch <= max_batch:
         raise BadInput(f"batch profile needs min <= opt <= max, got {min_batch} / {opt_batch} / {max_batch}")
 
@@ -177,9 +182,11 @@ def _dim_ranges(dims: dict[str, tuple[int, int, int]] | None, examples: dict[str
     ranges = {name: [size, size, size] for name, size in examples.items()}
     for name, values in (dims or {}).items():
         values = list(values)
-        if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values) \
+        if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM
+                                   for v in values) \
                 or not values[0] <= values[1] <= values[2]:
-            raise BadInput(f"dim {name}: give min <= opt <= max, whole numbers >= 1 (e.g. {name}=1:8:64), got {values}")
+            raise BadInput(f"dim {name}: give min <= opt <= max, whole numbers from 1 to {MAX_DIM} (e.g. {name}=1:8:64), "
+                           f"got {values}")
         ranges[name] = values
     return ranges
 

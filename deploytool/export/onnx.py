@@ -29,7 +29,7 @@ from deploytool.artifacts import META_PREFIX
 from deploytool.errors import BadInput, CheckFailed, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from deploytool.signature import BATCH, META_KEY, ModelSignature, to_json
+from deploytool.signature import BATCH, META_KEY, ModelSignature, is_static, to_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,6 +247,12 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
                           "the model must route through deploytool.nn.Router")
     attach(proto, opset)
     inputs, outputs = graph_signature(proto)
+    fixed = [(meta.name, axis, meta.shape[axis]) for meta in inputs for axis in dims.get(meta.name, {})
+             if is_static(meta.shape[axis])]
+    if fixed:
+        name, axis, size = fixed[0]
+        raise BadInput(f"input {name!r} dim {axis} cannot be dynamic: {type(module).__name__} computes with it at "
+                       f"size {size} (a weight or a reshape fixes it); export it with that dim fixed")
     signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples)
     metadata = {
         "version": __version__,

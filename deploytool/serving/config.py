@@ -30,6 +30,9 @@ _BACKEND_FIELDS = {
 }
 #: the largest max_batch_size a config may declare: beyond it one request's tensors outgrow a server
 MAX_BATCH = 65536
+#: the most model instances, and the longest queue delay, a config may declare
+MAX_INSTANCES = 1024
+MAX_QUEUE_DELAY_US = 60_000_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -49,6 +52,9 @@ class Batching:
     def __post_init__(self):
         if not 0 <= self.max_batch <= MAX_BATCH:
             raise BadInput(f"max batch must be between 0 (batching off) and {MAX_BATCH}, got {self.max_batch}")
+        if not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+            raise BadInput(f"max queue delay must be between 0 and {MAX_QUEUE_DELAY_US} us (one minute), "
+                           f"got {self.max_queue_delay_us}")
         if not self.dynamic:
             return
         if self.max_batch == 0:
@@ -56,8 +62,6 @@ class Batching:
         for size in self.preferred:
             if not 1 <= size <= self.max_batch:
                 raise BadInput(f"preferred batch size {size} must be between 1 and the max batch {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise BadInput(f"max queue delay must be >= 0, got {self.max_queue_delay_us}")
 
     def section(self) -> dict[str, Any] | None:
         if not self.dynamic:
@@ -104,8 +108,8 @@ def model_config(name: str, inputs: list[TensorMeta], outputs: list[TensorMeta],
     """The ModelConfig for one model, as a dict of protobuf field names."""
     if backend not in _BACKEND_FIELDS:
         raise BadInput(f"unknown Triton backend {backend!r}; choose {', '.join(_BACKEND_FIELDS)}")
-    if instances < 1:
-        raise BadInput(f"instances must be >= 1, got {instances}")
+    if not 1 <= instances <= MAX_INSTANCES:
+        raise BadInput(f"instances must be between 1 and {MAX_INSTANCES}, got {instances}")
     fields, kind = _BACKEND_FIELDS[backend]
     reshape = backend != "python"
     config: dict[str, Any] = {

@@ -89,6 +89,10 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     model_dir = repository / name
     if model_dir.resolve() == target.resolve() or model_dir.resolve() in target.resolve().parents:
         raise BadInput(f"{model_dir} holds the input {target}; package into another repository or name")
+    inside_run = next((p for p in (repository.resolve(), *repository.resolve().parents)
+                       if (p / io.CONFIG_FILE).is_file()), None)
+    if inside_run is not None:
+        raise BadInput(f"repository {repository} is inside the run directory {inside_run}; give another directory")
     if model_dir.exists() and not force:
         raise BadInput(f"{model_dir} already exists; replace it with force "
                        "(the old model stays intact until the new one is complete)")
