@@ -93,12 +93,12 @@ def _engine_with_profile(tmp_path, max_batch: int):
     (["--batch-sizes", "1,-8"], "positive integer, got '-8'"),
     (["--batch-sizes", "1.5"], "positive integer, got '1.5'"),
     (["--batch-sizes", "eight"], "positive integer"),
-    (["--duration-s", "0"], "duration_s must be a finite number > 0"),
+    (["--duration-s", "0"], "duration_s must be a number > 0"),
     (["--min-iters", "0"], "min_iters"),
     (["--min-iters", "1000000000"], "min_iters must be at most 1,000,000"),
-    (["--warmup-ms", "inf"], "warmup_ms must be a finite number"),
-    (["--duration-s", "inf"], "duration_s must be a finite number"),
-    (["--duration-s", "nan"], "duration_s must be a finite number"),
+    (["--warmup-ms", "inf"], "warmup_ms must be a number >= 0"),
+    (["--duration-s", "inf"], "duration_s must be a number > 0"),
+    (["--duration-s", "nan"], "duration_s must be a number > 0"),
     (["--seed", "-1"], "seed must be a non-negative integer"),
     (["--routing", "zipf"], "unknown routing pattern"),
     (["--json", "no/such/dir/out.json"], "does not exist"),
@@ -287,8 +287,9 @@ def test_json_or_plot_onto_an_input_is_refused_and_the_files_are_left_alone(cli,
     model = tmp_path / "m.onnx"
     shutil.copyfile(onnx_model, model)
     before = {p: p.read_bytes() for p in (model, *run.iterdir()) if p.is_file()}
-    for target, option, path in ((model, "--json", model), (model, "--plot", run / "model.safetensors"),
-                                 (run, "--plot", run / "model.safetensors"), (run, "--json", run / "config.json")):
+    # paths with the output's own suffix (a model or weights file fails the suffix check before this one)
+    for target, option, path in ((model, "--json", run / "metrics.json"), (model, "--plot", run / "routing.png"),
+                                 (run, "--plot", run / "routing.png"), (run, "--json", run / "config.json")):
         code, _, err = cli("bench", target, "--checkpoint", run, "--backends", "torch,onnxruntime", "--batch-sizes",
                            "1", *FAST, option, path)
         assert_one_line_error(code, err, 2, "would replace the input")

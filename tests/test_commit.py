@@ -49,13 +49,13 @@ def test_router_stage_trains_only_the_routers(soft_run, tmp_path):
 
 
 def test_commit_refuses_to_write_over_its_input_run(soft_run):
-    with pytest.raises(BadInput, match="new run directory, not over its input run"):
+    with pytest.raises(BadInput, match="new run directory, not over or inside its input run"):
         deploytool.commit(soft_run.path, out=soft_run.path, force=True, progress=False)
 
 
 def test_commit_cli_refuses_its_input_as_output_in_one_line(soft_run, cli):
     code, _, err = cli("commit", soft_run.path, "--out", soft_run.path, "--force")
-    assert_one_line_error(code, err, 2, "not over its input run")
+    assert_one_line_error(code, err, 2, "not over or inside its input run")
 
 
 def test_commit_cli_writes_the_new_run(soft_run, cli, tmp_path):

@@ -179,7 +179,7 @@ def test_names_with_separators_spaces_or_leading_dots_are_refused(onnx_file, tmp
     ({"dynamic_batching": True, "max_batch": 0}, "dynamic batching needs a max batch > 0"),
     ({"max_batch": -1}, "max batch must be between 0"),
     ({"max_batch": 10**12}, "max batch must be between 0"),
-    ({"instances": 0}, "instances must be >= 1"),
+    ({"instances": 0}, "instances must be between 1 and 1024"),
     ({"backend": "tensorrt"}, "tensorrt backend serves a TensorRT engine"),
     ({"backend": "tflite"}, "unknown backend"),
 ])

@@ -102,5 +102,12 @@ def _show(result: dict, json: bool) -> None:
     con = console()
     con.print(table(f"routing quality: {result['run_dir']}", ["metric", "value"],
                     [(k, m[k]) for k in SUMMARY_KEYS if k in m]))
+    routers = m.get("routers") or {}
+    if len(routers) > 1 or any(r.get("decisions", 0) > m.get("n_test", 0) for r in routers.values()):
+        con.print(table("per router (every decision: one per sample, or one per token)",
+                        ["router", "decisions", "confident", "mean max prob", "min expert load", "expert load"],
+                        [(path, r["decisions"], f"{r['frac_confident']:.1%}", f"{r['mean_max_prob']:.3f}",
+                          f"{r['min_expert_load']:.1%}", " ".join(f"{x:.0%}" for x in r["expert_load"]))
+                         for path, r in routers.items()]))
     if result.get("plot"):
         con.print(f"plot: {result['plot']}")
