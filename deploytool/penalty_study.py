@@ -162,6 +162,16 @@ def _pick(names: list[str] | None, known: dict[str, Any], what: str) -> list[str
     return list(dict.fromkeys(names))
 
 
+def _read_markdown(path: Path) -> str | None:
+    """The text the study's section goes into (None for a new file); read before any training."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"output file {path} is not a text (markdown) file; give another path") from exc
+
+
 def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | None = None,
           recipe: str | None = None, progress: bool = True, model: str = "routed-mlp",
           methods: list[str] | None = None, balances: list[str] | None = None) -> dict[str, Any]:
@@ -205,12 +215,14 @@ def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | 
     out = Path(out)
     if out.is_dir():
         raise BadInput(f"output path {out} is a directory; give a markdown file path")
+    if out.suffix.lower() != ".md":
+        raise BadInput(f"output path {out} must end in .md (the study is written as markdown)")
     check_writable_parent(out, "output file")  # before minutes of training, not after
     out.parent.mkdir(parents=True, exist_ok=True)
     out = io.check_parent_dir(out)
     if out.exists() and not out.is_file():
         raise BadInput(f"output path {out} is not a regular file")
-    check_writable_parent(out, "output file")  # the directory the write's temporary file goes in
+    existing = _read_markdown(out)
     overrides = {"epochs": epochs} if epochs is not None else {}
     floor = MIN_MEAN_HARD.get(Path(str(recipe)).stem)
     rows = []
@@ -229,6 +241,5 @@ def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | 
     section = to_markdown(rows, str(recipe), seeds, time.strftime("%Y-%m-%d"), epochs, model=model,
                           description=description, min_mean_hard=floor,
                           complete=len(combos) == len(METHODS) * len(BALANCE))
-    existing = Path(out).read_text() if Path(out).is_file() else None
     io.write_bytes(out, merge_section(existing, section, model).encode())
     return {"path": str(out), "rows": rows, "targets": {**TARGETS, "min_mean_hard": floor}, "markdown": section}

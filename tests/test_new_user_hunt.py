@@ -106,3 +106,16 @@ def test_load_takes_paths_and_refuses_feeds_larger_than_a_call_may_hold(exported
     with deploytool.load(exported_onnx) as session:
         with pytest.raises(BadInput, match="GiB; one call takes at most"):
             session.run(np.broadcast_to(np.float32(0), (10 ** 8, 64)))
+
+
+def test_study_refuses_an_output_that_is_no_markdown_file_before_training(cli, tmp_path, monkeypatch):
+    from deploytool import training
+
+    monkeypatch.setattr(training, "training_loop", lambda *a, **k: pytest.fail("trained before checking --out"))
+    code, _, err = cli("study", "--out", tmp_path / "m.onnx", "--seeds", "1")
+    assert_one_line_error(code, err, 2, "must end in .md")
+    binary = tmp_path / "notes.md"
+    binary.write_bytes(b"\xf5\x00\xff")
+    code, _, err = cli("study", "--out", binary, "--seeds", "1")
+    assert_one_line_error(code, err, 2, "is not a text (markdown) file")
+    assert binary.read_bytes() == b"\xf5\x00\xff"
