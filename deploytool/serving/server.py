@@ -212,7 +212,7 @@ def _start(server: Server) -> None:
         if time.monotonic() - begin > STARTUP_TIMEOUT_S:
             break
     reason = _log_error(server.log_file)
-    if "address already in use" in reason.lower():  # another server took the port after our check
+    if "already in use" in reason.lower():  # another server took the port after our check
         raise BadInput(f"port {server.http_port} or {server.grpc_port} on {server.host} was taken while the server "
                        "started (another server is starting there); pick other free ports")
     if not started.is_set() or failure or not triton.is_alive():
