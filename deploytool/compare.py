@@ -8,6 +8,11 @@ disagree on: each prob may move by atol + rtol, so the top two can swap when the
 2 * (atol + rtol). A flip at a larger margin is a real failure, except in a sample where some router
 tie-broke: everything after a tie legitimately differs. Every other output is compared on the samples
 where every router agrees, since a tie-broken sample runs another expert.
+
+A router's probs are softmax(logits / T): an error e in its logits (from anything upstream: attention,
+an earlier layer) moves a prob by up to e / (4T), so at T = 0.02 by 12.5 e. The default atol of a
+router's probs (and so its tie margin) is scaled by that gain, max(1, 1 / (4T)); a tolerance the caller
+gives is taken as given.
 """
 
 from __future__ import annotations
@@ -153,12 +158,14 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     check_tolerances(atol, rtol)
     notes = [f"output {k!r} missing from {candidate_name}" for k in reference if k not in candidate]
     judged = [r for r in routers if r.index in reference and r.index in candidate and r.probs in reference]
+    gains = {r.probs: temperature_gain(r.temperature) for r in routers}
     routing: list[RoutingDiff] = []
     agree = None
     if judged:
         n = len(reference[judged[0].index])
         limits = {r.path: tie_margin(*_tolerance(r.probs, reference[r.probs], candidate.get(r.probs, reference[r.probs]),
-                                                 atol, rtol, compute_dtypes)) for r in judged}
+                                                 atol, rtol, compute_dtypes, gains.get(r.probs, 1.0)))
+                  for r in judged}
         flips = {r.path: _flips(reference[r.index], candidate[r.index], reference[r.probs], limits[r.path])
                  for r in judged}
         agree, tied = np.ones(n, bool), np.zeros(n, bool)
@@ -172,8 +179,9 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     for name, ref in reference.items():
         if name in decisions or name not in candidate:
             continue
-        diffs.append(compare_output(name, ref, candidate[name],
-                                    *_tolerance(name, ref, candidate[name], atol, rtol, compute_dtypes), rows=agree))
+        diffs.append(compare_output(name, ref, candidate[name], *_tolerance(name, ref, candidate[name], atol, rtol,
+                                                                             compute_dtypes, gains.get(name, 1.0)),
+                                    rows=agree))
     passed = not notes and all(d.passed for d in diffs) and all(r.passed for r in routing)
     return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
 
@@ -203,9 +211,15 @@ def check_tolerances(atol: Tolerance, rtol: Tolerance) -> None:
                 raise BadInput(f"{name} must be a finite number >= 0, got {v!r}")
 
 
+def temperature_gain(temperature: float) -> float:
+    """How much a tempered softmax can amplify an error in its logits: max(1, 1 / (4T))."""
+    return max(1.0, 0.25 / temperature) if temperature > 0 else 1.0
+
+
 def _tolerance(name: str, ref: np.ndarray, cand: np.ndarray, atol: Tolerance, rtol: Tolerance,
-               compute_dtypes: tuple[str, ...] = ()) -> tuple[float, float]:
+               compute_dtypes: tuple[str, ...] = (), gain: float = 1.0) -> tuple[float, float]:
     default_atol, default_rtol = default_tolerance(ref.dtype.name, cand.dtype.name, *compute_dtypes)
+    default_atol *= gain
     a = atol.get(name) if isinstance(atol, Mapping) else atol
     r = rtol.get(name) if isinstance(rtol, Mapping) else rtol
     return (default_atol if a is None else float(a), default_rtol if r is None else float(r))

@@ -314,3 +314,26 @@ def test_negative_nan_or_infinite_tolerance_is_bad_input_not_a_verdict(option, v
     ref = _outputs(_probs())
     with pytest.raises(BadInput, match=f"^{option} must be a finite number >= 0"):
         compare(ref, ref, routers=[ROUTER], **{option: value})
+
+
+def test_a_cold_routers_probs_get_the_tolerance_its_temperature_amplifies_logit_errors_to():
+    from deploytool.compare import temperature_gain
+    from deploytool.ops.reference import tempered_softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(256, 4)) * 0.05  # close decisions: where the amplification shows
+    noisy = logits + rng.normal(scale=2e-6, size=logits.shape)  # what fp32 reorderings upstream cause
+
+    def outputs(z, temperature):
+        probs = tempered_softmax(z, temperature).astype(np.float32)
+        return {"r.index": probs.argmax(-1), "r.probs": probs}
+
+    cold = RouterMeta("r", 4, 0.02, "r.index", "r.probs")
+    assert compare(outputs(logits, 0.02), outputs(noisy, 0.02), routers=[cold]).passed
+    # the same logit error through T=1 moves the probs 50x less, within the plain fp32 default
+    warm = RouterMeta("r", 4, 1.0, "r.index", "r.probs")
+    assert compare(outputs(logits, 1.0), outputs(noisy, 1.0), routers=[warm]).passed
+    # without the gain (the plain fp32 default given explicitly) the cold router's probs would fail
+    atol, rtol = default_tolerance("float32")
+    assert not compare(outputs(logits, 0.02), outputs(noisy, 0.02), routers=[cold], atol=atol, rtol=rtol).passed
+    assert temperature_gain(0.02) == 12.5 and temperature_gain(1.0) == 1.0
