@@ -259,8 +259,9 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     for key in RECIPE_HEADER:
         if key in values and not isinstance(values.pop(key), str):
             raise BadInput(f"{source}: {key} must be a string")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(values, source)
+    config = config_from_dict(values, source)  # the recipe's own problems name the recipe
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return config_from_dict({**config.to_dict(), **overrides}, "options") if overrides else config
 
 
 def builtin_models_dir() -> Path:
