@@ -222,6 +222,7 @@ def test_cli_export_failing_validation_prints_the_report_and_exits_1(cli, cached
     (["{run}", "--out", "{tmp}/no/such/dir/m.onnx"], "does not exist"),
     (["{run}", "--out", "{tmp}/m.onnx", "--opset", "9"], "opset 9"),
     (["{run}", "--out", "{tmp}/m.onnx", "--static-batch", "0"], "static batch"),
+    (["{run}", "--out", "{tmp}/m.onnx", "--static-batch", "1000000000"], "static batch must be between 1 and 65536"),
     (["{run}", "--out", "{tmp}/m.onnx", "--atol", "-1"], "atol must be a finite number >= 0"),
     (["{run}", "--out", "{tmp}/m.onnx", "--atol", "nan"], "atol must be a finite number >= 0"),
     (["{run}", "--out", "{tmp}/m.onnx", "--rtol", "-1"], "rtol must be a finite number >= 0"),
