@@ -24,7 +24,7 @@ def main(model: str) -> None:
     feed = random_feed(session.signature, 16, seed=0)
     local = session.run(feed)
     print(f"load: {session.signature.describe()}")
-    server = deploytool.serve(model, port=18230, block=False)
+    server = deploytool.serve(model, port=_free_port(), grpc_port=_free_port(), block=False)
     try:
         import tritonclient.http as httpclient
 
@@ -42,6 +42,14 @@ def main(model: str) -> None:
         server.stop()
     assert "torch" not in sys.modules, "torch was imported"
     print("light install: load and serve work without torch")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":
