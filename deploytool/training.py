@@ -13,11 +13,9 @@ from typing import Any
 
 from deploytool import io
 from deploytool.artifacts import MODULE_PREFIX, RunDir, builtin_run, load_run
+from deploytool.data import MAX_CLASSES  # fit's labels obey the bound data sets do
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
-
-#: the most classes fit's labels may make (labels 0..K-1), as data sets
-MAX_CLASSES = 10000
 
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:
