@@ -119,3 +119,12 @@ def test_study_refuses_an_output_that_is_no_markdown_file_before_training(cli, t
     code, _, err = cli("study", "--out", binary, "--seeds", "1")
     assert_one_line_error(code, err, 2, "is not a text (markdown) file")
     assert binary.read_bytes() == b"\xf5\x00\xff"
+
+
+def test_bench_of_several_targets_needs_a_backend_that_reads_them(cli, exported_onnx, tmp_path):
+    import shutil
+
+    other = tmp_path / "copy.onnx"
+    shutil.copyfile(exported_onnx, other)
+    code, _, err = cli("bench", exported_onnx, other, "--backends", "torch", "--batch-sizes", "1")
+    assert_one_line_error(code, err, 2, "add onnxruntime or tensorrt")

@@ -148,6 +148,9 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
     targets = [Path(target)] if isinstance(target, (str, Path)) else [Path(t) for t in target]
     if not targets or len({t.resolve() for t in targets}) != len(targets):
         raise BadInput("give one or more distinct targets")
+    if len(targets) > 1 and all(artifact_of(b) == "run" for b in backends):
+        raise BadInput(f"several targets are measured with the backends that read them; {', '.join(backends)} "
+                       "run the training run's weights, the same for every export: add onnxruntime or tensorrt")
     arts = [Artifacts.resolve(t, checkpoint) for t in targets]
     art = arts[0]
     if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
