@@ -323,5 +323,6 @@ def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
 
 
 def set_temperature(model: nn.Module, value: float) -> None:
-    for m in routed_modules(model):
-        m.router.set_temperature(value)
+    """Set the temperature of every Router in `model` (inside a RoutedExperts or not)."""
+    for _, router in named_routers(model):
+        router.set_temperature(value)

@@ -245,11 +245,10 @@ def training_loop(model: Any, x: Any, y: Any, settings: LoopSettings, *,
     import torch
 
     from deploytool.model_io import primary_output
-    from deploytool.nn import collect_routing_loss, named_routers, routing_mode
+    from deploytool.nn import collect_routing_loss, routing_mode, set_temperature
     from deploytool.progress import progress_bar
 
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
-    routers = [router for _, router in named_routers(model)]
     opt = torch.optim.AdamW(list(model.parameters() if params is None else params), lr=settings.lr,
                             weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -267,9 +266,7 @@ def training_loop(model: Any, x: Any, y: Any, settings: LoopSettings, *,
             with routing_mode(model, settings.routing):
                 for i in range(0, len(x), settings.batch_size):
                     idx = perm[i:i + settings.batch_size]
-                    t = temperature_at(settings, step, total)
-                    for router in routers:
-                        router.set_temperature(t)
+                    set_temperature(model, temperature_at(settings, step, total))
                     loss = loss_fn(primary_output(model(x[idx])), y[idx]) + collect_routing_loss(model)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -278,8 +275,7 @@ def training_loop(model: Any, x: Any, y: Any, settings: LoopSettings, *,
                     epoch_loss += loss.item() / steps_per_epoch
                     step += 1
             advance(status=f"loss {epoch_loss:.4f}")
-    for router in routers:
-        router.set_temperature(final_temperature(settings))
+    set_temperature(model, final_temperature(settings))
     model.eval()
     return time.perf_counter() - start
 
@@ -510,13 +506,12 @@ def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path |
         BadInput: not a run dir, or weights whose names or shapes do not match the module, are not
             floating point or hold NaN or inf.
     """
-    from deploytool.nn import named_routers
+    from deploytool.nn import set_temperature
 
     run = load_run(run_dir)
     _load_state(module, checkpoint or run.weights, type(module).__name__)
     if "temperature" in run.config:
-        for _, router in named_routers(module):
-            router.set_temperature(float(run.config["temperature"]))
+        set_temperature(module, float(run.config["temperature"]))
     return module.eval()
 
 
