@@ -36,6 +36,11 @@ _API = {
     "serve": "deploytool.serving.server",
     "Router": "deploytool.nn",
     "RoutedExperts": "deploytool.nn",
+    "from_hf": "deploytool.hf",
+    "TopKRouter": "deploytool.moe",
+    "TopKRule": "deploytool.moe",
+    "FusedExperts": "deploytool.moe",
+    "MoEBlock": "deploytool.moe",
 }
 
 __all__ = ["__version__", *_API]

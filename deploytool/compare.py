@@ -191,9 +191,16 @@ def _flips(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray,
     (None, None, None) when the shapes differ."""
     if ref_index.shape != cand_index.shape:
         return None, None, None
-    flipped = ref_index != cand_index
-    margins = (np.nan_to_num(top2_margin(ref_probs), nan=1.0).reshape(flipped.shape) if ref_probs.shape[-1] > 1
-               else np.zeros(flipped.shape))  # a flip on a NaN row is never a tie
+    if ref_index.ndim == ref_probs.ndim:  # a top-k router: a position flips when its set of k experts differs
+        k = ref_index.shape[-1]
+        flipped = (np.sort(ref_index, axis=-1) != np.sort(cand_index, axis=-1)).any(axis=-1)
+        ranked = -np.sort(-ref_probs, axis=-1)
+        gap = ranked[..., k - 1] - ranked[..., k] if ref_probs.shape[-1] > k else np.ones(flipped.shape)
+        margins = np.nan_to_num(gap, nan=1.0)
+    else:
+        flipped = ref_index != cand_index
+        margins = (np.nan_to_num(top2_margin(ref_probs), nan=1.0).reshape(flipped.shape) if ref_probs.shape[-1] > 1
+                   else np.zeros(flipped.shape))  # a flip on a NaN row is never a tie
     return flipped, flipped & (margins < limit), margins
 
 

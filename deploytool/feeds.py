@@ -145,8 +145,9 @@ def random_feed(signature: ModelSignature, batch: int, *, seed: int = 0, like: F
         like: real samples whose mean and spread float inputs take (standard normal without them).
 
     Returns:
-        The feed: float inputs normal, integer inputs 0 or 1 (valid for any embedding), bool inputs
-        random; dynamic non-batch dims at the size of the signature's export example.
+        The feed: float inputs normal, integer inputs over the signature's vocabulary for them (0 or
+        1, valid for any embedding, where it names none), bool inputs random; dynamic non-batch dims at
+        the size of the signature's export example.
     """
     rng = np.random.default_rng(seed)
     feed = {}
@@ -165,7 +166,7 @@ def random_feed(signature: ModelSignature, batch: int, *, seed: int = 0, like: F
         elif dtype.kind == "b":
             feed[meta.name] = rng.random(shape) < 0.5
         else:
-            feed[meta.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            feed[meta.name] = rng.integers(0, signature.vocab.get(meta.name, 2), size=shape).astype(dtype)
     return feed
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deploytool.errors import BadInput
+from deploytool.hf import call_options as hf_call_options
 from deploytool.nn import named_routers, record_routing
 from deploytool.signature import BATCH, ModelSignature, RouterMeta, TensorMeta, router_output_names
 
@@ -106,20 +107,24 @@ class NamedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, output_names: Sequence[str] | None = None,
-                 keyword: bool = False):
+                 keyword: bool = False, call_options: Mapping[str, Any] | None = None):
         super().__init__()
         self.model = model
         self.names = list(names)
         self.keyword = keyword
+        #: fixed keyword arguments of every call (a transformers model's use_cache=False)
+        self.call_options = dict(hf_call_options(model) if call_options is None else call_options)
         self.user_output_names = output_names
         self.routers = named_routers(model)
         if not self.routers:
-            raise BadInput(f"{type(model).__name__} has no deploytool.nn.Router: there is no routing to deploy")
+            raise BadInput(f"{type(model).__name__} has no deploytool router: there is no routing to deploy (a "
+                           "transformers MoE model converts with deploytool.from_hf)")
         self.output_names: list[str] = []
 
     def named(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with record_routing(self.model) as calls:
-            result = self.model(**dict(zip(self.names, inputs))) if self.keyword else self.model(*inputs)
+            result = (self.model(**dict(zip(self.names, inputs)), **self.call_options) if self.keyword
+                      else self.model(*inputs, **self.call_options))
         outputs = flatten_outputs(result, self.user_output_names)
         for path, _router in self.routers:
             if len(calls[path]) != 1:
@@ -138,7 +143,8 @@ class NamedModule(nn.Module):
         return tuple(self.named(*inputs).values())
 
     def router_metas(self) -> tuple[RouterMeta, ...]:
-        return tuple(RouterMeta(path, r.n_experts, float(r.temperature), *router_output_names(path))
+        return tuple(RouterMeta(path, r.n_experts, float(r.temperature), *router_output_names(path),
+                                k=int(getattr(r, "k", 1)))
                      for path, r in self.routers)
 
 

@@ -23,6 +23,8 @@ from deploytool.ops.functional import hard_select, tempered_softmax
 
 RouterKind = Literal["softmax", "sigmoid"]
 Dispatch = Literal["dense", "sparse"]
+#: the dispatch names: every expert on every row and a mask, or each expert on its rows only
+DISPATCHES = ("dense", "sparse")
 RoutingMode = Literal["auto", "soft", "hard", "gumbel"]
 
 
@@ -119,8 +121,8 @@ class RoutedExperts(nn.Module):
         super().__init__()
         if len(experts) != router.n_experts:
             raise ValueError(f"router has {router.n_experts} experts, got {len(experts)} expert modules")
-        if dispatch not in ("dense", "sparse"):
-            raise ValueError(f"dispatch must be dense or sparse, got {dispatch!r}")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be {' or '.join(DISPATCHES)}, got {dispatch!r}")
         self.router = router
         self.experts = nn.ModuleList(experts)
         self.dispatch = dispatch
@@ -145,7 +147,8 @@ class RoutedExperts(nn.Module):
             if self.dispatch == "sparse":
                 flat = x.reshape(-1, *x.shape[len(lead):])
                 rows = routing.index.reshape(-1)
-                y = (exported_sparse(flat, rows, self.experts) if torch.onnx.is_in_onnx_export()
+                y = (exported_sparse(flat, rows, lambda e, xs: self.experts[e](xs), len(self.experts))
+                     if torch.onnx.is_in_onnx_export()
                      else self.sparse(flat, rows))
                 return RoutedOutput(y.reshape(*lead, *y.shape[1:]), routing.index, routing.probs)
             weights, _ = hard_select(routing.probs)
@@ -262,21 +265,38 @@ def routed_modules(model: nn.Module) -> list[RoutedExperts]:
     return [m for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
-def named_routers(model: nn.Module) -> list[tuple[str, Router]]:
-    """Every Router in `model` with its module path (what names its outputs in an export)."""
-    return [(path or "router", m) for path, m in model.named_modules() if isinstance(m, Router)]
+def is_router(module: nn.Module) -> bool:
+    """A deploytool Router, or a module with top-k routing (deploytool.moe.TopKRouting)."""
+    return isinstance(module, Router) or getattr(type(module), "deploytool_router", False)
+
+
+def dispatching_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module whose `dispatch` ("dense" | "sparse") says how its experts run."""
+    return [m for m in model.modules()
+            if isinstance(m, RoutedExperts) or getattr(type(m), "deploytool_experts", False)]
+
+
+def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every router in `model` (a Router or a top-k router) with its module path (what names its outputs
+    in an export)."""
+    return [(path or "router", m) for path, m in model.named_modules() if is_router(m)]
 
 
 @contextlib.contextmanager
 def record_routing(model: nn.Module) -> Iterator[dict[str, list[RouterOutput]]]:
-    """Collect what every Router in `model` decides during the forwards run inside the block.
+    """Collect what every router in `model` decides during the forwards run inside the block.
 
     Yields {module path: [RouterOutput of each call]}; the caller clears the lists between forwards.
-    A forward hook reads each Router's output, so nothing about the model changes.
+    A forward hook reads each router's decisions (a Router's output; a top-k router's `last_routing`),
+    so nothing about the model changes.
     """
-    calls: dict[str, list[RouterOutput]] = {path: [] for path, _ in named_routers(model)}
-    handles = [router.register_forward_hook(lambda _m, _i, out, path=path: calls[path].append(out))
-               for path, router in named_routers(model)]
+    def hook(module, _inputs, out, path):
+        calls[path].append(out if isinstance(module, Router) else module.last_routing)
+
+    routers = named_routers(model)
+    calls: dict[str, list[RouterOutput]] = {path: [] for path, _ in routers}
+    handles = [router.register_forward_hook(lambda m, i, out, path=path: hook(m, i, out, path))
+               for path, router in routers]
     try:
         yield calls
     finally:
@@ -286,7 +306,8 @@ def record_routing(model: nn.Module) -> Iterator[dict[str, list[RouterOutput]]]:
 
 def collect_routing_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the routing losses recorded by every RoutedExperts in the last training forward."""
-    terms = [m.routing_loss for m in routed_modules(model) if m.routing_loss is not None]
+    owners = [*routed_modules(model), *(m for _, m in named_routers(model) if not isinstance(m, Router))]
+    terms = [m.routing_loss for m in owners if m.routing_loss is not None]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
@@ -294,8 +315,9 @@ def collect_routing_loss(model: nn.Module) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _override(model: nn.Module, attribute: str, value: str | None) -> Iterator[None]:
-    """Set `attribute` on every RoutedExperts in `model` for the duration (None: leave it), then restore."""
-    modules = routed_modules(model)
+    """Set `attribute` on every module of `model` that has it (RoutedExperts; fused experts for "dispatch")
+    for the duration (None: leave it), then restore."""
+    modules = routed_modules(model) if attribute == "mode" else dispatching_modules(model)
     saved = [getattr(m, attribute) for m in modules]
     if value is not None:
         for m in modules:
@@ -318,7 +340,8 @@ def dispatch_mode(model: nn.Module, dispatch: Dispatch | None):
 
 
 def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
-    for m in routed_modules(model):
+    """Set dense or sparse dispatch on every module of `model` that dispatches to experts."""
+    for m in dispatching_modules(model):
         m.dispatch = dispatch
 
 

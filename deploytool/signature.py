@@ -53,7 +53,8 @@ class RouterMeta:
     """One router of the model: where it sits, what it chooses among, and which outputs hold its decisions.
 
     `index` is int64 over the router's positions (the leading dims of its input: [B] per row,
-    [B, T] per token); `probs` is those positions by `n_experts`.
+    [B, T] per token), with a trailing dim of `k` for a router that picks k > 1 experts; `probs` is
+    those positions by `n_experts`.
     """
 
     path: str
@@ -61,15 +62,16 @@ class RouterMeta:
     temperature: float
     index: str
     probs: str
+    k: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "n_experts": self.n_experts, "temperature": self.temperature,
-                "index": self.index, "probs": self.probs}
+                "index": self.index, "probs": self.probs, "k": self.k}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RouterMeta:
         return cls(str(data["path"]), int(data["n_experts"]), float(data["temperature"]), str(data["index"]),
-                   str(data["probs"]))
+                   str(data["probs"]), int(data.get("k", 1)))
 
 
 def router_output_names(path: str) -> tuple[str, str]:
@@ -87,11 +89,15 @@ class ModelSignature:
     #: the size each named dynamic dim had in the example the model was exported from (what generated
     #: inputs and an engine's optimisation profile use when nothing else says)
     dim_examples: dict[str, int] = field(default_factory=dict)
+    #: integer inputs that are ids into a table (token ids): {input name: table size}; an id must be in
+    #: [0, size), and made-up inputs span that range
+    vocab: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: what `to_json` writes and `from_json` reads."""
         return {"inputs": [m.to_dict() for m in self.inputs], "outputs": [m.to_dict() for m in self.outputs],
-                "routers": [r.to_dict() for r in self.routers], "dim_examples": dict(self.dim_examples)}
+                "routers": [r.to_dict() for r in self.routers], "dim_examples": dict(self.dim_examples),
+                "vocab": dict(self.vocab)}
 
     # --- reading ------------------------------------------------------------------------------
     @property
@@ -225,7 +231,8 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
         return ModelSignature(tuple(TensorMeta.from_dict(m) for m in data["inputs"]),
                               tuple(TensorMeta.from_dict(m) for m in data["outputs"]),
                               tuple(RouterMeta.from_dict(r) for r in data.get("routers", ())),
-                              {str(k): int(v) for k, v in data.get("dim_examples", {}).items()})
+                              {str(k): int(v) for k, v in data.get("dim_examples", {}).items()},
+                              {str(k): int(v) for k, v in data.get("vocab", {}).items()})
     except (ValueError, TypeError, KeyError) as exc:
         raise BadInput(f"{source}: its deploytool signature is unreadable ({type(exc).__name__}: {exc}); "
                        "export the model again") from exc
@@ -237,7 +244,7 @@ def with_io(signature: ModelSignature | None, inputs: list[TensorMeta], outputs:
     if signature is None:
         return ModelSignature(tuple(inputs), tuple(outputs))
     return ModelSignature(_named(inputs, signature.inputs), _named(outputs, signature.outputs), signature.routers,
-                          signature.dim_examples)
+                          signature.dim_examples, signature.vocab)
 
 
 def _named(metas: list[TensorMeta], stored: tuple[TensorMeta, ...]) -> tuple[TensorMeta, ...]:

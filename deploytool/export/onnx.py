@@ -180,11 +180,16 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
 
 
 def state_dict_sha256(model: nn.Module) -> str:
-    """sha256 of the module's weights as a safetensors file would hold them."""
-    from safetensors.torch import save
+    """sha256 of the module's weights: every tensor's name, dtype, shape and bytes, in state-dict order.
+    Tied weights (an embedding shared with the LM head) are hashed under each name."""
+    import torch
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return hashlib.sha256(save(tensors)).hexdigest()
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _save(proto, path: Path) -> None:
@@ -219,6 +224,9 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
 
     from deploytool import __version__
     from deploytool.artifacts import graph_signature
+    from deploytool.hf import dynamic_dims as hf_dynamic_dims
+    from deploytool.hf import input_vocab as hf_vocab
+    from deploytool.hf import is_hf_model
     from deploytool.model_io import NamedModule, as_named_inputs, module_signature
     from deploytool.ops.onnx_functions import attach
     from deploytool.signature import ModelSignature
@@ -226,6 +234,8 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     example = _sized(as_named_inputs(module, example_inputs), static_batch)
     named = NamedModule(module, list(example), output_names=output_names,
                         keyword=isinstance(example_inputs, Mapping))
+    if dynamic_dims is None and is_hf_model(module):
+        dynamic_dims = hf_dynamic_dims(example)
     dims = _dynamic_dims(example, dynamic_dims, static_batch)
     with export_mode(module, dispatch):
         traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
@@ -242,9 +252,10 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
                 raise BadInput(f"torch.onnx could not export {type(module).__name__}: {_export_error(exc)}") from exc
     proto = program.model_proto
     ops = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
-    if not {TEMPERED_SOFTMAX, HARD_SELECT} <= ops:
-        raise CheckFailed(f"the exported graph lacks the deploytool routing ops (found {sorted(ops)}); "
-                          "the model must route through deploytool.nn.Router")
+    wanted = _routing_ops(named)
+    if not wanted <= ops:
+        raise CheckFailed(f"the exported graph lacks the deploytool routing ops {sorted(wanted - ops)} (found "
+                          f"{sorted(ops)}); the model must route through deploytool routers")
     attach(proto, opset)
     inputs, outputs = graph_signature(proto)
     fixed = [(meta.name, axis, meta.shape[axis]) for meta in inputs for axis in dims.get(meta.name, {})
@@ -253,7 +264,8 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         name, axis, size = fixed[0]
         raise BadInput(f"input {name!r} dim {axis} cannot be dynamic: {type(module).__name__} computes with it at "
                        f"size {size} (a weight or a reshape fixes it); export it with that dim fixed")
-    signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples)
+    vocab = {n: size for n, size in hf_vocab(module).items() if n in example}
+    signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples, vocab)
     metadata = {
         "version": __version__,
         "checkpoint_sha256": sha256,
@@ -270,6 +282,23 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
     return proto, {META_PREFIX + k: v for k, v in metadata.items()}, signature, named
+
+
+def _routing_ops(named) -> set[str]:
+    """The deploytool ops the graph must hold: a Router's TemperedSoftmax and HardSelect; a top-k router's
+    TemperedSoftmax where it scores by softmax, HardSelect where it picks one expert."""
+    from deploytool.nn import Router
+
+    wanted: set[str] = set()
+    for _, router in named.routers:
+        if isinstance(router, Router):
+            wanted |= {TEMPERED_SOFTMAX, HARD_SELECT}
+            continue
+        if router.rule.scoring == "softmax":
+            wanted.add(TEMPERED_SOFTMAX)
+        if router.rule.k == 1:
+            wanted.add(HARD_SELECT)
+    return wanted
 
 
 def _export_error(exc: BaseException) -> str:
