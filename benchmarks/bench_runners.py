@@ -40,7 +40,8 @@ def main() -> None:
     from deploytool.data import load_digits
     from deploytool.export.onnx import export_onnx
     from deploytool.runners import make_runner
-    from deploytool.training import load_model, train
+    from deploytool.checkpoints import load_model
+    from deploytool.training import train
 
     work = Path(tempfile.mkdtemp(prefix="bench-runners-"))
     run_dir = Path(args.run_dir) if args.run_dir else train(None, work / "run", progress=False, epochs=2).path

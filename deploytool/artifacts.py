@@ -67,7 +67,7 @@ class RunDir:
 
 
 def load_run(path: str | Path) -> RunDir:
-    """Read a run directory's config and metrics (weights are loaded by training.load_model).
+    """Read a run directory's config and metrics (weights are loaded by checkpoints.load_model).
 
     Args:
         path: the run directory.
@@ -237,13 +237,35 @@ def builtin_run(path: str | Path) -> RunDir:
     return run
 
 
+#: artifact kinds that hold weights the torch backends rebuild a module from: a run directory and a
+#: Hugging Face `save_pretrained` folder
+MODULE_KINDS = ("run", "hf")
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A transformers `save_pretrained` folder: config.json names a `model_type` and no deploytool model."""
+    path = Path(path)
+    config_path = path / io.CONFIG_FILE
+    if not (path.is_dir() and config_path.is_file()):
+        return False
+    try:
+        config = io.read_json(config_path, "config")
+    except BadInput:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model_type"), str) and "model" not in config
+
+
 def artifact_kind(path: str | Path) -> str:
-    """"run", "onnx" or "engine"; anything else is refused with what was expected."""
+    """"run", "hf" (a save_pretrained folder), "onnx" or "engine"; anything else is refused with what was
+    expected."""
     path = Path(path)
     if path.is_dir():
+        if is_hf_folder(path):
+            return "hf"
         if (path / io.CONFIG_FILE).is_file():
             return "run"
-        raise BadInput(f"{path} is a directory without {io.CONFIG_FILE}; give a run directory from `deploytool train`")
+        raise BadInput(f"{path} is a directory without {io.CONFIG_FILE}; give a run directory from `deploytool train` "
+                       "or a Hugging Face save_pretrained folder")
     if not path.exists():
         raise BadInput(f"{path} does not exist")
     if path.suffix.lower() == ".onnx":
@@ -268,7 +290,7 @@ def open_artifact(path: str | Path) -> Artifact:
     """
     path = Path(path)
     kind = artifact_kind(path)
-    if kind == "run":
+    if kind in MODULE_KINDS:
         return Artifact(path, kind, source_run=path)
     if kind == "onnx":
         model = load_onnx(path)
@@ -286,6 +308,13 @@ def _source_run(metadata: dict[str, str]) -> Path | None:
     source (older exports) meant the exporter's working directory, unknown here: not guessed."""
     source = Path(metadata.get(META_PREFIX + "source", ""))
     return source if source.is_absolute() and (source / io.CONFIG_FILE).is_file() else None
+
+
+def top_k_of(signature: ModelSignature | None) -> int | None:
+    """The k every top-k router of an exported model picks (what its torch reference must pick too), or
+    None when it has none or they differ."""
+    ks = {r.k for r in signature.routers} if signature is not None else set()
+    return ks.pop() if len(ks) == 1 else None
 
 
 # --- ONNX ------------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ def _from_run(path: str | Path, data, test_data):
     from deploytool.data import load_dataset
     from deploytool.models import input_shape
     from deploytool.artifacts import load_run
-    from deploytool.training import as_xy, load_model
+    from deploytool.checkpoints import load_model
+    from deploytool.training import as_xy
 
     run = load_run(path)
     model = load_model(run.path)  # a run of your own module is refused here, with what to do instead

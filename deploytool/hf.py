@@ -366,6 +366,7 @@ def load_folder(path: str | Path, *, top_k: int | None = None, dispatch: str = "
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploytool.artifacts import load_run, open_artifact
+from deploytool.artifacts import MODULE_KINDS, is_hf_folder, load_run, open_artifact, top_k_of
 from deploytool.compare import ParityReport, Tolerance, check_tolerances, compare_runners
 from deploytool.errors import BadInput
 from deploytool.feeds import batch_of, sample_feed
@@ -26,7 +26,7 @@ DEFAULT_SAMPLES = 512
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     """(run directory, weights file or None for the run's own): a run dir, or a weights file inside one."""
     path = Path(checkpoint)
-    if path.is_dir():
+    if path.is_dir():  # a run directory or a Hugging Face folder
         return path, None
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
@@ -46,7 +46,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
 
     Args:
         model_path: the ONNX model or TensorRT engine, or several of them.
-        checkpoint: the run directory (or its weights file) the torch backends load.
+        checkpoint: the run directory (or its weights file) or Hugging Face folder the torch backends load.
         backends: backend names (see deploytool.runners.BACKENDS); two runners at least in all.
         data: a data set name, .npz, array or dict of arrays (see deploytool.feeds.load_feed); default the
             data set of the run (the checkpoint's, else the one the model was exported from), else
@@ -71,7 +71,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     check_tolerances(atol, rtol)
     arts = [open_artifact(p) for p in paths]
     for art in arts:
-        if art.kind == "run":
+        if art.kind in MODULE_KINDS:
             raise BadInput(f"{art.path} is a run directory, not a model; export it first: "
                            f"deploytool export {art.path} --out model.onnx")
         art.signature.require_router(str(art.path))
@@ -84,7 +84,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     for name in names:
         kind = artifact_of(name)
         if kind == "run":
-            runners.append(make_runner(name, run_dir, checkpoint=weights))
+            runners.append(make_runner(name, run_dir, checkpoint=weights, **hf_options(run_dir, arts[0].signature)))
             continue
         readable = [a for a in arts if a.kind == kind]
         if not readable:
@@ -99,12 +99,19 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     metadata = arts[0].metadata
     notes = check_runners_match(runners, metadata, weights or (run_dir and run_dir / WEIGHTS_FILE))
     source = run_dir or arts[0].source_run
-    run_config = load_run(source).config if source is not None and data is None else None
+    run_config = load_run(source).config if source is not None and data is None and not is_hf_folder(source) else None
     label, feed = sample_feed(arts[0].signature, data=data, run_config=run_config, samples=samples, seed=seed,
                               made_up=samples)
     comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
     return ParityReport(", ".join(map(str, paths)), [r.name for r in runners], {label: batch_of(feed)}, comparisons,
                         str(checkpoint) if checkpoint else None, metadata, notes)
+
+
+def hf_options(source: Path | None, signature) -> dict:
+    """The torch runner's options for a Hugging Face folder: the top-k the exported model was made with."""
+    if source is None or not is_hf_folder(source):
+        return {}
+    return {"top_k": top_k_of(signature)}
 
 
 def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:

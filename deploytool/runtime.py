@@ -21,7 +21,7 @@ import numpy as np
 from deploytool.artifacts import artifact_kind
 from deploytool.errors import BadInput
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
-from deploytool.runners import NATIVE, artifact_of
+from deploytool.runners import NATIVE, reads
 from deploytool.runners.base import Runner
 from deploytool.signature import ModelSignature
 
@@ -38,14 +38,14 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     kind = artifact_kind(path)
     chosen = NATIVE[kind] if backend == "auto" else backend
-    if artifact_of(chosen) != kind:
+    if not reads(chosen, kind):
         raise BadInput(f"backend {chosen} does not read {path} (a {kind}); use "
-                       f"{', '.join(n for n in RUNNER_BACKENDS if artifact_of(n) == kind)}")
+                       f"{', '.join(n for n in RUNNER_BACKENDS if reads(n, kind))}")
     return kind, chosen
 
 
 def load(path: str | Path, *, backend: str = "auto", **runner_options: Any) -> Session:
-    """A ready Session for a run directory, an ONNX file or a TensorRT engine.
+    """A ready Session for a run directory, a Hugging Face MoE folder, an ONNX file or a TensorRT engine.
 
     Args:
         path: the artifact.

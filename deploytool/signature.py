@@ -125,7 +125,7 @@ class ModelSignature:
         """Refuse a model without routers: there is no decision to check, deploy or serve."""
         if not self.routers:
             raise BadInput(f"{source} has no deploytool router (no routing outputs in its signature); "
-                           "export a model that routes through deploytool.nn.Router with `deploytool export`")
+                           "export a model that routes through a deploytool router with `deploytool export`")
         names = set(self.output_names)
         missing = [n for r in self.routers for n in (r.index, r.probs) if n not in names]
         if missing:

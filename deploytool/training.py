@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import MODULE_PREFIX, RunDir, builtin_run, load_run
+from deploytool.artifacts import MODULE_PREFIX, RunDir, load_run
 from deploytool.data import MAX_CLASSES  # fit's labels obey the bound data sets do
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
@@ -168,7 +168,8 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"fit trains a torch nn.Module, got {type(model).__name__}")
     if not named_routers(model):
-        raise BadInput(f"{type(model).__name__} has no deploytool.nn.Router: there is no routing to train")
+        raise BadInput(f"{type(model).__name__} has no deploytool router: there is no routing to train (a "
+                       "transformers MoE model converts with deploytool.from_hf)")
     settings = LoopSettings(epochs=epochs, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
                             batch_size=batch_size, seed=seed, temperature=temperature,
                             temperature_end=temperature_end, routing=routing)
@@ -461,80 +462,3 @@ def resolve_config(config: TrainConfig | str | Path | None, overrides: dict[str,
     if isinstance(config, TrainConfig):
         return config_from_dict({**config.to_dict(), **overrides}, "options")
     return load_recipe(config, overrides)
-
-
-def load_model(path: str | Path, checkpoint: str | Path | None = None):
-    """Rebuild the built-in model of a run directory and load its safetensors weights, in eval mode.
-
-    Args:
-        path: the run directory.
-        checkpoint: other weights to load instead of the run's own.
-
-    Returns:
-        The model, in eval mode.
-
-    Raises:
-        BadInput: not a run dir, a config.json that does not describe a model (check_run_config), a run of
-            your own module (use `load_weights_into`), a model too large for this machine's memory, or
-            weights that do not match, are not floating point or hold NaN or inf.
-    """
-    from deploytool.models import build_model
-
-    run = builtin_run(path)
-    try:
-        model = build_model(run.config)
-    except BadInput as exc:
-        raise BadInput(f"{run.path / io.CONFIG_FILE}: {exc}") from exc
-    _load_state(model, checkpoint or run.weights, str(run.config.get("model")))
-    return model.eval()
-
-
-def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path | None = None):
-    """Load a run directory's weights into a module you built (for runs of `fit` and `commit` on your module).
-
-    Every Router gets the run's final temperature (a plain attribute, not in the weights).
-
-    Args:
-        module: an instance of the class the run was trained from, built with the same arguments.
-        run_dir: the run directory.
-        checkpoint: other weights to load instead of the run's own.
-
-    Returns:
-        `module`, in eval mode.
-
-    Raises:
-        BadInput: not a run dir, or weights whose names or shapes do not match the module, are not
-            floating point or hold NaN or inf.
-    """
-    from deploytool.nn import set_temperature
-
-    run = load_run(run_dir)
-    _load_state(module, checkpoint or run.weights, type(module).__name__)
-    if "temperature" in run.config:
-        set_temperature(module, float(run.config["temperature"]))
-    return module.eval()
-
-
-def _load_state(model: Any, weights: str | Path, what: str) -> None:
-    """Load safetensors weights into `model`, refusing missing, unexpected, reshaped, non-floating-point
-    or non-finite tensors (NaN weights export and serve without an error, and answer nonsense)."""
-    import torch
-
-    state = io.load_weights(weights)
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise BadInput(f"checkpoint does not match {what}: missing {sorted(missing)[:3]}, "
-                       f"unexpected {sorted(unexpected)[:3]}")
-    for name, tensor in model.state_dict().items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise BadInput(f"checkpoint tensor {name} has shape {list(state[name].shape)}, "
-                           f"the model expects {list(tensor.shape)}")
-        if tensor.is_floating_point():
-            if not state[name].is_floating_point():
-                got, wanted = (str(t.dtype).removeprefix("torch.") for t in (state[name], tensor))
-                raise BadInput(f"checkpoint {weights}: tensor {name} is {got}, the model expects floating point "
-                               f"({wanted})")
-            if not bool(torch.isfinite(state[name]).all()):
-                raise BadInput(f"checkpoint {weights}: tensor {name} holds NaN or inf")
-    model.load_state_dict(state)

@@ -45,11 +45,10 @@ REFUSED = {"phimoe": "no routing rule"}
 def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(family)
-    for key, value in {**SMALL, **FAMILIES.get(family, {}), **overrides}.items():
-        if hasattr(config, key) or key in FAMILIES.get(family, {}) or key in overrides:
-            setattr(config, key, value)
-    return config
+    default = AutoConfig.for_model(family)
+    wanted = {**SMALL, **FAMILIES.get(family, {}), **overrides}
+    return AutoConfig.for_model(family, **{k: v for k, v in wanted.items()
+                                            if hasattr(default, k) or k in FAMILIES.get(family, {}) or k in overrides})
 
 
 def tiny_model(family: str, *, seed: int = 0, **overrides):

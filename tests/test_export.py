@@ -72,7 +72,7 @@ def test_onnx_runtime_matches_pytorch_on_digits(exported_onnx, trained_run):
     import torch
 
     from deploytool.nn import record_routing
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     x = _digits_test(trained_run)
     model = load_model(trained_run.path)
@@ -149,7 +149,7 @@ def test_module_without_a_router_is_bad_input(tmp_path):
 
     import torch
 
-    with pytest.raises(BadInput, match="has no deploytool.nn.Router"):
+    with pytest.raises(BadInput, match="has no deploytool router"):
         export_onnx(nn.Linear(4, 2), tmp_path / "m.onnx", example_inputs=torch.zeros(2, 4))
     with pytest.raises(BadInput, match="needs example_inputs="):
         export_onnx(nn.Linear(4, 2), tmp_path / "m.onnx")
@@ -160,7 +160,7 @@ def _cached(proto, exported_onnx, trained_run):
     """What to_onnx returns for the session's exported_onnx: (proto, metadata, signature, named module)."""
     from deploytool.artifacts import open_artifact
     from deploytool.model_io import NamedModule
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     metadata = {p.key: p.value for p in proto.metadata_props if p.key != "deploytool.signature"}
     return proto, metadata, open_artifact(exported_onnx).signature, NamedModule(load_model(trained_run.path), ["x"])

@@ -99,7 +99,7 @@ def test_loss_fn_replaces_cross_entropy_and_seed_makes_runs_repeat(digits_images
 
 
 @pytest.mark.parametrize("model, data, match", [
-    (nn.Linear(4, 2), (np.zeros((8, 4), np.float32), np.zeros(8, int)), "has no deploytool.nn.Router"),
+    (nn.Linear(4, 2), (np.zeros((8, 4), np.float32), np.zeros(8, int)), "has no deploytool router"),
     ("model", (np.zeros((8, 4)), np.zeros(8, int)), "trains a torch nn.Module"),
     (TwoRouterCNN(), (np.zeros((8, 1, 8, 8)), np.zeros(7, int)), "8 samples but y has 7"),
     (TwoRouterCNN(), (np.zeros((8, 1, 8, 8)), np.zeros(8)), "integer class labels"),

@@ -127,7 +127,7 @@ def test_bad_recipe_names_the_file_and_key(cli, tmp_path, no_training, text, mat
     ({"alpha": float("nan")}, "alpha=nan"),
 ])
 def test_bad_run_config_is_one_line_for_every_consumer(cli, run_copy, tmp_path, changes, match):
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     _edit_json(run_copy / io.CONFIG_FILE, **changes)
     for args in (("report", run_copy), ("export", run_copy, "--out", tmp_path / "m.onnx")):
@@ -305,9 +305,10 @@ def test_study_takes_keyword_only_options():
 
 
 def test_public_functions_document_args_returns_raises():
-    from deploytool import artifacts, finetune, metrics, penalty_study, recipes, training
+    from deploytool import artifacts, checkpoints, finetune, hf, metrics, penalty_study, recipes, training
 
-    for fn in (training.train, training.fit, finetune.commit, training.load_model, training.load_weights_into,
+    for fn in (training.train, training.fit, finetune.commit, checkpoints.load_model, checkpoints.load_weights_into,
+               checkpoints.open_module, hf.from_hf, hf.load_folder,
                metrics.report, penalty_study.study, recipes.load_recipe, artifacts.load_run,
                artifacts.check_run_config):
         doc = inspect.getdoc(fn)

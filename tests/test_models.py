@@ -9,7 +9,8 @@ from deploytool.errors import BadInput
 from deploytool.models import MODELS, MoETransformer, RoutedCNN, build_model, example_inputs, input_shape
 from deploytool.nn import named_routers, record_routing, routing_mode
 from deploytool.recipes import TrainConfig
-from deploytool.training import load_model, train
+from deploytool.checkpoints import load_model
+from deploytool.training import train
 
 
 @pytest.mark.parametrize("name, shape", [("routed-mlp", (64,)), ("routed-cnn", (1, 8, 8)),

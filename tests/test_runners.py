@@ -94,7 +94,7 @@ def test_dense_and_sparse_dispatch_agree(trained_run):
 def test_torch_runner_restores_the_callers_dispatch(trained_run):
     from deploytool.nn import routed_modules
     from deploytool.runners.torch import TorchRunner
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     model = load_model(trained_run.path).train()
     before = [m.dispatch for m in routed_modules(model)]
@@ -105,7 +105,7 @@ def test_torch_runner_restores_the_callers_dispatch(trained_run):
 
 def test_torch_runner_of_a_module_needs_example_inputs(trained_run):
     from deploytool.runners.torch import TorchRunner
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     with pytest.raises(BadInput, match="needs example inputs"):
         TorchRunner(load_model(trained_run.path))

@@ -38,7 +38,7 @@ def test_run_directory_session_returns_the_torch_models_outputs_and_decisions(se
     import torch
 
     from deploytool.nn import record_routing
-    from deploytool.training import load_model
+    from deploytool.checkpoints import load_model
 
     x = rows(7)
     out = session.run(x)

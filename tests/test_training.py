@@ -11,7 +11,8 @@ from deploytool import io
 from deploytool.data import load_dataset
 from deploytool.errors import BadInput
 from deploytool.recipes import TrainConfig, load_recipe, list_recipes
-from deploytool.training import load_model, temperature_at, train
+from deploytool.checkpoints import load_model
+from deploytool.training import temperature_at, train
 
 REQUIRED_METRICS = {"soft_accuracy", "hard_accuracy", "mean_max_prob", "frac_confident", "expert_load",
                     "routing_entropy", "seed", "epochs"}

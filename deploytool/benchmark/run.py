@@ -330,15 +330,15 @@ class Artifacts:
 
     @classmethod
     def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
-        from deploytool.artifacts import artifact_kind, open_artifact
+        from deploytool.artifacts import MODULE_KINDS, artifact_kind, open_artifact
         from deploytool.parity import resolve_checkpoint
 
         path = Path(target)
         kind = artifact_kind(path)
         run_dir, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-        if kind == "run":
+        if kind in MODULE_KINDS:
             onnx = path / "model.onnx"
-            return cls("run", run_dir or path, weights, onnx if onnx.is_file() else None)
+            return cls(kind, run_dir or path, weights, onnx if onnx.is_file() else None)
         art = open_artifact(path)
         onnx = path if kind == "onnx" else _engine_onnx(path)
         source = None if run_dir else art.source_run
@@ -436,10 +436,11 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
 
 def _pool(signature, art: Artifacts, data: Any, seed: int) -> tuple[str, Feed]:
     """Samples to pick feeds from: `data`, else the run's data set (training rows too), else made up."""
-    from deploytool.artifacts import load_run
+    from deploytool.artifacts import is_hf_folder, load_run
     from deploytool.feeds import sample_feed
 
-    config = load_run(art.run_dir).config if art.run_dir is not None and data is None else None
+    config = (load_run(art.run_dir).config if art.run_dir is not None and data is None
+              and not is_hf_folder(art.run_dir) else None)
     label, feed = sample_feed(signature, data=data, run_config=config, samples=10**9, seed=seed, made_up=RANDOM_POOL)
     if data is None and config is None:
         art.notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")

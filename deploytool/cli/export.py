@@ -17,7 +17,8 @@ app = typer.Typer()
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
+    run_dir: Annotated[Path, typer.Argument(
+        help="A training run directory, or a Hugging Face MoE model's save_pretrained folder.")],
     out: OutFile,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset of the standard domain.")] = DEFAULT_OPSET,
     static_batch: Annotated[Optional[int], typer.Option(
@@ -34,6 +35,9 @@ def export(
                                                help="Keep the file even when validation fails.")] = False,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="Held-out data for validation (default: the run's own data set).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Experts per token of a Hugging Face MoE model (1: commit to one expert; default: the "
+                        "model's own k).")] = None,
     atol: Atol = None,
     rtol: Rtol = None,
     json: Json = False,
@@ -45,7 +49,7 @@ def export(
     try:
         result = export_onnx(run_dir, out, opset=opset, static_batch=static_batch, dispatch=dispatch,
                              dynamic_dims=parse_dynamic(dynamic or []), validate=validate,
-                             keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol)
+                             keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol, top_k=top_k)
     except CheckFailed as exc:
         if exc.report is not None:
             _show(exc.report.to_dict(), json)
@@ -60,11 +64,16 @@ def _show(result: dict, json: bool) -> None:
     if result["validation"]:
         show_parity(result["validation"], False, title="validation")
     con = console()
-    routers = ", ".join(f"{r['path']} ({r['n_experts']} experts, T={r['temperature']:g})"
+    routers = ", ".join(f"{r['path']} ({_picks(r)}{r['n_experts']} experts, T={r['temperature']:g})"
                         for r in result["signature"]["routers"])
     con.print(f"{'wrote' if result['passed'] else 'validation failed for'} {result['path']} (opset {result['opset']}, "
               f"batch {result['static_batch'] or 'dynamic'}, {result['dispatch']} dispatch; routers: {routers}) "
               f"in {result['seconds']:.1f} s")
+
+
+def _picks(router: dict) -> str:
+    k = router.get("k", 1)
+    return "" if k == 1 else f"top-{k} of "
 
 
 def parse_dynamic(values: list[str]) -> dict[str, dict[int, str]]:

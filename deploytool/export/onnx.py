@@ -83,14 +83,16 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
                 dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, dispatch: str = "sparse",
                 opset: int = DEFAULT_OPSET, static_batch: int | None = None, validate: bool = True,
                 keep_invalid: bool = False, data: str | Path | np.ndarray | Mapping | None = None,
-                atol: float | None = None, rtol: float | None = None, seed: int = 0) -> ExportResult:
-    """Export a run directory, or an nn.Module that routes through deploytool.nn.Router, to `path`, validated.
+                atol: float | None = None, rtol: float | None = None, seed: int = 0,
+                top_k: int | None = None) -> ExportResult:
+    """Export a run directory, a Hugging Face MoE folder, or an nn.Module with deploytool routers to `path`, validated.
 
     Validation compares ONNX Runtime with PyTorch on held-out samples of `data` (the run's own data set
     by default) and on random samples at batch 1 and 256, every output and every router's decisions.
 
     Args:
-        model: a run directory, or a module (then `example_inputs` is required).
+        model: a run directory, a transformers save_pretrained folder (converted by from_hf; full-sequence
+            forward over `input_ids`, no KV cache), or a module (then `example_inputs` is required).
         path: the .onnx file to write; it appears only when export and validation pass.
         checkpoint: another weights file for a run directory.
         example_inputs: a tensor, a tuple of tensors (named after forward's parameters) or a dict of
@@ -111,6 +113,8 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         atol: absolute tolerance (default by dtype).
         rtol: relative tolerance (default by dtype).
         seed: seed of the data split and the random samples.
+        top_k: experts per token of a Hugging Face MoE model (a save_pretrained folder, or a model
+            converted by from_hf); 1 commits every router to one expert; None keeps the model's k.
 
     Returns:
         The ExportResult (its `validation` holds the parity report).
@@ -133,10 +137,10 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         raise BadInput(f"static batch must be between 1 and {MAX_STATIC_BATCH}, got {static_batch}")
     if dispatch not in DISPATCHES:
         raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
-    module, example, source, sha256, run_config = _resolve(model, checkpoint, example_inputs)
-    io.refuse_overwrite(path, *([model, checkpoint] if run_config is not None else []))
+    module, example, source, sha256, run_config, own_dims = _resolve(model, checkpoint, example_inputs, top_k)
+    io.refuse_overwrite(path, *([model, checkpoint] if isinstance(model, (str, Path)) else []))
     proto, metadata, signature, named = to_onnx(
-        module, example, opset=opset, static_batch=static_batch, dynamic_dims=dynamic_dims,
+        module, example, opset=opset, static_batch=static_batch, dynamic_dims=dynamic_dims or own_dims or None,
         output_names=output_names, dispatch=dispatch, source=source, sha256=sha256)
     result = ExportResult(path, opset, static_batch, dispatch, metadata, signature, 0.0)
     with io.atomic_path(path) as tmp:
@@ -155,9 +159,9 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     return result
 
 
-def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
-             ) -> tuple[nn.Module, Any, str, str, dict | None]:
-    """(module, example inputs, source label, sha256 of its weights, run config or None)."""
+def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any, top_k: int | None
+             ) -> tuple[nn.Module, Any, str, str, dict | None, dict]:
+    """(module, example inputs, source label, sha256 of its weights, run config or None, extra dynamic dims)."""
     from torch import nn
 
     if isinstance(model, nn.Module):
@@ -166,17 +170,18 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any
         if example_inputs is None:
             raise BadInput(f"exporting a {type(model).__name__} module needs example_inputs= (a tensor, a tuple "
                            "of tensors or a dict), batch first")
-        return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None
-    from deploytool.artifacts import builtin_run
-    from deploytool.models import example_inputs as run_examples
-    from deploytool.training import load_model
+        if top_k is not None:
+            from deploytool.hf import set_top_k
 
-    run = builtin_run(model)
-    weights = Path(checkpoint) if checkpoint else run.weights
-    example = example_inputs if example_inputs is not None else run_examples(run.config)
+            set_top_k(model, top_k)
+        return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None, {}
+    from deploytool.checkpoints import open_module
+
+    source = open_module(model, checkpoint=checkpoint, top_k=top_k)
+    example = example_inputs if example_inputs is not None else source.example_inputs
     # absolute: tools that later read the source back (bench) run from another directory
-    return (load_model(run.path, weights), example, str(Path(run.path).resolve()), io.sha256_file(weights),
-            run.config)
+    sha256 = io.sha256_file(source.weights[0]) if len(source.weights) == 1 else state_dict_sha256(source.module)
+    return source.module, example, str(source.path.resolve()), sha256, source.run_config, source.dynamic_dims
 
 
 def state_dict_sha256(model: nn.Module) -> str:

@@ -43,8 +43,8 @@ BACKENDS: dict[str, Backend] = {
     "tensorrt": Backend("deploytool.runners.trt:TensorRTRunner", "tensorrt", "engine", {},
                         "a TensorRT engine (TensorRT >= 10.9, a GPU)"),
 }
-#: artifact kind -> the backend that reads it natively
-NATIVE = {"run": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
+#: artifact kind -> the backend that reads it natively (a Hugging Face folder is rebuilt like a run)
+NATIVE = {"run": "torch", "hf": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
 _ARTIFACT_WORDS = {"run": "the run directory of the model (its checkpoint)", "onnx": "an ONNX model path",
                    "engine": "an engine path (build one with `deploytool build-engine`)"}
 
@@ -106,5 +106,12 @@ def artifact_of(backend: str) -> str:
     return check_backend(backend).artifact
 
 
+def reads(backend: str, kind: str) -> bool:
+    """Whether `backend` reads an artifact of `kind` (the torch backends read run dirs and HF folders)."""
+    from deploytool.artifacts import MODULE_KINDS
+
+    return artifact_of(backend) == ("run" if kind in MODULE_KINDS else kind)
+
+
 __all__ = ["BACKENDS", "NATIVE", "Backend", "Runner", "artifact_of", "check_backend", "make_runner",
-           "parse_backends"]
+           "parse_backends", "reads"]

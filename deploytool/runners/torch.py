@@ -11,7 +11,7 @@ import numpy as np
 
 from deploytool.errors import BadInput
 from deploytool.runners.base import Runner
-from deploytool.signature import ModelSignature
+from deploytool.signature import BATCH, ModelSignature
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,7 +20,7 @@ DISPATCHES = ("dense", "sparse")
 
 
 class TorchRunner(Runner):
-    """Runs an eval-mode nn.Module, from a run directory or a module the caller built.
+    """Runs an eval-mode nn.Module, from a run directory, a Hugging Face folder or a module the caller built.
 
     Outputs are the model's own (named as export names them) plus every router's index and probs.
     While active the module is in eval mode and `dispatch` ("dense" | "sparse" | None for the model's
@@ -33,7 +33,8 @@ class TorchRunner(Runner):
     def __init__(self, model: "str | Path | nn.Module", *, checkpoint: str | Path | None = None,
                  dispatch: str | None = None, device: str = "cpu", example_inputs: Any = None,
                  output_names: Sequence[str] | None = None,
-                 dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, name: str | None = None):
+                 dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, name: str | None = None,
+                 top_k: int | None = None):
         super().__init__(name)
         if dispatch not in (None, *DISPATCHES):
             raise BadInput(f"unknown dispatch {dispatch!r}; choose dense or sparse")
@@ -45,11 +46,14 @@ class TorchRunner(Runner):
         self._module = None
         self._named = None
         if isinstance(model, (str, Path)):
-            from deploytool.artifacts import builtin_run
-            from deploytool.models import example_inputs as run_examples
+            from deploytool.checkpoints import open_module
 
+            source = open_module(model, checkpoint=checkpoint, top_k=top_k)
             self.run_dir: Path | None = Path(model)
-            self._example = example_inputs if example_inputs is not None else run_examples(builtin_run(model).config)
+            self._module = source.module
+            self._example = example_inputs if example_inputs is not None else source.example_inputs
+            if dynamic_dims is None and source.dynamic_dims:
+                self.dynamic_dims = {n: {0: BATCH, **axes} for n, axes in source.dynamic_dims.items()}
         else:
             if example_inputs is None:
                 raise BadInput(f"a {type(model).__name__} module needs example inputs (example_inputs=) to tell "
@@ -60,11 +64,7 @@ class TorchRunner(Runner):
 
     @property
     def model(self) -> "nn.Module":
-        """The module (loaded from the run directory on first use)."""
-        if self._module is None:
-            from deploytool.training import load_model
-
-            self._module = load_model(self.run_dir, self.checkpoint)
+        """The module (rebuilt from the run directory or Hugging Face folder when the runner was made)."""
         return self._module
 
     @property
