@@ -172,7 +172,7 @@ def load_guard(probs: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
                          f"{probs.shape[-1]} experts")
     tiny = torch.finfo(probs.dtype).tiny
     mean = probs.reshape(-1, probs.shape[-1]).mean(dim=0)
-    target = target.to(probs.dtype)
+    target = target.to(device=probs.device, dtype=probs.dtype)
     return (target * (torch.log(target.clamp(min=tiny)) - torch.log(mean.clamp(min=tiny)))).sum()
 
 
