@@ -147,6 +147,35 @@ def switch_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor":
     return n * (f * probs.mean(dim=0)).sum()
 
 
+def load_guard(probs: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+    """KL(target || mean routing distribution over the batch): 0 when the batch's loads equal `target`.
+
+    The balance term against given loads (those a model had before a fine-tune): an expert's term grows
+    as -target_i * log(mean p_i), without bound as its load goes to 0, so an expert that carried traffic
+    cannot be starved; an expert with target 0 is free. With a uniform target it is a log-barrier
+    balance.
+
+    Args:
+        probs: routing probabilities [rows, n_experts].
+        target: the loads to keep, [n_experts], >= 0, summing to 1.
+
+    Returns:
+        A scalar >= 0.
+
+    Raises:
+        ValueError: `target` does not have one entry per expert.
+    """
+    import torch
+
+    if target.shape != probs.shape[-1:]:
+        raise ValueError(f"load_guard: target has shape {list(target.shape)}, the routing has "
+                         f"{probs.shape[-1]} experts")
+    tiny = torch.finfo(probs.dtype).tiny
+    mean = probs.reshape(-1, probs.shape[-1]).mean(dim=0)
+    target = target.to(device=probs.device, dtype=probs.dtype)
+    return (target * (torch.log(target.clamp(min=tiny)) - torch.log(mean.clamp(min=tiny)))).sum()
+
+
 def balance_loss(kind: str, probs: "torch.Tensor", beta: float) -> "torch.Tensor":
     """Dispatch on a balance name (entropy | switch | none)."""
     if beta < 0:

@@ -41,6 +41,27 @@ def test_commit_writes_a_new_loadable_run_and_leaves_the_input_alone(soft_run, t
     assert "routed.router.net.0.weight" in changed and "head.weight" in changed
 
 
+def test_the_load_guard_keeps_every_expert_that_carried_traffic(soft_run, tmp_path):
+    """The soft run blends all 4 experts (each >= 10% of the routing weight); committing it without the
+    guard starves some of them to nothing (checked below, so that this setup keeps testing the guard)."""
+    guarded = deploytool.commit(soft_run.path, out=tmp_path / "guarded", model_epochs=10, progress=False)
+    bare = deploytool.commit(soft_run.path, out=tmp_path / "bare", model_epochs=10, guard=0.0, progress=False)
+    targets = np.array(guarded.metrics["load_targets"]["routed.router"])
+    assert targets.min() >= 0.05 and targets.sum() == pytest.approx(1.0)
+    assert guarded.config["commit"]["guard"] == 1.0 and bare.config["commit"]["guard"] == 0.0
+    floor = targets / 2  # every expert keeps at least half the share it carried
+    assert (np.array(guarded.metrics["expert_load"]) >= floor).all(), (guarded.metrics["expert_load"], targets)
+    assert (np.array(bare.metrics["expert_load"]) < floor).any(), "this soft run no longer loses an expert " \
+        "without the guard: pick a setup that does, or this test no longer tests the guard"
+    assert guarded.metrics["frac_confident"] >= 0.9
+
+
+def test_commit_refuses_a_bad_guard_weight(soft_run, tmp_path):
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(BadInput, match="guard"):
+            deploytool.commit(soft_run.path, out=tmp_path / "c", guard=bad, progress=False)
+
+
 def test_router_stage_trains_only_the_routers(soft_run, tmp_path):
     run = deploytool.commit(soft_run.path, out=tmp_path / "c", router_epochs=1, model_epochs=0, progress=False)
     before, after = io.load_weights(soft_run.weights), io.load_weights(run.weights)

@@ -139,3 +139,20 @@ def test_unknown_penalty_and_balance_names_are_refused():
         losses.routing_penalty("l2", torch.zeros(2, 3), 1.0, 1.0)
     with pytest.raises(ValueError, match="unknown balance"):
         losses.balance_loss("aux", torch.full((2, 3), 1 / 3), 1.0)
+
+
+def test_load_guard_is_zero_at_its_target_and_grows_without_bound_as_a_carrying_expert_starves():
+    target = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    at_target = target.expand(8, 4)
+    assert losses.load_guard(at_target, target).item() == pytest.approx(0.0, abs=1e-12)
+    values = [losses.load_guard(torch.tensor([[0.5, 0.5 - s, s, 0.0]], dtype=torch.float64), target).item()
+              for s in (0.2, 1e-2, 1e-4, 1e-8)]
+    assert values == sorted(values) and values[-1] > 3
+    # an expert that carried no traffic is free: sending it some costs no more than the KL of the rest
+    free = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    assert losses.load_guard(free, target).item() == pytest.approx(0.5 * math.log(0.5 / 0.4))
+
+
+def test_load_guard_refuses_a_target_of_another_size():
+    with pytest.raises(ValueError, match="target has shape \\[3\\], the routing has 4 experts"):
+        losses.load_guard(torch.full((2, 4), 0.25), torch.full((3,), 1 / 3))
