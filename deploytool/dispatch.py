@@ -47,3 +47,39 @@ def exported_sparse(x: torch.Tensor, index: torch.Tensor, run_expert: Callable[[
     # adds into repeated rows races in ONNX Runtime's parallel ScatterND (47 of 4096 tokens wrong, measured)
     out = y.new_empty((x.shape[0] * k, *y.shape[1:])).index_put((torch.cat(slots),), y)
     return out if k == 1 else out.reshape(x.shape[0], k, *y.shape[1:]).sum(dim=1)
+
+
+#: ONNX Runtime's fused MoE contrib op (com.microsoft::MoE, CPU and CUDA)
+ORT_MOE = "com.microsoft::MoE"
+
+
+def exported_ort_moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                     fc1: torch.Tensor, fc1_bias: torch.Tensor | None, fc2: torch.Tensor,
+                     fc2_bias: torch.Tensor | None, attrs: dict) -> torch.Tensor:
+    """The chosen experts of `x [rows, H]` as one `com.microsoft::MoE` node of ONNX Runtime.
+
+    The op routes by itself (softmax, top-k, renormalise), so it is handed the decision already made:
+    routing logits `log w` at the chosen experts and -inf elsewhere, whose renormalised softmax is
+    `w / sum(w)`; the output times `sum(w)` is then exactly `sum_j w_j expert_j(x)`, whatever the router's
+    combine weights and scale.
+
+    Args:
+        x: the rows.
+        index: `[rows, k]` chosen experts.
+        weights: `[rows, k]` their combine weights (> 0).
+        n_experts: how many experts.
+        fc1: `[E, 2I, H]` (gate and up interleaved) or `[E, I, H]`, ONNX Runtime's layout.
+        fc1_bias: `[E, 2I]` or None.
+        fc2: `[E, H, I]`.
+        fc2_bias: `[E, H]` or None.
+        attrs: the op's activation attributes (activation_type, swiglu_fusion, alpha, beta, limit).
+
+    Returns:
+        `[rows, H]`.
+    """
+    logits = torch.full((x.shape[0], n_experts), float("-inf"), dtype=x.dtype, device=x.device)
+    logits = logits.scatter(1, index, torch.log(weights.to(x.dtype).clamp_min(1e-30)))
+    y = torch.onnx.ops.symbolic(ORT_MOE, (x, logits, fc1, fc1_bias, fc2, fc2_bias),
+                                {"k": int(index.shape[-1]), "normalize_routing_weights": 1, **attrs},
+                                dtype=x.dtype, shape=x.shape, version=1)
+    return y * weights.sum(dim=-1, keepdim=True).to(x.dtype)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploytool.dispatch import exported_sparse
+from deploytool.dispatch import exported_ort_moe, exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.nn import DISPATCHES, RouterOutput, RoutingLoss
 from deploytool.ops.functional import hard_select, tempered_softmax
@@ -232,6 +232,35 @@ class FusedExpertsDispatch:
 
     deploytool_experts = True
     dispatch: str
+    #: under export: "ort" emits ONNX Runtime's fused MoE op where `ort_moe_layout` says it can run these
+    #: experts; None uses `dispatch`
+    moe_op: str | None = None
+
+    def ort_moe_layout(self) -> tuple[dict, tuple] | None:
+        """(the MoE op's activation attributes, (fc1, fc1 bias, fc2, fc2 bias) in its layout), or None
+        where the op cannot compute these experts (a post-expert norm, a gated activation other than
+        SiLU or GPT-OSS's clamped SwiGLU, a plain activation other than ReLU, GELU or SiLU)."""
+        if getattr(self, "has_post_expert_norm", False):
+            return None
+        t = (lambda w: w.transpose(1, 2)) if self.is_transposed else (lambda w: w)
+        up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+        down = t(self.down_proj)
+        down_bias = self.down_proj_bias if self.has_bias else None
+        if not self.has_gate:
+            kind = _activation_name(self.act_fn)
+            return None if kind is None else ({"activation_type": kind}, (t(self.up_proj), up_bias, down, down_bias))
+        up = t(self.gate_up_proj)
+        clamped = hasattr(self, "limit") and hasattr(self, "alpha")  # GPT-OSS: (up + 1) * g * sigmoid(alpha g)
+        if clamped and not getattr(self, "is_concatenated", True):
+            attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": float(self.alpha),
+                     "activation_beta": 1.0, "swiglu_limit": float(self.limit)}
+            return attrs, (up, up_bias, down, down_bias)
+        if clamped or _activation_name(getattr(self, "act_fn", None)) != "silu" or not _splits_gate_then_up(self):
+            return None
+        half = up.shape[1] // 2  # [gate; up] -> gate0, up0, gate1, up1, ...: the op's CPU layout
+        interleave = lambda w: torch.stack((w[:, :half], w[:, half:]), dim=2).reshape(w.shape)  # noqa: E731
+        attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+        return attrs, (interleave(up), None if up_bias is None else interleave(up_bias), down, down_bias)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` on rows `x [n, H]`."""
@@ -254,8 +283,37 @@ class FusedExpertsDispatch:
                 out = out + self.expert(e, hidden_states) * w.to(hidden_states.dtype)
             return out
         if torch.onnx.is_in_onnx_export():
+            layout = self.ort_moe_layout() if self.moe_op == "ort" else None
+            if layout is not None:
+                return exported_ort_moe(hidden_states, top_k_index, top_k_weights, n_experts, *layout[1], layout[0])
             return exported_sparse(hidden_states, top_k_index, self.expert, n_experts, top_k_weights)
         return _sparse_topk(hidden_states, top_k_index, top_k_weights, self.expert, n_experts)
+
+
+def _activation_name(act) -> str | None:
+    """"relu", "gelu" or "silu" where `act` computes that function (told by its values, whatever its class)."""
+    if not callable(act):
+        return None
+    known = getattr(act, "_deploytool_activation", False)
+    if known is not False:  # told once, outside export (a traced allclose has no value)
+        return known
+    x = torch.linspace(-6, 6, 49)
+    with torch.no_grad():
+        y = act(x)
+    name = next((name for name, fn in (("silu", F.silu), ("relu", F.relu), ("gelu", F.gelu))
+                 if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, fn(x), atol=1e-6)), None)
+    try:
+        act._deploytool_activation = name
+    except AttributeError:
+        pass
+    return name
+
+
+def _splits_gate_then_up(experts) -> bool:
+    """Its gate is the plain split: [gate; up] -> act(gate) * up (transformers' default, or FusedExperts')."""
+    gate = type(experts)._apply_gate
+    return gate is FusedExperts._apply_gate or (getattr(gate, "__name__", "") == "_default_apply_gate"
+                                                 and gate.__module__ == "transformers.integrations.moe")
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:

@@ -317,7 +317,8 @@ def collect_routing_loss(model: nn.Module) -> torch.Tensor:
 def _override(model: nn.Module, attribute: str, value: str | None) -> Iterator[None]:
     """Set `attribute` on every module of `model` that has it (RoutedExperts; fused experts for "dispatch")
     for the duration (None: leave it), then restore."""
-    modules = routed_modules(model) if attribute == "mode" else dispatching_modules(model)
+    modules = [m for m in (routed_modules(model) if attribute == "mode" else dispatching_modules(model))
+               if hasattr(m, attribute)]
     saved = [getattr(m, attribute) for m in modules]
     if value is not None:
         for m in modules:
@@ -337,6 +338,12 @@ def routing_mode(model: nn.Module, mode: RoutingMode):
 def dispatch_mode(model: nn.Module, dispatch: Dispatch | None):
     """Temporarily set dense or sparse dispatch on every RoutedExperts in `model` (None: leave as is)."""
     return _override(model, "dispatch", dispatch)
+
+
+def moe_op_mode(model: nn.Module, moe_op: str | None):
+    """Temporarily make every fused experts module of `model` export as ONNX Runtime's MoE op ("ort") or
+    deploytool's own dispatch (None)."""
+    return _override(model, "moe_op", moe_op)
 
 
 def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:

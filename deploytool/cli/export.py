@@ -35,6 +35,10 @@ def export(
                                                help="Keep the file even when validation fails.")] = False,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="Held-out data for validation (default: the run's own data set).")] = None,
+    moe_op: Annotated[str, typer.Option(
+        "--moe-op", help="deploytool: the experts as --dispatch says; ort: ONNX Runtime's fused com.microsoft::MoE "
+                         "op for every experts module it can compute (ONNX Runtime only), the others named.")]
+    = "deploytool",
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Experts per token of a Hugging Face MoE model (1: commit to one expert; default: the "
                         "model's own k).")] = None,
@@ -49,7 +53,8 @@ def export(
     try:
         result = export_onnx(run_dir, out, opset=opset, static_batch=static_batch, dispatch=dispatch,
                              dynamic_dims=parse_dynamic(dynamic or []), validate=validate,
-                             keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol, top_k=top_k)
+                             keep_invalid=keep_invalid, data=data, atol=atol, rtol=rtol, top_k=top_k,
+                             moe_op=moe_op)
     except CheckFailed as exc:
         if exc.report is not None:
             _show(exc.report.to_dict(), json)
@@ -67,8 +72,15 @@ def _show(result: dict, json: bool) -> None:
     routers = ", ".join(f"{r['path']} ({_picks(r)}{r['n_experts']} experts, T={r['temperature']:g})"
                         for r in result["signature"]["routers"])
     con.print(f"{'wrote' if result['passed'] else 'validation failed for'} {result['path']} (opset {result['opset']}, "
-              f"batch {result['static_batch'] or 'dynamic'}, {result['dispatch']} dispatch; routers: {routers}) "
+              f"batch {result['static_batch'] or 'dynamic'}, {_dispatch(result)}; routers: {routers}) "
               f"in {result['seconds']:.1f} s")
+    for note in result.get("notes", []):
+        con.print(f"note: {note}")
+
+
+def _dispatch(result: dict) -> str:
+    moe_op = result["metadata"].get("deploytool.moe_op", "deploytool")
+    return f"{result['dispatch']} dispatch" + (", ONNX Runtime's MoE op" if moe_op == "ort" else "")
 
 
 def _picks(router: dict) -> str:

@@ -18,7 +18,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 VALIDATION_BATCH = 256
 DISPATCHES = ("sparse", "dense")
+#: how fused experts export: deploytool's own dispatch, or ONNX Runtime's com.microsoft::MoE where it can
+MOE_OPS = ("deploytool", "ort")
 #: the largest static batch an export accepts: beyond it the example alone outgrows memory
 MAX_STATIC_BATCH = 65536
 
@@ -55,6 +57,7 @@ class ExportResult:
         signature: the model signature (inputs, outputs, routers).
         seconds: export plus validation time.
         validation: the parity report of ONNX Runtime against PyTorch (None when not validated).
+        notes: what the export could not do as asked (an experts module ONNX Runtime's MoE op cannot run).
     """
 
     path: Path
@@ -65,6 +68,7 @@ class ExportResult:
     signature: ModelSignature
     seconds: float
     validation: ParityReport | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -84,7 +88,7 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
                 opset: int = DEFAULT_OPSET, static_batch: int | None = None, validate: bool = True,
                 keep_invalid: bool = False, data: str | Path | np.ndarray | Mapping | None = None,
                 atol: float | None = None, rtol: float | None = None, seed: int = 0,
-                top_k: int | None = None) -> ExportResult:
+                top_k: int | None = None, moe_op: str = "deploytool") -> ExportResult:
     """Export a run directory, a Hugging Face MoE folder, or an nn.Module with deploytool routers to `path`, validated.
 
     Validation compares ONNX Runtime with PyTorch on held-out samples of `data` (the run's own data set
@@ -115,6 +119,9 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         seed: seed of the data split and the random samples.
         top_k: experts per token of a Hugging Face MoE model (a save_pretrained folder, or a model
             converted by from_hf); 1 commits every router to one expert; None keeps the model's k.
+        moe_op: "deploytool" (the experts as `dispatch` says) or "ort": every fused experts module ONNX
+            Runtime's com.microsoft::MoE op can compute becomes that one node (ONNX Runtime only: other
+            runtimes lack the op); the others keep `dispatch`, each named in `notes`.
 
     Returns:
         The ExportResult (its `validation` holds the parity report).
@@ -137,12 +144,15 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         raise BadInput(f"static batch must be between 1 and {MAX_STATIC_BATCH}, got {static_batch}")
     if dispatch not in DISPATCHES:
         raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
+    if moe_op not in MOE_OPS:
+        raise BadInput(f"unknown MoE op {moe_op!r}; choose {' or '.join(MOE_OPS)}")
     module, example, source, sha256, run_config, own_dims = _resolve(model, checkpoint, example_inputs, top_k)
     io.refuse_overwrite(path, *([model, checkpoint] if isinstance(model, (str, Path)) else []))
+    notes = _moe_op_notes(module, moe_op, dispatch)  # eager, before tracing: it runs the activations
     proto, metadata, signature, named = to_onnx(
         module, example, opset=opset, static_batch=static_batch, dynamic_dims=dynamic_dims or own_dims or None,
-        output_names=output_names, dispatch=dispatch, source=source, sha256=sha256)
-    result = ExportResult(path, opset, static_batch, dispatch, metadata, signature, 0.0)
+        output_names=output_names, dispatch=dispatch, source=source, sha256=sha256, moe_op=moe_op)
+    result = ExportResult(path, opset, static_batch, dispatch, metadata, signature, 0.0, notes=notes)
     with io.atomic_path(path) as tmp:
         _save(proto, tmp)
         if validate:
@@ -203,7 +213,7 @@ def _save(proto, path: Path) -> None:
 
 def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSET, static_batch: int | None = None,
             dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, output_names: Sequence[str] | None = None,
-            dispatch: str = "sparse", source: str = "", sha256: str = ""):
+            dispatch: str = "sparse", source: str = "", sha256: str = "", moe_op: str = "deploytool"):
     """(checked ModelProto, its deploytool metadata props, its signature, the NamedModule it came from).
 
     Args:
@@ -216,6 +226,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         dispatch: "sparse" or "dense".
         source: where the model came from (recorded in the metadata).
         sha256: its weights' sha256 (recorded).
+        moe_op: "deploytool" or "ort" (ONNX Runtime's MoE op for the fused experts it can run).
 
     Returns:
         The tuple above.
@@ -233,6 +244,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     from deploytool.hf import input_vocab as hf_vocab
     from deploytool.hf import is_hf_model
     from deploytool.model_io import NamedModule, as_named_inputs, module_signature
+    from deploytool.nn import moe_op_mode
     from deploytool.ops.onnx_functions import attach
     from deploytool.signature import ModelSignature
 
@@ -242,7 +254,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     if dynamic_dims is None and is_hf_model(module):
         dynamic_dims = hf_dynamic_dims(example)
     dims = _dynamic_dims(example, dynamic_dims, static_batch)
-    with export_mode(module, dispatch):
+    with export_mode(module, dispatch), moe_op_mode(module, "ort" if moe_op == "ort" else None):
         traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
         shapes = tuple({axis: torch.export.Dim(name) for axis, name in dims[n].items()} or None for n in example)
         with _quiet_torch():
@@ -277,6 +289,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         "source": source,
         "opset": str(opset),
         "dispatch": dispatch,
+        "moe_op": moe_op,
     }
     for key, value in {**{META_PREFIX + k: v for k, v in metadata.items()}, META_KEY: to_json(signature)}.items():
         entry = proto.metadata_props.add()
@@ -287,6 +300,19 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
     return proto, {META_PREFIX + k: v for k, v in metadata.items()}, signature, named
+
+
+def _moe_op_notes(module: nn.Module, moe_op: str, dispatch: str) -> list[str]:
+    """One line per fused experts module that ONNX Runtime's MoE op cannot run (it kept `dispatch`)."""
+    if moe_op != "ort":
+        return []
+    from deploytool.moe import FusedExpertsDispatch
+
+    fused = [(p, m) for p, m in module.named_modules() if isinstance(m, FusedExpertsDispatch)]
+    if not fused:
+        return [f"no fused experts module: the MoE op was not used ({dispatch} dispatch throughout)"]
+    return [f"{path} ({type(m).__name__}): ONNX Runtime's MoE op cannot compute these experts; {dispatch} "
+            "dispatch instead" for path, m in fused if m.ort_moe_layout() is None]
 
 
 def _routing_ops(named) -> set[str]:
