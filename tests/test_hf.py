@@ -205,3 +205,13 @@ def test_folder_inputs_are_refused_in_one_line(tmp_path, hf_folder, cli):
     before = weights.read_bytes()
     code, _, err = cli("export", str(hf_folder), "--out", str(weights))
     assert code == 2 and weights.read_bytes() == before  # an output that is an input is never written
+
+
+def test_a_converted_model_still_generates_with_its_cache_as_the_original_does():
+    from deploytool.hf import from_hf
+
+    model = tiny_model("mixtral")
+    original = copy.deepcopy(model)
+    ids = _ids(1, 5)
+    want = original.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(from_hf(model).generate(ids, max_new_tokens=5, do_sample=False), want)
