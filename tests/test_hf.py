@@ -215,3 +215,23 @@ def test_a_converted_model_still_generates_with_its_cache_as_the_original_does()
     ids = _ids(1, 5)
     want = original.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(from_hf(model).generate(ids, max_new_tokens=5, do_sample=False), want)
+
+
+@pytest.mark.serve
+def test_the_exported_top_1_model_serves_token_ids_and_answers_as_the_local_session(hf_folder, tmp_path):
+    from test_serve import free_port, require_server, triton_infer
+
+    import deploytool
+
+    require_server()
+    path = deploytool.export_onnx(hf_folder, tmp_path / "moe.onnx", top_k=1, validate=False).path
+    ids = np.random.default_rng(1).integers(0, 256, (2, 9)).astype(np.int64)
+    local = deploytool.load(path).run({"input_ids": ids})
+    server = deploytool.serve(path, port=free_port(), grpc_port=free_port(), name="moe", block=False)
+    try:
+        outputs = ("logits", "model.layers.0.mlp.gate.index")
+        got = triton_infer(server, {"input_ids": ids}, outputs=outputs)
+    finally:
+        server.stop()
+    assert np.allclose(got["logits"], local["logits"], atol=1e-5)
+    assert np.array_equal(got["model.layers.0.mlp.gate.index"], local["model.layers.0.mlp.gate.index"])
