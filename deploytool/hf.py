@@ -30,6 +30,7 @@ from torch import nn
 
 from deploytool.errors import BadInput
 from deploytool.moe import FusedExpertsDispatch, TopKRouting, TopKRule
+from deploytool.nn import DISPATCHES
 
 #: probe inputs: how many tokens and how wide their spread (logits of random routers are small)
 PROBE_TOKENS = 96
@@ -94,12 +95,17 @@ def from_hf(model: nn.Module, *, top_k: int | None = None, dispatch: str = "spar
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"from_hf takes a transformers model (an nn.Module), got {type(model).__name__}")
-    if dispatch not in ("sparse", "dense"):
-        raise BadInput(f"dispatch must be sparse or dense, got {dispatch!r}")
+    if dispatch not in DISPATCHES:
+        raise BadInput(f"dispatch must be {' or '.join(DISPATCHES)}, got {dispatch!r}")
     blocks = list(_find_blocks(model))
     if not blocks:
         raise BadInput(f"{type(model).__name__} has no MoE block deploytool recognises (a router module beside "
                        "a fused experts module, as transformers 5.x builds them)")
+    if top_k is not None:  # checked before anything changes: nothing is half-converted
+        fewest = min(int(b.experts.down_proj.shape[0]) for b in blocks)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= fewest:
+            raise BadInput(f"top-k must be a whole number from 1 to {fewest} (the fewest experts a block of "
+                           f"{type(model).__name__} has), got {top_k!r}")
     fresh = [b for b in blocks if not isinstance(b.router, TopKRouting)]
     was_training = model.training
     model.eval()
@@ -112,32 +118,30 @@ def from_hf(model: nn.Module, *, top_k: int | None = None, dispatch: str = "spar
         model.train(was_training)
     for block in blocks:
         block.experts.dispatch = dispatch
-        if top_k is not None:
-            _set_top_k(block, top_k)
+    if top_k is not None:
+        set_top_k(model, top_k)
     return model
 
 
 def set_top_k(model: nn.Module, k: int) -> None:
-    """Make every converted router of `model` pick `k` experts per token.
+    """Make every top-k router of `model` pick `k` experts per position.
+
+    Args:
+        model: a model converted by from_hf, or with TopKRouters of its own.
+        k: experts per position, from 1 to the fewest experts a router chooses among.
 
     Raises:
-        BadInput: k is not a whole number from 1 to a router's expert count.
+        BadInput: no top-k router, or a k out of that range (no router is changed then).
     """
     routers = [m for m in model.modules() if isinstance(m, TopKRouting)]
     if not routers:
         raise BadInput(f"{type(model).__name__} has no top-k router; convert it with deploytool.from_hf first")
+    fewest = min(r.n_experts for r in routers)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= fewest:
+        raise BadInput(f"top-k must be a whole number from 1 to {fewest} (the fewest experts a router of "
+                       f"{type(model).__name__} has), got {k!r}")
     for router in routers:
-        try:
-            router.set_top_k(k)
-        except ValueError as exc:
-            raise BadInput(str(exc)) from None
-
-
-def _set_top_k(block: _Block, k: int) -> None:
-    try:
-        block.router.set_top_k(k)
-    except ValueError as exc:
-        raise BadInput(f"{block.path}: {exc}") from None
+        router.set_top_k(k)
 
 
 # --- finding blocks --------------------------------------------------------------------------------

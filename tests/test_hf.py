@@ -121,8 +121,12 @@ def test_sparse_and_dense_dispatch_agree_for_top_k(monkeypatch):
 def test_bad_top_k_is_bad_input():
     from deploytool.hf import from_hf
 
-    with pytest.raises(BadInput, match="top-k must be a whole number from 1 to"):
-        from_hf(tiny_model("mixtral"), top_k=9)
+    model = tiny_model("mixtral")
+    classes = [type(m) for m in model.modules()]
+    for bad in (9, 0, 1.5, True):
+        with pytest.raises(BadInput, match="top-k must be a whole number from 1 to 8"):
+            from_hf(model, top_k=bad)
+    assert [type(m) for m in model.modules()] == classes  # refused before anything changed
     with pytest.raises(BadInput, match="no MoE block"):
         from_hf(torch.nn.Linear(2, 2))
 
