@@ -165,7 +165,7 @@ class TopKRouting:
         owner, _, name = path.rpartition(".")
         return getattr(self.get_submodule(owner) if owner else self, name)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor):
         weight, bias, selection_bias = (self._part(p) for p in self.routing_parts)
         lead = tuple(self.positions) if self.positions is not None else tuple(hidden_states.shape[:-1])
         flat = hidden_states.reshape(-1, weight.shape[1])

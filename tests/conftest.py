@@ -57,6 +57,17 @@ def exported_onnx(trained_run, tmp_path_factory):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (these 2-core machines run other jobs beside the suite)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run the deploytool CLI in-process as a user would: returns (exit code, stdout, stderr)."""
     from deploytool.cli.app import main

@@ -18,12 +18,7 @@ from hf_models import FAMILIES, REFUSED, tiny_model  # noqa: E402
 CONVERTED = [f for f in FAMILIES if f not in REFUSED]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(batch=2, tokens=12, seed=0):

@@ -9,12 +9,7 @@ torch = pytest.importorskip("torch")
 from deploytool.moe import FusedExperts, MoEBlock, TopKRouter, TopKRule  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _block(*, k=2, activation="silu", gated=True, combine="renorm", scoring="softmax", shared=True):
