@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deploytool.errors import BadInput, MissingDependency
-from deploytool.runners import BACKENDS, NATIVE, Runner, artifact_of, make_runner, parse_backends
+from deploytool.runners import BACKENDS, NATIVE, Runner, artifact_of, make_runner, parse_backends, reads
 from deploytool.signature import ModelSignature, TensorMeta
 
 ROUTED_MLP_OUTPUTS = ["output", "routed.router.index", "routed.router.probs"]
@@ -57,7 +57,8 @@ def test_backend_names_are_the_cli_spellings_and_each_reads_one_artifact_kind():
     assert {name: artifact_of(name) for name in BACKENDS} == {
         "torch": "run", "torch-dense": "run", "torch-sparse": "run", "onnxruntime": "onnx",
         "onnxruntime-cuda": "onnx", "tensorrt": "engine"}
-    assert all(artifact_of(backend) == kind for kind, backend in NATIVE.items())
+    assert all(reads(backend, kind) for kind, backend in NATIVE.items())
+    assert reads("torch", "hf") and not reads("onnxruntime", "hf")  # a Hugging Face folder rebuilds like a run
 
 
 def test_torch_runner_from_a_run_dir_has_a_signature_and_outputs(trained_run):
