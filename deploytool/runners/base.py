@@ -66,6 +66,11 @@ class Runner(abc.ABC):
         return self._cached_signature
 
     @property
+    def input_bounds(self) -> dict[str, int]:
+        """{integer input: how many ids it takes} where the model says (an embedding's rows); {} by default."""
+        return {}
+
+    @property
     def inputs(self) -> list[TensorMeta]:
         return list(self.signature.inputs)
 

@@ -19,11 +19,18 @@ from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
+MAX_THREADS = 1024
+#: ONNX Runtime's log level for deploytool's sessions: errors come back as deploytool's one line, so
+#: ORT's own log lines (3: only fatal ones) stay out of a command's output
+LOG_SEVERITY = 3
 
 def load_session(path: str | Path, providers: list[str], options=None):
     """An InferenceSession, with ORT's load errors (not ONNX, truncated, bad graph) as one-line BadInput."""
     ort = _ort()
     path = check_onnx_file(path)
+    if options is None:
+        options = ort.SessionOptions()
+    options.log_severity_level = LOG_SEVERITY
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
@@ -50,6 +57,9 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(name)
         if device not in DEVICES:
             raise BadInput(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or not 0 <= threads <= MAX_THREADS):
+            raise BadInput(f"threads must be a whole number 0..{MAX_THREADS} (0: ONNX Runtime's default), got {threads!r}")
         self.model_path = check_onnx_file(model_path)
         self.device = device
         self.threads = threads
@@ -98,7 +108,21 @@ class OnnxRuntimeRunner(Runner):
         return with_io(from_json(stored, str(self.model_path)) if stored else None,
                        tensors["inputs"], tensors["outputs"])
 
+    @property
+    def input_bounds(self) -> dict[str, int]:
+        """{integer input: rows of the table it indexes} for inputs that feed a Gather over an initializer
+        (an embedding): ONNX Runtime would wrap a negative id and fail on one past the end."""
+        if getattr(self, "_bounds", None) is None:
+            self._bounds = gather_bounds(self.model_path, [m.name for m in self.inputs
+                                                           if m.dtype.startswith(("int", "uint"))])
+        return self._bounds
+
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, bound in self.input_bounds.items():
+            ids = feed.get(name)
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= bound):
+                raise BadInput(f"input {name!r} holds the id {ids.min() if ids.min() < 0 else ids.max()}; the model "
+                               f"takes ids 0..{bound - 1}")
         try:
             return dict(zip(self._output_names, self._run(self._output_names, feed)))
         except Exception as exc:  # wrong name, dtype or shape: ORT's InvalidArgument
@@ -106,3 +130,29 @@ class OnnxRuntimeRunner(Runner):
                 detail = " ".join(str(exc).split())  # ORT puts the offending index and dims on later lines
                 raise BadInput(f"onnxruntime refused the feed: {detail[:500]}") from exc
             raise
+
+
+def gather_bounds(model_path: str | Path, names: list[str]) -> dict[str, int]:
+    """{input name: rows of the initializer it indexes} for each of `names` that a Gather (axis 0) uses
+    as its indices over an initializer, directly or through a Cast; {} when the graph cannot be read."""
+    if not names:
+        return {}
+    try:
+        from deploytool.artifacts import load_onnx
+
+        graph = load_onnx(model_path).graph
+    except Exception:  # noqa: BLE001 - a bound is a refinement: no bound when the graph is unreadable here
+        return {}
+    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims)}
+    alias = {n: n for n in names}
+    for node in graph.node:  # ids cast to another integer type still index the same table
+        if node.op_type == "Cast" and node.input and node.input[0] in alias:
+            alias[node.output[0]] = alias[node.input[0]]
+    bounds: dict[str, int] = {}
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and axis == 0 and len(node.input) == 2 and node.input[1] in alias \
+                and node.input[0] in rows:
+            name = alias[node.input[1]]
+            bounds[name] = min(bounds.get(name, rows[node.input[0]]), rows[node.input[0]])
+    return bounds
