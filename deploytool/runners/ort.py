@@ -20,9 +20,9 @@ DEVICES = ("auto", "cpu", "cuda")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 MAX_THREADS = 1024
-#: ONNX Runtime's log level for deploytool's sessions: errors come back as deploytool's one line, so
-#: ORT's own log lines (3: only fatal ones) stay out of a command's output
-LOG_SEVERITY = 3
+#: ONNX Runtime's log level for deploytool's sessions and runs (4: fatal only): its errors come back as
+#: exceptions that deploytool reports in one line, so ORT's own (red) log lines stay out of the output
+LOG_SEVERITY = 4
 
 def load_session(path: str | Path, providers: list[str], options=None):
     """An InferenceSession, with ORT's load errors (not ONNX, truncated, bad graph) as one-line BadInput."""
@@ -40,7 +40,9 @@ def load_session(path: str | Path, providers: list[str], options=None):
 def _ort():
     from deploytool.deps import require
 
-    return require("onnxruntime", "the onnxruntime backend")
+    ort = require("onnxruntime", "the onnxruntime backend")
+    ort.set_default_logger_severity(LOG_SEVERITY)  # a failing run logs through the default logger
+    return ort
 
 
 class OnnxRuntimeRunner(Runner):
@@ -87,6 +89,8 @@ class OnnxRuntimeRunner(Runner):
         self.session = self.session or self._session()  # the one `signature` opened, if it did
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._run = self.session.run
+        self._run_options = _ort().RunOptions()
+        self._run_options.log_severity_level = LOG_SEVERITY
 
     def _deactivate(self) -> None:
         self.session = None
@@ -124,7 +128,7 @@ class OnnxRuntimeRunner(Runner):
                 raise BadInput(f"input {name!r} holds the id {ids.min() if ids.min() < 0 else ids.max()}; the model "
                                f"takes ids 0..{bound - 1}")
         try:
-            return dict(zip(self._output_names, self._run(self._output_names, feed)))
+            return dict(zip(self._output_names, self._run(self._output_names, feed, self._run_options)))
         except Exception as exc:  # wrong name, dtype or shape: ORT's InvalidArgument
             if "INVALID_ARGUMENT" in str(exc) or type(exc).__name__ == "InvalidArgument":
                 detail = " ".join(str(exc).split())  # ORT puts the offending index and dims on later lines

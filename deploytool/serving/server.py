@@ -61,6 +61,17 @@ class Server:
     def is_alive(self) -> bool:
         return self._triton.is_alive()
 
+    def keep_log(self) -> Path | None:
+        """Copy tritonserver's log out of the temporary folder `stop` removes; its new path (None if
+        there is no log)."""
+        try:
+            fd, kept = tempfile.mkstemp(prefix="deploytool-tritonserver-", suffix=".log")
+            os.close(fd)
+            shutil.copyfile(self.log_file, kept)
+            return Path(kept)
+        except OSError:
+            return None
+
     def stop(self) -> None:
         """Stop tritonserver (SIGINT, then kill after the exit timeout) and remove the temporary repository."""
         try:
@@ -79,7 +90,9 @@ class Server:
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 return
-        raise CheckFailed(f"tritonserver exited unexpectedly: {_log_error(self.log_file) or 'see its log'}")
+        kept = self.keep_log()
+        raise CheckFailed(f"tritonserver exited unexpectedly: {_log_error(self.log_file) or 'no error line in its log'}"
+                          + (f" (its log: {kept})" if kept else ""))
 
     def __enter__(self) -> "Server":
         return self
@@ -133,8 +146,10 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         check_port_free(host, number, what)
     pytriton = require("pytriton.triton", "deploytool serve")
     quiet_pytriton_exit_warning()
-    workdir = Path(tempfile.mkdtemp(prefix="deploytool-serve-"))
+    clean_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:
+        (workdir / OWNER_FILE).write_text(_process_id(os.getpid()))
         package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
                 preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
                 backend="python")
@@ -164,6 +179,65 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         raise
     server.stop()
     return server
+
+
+#: the temporary serving folders `serve` makes (in the system's temporary directory), and the file in
+#: each that names the process owning it
+WORKDIR_PREFIX = "deploytool-serve-"
+OWNER_FILE = "deploytool-serve.pid"
+
+
+def _process_id(pid: int) -> str:
+    """`pid` and its start time (from /proc where there is one): a recycled pid is another process."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return f"{pid} {start}".strip()
+
+
+def _owner_alive(recorded: str) -> bool:
+    parts = recorded.split()
+    if not parts or not parts[0].isdigit():
+        return True  # unreadable: not ours to judge, kept
+    pid = int(parts[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return len(parts) < 2 or _process_id(pid) == recorded
+
+
+def clean_stale_workdirs(tmpdir: str | Path | None = None) -> list[Path]:
+    """Remove the temporary serving folders that `serve` processes killed without a chance to clean up
+    (SIGKILL) left behind: only this user's, only those whose recorded owner process is gone, never a
+    live server's.
+
+    Args:
+        tmpdir: where to look (default: the system's temporary directory).
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    root = Path(tmpdir or tempfile.gettempdir())
+    try:
+        candidates = list(root.glob(WORKDIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            recorded = (folder / OWNER_FILE).read_text()
+        except OSError:
+            continue  # no owner recorded (an older serve, or one just starting): left alone
+        if not _owner_alive(recorded):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 #: pytriton's warning whenever tritonserver exits non-zero, a Ctrl-C'd stop included
@@ -217,9 +291,12 @@ def _start(server: Server) -> None:
                        "started (another server is starting there); pick other free ports")
     if not started.is_set() or failure or not triton.is_alive():
         detail = reason or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no reason in its log")
-        raise MissingDependency(f"tritonserver did not start: {detail}")
+        kept = server.keep_log()
+        raise MissingDependency(f"tritonserver did not start: {detail}" + (f" (its log: {kept})" if kept else ""))
     if not _model_ready(server):
-        raise MissingDependency(f"tritonserver could not load model {server.name!r}: {reason or 'see its log'}")
+        kept = server.keep_log()
+        raise MissingDependency(f"tritonserver could not load model {server.name!r}: {reason or 'no error line in its log'}"
+                                + (f" (its log: {kept})" if kept else ""))
 
 
 def _model_ready(server: Server) -> bool:
