@@ -111,6 +111,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
     batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
+    if kind == "onnx":
+        _external_data(target)  # every external-data file checked before anything reads it
     signature, notes = _signature(target, kind, max_batch)
     inputs, outputs = list(signature.inputs), list(signature.outputs)
     runtime_backend = parameters = None
@@ -122,8 +124,6 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     text = cfg.render(config)
     validated = cfg.validate(text)
     readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
-    if kind == "onnx":
-        _external_data(target)  # every external-data file checked before anything is written
 
     with io.atomic_dir(model_dir) as tmp:
         version = tmp / VERSION
