@@ -15,7 +15,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from deploytool.errors import BadInput
-from deploytool.serving.repository import MARKER, package
+from deploytool.serving.repository import package
 
 from .conftest import renamed_input, wide_onnx
 
@@ -51,6 +51,8 @@ def test_force_keeps_a_package_that_now_holds_a_users_file(tiny, tmp_path):
 
 
 def test_force_replaces_a_package_it_wrote(tiny, tmp_path):
+    from deploytool.serving.repository import MARKER
+
     first = package(tiny, tmp_path / "repo", "m", max_batch=4)
     assert MARKER not in first.files and (first.model_dir / MARKER).is_file()
     second = package(tiny, tmp_path / "repo", "m", max_batch=8, force=True)

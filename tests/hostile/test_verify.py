@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_one_line_error
 from deploytool.artifacts import open_artifact
 from deploytool.errors import BadInput
-from deploytool.feeds import check_feed, load_feed, sample_feed
+from deploytool.feeds import load_feed, sample_feed
 from deploytool.parity import verify
 
 from .conftest import no_input_onnx
@@ -85,6 +85,8 @@ def test_out_of_range_ids_in_data_are_refused_by_verify(embedding, tmp_path):
 
 
 def test_the_one_feed_check_is_what_load_feed_ends_with(embedding):
+    from deploytool.feeds import check_feed
+
     signature = open_artifact(embedding).signature
     with pytest.raises(BadInput, match="non-integral"):
         check_feed(signature, {"ids": [[0.5, 1]]})
