@@ -293,8 +293,9 @@ def check_signature_data(data: Any, source: str) -> None:
                     or not isinstance(t.get("shape"), list):
                 raise bad(f"an entry of {kind} that is not a tensor (name, dtype, shape): {str(t)[:80]}")
             for d in t["shape"]:
-                if not (d is None or isinstance(d, str) or (_whole(d) and 0 <= d <= MAX_STORED_DIM)):
-                    raise bad(f"the dim {d!r} in {t['name']!r}: a dim is a whole number 0..{MAX_STORED_DIM} or a name")
+                if not (d is None or isinstance(d, str) or (_whole(d) and -1 <= d <= MAX_STORED_DIM)):
+                    raise bad(f"the dim {d!r} in {t['name']!r}: a dim is a whole number 0..{MAX_STORED_DIM}, "
+                              "or a name (or -1) for a dynamic one")
     examples = data.get("dim_examples", {})
     if not isinstance(examples, Mapping):
         raise bad("dim_examples that are not a table")

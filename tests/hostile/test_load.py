@@ -126,7 +126,7 @@ TAMPERED = {
     "n_experts true": (lambda d: _router(d).update(n_experts=True), "n_experts=True"),
     "n_experts 2.7": (lambda d: _router(d).update(n_experts=2.7), "n_experts=2.7"),
     "dim as a list": (lambda d: d["inputs"][0].update(shape=["batch", [8]]), r"the dim \[8\]"),
-    "negative dim": (lambda d: d["inputs"][0].update(shape=["batch", -1]), "the dim -1"),
+    "negative dim": (lambda d: d["inputs"][0].update(shape=["batch", -5]), "the dim -5"),
     "temperature NaN": (lambda d: _router(d).update(temperature=float("nan")), "temperature=nan"),
     "temperature -1": (lambda d: _router(d).update(temperature=-1), "temperature=-1"),
     "temperature 0": (lambda d: _router(d).update(temperature=0), "temperature=0"),
