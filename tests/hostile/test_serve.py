@@ -176,8 +176,7 @@ def _free_port() -> int:
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return port if port < 65000 else 18200
+        return sock.getsockname()[1]
 
 
 # --- 4. a server that dies keeps its log -------------------------------------------------------------------
@@ -204,3 +203,61 @@ def test_a_server_that_dies_keeps_its_log_and_says_where(tmp_path):
     import os
 
     os.unlink(kept)
+
+
+# --- one real server: what the unit tests above promise, end to end -------------------------------------
+
+@pytest.mark.serve
+def test_a_real_server_fails_an_overflowing_request_alone_and_refuses_an_empty_one(tmp_path):
+    """Concurrent requests share a dynamic batch (20 ms queue delay): the one of 3e38 (finite in float32,
+    infinite inside the model) gets the error, the others their answers; [2, 0, 4] is refused."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from onnx_models import token_onnx
+
+    pytest.importorskip("pytriton.triton")
+    httpclient = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    import deploytool
+
+    model = token_onnx(tmp_path / "tokens.onnx")
+    server = deploytool.serve(model, port=_free_port(), grpc_port=_free_port(), name="tok", block=False,
+                              dynamic_batching=True, preferred_batch=(4,), max_queue_delay_us=20_000)
+    try:
+        rng = np.random.default_rng(0)
+        inputs = [rng.normal(size=(1 + i, 3, 4)).astype(np.float32) for i in range(3)]
+        inputs.append(np.full((1, 3, 4), 3e38, np.float32))
+        results: dict[int, object] = {}
+        barrier = threading.Barrier(len(inputs))
+
+        def send(i):
+            client = httpclient.InferenceServerClient(server.http_url)
+            request = httpclient.InferInput("x", list(inputs[i].shape), "FP32")
+            request.set_data_from_numpy(inputs[i])
+            barrier.wait()
+            try:
+                results[i] = client.infer("tok", [request]).as_numpy("output")
+            except InferenceServerException as exc:
+                results[i] = exc
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert isinstance(results[3], InferenceServerException) and "NaN or infinite" in str(results[3])
+        with deploytool.load(model) as local:
+            for i in range(3):
+                np.testing.assert_allclose(results[i], local.run(inputs[i])["output"], rtol=1e-5, atol=1e-5)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [2, 0, 4], "datatype": "FP32", "data": []}]})
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/tok/infer", data=body.encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400 and server.is_alive()
+    finally:
+        server.stop()
