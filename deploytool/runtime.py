@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from deploytool.artifacts import artifact_kind
-from deploytool.errors import BadInput
+from deploytool.errors import BadInput, first_line
 from deploytool.feeds import check_feed
 from deploytool.io import check_path
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
@@ -161,7 +161,13 @@ class Session:
         with self._lock:
             if not self._runner.is_active:
                 raise BadInput("this session is closed; load the model again")
-            outputs = self._runner.infer(feed)
+            try:
+                outputs = self._runner.infer(feed)
+            except IndexError as exc:  # torch's embedding on an id past its table; only ids can cause it here
+                if not any(v.dtype.kind in "iu" for v in feed.values()):
+                    raise
+                raise BadInput(f"the model cannot look up these ids ({first_line(exc)}): an id is beyond the size of "
+                               "its embedding") from exc
         check_finite(outputs)
         return outputs
 

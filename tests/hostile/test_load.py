@@ -169,3 +169,28 @@ def test_valid_routers_of_every_kind_still_load(tiny, tokens, embedding):
     for model in (tiny, tokens, embedding):
         with deploytool.load(model) as session:
             assert session.signature.routers
+
+
+def test_an_id_past_a_torch_embedding_is_bad_input(tmp_path):
+    """A run directory's model runs on torch, whose vocabulary deploytool does not read: torch's
+    IndexError comes back as BadInput."""
+    torch = pytest.importorskip("torch")
+    from deploytool.runners import make_runner
+    from deploytool.runtime import Session
+
+    class Embedded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            from deploytool.nn import RoutedExperts, Router
+
+            self.embed = torch.nn.Embedding(10, 4)
+            self.moe = RoutedExperts(Router(4, 2), [torch.nn.Linear(4, 4) for _ in range(2)])
+
+        def forward(self, ids):
+            return self.moe(self.embed(ids).mean(dim=1)).output
+
+    runner = make_runner("torch", Embedded().eval(), example_inputs=torch.zeros(2, 3, dtype=torch.long))
+    with Session(runner) as session:
+        assert session.run(np.array([[1, 2, 9]]))["output"].shape == (1, 4)
+        with pytest.raises(BadInput, match="beyond the size of its embedding"):
+            session.run(np.array([[1, 2, 10]]))
