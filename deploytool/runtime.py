@@ -169,6 +169,7 @@ class Session:
                 raise BadInput(f"the model cannot look up these ids ({first_line(exc)}): an id is beyond the size of "
                                "its embedding") from exc
         check_finite(outputs)
+        check_decisions(outputs, self.signature)
         return outputs
 
     def close(self) -> None:
@@ -194,3 +195,24 @@ def check_finite(outputs: Mapping[str, np.ndarray]) -> None:
             listed = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
             raise BadInput(f"output {name!r} is NaN or infinite for sample(s) {listed}: those inputs are beyond "
                            "what the model computes in its dtype; scale them into the range it was trained on")
+
+
+def check_decisions(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> None:
+    """Refuse routing outputs outside what the signature says a router decides: an index outside
+    0..n_experts-1 means the artifact's routing outputs are not what its signature names.
+
+    Args:
+        outputs: one run's outputs.
+        signature: the model's signature.
+
+    Raises:
+        BadInput: naming the router and the index.
+    """
+    for router in signature.routers:
+        index = outputs.get(router.index)
+        if index is None or not index.size:
+            continue
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= router.n_experts:
+            raise BadInput(f"router {router.path!r} chose expert {low if low < 0 else high} of its {router.n_experts}: "
+                           "the model's routing outputs do not match its signature; export it again")

@@ -194,3 +194,20 @@ def test_an_id_past_a_torch_embedding_is_bad_input(tmp_path):
         assert session.run(np.array([[1, 2, 9]]))["output"].shape == (1, 4)
         with pytest.raises(BadInput, match="beyond the size of its embedding"):
             session.run(np.array([[1, 2, 10]]))
+
+
+def test_a_routing_index_outside_the_experts_is_refused_at_run(tmp_path):
+    """The graph's index passes every static check (int64, the positions' shape) but its values are not
+    expert numbers: the run says so instead of handing out a decision that names no expert."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = tiny_onnx(tmp_path / "shifted.onnx")
+    model = onnx.load(str(path))
+    argmax = next(n for n in model.graph.node if n.op_type == "ArgMax")
+    argmax.output[0] = "raw_index"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(5, np.int64), "five"))
+    model.graph.node.append(helper.make_node("Add", ["raw_index", "five"], ["router.index"]))
+    onnx.save(model, str(path))
+    with deploytool.load(path) as session, pytest.raises(BadInput, match="chose expert 5 of its 2"):
+        session.run(np.zeros((2, 8), np.float32))
