@@ -2,8 +2,10 @@
 
 The target is packaged with the Python backend into a temporary repository (the same model.py that
 `package --backend python` writes, so what `serve` runs is what `package` ships) and nvidia-pytriton's
-bundled tritonserver serves it. Triton itself checks each request's shape and dtype against the config
-(a bad one gets a 400, the server keeps serving); model.py rejects NaN rows per request.
+bundled tritonserver serves it. HTTP requests reach it through deploytool's front (serving.front), which
+refuses declared shapes that do not match the data a request carries before tritonserver allocates for
+them; Triton then checks each request's shape and dtype against the config (a bad one gets a 400, the
+server keeps serving); model.py rejects NaN rows per request.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.serving.front import HttpFront, limits_of
 
 DEFAULT_PORT = 8000
 DEFAULT_NAME = "model"
@@ -45,6 +48,8 @@ class Server:
     _triton: Any = field(repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    #: deploytool's HTTP front on `http_port` (serving.front), relaying to tritonserver's internal port
+    _front: Any = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -75,6 +80,9 @@ class Server:
     def stop(self) -> None:
         """Stop tritonserver (SIGINT, then kill after the exit timeout) and remove the temporary repository."""
         try:
+            if self._front is not None:
+                self._front.close()
+                self._front = None
             self._triton.stop()
         finally:
             self._stopped.set()
@@ -150,18 +158,26 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
     workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:
         (workdir / OWNER_FILE).write_text(_process_id(os.getpid()))
-        package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
-                preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
-                backend="python")
+        packaged = package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
+                           preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
+                           instances=instances, backend="python")
+        # tritonserver's HTTP listens on loopback only; the user's port is deploytool's front, which checks
+        # every inference request's declared shapes before tritonserver allocates for them (serving.front)
+        internal_port = _free_loopback_port()
         config = pytriton.TritonConfig(
-            model_repository=workdir / "models", http_address=host, http_port=port, grpc_address=host,
+            model_repository=workdir / "models", http_address="127.0.0.1", http_port=internal_port, grpc_address=host,
             grpc_port=grpc_port, allow_metrics=False, exit_on_error=False, strict_readiness=False,
             exit_timeout_secs=EXIT_TIMEOUT_S, log_file=workdir / "tritonserver.log", log_verbose=0)
         triton = pytriton.Triton(config=config, workspace=workdir / "workspace")
+        try:
+            front = HttpFront(host, port, internal_port, limits_of(packaged.config))
+        except OSError as exc:
+            raise BadInput(f"HTTP port {port} on {host} is in use ({exc.strerror}); pick free HTTP and gRPC "
+                           "ports (gRPC defaults to the HTTP port + 1)") from exc
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = Server(name, host, port, grpc_port, workdir, triton)
+    server = Server(name, host, port, grpc_port, workdir, triton, _front=front)
     try:
         # signals are ours from before the start, so a Ctrl-C at any moment (starting, or just after
         # "serving" is printed) ends in the clean stop below, never in an orphan tritonserver
@@ -355,6 +371,13 @@ def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
         except OSError as exc:
             raise BadInput(f"{what} port {port} on {host} is in use ({exc.strerror}); "
                            "pick free HTTP and gRPC ports (gRPC defaults to the HTTP port + 1)") from exc
+
+
+def _free_loopback_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _client_host(host: str) -> str:

@@ -208,9 +208,11 @@ def test_a_server_that_dies_keeps_its_log_and_says_where(tmp_path):
 # --- one real server: what the unit tests above promise, end to end -------------------------------------
 
 @pytest.mark.serve
-def test_a_real_server_fails_an_overflowing_request_alone_and_refuses_an_empty_one(tmp_path):
+def test_a_real_server_survives_hostile_requests(tmp_path):
     """Concurrent requests share a dynamic batch (20 ms queue delay): the one of 3e38 (finite in float32,
-    infinite inside the model) gets the error, the others their answers; [2, 0, 4] is refused."""
+    infinite inside the model) gets the error, the others their answers; [2, 0, 4] is refused; declared
+    shapes of 2**40 elements with a few values are refused before tritonserver allocates for them (it
+    died of std::bad_alloc), and the server still answers."""
     import threading
     import urllib.error
     import urllib.request
@@ -259,5 +261,57 @@ def test_a_real_server_fails_an_overflowing_request_alone_and_refuses_an_empty_o
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400 and server.is_alive()
+        for shape, values in (([1099511627776, 3, 4], 12), ([1, 1 << 40, 4], 4), ([64, 3, 4], 12), ([2, 1 << 29, 4], 8)):
+            body = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [0.5] * values}]})
+            request = urllib.request.Request(f"http://{server.http_url}/v2/models/tok/infer", data=body.encode())
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 400 and "declare" in refused.value.read().decode()
+        assert server.is_alive()
+        answered = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://{server.http_url}/v2/models/tok/infer", data=json.dumps({"inputs": [
+                {"name": "x", "shape": [1, 3, 4], "datatype": "FP32", "data": [0.5] * 12}]}).encode()), timeout=30).read())
+        assert {o["name"] for o in answered["outputs"]} >= {"output", "layers.0.moe.router.index"}
     finally:
         server.stop()
+
+
+# --- 4. the HTTP front's check of declared shapes (serving.front), without a server ------------------------
+
+LIMITS = {"x": __import__("deploytool.serving.front", fromlist=["InputLimits"]).InputLimits((-1, 4), 64)}
+
+
+def _json_request(shape, values, **extra):
+    return json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [0.5] * values,
+                                   **extra}]}).encode()
+
+
+@pytest.mark.parametrize("shape, values, match", [
+    ([1099511627776, 3, 4], 12, "batch of 1099511627776"),
+    ([2, 1 << 40, 4], 8, "declares 8796093022208 elements"),
+    ([2, 3, 4], 5, r"\(24 values\) but carries 5"),
+    ([2, -3, 4], 0, "whole numbers >= 0"),
+    ([2, 3.5, 4], 0, "whole numbers >= 0"),
+])
+def test_the_front_refuses_declared_shapes_that_do_not_fit(shape, values, match):
+    from deploytool.serving.front import check_infer_request
+
+    problem = check_infer_request("/v2/models/m/infer", {}, _json_request(shape, values), LIMITS)
+    assert problem is not None and __import__("re").search(match, problem), problem
+
+
+def test_the_front_checks_binary_data_sizes_and_passes_good_requests():
+    from deploytool.serving.front import check_infer_request
+
+    header = json.dumps({"inputs": [{"name": "x", "shape": [2, 3, 4], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 96}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    assert check_infer_request("/v2/models/m/versions/1/infer", headers, header + bytes(96), LIMITS) is None
+    assert "shorter" in check_infer_request("/v2/models/m/infer", headers, header + bytes(10), LIMITS)
+    big = header.replace(b"[2, 3, 4]", b"[2, 3000000000, 4]")
+    assert "elements" in check_infer_request("/v2/models/m/infer", {"Inference-Header-Content-Length": str(len(big))},
+                                             big + bytes(96), LIMITS)
+    assert check_infer_request("/v2/models/m/infer", {}, _json_request([2, 3, 4], 24), LIMITS) is None
+    assert check_infer_request("/v2/models/m/ready", {}, b"anything", LIMITS) is None
+    nested = b'{"inputs": ' + b"[" * 100_000 + b"}"
+    assert "cannot be read" in check_infer_request("/v2/models/m/infer", {}, nested, LIMITS)
