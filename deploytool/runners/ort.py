@@ -61,7 +61,8 @@ class OnnxRuntimeRunner(Runner):
             raise BadInput(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                     or not 0 <= threads <= MAX_THREADS):
-            raise BadInput(f"threads must be a whole number 0..{MAX_THREADS} (0: ONNX Runtime's default), got {threads!r}")
+            raise BadInput(f"threads must be a whole number 0..{MAX_THREADS} (0: ONNX Runtime's default), "
+                           f"got {threads!r}")
         self.model_path = check_onnx_file(model_path)
         self.device = device
         self.threads = threads

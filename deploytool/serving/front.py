@@ -6,8 +6,9 @@ server (std::bad_alloc). So `serve` runs tritonserver's HTTP on an internal loop
 on the user's address: it refuses (HTTP 400, one JSON error) a request whose shapes are not whole
 numbers >= 0, whose element count does not match its data (JSON values, or binary_data_size), whose
 batch exceeds max_batch_size or whose size exceeds what one request takes; it passes everything else
-through unchanged (Triton then checks ranks, static dims and dtypes with its own messages). gRPC requests go to tritonserver directly:
-its gRPC front end checks byte sizes against the shape before it allocates.
+through unchanged (Triton then checks ranks, static dims and dtypes with its own messages). gRPC
+requests go to tritonserver directly: its gRPC front end checks byte sizes against the shape before it
+allocates.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ MAX_ELEMENTS = 1 << 30
 _INFER_PATH = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$")
 _ITEMSIZE = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
              "INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8, "BF16": 2}
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
-               "content-length", "host"}
+_HOP_BY_HOP = {"connection", "keep-alive", "expect", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-connection", "content-length", "host"}
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def _check_input(entry: dict, limits: Mapping[str, InputLimits]) -> tuple[str | 
         if not isinstance(binary, int) or binary < 0:
             return f"{label} has binary_data_size {binary!r}", 0
         if itemsize is not None and binary != count * itemsize:
-            return f"{label} declares the shape {shape} ({count * itemsize} bytes of {datatype}) but carries {binary}", 0
+            return (f"{label} declares the shape {shape} ({count * itemsize} bytes of {datatype}) but carries "
+                    f"{binary}"), 0
         return None, binary
     return None, 0  # shared memory or no data: Triton checks those against the region it was given
 

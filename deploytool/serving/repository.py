@@ -171,7 +171,8 @@ def check_replaceable(model_dir: Path, repository: Path) -> None:
         raise BadInput(f"{model_dir} was not written by deploytool package (it has no {MARKER}); it is kept: "
                        "remove it yourself or choose another name")
     listed = io.read_json(marker, "package marker")
-    wrote = set(listed.get("files", [])) if isinstance(listed, dict) and isinstance(listed.get("files"), list) else set()
+    files = listed.get("files") if isinstance(listed, dict) else None
+    wrote = set(files) if isinstance(files, list) else set()
     present = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
                if (p.is_file() or p.is_symlink()) and p != marker}
     others = sorted(present - wrote)

@@ -311,8 +311,8 @@ def _start(server: Server) -> None:
         raise MissingDependency(f"tritonserver did not start: {detail}" + (f" (its log: {kept})" if kept else ""))
     if not _model_ready(server):
         kept = server.keep_log()
-        raise MissingDependency(f"tritonserver could not load model {server.name!r}: {reason or 'no error line in its log'}"
-                                + (f" (its log: {kept})" if kept else ""))
+        raise MissingDependency(f"tritonserver could not load model {server.name!r}: "
+                                f"{reason or 'no error line in its log'}" + (f" (its log: {kept})" if kept else ""))
 
 
 def _model_ready(server: Server) -> bool:

@@ -76,7 +76,8 @@ class TritonPythonModel:
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
-                raise BadInput(f"the request has no input {name!r}; the model takes {self.session.signature.describe()}")
+                raise BadInput(f"the request has no input {name!r}; the model takes "
+                               f"{self.session.signature.describe()}")
             feed[name] = tensor.as_numpy()
         return feed
 
