@@ -132,6 +132,46 @@ def check_path(path: str | os.PathLike, what: str = "") -> Path:
     return Path(path)
 
 
+def process_id(pid: int) -> str:
+    """`pid` and its start time (from /proc where there is one), as an owner file records them: a
+    recycled pid is another process.
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        "pid start-time", or "pid" where the start time cannot be read.
+    """
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return f"{pid} {start}".strip()
+
+
+def owner_alive(recorded: str) -> bool:
+    """Whether the process `process_id` recorded is still running (True when in doubt: what is kept
+    is never a live process's loss).
+
+    Args:
+        recorded: what process_id returned for the owner.
+
+    Returns:
+        False only when that process is gone (or its pid now belongs to another process).
+    """
+    parts = str(recorded).split()
+    if not parts or not parts[0].isdigit():
+        return True
+    pid = int(parts[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return len(parts) < 2 or process_id(pid) == " ".join(parts[:2])
+
+
 def check_file(path: str | os.PathLike, what: str) -> Path:
     """`path` when it is an existing regular file.
 

@@ -125,7 +125,12 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     validated = cfg.validate(text)
     readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
 
+    clean_stale_builds(repository, name)
     with io.atomic_dir(model_dir) as tmp:
+        # the marker first, naming this process: a package killed before the swap leaves a folder that the
+        # next package of this name removes (clean_stale_builds); at the end it lists the files written
+        (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": [],
+                                                 "building": io.process_id(os.getpid())}))
         version = tmp / VERSION
         version.mkdir()
         (tmp / "config.pbtxt").write_text(text)
@@ -133,7 +138,7 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
         (tmp / "README.md").write_text(readme_text)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
         (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": files}))
     return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
                    model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
@@ -142,6 +147,33 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
 
 #: the file in every model folder `package` writes, listing what it wrote: `force` replaces only such a folder
 MARKER = ".deploytool-package.json"
+
+
+def clean_stale_builds(repository: Path, name: str) -> list[Path]:
+    """Remove the temporary folders (`.<name>.*` in `repository`) that a package of `name` killed before
+    it finished left behind: only those whose marker names a process that is gone, never a live one's.
+
+    Args:
+        repository: the model repository.
+        name: the model's name.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    if not repository.is_dir():
+        return removed
+    for folder in repository.glob(f".{name}.*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            marker = io.loads_json((folder / MARKER).read_text(), "package marker")
+        except (OSError, BadInput):
+            continue  # not one of ours, or one just starting: left alone
+        if isinstance(marker, dict) and marker.get("building") and not io.owner_alive(marker["building"]):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def check_replaceable(model_dir: Path, repository: Path) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploytool import io
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.serving.front import HttpFront, limits_of
 
@@ -203,27 +204,8 @@ WORKDIR_PREFIX = "deploytool-serve-"
 OWNER_FILE = "deploytool-serve.pid"
 
 
-def _process_id(pid: int) -> str:
-    """`pid` and its start time (from /proc where there is one): a recycled pid is another process."""
-    try:
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = ""
-    return f"{pid} {start}".strip()
-
-
-def _owner_alive(recorded: str) -> bool:
-    parts = recorded.split()
-    if not parts or not parts[0].isdigit():
-        return True  # unreadable: not ours to judge, kept
-    pid = int(parts[0])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return len(parts) < 2 or _process_id(pid) == recorded
+_process_id = io.process_id
+_owner_alive = io.owner_alive
 
 
 def clean_stale_workdirs(tmpdir: str | Path | None = None) -> list[Path]:

@@ -211,3 +211,30 @@ def test_a_routing_index_outside_the_experts_is_refused_at_run(tmp_path):
     onnx.save(model, str(path))
     with deploytool.load(path) as session, pytest.raises(BadInput, match="chose expert 5 of its 2"):
         session.run(np.zeros((2, 8), np.float32))
+
+
+def test_top_k_router_entries_are_checked_by_their_index_shape():
+    """A router entry may carry k (top-k routing): its index has one more trailing dim of size k than
+    the positions; k == 1 (or no k) keeps the positions' shape."""
+    import types
+
+    from deploytool.signature import ModelSignature, TensorMeta, check_router_outputs
+
+    def signature(index_shape, k):
+        router = types.SimpleNamespace(path="moe", n_experts=4, temperature=1.0, index="moe.index",
+                                       probs="moe.probs", k=k)
+        outputs = (TensorMeta("moe.index", "int64", index_shape), TensorMeta("moe.probs", "float32", ("batch", "t", 4)))
+        return ModelSignature((TensorMeta("x", "float32", ("batch", "t", 8)),), outputs, (router,))
+
+    check_router_outputs(signature(("batch", "t", 2), 2), "m.onnx")
+    check_router_outputs(signature(("batch", "t"), 1), "m.onnx")
+    for shape, k in ((("batch", "t"), 2), (("batch", "t", 3), 2), (("batch", "t", 1), 1)):
+        with pytest.raises(BadInput, match="the index should be"):
+            check_router_outputs(signature(shape, k), "m.onnx")
+
+
+@pytest.mark.parametrize("k", [0, 5, 1.5, True])
+def test_a_stored_k_outside_1_to_n_experts_is_refused(tiny, k):
+    edit_signature(tiny, lambda d: _router(d).update(k=k))
+    with pytest.raises(BadInput, match=f"k={k!r}"):
+        deploytool.load(tiny)

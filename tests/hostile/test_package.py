@@ -186,3 +186,50 @@ def test_cli_package_name_with_a_trailing_newline_is_refused_as_a_name(cli, tiny
     code, _, err = cli("package", tiny, "--repository", tmp_path / "repo", "--name", "abc\n")
     assert_one_line_error(code, err, 2, "model name")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+# --- 6. a package killed before it finished leaves nothing the next one keeps -----------------------------------
+
+def test_a_killed_packages_folder_is_removed_by_the_next_package_and_a_live_ones_kept(tiny, tmp_path):
+    import subprocess
+
+    from deploytool import io
+    from deploytool.serving.repository import MARKER
+
+    repo = tmp_path / "repo"
+    dead_child = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_child.wait()
+    stale, live = repo / ".m.killed", repo / ".m.running"
+    for folder, owner in ((stale, io.process_id(dead_child.pid)), (live, io.process_id(os.getpid()))):
+        (folder / "1").mkdir(parents=True)
+        (folder / MARKER).write_text(json.dumps({"files": [], "building": owner}))
+    (repo / ".m.stranger").mkdir()  # no marker: not package's, kept
+    package(tiny, repo, "m")
+    assert not stale.exists() and live.is_dir() and (repo / ".m.stranger").is_dir()
+    assert "building" not in json.loads((repo / "m" / MARKER).read_text())
+
+
+def test_a_sigkilled_package_leaves_a_folder_the_next_package_removes(tiny, tmp_path):
+    """SIGKILL while the model is copied (a slow copy stands in for a large model)."""
+    import signal
+
+    repo = tmp_path / "repo"
+    script = ("import shutil, sys, time\n"
+              "from deploytool.serving import repository\n"
+              "real = repository.shutil.copyfile\n"
+              "def slow(a, b, *args, **kwargs):\n"
+              "    print('copying', flush=True); time.sleep(60)\n"
+              "repository.shutil.copyfile = slow\n"
+              f"repository.package({str(tiny)!r}, {str(repo)!r}, 'm')\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert child.stdout.readline().strip() == "copying"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert [p.name for p in repo.iterdir() if p.name.startswith(".m.")]  # what SIGKILL leaves
+    package(tiny, repo, "m")
+    assert sorted(p.name for p in repo.iterdir()) == ["m"]
