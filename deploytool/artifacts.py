@@ -79,7 +79,7 @@ def load_run(path: str | Path) -> RunDir:
         BadInput: not a directory, a config.json that is not a deploytool run's (check_run_config), a
             config whose expert count does not match its weights, or a metrics.json that is not an object.
     """
-    path = Path(path)
+    path = io.check_path(path, "run directory")  # a symlink loop is named as one, not as missing
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist or is not a directory")
     config = io.read_json(path / io.CONFIG_FILE, "run config")

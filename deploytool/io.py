@@ -7,6 +7,7 @@ or a failed check never leaves a half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -102,6 +103,75 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_path(path: str | os.PathLike, what: str = "") -> Path:
+    """`path` as a Path, refusing one whose symlinks loop or whose name the system cannot take
+    (Path.exists would call either "missing", Path.resolve raise RuntimeError).
+
+    Args:
+        path: a path a user gave.
+        what: what it is, for messages ("ONNX model").
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        BadInput: a symlink loop, or a path the system refuses (too long, a NUL byte).
+    """
+    label = f"{what} {path}" if what else str(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:  # an embedded NUL byte
+        raise BadInput(f"{label} is not a valid path: {exc}") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadInput(f"{label} is a symlink loop: it points, through links, back at itself") from exc
+        if exc.errno not in (errno.ENOTDIR, errno.EACCES):
+            raise BadInput(f"{label} cannot be read: {exc.strerror or exc}") from exc
+    return Path(path)
+
+
+def process_id(pid: int) -> str:
+    """`pid` and its start time (from /proc where there is one), as an owner file records them: a
+    recycled pid is another process.
+
+    Args:
+        pid: a process id.
+
+    Returns:
+        "pid start-time", or "pid" where the start time cannot be read.
+    """
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return f"{pid} {start}".strip()
+
+
+def owner_alive(recorded: str) -> bool:
+    """Whether the process `process_id` recorded is still running (True when in doubt: what is kept
+    is never a live process's loss).
+
+    Args:
+        recorded: what process_id returned for the owner.
+
+    Returns:
+        False only when that process is gone (or its pid now belongs to another process).
+    """
+    parts = str(recorded).split()
+    if not parts or not parts[0].isdigit():
+        return True
+    pid = int(parts[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return len(parts) < 2 or process_id(pid) == " ".join(parts[:2])
+
+
 def check_file(path: str | os.PathLike, what: str) -> Path:
     """`path` when it is an existing regular file.
 
@@ -113,9 +183,9 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
         `path` as a Path.
 
     Raises:
-        BadInput: a directory or a missing file, saying which.
+        BadInput: a directory, a missing file or a symlink loop, saying which.
     """
-    path = Path(path)
+    path = check_path(path, what)
     if path.is_dir():
         raise BadInput(f"{what} {path} is a directory; give a file")
     if not path.is_file():
@@ -167,9 +237,62 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`."""
     path = check_file(path, what)
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads_json(path.read_text(), f"{what} {path}")
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
         raise BadInput(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+#: the deepest nesting of lists and objects deploytool reads from a JSON file (its own files nest 4 deep)
+MAX_JSON_DEPTH = 64
+
+
+def loads_json(text: str, what: str = "JSON") -> Any:
+    """`text` parsed as JSON; invalid or too deeply nested JSON is one BadInput naming `what`.
+
+    Args:
+        text: the JSON text.
+        what: what it is, for messages ("run config runs/a/config.json").
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        BadInput: invalid JSON, or lists and objects nested deeper than MAX_JSON_DEPTH.
+    """
+    depth = _max_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise BadInput(f"{what} nests lists or objects {depth} deep, more than the {MAX_JSON_DEPTH} "
+                       "deploytool reads: it is not a file deploytool wrote")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # a nesting the scan above miscounted: still one line
+        raise BadInput(f"{what} nests lists or objects too deeply") from exc
+
+
+def _max_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text, brackets inside strings not counted (linear time)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -127,9 +127,10 @@ def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], wei
         if set(ins) != set(ref_in) or any(not _dims_match(ins[k], ref_in[k]) for k in ins) or \
                 any(k in ref_out and not _dims_match(v, ref_out[k]) for k, v in outs.items()) or \
                 set(outs) != set(ref_out):
+            cause = ("the checkpoint does not match the model" if any(r.backend.startswith("torch") for r in runners)
+                     else "they are not exports of one model")
             raise BadInput(f"{runner.name} and {first.name} disagree on the model's signature (inputs {ins} vs "
-                           f"{ref_in}; outputs {sorted(outs)} vs {sorted(ref_out)}): the checkpoint does not "
-                           "match the model")
+                           f"{ref_in}; outputs {sorted(outs)} vs {sorted(ref_out)}): {cause}")
     notes = []
     recorded = metadata.get("deploytool.checkpoint_sha256")
     if recorded and weights and any(r.backend == "torch" for r in runners):

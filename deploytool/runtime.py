@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from deploytool.artifacts import artifact_kind
-from deploytool.errors import BadInput
+from deploytool.errors import BadInput, first_line
+from deploytool.feeds import check_feed
+from deploytool.io import check_path
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
 from deploytool.runners import NATIVE, reads
 from deploytool.runners.base import Runner
@@ -36,6 +38,7 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
     """
     if backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    check_path(path)
     kind = artifact_kind(path)
     chosen = NATIVE[kind] if backend == "auto" else backend
     if not reads(chosen, kind):
@@ -63,8 +66,34 @@ def load(path: str | Path, *, backend: str = "auto", **runner_options: Any) -> S
 
     if not isinstance(path, (str, Path)):
         raise BadInput(f"load takes the path of a run directory, ONNX model or engine, got {type(path).__name__}")
+    if not isinstance(backend, str):
+        raise BadInput(f"backend must be a name ({', '.join(BACKENDS)}), got {type(backend).__name__}")
     _, backend = resolve_backend(path, backend)
+    check_runner_options(backend, runner_options)
     return Session(make_runner(backend, Path(path), **runner_options), source=Path(path))
+
+
+def check_runner_options(backend: str, options: Mapping[str, Any]) -> None:
+    """Refuse options the backend's runner does not take, naming those it does.
+
+    Args:
+        backend: a backend name.
+        options: the keyword options given for its runner.
+
+    Raises:
+        BadInput: an option the runner does not take.
+    """
+    import importlib
+    import inspect
+
+    entry = RUNNER_BACKENDS[backend]
+    module, cls = entry.runner.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    known = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "name")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise BadInput(f"the {backend} backend takes no option {', '.join(map(repr, unknown))}; it takes "
+                       f"{', '.join(known) or 'no options'}")
 
 
 class Session:
@@ -108,7 +137,7 @@ class Session:
                 raise BadInput(f"the model takes {len(self.signature.inputs)} inputs; pass a dict keyed by "
                                f"{self.signature.input_names} ({self.signature.describe()})")
             inputs = {self.signature.inputs[0].name: inputs}
-        return self.signature.check_feed(inputs)
+        return check_feed(self.signature, inputs, bounds=self._runner.input_bounds)
 
     def run(self, inputs: Any = None, **named: Any) -> dict[str, np.ndarray]:
         """Outputs keyed by name for one batch, every router's `<path>.index` and `.probs` included.
@@ -124,12 +153,23 @@ class Session:
             BadInput: inputs that do not fit the signature, a closed session, or outputs that came
                 out NaN or infinite (inputs beyond what the model computes in its dtype).
         """
+        if inputs is not None and named:
+            given = sorted(named) if isinstance(inputs, Mapping) else sorted(named)
+            raise BadInput(f"inputs given twice: positionally and as {', '.join(given)}; pass them one way "
+                           f"({self.signature.describe()})")
         feed = self.validate(named if inputs is None else inputs)
         with self._lock:
             if not self._runner.is_active:
                 raise BadInput("this session is closed; load the model again")
-            outputs = self._runner.infer(feed)
+            try:
+                outputs = self._runner.infer(feed)
+            except IndexError as exc:  # torch's embedding on an id past its table; only ids can cause it here
+                if not any(v.dtype.kind in "iu" for v in feed.values()):
+                    raise
+                raise BadInput(f"the model cannot look up these ids ({first_line(exc)}): an id is beyond the size of "
+                               "its embedding") from exc
         check_finite(outputs)
+        check_decisions(outputs, self.signature)
         return outputs
 
     def close(self) -> None:
@@ -155,3 +195,24 @@ def check_finite(outputs: Mapping[str, np.ndarray]) -> None:
             listed = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
             raise BadInput(f"output {name!r} is NaN or infinite for sample(s) {listed}: those inputs are beyond "
                            "what the model computes in its dtype; scale them into the range it was trained on")
+
+
+def check_decisions(outputs: Mapping[str, np.ndarray], signature: ModelSignature) -> None:
+    """Refuse routing outputs outside what the signature says a router decides: an index outside
+    0..n_experts-1 means the artifact's routing outputs are not what its signature names.
+
+    Args:
+        outputs: one run's outputs.
+        signature: the model's signature.
+
+    Raises:
+        BadInput: naming the router and the index.
+    """
+    for router in signature.routers:
+        index = outputs.get(router.index)
+        if index is None or not index.size:
+            continue
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= router.n_experts:
+            raise BadInput(f"router {router.path!r} chose expert {low if low < 0 else high} of its {router.n_experts}: "
+                           "the model's routing outputs do not match its signature; export it again")

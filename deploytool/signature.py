@@ -10,6 +10,7 @@ Only NumPy here: serving an ONNX model reads a signature without torch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,7 @@ class ModelSignature:
         if missing:
             raise BadInput(f"{source} lacks the routing output(s) {', '.join(missing)} its signature names: "
                            "it was changed after export; export it again")
+        check_router_outputs(self, source)
 
     # --- checking feeds ------------------------------------------------------------------------
     def check_feed(self, feed: Mapping[str, Any], *, what: str = "input") -> dict[str, np.ndarray]:
@@ -228,12 +230,15 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
     """
     try:
         data = json.loads(text) if isinstance(text, str) else text
+        check_signature_data(data, source)
         return ModelSignature(tuple(TensorMeta.from_dict(m) for m in data["inputs"]),
                               tuple(TensorMeta.from_dict(m) for m in data["outputs"]),
                               tuple(RouterMeta.from_dict(r) for r in data.get("routers", ())),
                               {str(k): int(v) for k, v in data.get("dim_examples", {}).items()},
                               {str(k): int(v) for k, v in data.get("vocab", {}).items()})
-    except (ValueError, TypeError, KeyError) as exc:
+    except BadInput:
+        raise
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise BadInput(f"{source}: its deploytool signature is unreadable ({type(exc).__name__}: {exc}); "
                        "export the model again") from exc
 
@@ -257,3 +262,114 @@ def _named(metas: list[TensorMeta], stored: tuple[TensorMeta, ...]) -> tuple[Ten
                 named if dim is None and isinstance(named, str) else dim for dim, named in zip(meta.shape, other.shape)))
         out.append(meta)
     return tuple(out)
+
+
+# --- checking a stored signature (it may have been edited) ---------------------------------------
+
+#: bounds on the numbers a stored signature holds: beyond them it was not written by an export
+MAX_STORED_DIM = 2**31 - 1
+MAX_EXAMPLE_DIM = 1 << 20
+#: the largest vocabulary a stored signature may name (ids are int64; no model has 2^31 tokens)
+MAX_VOCAB = 1 << 31
+MAX_ROUTER_EXPERTS = 4096
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_signature_data(data: Any, source: str) -> None:
+    """Refuse a parsed signature whose numbers or types no export writes (a tampered file).
+
+    Args:
+        data: the parsed JSON of a signature.
+        source: the file it came from, for messages.
+
+    Raises:
+        BadInput: naming the entry and what it must be.
+    """
+    def bad(what: str) -> BadInput:
+        return BadInput(f"{source}: its deploytool signature is unreadable (it has {what}); export the model again")
+
+    if not isinstance(data, Mapping):
+        raise bad("no JSON object")
+    for kind in ("inputs", "outputs"):
+        tensors = data.get(kind)
+        if not isinstance(tensors, list) or not tensors:
+            raise bad(f"no {kind}")
+        for t in tensors:
+            if not isinstance(t, Mapping) or not isinstance(t.get("name"), str) or not isinstance(t.get("dtype"), str) \
+                    or not isinstance(t.get("shape"), list):
+                raise bad(f"an entry of {kind} that is not a tensor (name, dtype, shape): {str(t)[:80]}")
+            for d in t["shape"]:
+                if not (d is None or isinstance(d, str) or (_whole(d) and -1 <= d <= MAX_STORED_DIM)):
+                    raise bad(f"the dim {d!r} in {t['name']!r}: a dim is a whole number 0..{MAX_STORED_DIM}, "
+                              "or a name (or -1) for a dynamic one")
+    examples = data.get("dim_examples", {})
+    if not isinstance(examples, Mapping):
+        raise bad("dim_examples that are not a table")
+    for key, value in examples.items():
+        if not (_whole(value) and 1 <= value <= MAX_EXAMPLE_DIM):
+            raise bad(f"the example size {key}={value!r}: it is a whole number 1..{MAX_EXAMPLE_DIM}")
+    vocab = data.get("vocab", {})
+    if not isinstance(vocab, Mapping):
+        raise bad("vocab that is not a table")
+    for key, value in vocab.items():
+        if not (_whole(value) and 1 <= value <= MAX_VOCAB):
+            raise bad(f"the vocabulary size {key}={value!r}: it is a whole number 1..{MAX_VOCAB}")
+    routers = data.get("routers", [])
+    if not isinstance(routers, list):
+        raise bad("routers that are not a list")
+    for r in routers:
+        if not isinstance(r, Mapping) or not all(isinstance(r.get(k), str) for k in ("path", "index", "probs")):
+            raise bad(f"a router entry without path, index and probs names: {str(r)[:80]}")
+        n, temperature, k = r.get("n_experts"), r.get("temperature"), r.get("k", 1)
+        if not (_whole(n) and 2 <= n <= MAX_ROUTER_EXPERTS):
+            raise bad(f"n_experts={n!r} for router {r['path']!r}: a whole number 2..{MAX_ROUTER_EXPERTS}")
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                and math.isfinite(temperature) and temperature > 0):
+            raise bad(f"temperature={temperature!r} for router {r['path']!r}: a finite number > 0")
+        if not (_whole(k) and 1 <= k <= n):
+            raise bad(f"k={k!r} for router {r['path']!r}: a whole number 1..n_experts")
+        if r["index"] == r["probs"]:
+            raise bad(f"one output {r['index']!r} as both index and probs of router {r['path']!r}")
+
+
+def check_router_outputs(signature: ModelSignature, source: str) -> None:
+    """Every router's outputs are what its entry says: `index` an integer tensor over the router's
+    positions (one more trailing dim of size k for a top-k router), `probs` a floating tensor whose
+    last dim is n_experts; and the model has inputs.
+
+    Args:
+        signature: the model's signature (the graph's own tensors with the stored routers).
+        source: the artifact, for messages.
+
+    Raises:
+        BadInput: naming the router and the output that does not fit.
+    """
+    if not signature.inputs:
+        raise BadInput(f"{source} has no inputs: a model that routes nothing cannot be loaded, verified or served")
+    outputs = {m.name: m for m in signature.outputs}
+    for r in signature.routers:
+        index, probs, k = outputs[r.index], outputs[r.probs], getattr(r, "k", 1)
+        where = f"{source}: router {r.path!r}"
+        if not _whole(r.n_experts) or r.n_experts < 2:
+            raise BadInput(f"{where} has n_experts={r.n_experts!r}; a router chooses among >= 2 experts")
+        if not (math.isfinite(r.temperature) and r.temperature > 0):
+            raise BadInput(f"{where} has temperature {r.temperature!r}; it must be a finite number > 0")
+        index_dtype, probs_dtype = numpy_dtype(index.dtype), numpy_dtype(probs.dtype)
+        if index_dtype is None or index_dtype.kind not in "iu":
+            raise BadInput(f"{where}: its index output {r.index!r} is {index.dtype}, not an integer tensor")
+        if probs.dtype != "bfloat16" and (probs_dtype is None or probs_dtype.kind != "f"):
+            raise BadInput(f"{where}: its probs output {r.probs!r} is {probs.dtype}, not a floating tensor")
+        if not probs.shape:
+            raise BadInput(f"{where}: its probs output {r.probs!r} is a scalar, not positions by experts")
+        last = probs.shape[-1]
+        if is_static(last) and last != r.n_experts:
+            raise BadInput(f"{where} has n_experts={r.n_experts} but its probs output {r.probs!r} holds {last} "
+                           "per position")
+        rank = len(probs.shape) - (1 if k == 1 else 0)
+        if len(index.shape) != rank or (k > 1 and is_static(index.shape[-1]) and index.shape[-1] != k):
+            want = shape_text(probs.shape[:-1] + ((k,) if k > 1 else ()))
+            raise BadInput(f"{where}: its index output {r.index!r} has shape {shape_text(index.shape)}, its "
+                           f"probs {shape_text(probs.shape)}: the index should be {want}")

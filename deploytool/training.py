@@ -206,7 +206,10 @@ def as_xy(data: Any, what: str) -> tuple[Any, Any]:
 
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise BadInput(f"{what} must be a pair (x, y), got {type(data).__name__}")
-    x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for v in data)
+    try:
+        x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for v in data)
+    except (TypeError, ValueError, OverflowError) as exc:  # object arrays, ragged lists, huge ints
+        raise BadInput(f"{what}: x and y must be numeric arrays or tensors ({str(exc)[:120]})") from exc
     if x.dim() < 2 or y.dim() != 1:
         raise BadInput(f"{what}: x must be batch first with at least 2 dims and y 1-D labels, got "
                        f"x{list(x.shape)} y{list(y.shape)}")

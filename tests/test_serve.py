@@ -298,9 +298,9 @@ def tritonserver_pids(port: int) -> list[int]:
 @pytest.mark.serve
 def test_ctrl_c_stops_the_cli_server_cleanly_with_no_tritonserver_left(trained_run):
     require_server()
-    port = free_port()
+    port = free_port()  # tritonserver's command line names its gRPC port (its HTTP one is internal)
     proc = subprocess.Popen([sys.executable, "-m", "deploytool.cli.app", "serve", str(trained_run.path),
-                             "--port", str(port), "--grpc-port", str(free_port()), "--name", NAME],
+                             "--port", str(free_port()), "--grpc-port", str(port), "--name", NAME],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = []

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     click_error, abort = _click_exception_types()
     if not debug:  # library warnings (torch's, numpy's) would break the one-line contract of every error
         warnings.simplefilter("ignore")
+    _TERMINATED.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)  # unwind, so temporary files are removed, then exit 143
     try:
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
+        if _TERMINATED:  # SIGTERM arrived, and a library (torch.onnx) wrapped our SystemExit in its own error
+            sys.exit(128 + _TERMINATED[-1])
         if _interrupted(exc):
             typer.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -91,8 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
+#: the signal numbers of SIGTERMs received: once one arrived, whatever error unwinds after it is its doing
+_TERMINATED: list[int] = []
+
+
 def _terminated(signum, frame) -> None:
-    typer.echo("terminated", err=True)
+    if not _TERMINATED:
+        typer.echo("terminated", err=True)
+    _TERMINATED.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -125,6 +134,8 @@ def _report(exc: Exception, click_error: type, args: list[str]) -> tuple[int, st
         return EXIT_MISSING, f"error: {exc.name} is not installed: {install_hint(exc.name)}"
     if isinstance(exc, (ValueError, OSError)):  # bad values and paths that reached the library unwrapped
         return EXIT_BAD_INPUT, f"error: {first_line(exc)}"
+    if type(exc) is RuntimeError and str(exc).startswith("Symlink loop"):  # pathlib's resolve() on a loop
+        return EXIT_BAD_INPUT, f"error: {first_line(exc)}: a path given points, through links, back at itself"
     return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
                            "(rerun with --debug for the traceback)")
 

@@ -363,6 +363,10 @@ def _sized(example: dict, static_batch: int | None) -> dict:
 def _dynamic_dims(example: dict, dynamic_dims: Mapping[str, Mapping[int, str]] | None,
                   static_batch: int | None) -> dict[str, dict[int, str]]:
     """{input: {axis: dim name}}: the batch (unless static) plus what the caller asked for."""
+    if dynamic_dims is not None and (not isinstance(dynamic_dims, Mapping)
+                                     or not all(isinstance(v, Mapping) for v in dynamic_dims.values())):
+        raise BadInput(f"dynamic dims must map input names to {{axis: dim name}}, e.g. {{'x': {{1: 'tokens'}}}}; "
+                       f"got {dynamic_dims!r}")
     extra = dict(dynamic_dims or {})
     unknown = sorted(set(extra) - set(example))
     if unknown:
@@ -371,7 +375,8 @@ def _dynamic_dims(example: dict, dynamic_dims: Mapping[str, Mapping[int, str]] |
     for name, tensor in example.items():
         axes = {} if static_batch else {0: BATCH}
         for axis, dim in dict(extra.get(name, {})).items():
-            axis = int(axis)
+            if not isinstance(axis, int) or isinstance(axis, bool):
+                raise BadInput(f"dynamic dims of input {name!r}: axis {axis!r} must be a whole number")
             if not 1 <= axis < tensor.dim():
                 raise BadInput(f"input {name!r} has {tensor.dim()} dims; dynamic axis {axis} must be 1..{tensor.dim() - 1} "
                                "(axis 0 is the batch)")

@@ -66,6 +66,12 @@ class Runner(abc.ABC):
         return self._cached_signature
 
     @property
+    def input_bounds(self) -> dict[str, int]:
+        """{integer input: how many ids it takes} where the model says: the vocabulary its signature records
+        (a Hugging Face model's token ids), {} when it records none."""
+        return dict(self.signature.vocab)
+
+    @property
     def inputs(self) -> list[TensorMeta]:
         return list(self.signature.inputs)
 

@@ -74,7 +74,7 @@ class Batching:
 
 def check_name(name: str) -> str:
     """A model name Triton accepts as a directory name: no path separators, spaces or leading dot."""
-    if not NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):  # match's $ would let a trailing newline by
         raise BadInput(f"model name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
                        "(no path separators or spaces, not starting with '.')")
     return name

@@ -7,7 +7,10 @@ The whole <name> directory is built under a temporary name and swapped in when c
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shlex
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,9 +96,10 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                        if (p / io.CONFIG_FILE).is_file()), None)
     if inside_run is not None:
         raise BadInput(f"repository {repository} is inside the run directory {inside_run}; give another directory")
-    if model_dir.exists() and not force:
+    if (model_dir.exists() or model_dir.is_symlink()) and not force:
         raise BadInput(f"{model_dir} already exists; replace it with force "
                        "(the old model stays intact until the new one is complete)")
+    check_replaceable(model_dir, repository)
     if backend not in TRITON_BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
     kind = artifact_kind(target)
@@ -107,6 +111,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
     batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
+    if kind == "onnx":
+        _external_data(target)  # every external-data file checked before anything reads it
     signature, notes = _signature(target, kind, max_batch)
     inputs, outputs = list(signature.inputs), list(signature.outputs)
     runtime_backend = parameters = None
@@ -117,31 +123,111 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                               parameters=parameters)
     text = cfg.render(config)
     validated = cfg.validate(text)
+    readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
 
+    clean_stale_builds(repository, name)
     with io.atomic_dir(model_dir) as tmp:
+        # the marker first, naming this process: a package killed before the swap leaves a folder that the
+        # next package of this name removes (clean_stale_builds); at the end it lists the files written
+        (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": [],
+                                                 "building": io.process_id(os.getpid())}))
         version = tmp / VERSION
         version.mkdir()
         (tmp / "config.pbtxt").write_text(text)
         _copy_artifact(target, kind, version / _ARTIFACT[kind])
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
-        (tmp / "README.md").write_text(readme(repository, config, notes))
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / "README.md").write_text(readme_text)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
+        (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": files}))
     return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
                    model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
                    files=files, config=config, validated=validated, notes=notes)
 
 
+#: the file in every model folder `package` writes, listing what it wrote: `force` replaces only such a folder
+MARKER = ".deploytool-package.json"
+
+
+def clean_stale_builds(repository: Path, name: str) -> list[Path]:
+    """Remove the temporary folders (`.<name>.*` in `repository`) that a package of `name` killed before
+    it finished left behind: only those whose marker names a process that is gone, never a live one's.
+
+    Args:
+        repository: the model repository.
+        name: the model's name.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    if not repository.is_dir():
+        return removed
+    for folder in repository.glob(f".{name}.*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            marker = io.loads_json((folder / MARKER).read_text(), "package marker")
+        except (OSError, BadInput):
+            continue  # not one of ours, or one just starting: left alone
+        if isinstance(marker, dict) and marker.get("building") and not io.owner_alive(marker["building"]):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def check_replaceable(model_dir: Path, repository: Path) -> None:
+    """Refuse to replace `model_dir` unless it is a model folder `package` wrote: a real directory
+    inside `repository` (not a symlink to somewhere else) holding the marker file and only the files
+    the marker lists, so `force` never deletes a file deploytool did not write.
+
+    Args:
+        model_dir: repository/name.
+        repository: the model repository.
+
+    Raises:
+        BadInput: a symlink, a file, or a folder deploytool did not write (or that holds other files now).
+    """
+    if model_dir.is_symlink():
+        raise BadInput(f"{model_dir} is a symlink (to {os.readlink(model_dir)}); package replaces only a model folder "
+                       "it wrote, never what a link points at: remove the link or choose another name")
+    if not model_dir.exists():
+        return
+    if not model_dir.is_dir():
+        raise BadInput(f"{model_dir} exists and is a file, not a model folder package wrote; remove it or choose "
+                       "another name")
+    if model_dir.resolve().parent != repository.resolve():
+        raise BadInput(f"{model_dir} resolves outside the repository {repository}; choose another name")
+    marker = model_dir / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        raise BadInput(f"{model_dir} was not written by deploytool package (it has no {MARKER}); it is kept: "
+                       "remove it yourself or choose another name")
+    listed = io.read_json(marker, "package marker")
+    files = listed.get("files") if isinstance(listed, dict) else None
+    wrote = set(files) if isinstance(files, list) else set()
+    present = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
+               if (p.is_file() or p.is_symlink()) and p != marker}
+    others = sorted(present - wrote)
+    if others:
+        raise BadInput(f"{model_dir} holds files deploytool did not write ({', '.join(others[:3])}"
+                       f"{', ...' if len(others) > 3 else ''}); it is kept: move them out or choose another name")
+
+
 def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature, list[str]]:
     """The target's signature (a run directory's from the torch runner, which also proves the
-    checkpoint loads) and README notes; a model without routers is refused."""
+    checkpoint loads; an ONNX model's from ONNX Runtime, which proves it loads) and README notes; a
+    model without routers is refused."""
     from deploytool.artifacts import open_artifact
+    from deploytool.runners import make_runner
 
     notes: list[str] = []
     if kind == "run":
-        from deploytool.runners import make_runner
-
         signature = make_runner("torch", target).signature
+    elif kind == "onnx":
+        open_artifact(target)  # the stored signature's checks
+        runner = make_runner("onnxruntime", target)  # opens an InferenceSession: a model ORT cannot load fails here
+        signature = runner.signature
+        runner.session = None
     else:
         signature = open_artifact(target).signature
         if kind == "engine":
@@ -210,6 +296,14 @@ def _external_data(onnx_path: Path) -> list[str]:
             location = entry.get("location", "")
             if Path(location).is_absolute() or ".." in Path(location).parts:
                 raise BadInput(f"{onnx_path} refers to external data outside its directory ({location})")
+            # the location's string may stay inside while a symlink on the way leads out: check the real path
+            folder = os.path.realpath(onnx_path.parent)
+            real = os.path.realpath(onnx_path.parent / location)
+            if os.path.commonpath([folder, real]) != folder:
+                raise BadInput(f"{onnx_path} refers to external data {location}, a link to {real} outside the "
+                               "model's folder; copy the data file beside the model")
+            if not os.path.isfile(real):
+                raise BadInput(f"{onnx_path} refers to external data {location}, which is not a file")
             locations.add(location)
     return sorted(locations)
 
@@ -236,8 +330,8 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         "Written by `deploytool package`. Serve it with Triton Inference Server:",
         "",
         "```bash",
-        f"{env}tritonserver --model-repository={repository.resolve()} --model-control-mode=explicit "
-        f"--load-model={name}",
+        f"{env}tritonserver {shlex.quote(f'--model-repository={repository.resolve()}')} "
+        f"--model-control-mode=explicit --load-model={shlex.quote(name)}",
         "```",
         "",
         "HTTP (KServe v2) listens on port 8000, gRPC on 8001, metrics on 8002.",
@@ -274,25 +368,47 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         *[line for x_name, dtype, np_dtype, shape, _ in examples for line in (
             (f"value = np.random.rand({', '.join(map(str, shape))}).astype(np.{np_dtype})" if _is_float(np_dtype)
              else f"value = np.zeros(({', '.join(map(str, shape))},), dtype=np.{np_dtype})"),
-            f'inputs.append(httpclient.InferInput("{x_name}", list(value.shape), "{dtype}"))',
+            f"inputs.append(httpclient.InferInput({_py(x_name)}, list(value.shape), {_py(dtype)}))",
             "inputs[-1].set_data_from_numpy(value)")],
-        f'result = client.infer("{name}", inputs)',
-        'outputs = {name: result.as_numpy(name) for name in ('
-        + ", ".join(f'"{t["name"]}"' for t in config["output"]) + ",)}",
+        f"result = client.infer({_py(name)}, inputs)",
+        "outputs = {name: result.as_numpy(name) for name in ("
+        + ", ".join(_py(t["name"]) for t in config["output"]) + ",)}",
         "```",
         "",
         "Or with curl, one sample:",
         "",
         "```bash",
-        f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": ["
-        + ", ".join(f"{{\"name\": \"{x_name}\", \"shape\": {one_row}, \"datatype\": \"{dtype}\", "
-                    f"\"data\": [{', '.join([_json_sample(np_dtype)] * math.prod(one_row))}]}}"
-                    for x_name, dtype, np_dtype, _, one_row in examples)
-        + "]}'",
+        _curl_line(name, [(x_name, dtype, np_dtype, one_row) for x_name, dtype, np_dtype, _, one_row in examples]),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _py(text: str) -> str:
+    """`text` as a Python string literal: JSON's escapes are Python's, and every character outside ASCII
+    is escaped, so no name can end the literal or the line."""
+    return json.dumps(text)
+
+
+#: the most values the curl example writes out; beyond it the example makes its JSON body with Python
+MAX_README_VALUES = 64
+
+
+def _curl_line(name: str, examples: list[tuple[str, str, str, list[int]]]) -> str:
+    """The curl command for one sample, every tensor name quoted for the shell and for JSON (or for
+    Python, when the body is made by a one-line Python program): its length does not grow with the dims."""
+    url = shlex.quote(f"localhost:8000/v2/models/{name}/infer")
+    if all(math.prod(shape) <= MAX_README_VALUES for *_, shape in examples):
+        body = {"inputs": [{"name": x_name, "shape": shape, "datatype": dtype,
+                            "data": [json.loads(_json_sample(np_dtype))] * math.prod(shape)}
+                           for x_name, dtype, np_dtype, shape in examples]}
+        return f"curl -s {url} -d {shlex.quote(json.dumps(body))}"
+    tensors = ", ".join(f"{{'name': {x_name!r}, 'shape': {shape!r}, 'datatype': {dtype!r}, "
+                        f"'data': [{_json_sample(np_dtype).replace('false', 'False')}] * {math.prod(shape)}}}"
+                        for x_name, dtype, np_dtype, shape in examples)
+    program = f"import json; print(json.dumps({{'inputs': [{tensors}]}}))"
+    return f"python -c {shlex.quote(program)} | curl -s {url} -d @-"
 
 
 def _is_float(numpy_dtype: str) -> bool:

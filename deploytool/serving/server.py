@@ -2,8 +2,10 @@
 
 The target is packaged with the Python backend into a temporary repository (the same model.py that
 `package --backend python` writes, so what `serve` runs is what `package` ships) and nvidia-pytriton's
-bundled tritonserver serves it. Triton itself checks each request's shape and dtype against the config
-(a bad one gets a 400, the server keeps serving); model.py rejects NaN rows per request.
+bundled tritonserver serves it. HTTP requests reach it through deploytool's front (serving.front), which
+refuses declared shapes that do not match the data a request carries before tritonserver allocates for
+them; Triton then checks each request's shape and dtype against the config (a bad one gets a 400, the
+server keeps serving); model.py rejects NaN rows per request.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploytool import io
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.serving.front import HttpFront, limits_of
 
 DEFAULT_PORT = 8000
 DEFAULT_NAME = "model"
@@ -45,6 +49,8 @@ class Server:
     _triton: Any = field(repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    #: deploytool's HTTP front on `http_port` (serving.front), relaying to tritonserver's internal port
+    _front: Any = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -61,9 +67,23 @@ class Server:
     def is_alive(self) -> bool:
         return self._triton.is_alive()
 
+    def keep_log(self) -> Path | None:
+        """Copy tritonserver's log out of the temporary folder `stop` removes; its new path (None if
+        there is no log)."""
+        try:
+            fd, kept = tempfile.mkstemp(prefix="deploytool-tritonserver-", suffix=".log")
+            os.close(fd)
+            shutil.copyfile(self.log_file, kept)
+            return Path(kept)
+        except OSError:
+            return None
+
     def stop(self) -> None:
         """Stop tritonserver (SIGINT, then kill after the exit timeout) and remove the temporary repository."""
         try:
+            if self._front is not None:
+                self._front.close()
+                self._front = None
             self._triton.stop()
         finally:
             self._stopped.set()
@@ -79,7 +99,9 @@ class Server:
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 return
-        raise CheckFailed(f"tritonserver exited unexpectedly: {_log_error(self.log_file) or 'see its log'}")
+        kept = self.keep_log()
+        raise CheckFailed(f"tritonserver exited unexpectedly: {_log_error(self.log_file) or 'no error line in its log'}"
+                          + (f" (its log: {kept})" if kept else ""))
 
     def __enter__(self) -> "Server":
         return self
@@ -133,20 +155,30 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         check_port_free(host, number, what)
     pytriton = require("pytriton.triton", "deploytool serve")
     quiet_pytriton_exit_warning()
-    workdir = Path(tempfile.mkdtemp(prefix="deploytool-serve-"))
+    clean_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:
-        package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
-                preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
-                backend="python")
+        (workdir / OWNER_FILE).write_text(_process_id(os.getpid()))
+        packaged = package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
+                           preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
+                           instances=instances, backend="python")
+        # tritonserver's HTTP listens on loopback only; the user's port is deploytool's front, which checks
+        # every inference request's declared shapes before tritonserver allocates for them (serving.front)
+        internal_port = _free_loopback_port()
         config = pytriton.TritonConfig(
-            model_repository=workdir / "models", http_address=host, http_port=port, grpc_address=host,
+            model_repository=workdir / "models", http_address="127.0.0.1", http_port=internal_port, grpc_address=host,
             grpc_port=grpc_port, allow_metrics=False, exit_on_error=False, strict_readiness=False,
             exit_timeout_secs=EXIT_TIMEOUT_S, log_file=workdir / "tritonserver.log", log_verbose=0)
         triton = pytriton.Triton(config=config, workspace=workdir / "workspace")
+        try:
+            front = HttpFront(host, port, internal_port, limits_of(packaged.config))
+        except OSError as exc:
+            raise BadInput(f"HTTP port {port} on {host} is in use ({exc.strerror}); pick free HTTP and gRPC "
+                           "ports (gRPC defaults to the HTTP port + 1)") from exc
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = Server(name, host, port, grpc_port, workdir, triton)
+    server = Server(name, host, port, grpc_port, workdir, triton, _front=front)
     try:
         # signals are ours from before the start, so a Ctrl-C at any moment (starting, or just after
         # "serving" is printed) ends in the clean stop below, never in an orphan tritonserver
@@ -164,6 +196,46 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         raise
     server.stop()
     return server
+
+
+#: the temporary serving folders `serve` makes (in the system's temporary directory), and the file in
+#: each that names the process owning it
+WORKDIR_PREFIX = "deploytool-serve-"
+OWNER_FILE = "deploytool-serve.pid"
+
+
+_process_id = io.process_id
+_owner_alive = io.owner_alive
+
+
+def clean_stale_workdirs(tmpdir: str | Path | None = None) -> list[Path]:
+    """Remove the temporary serving folders that `serve` processes killed without a chance to clean up
+    (SIGKILL) left behind: only this user's, only those whose recorded owner process is gone, never a
+    live server's.
+
+    Args:
+        tmpdir: where to look (default: the system's temporary directory).
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    root = Path(tmpdir or tempfile.gettempdir())
+    try:
+        candidates = list(root.glob(WORKDIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            recorded = (folder / OWNER_FILE).read_text()
+        except OSError:
+            continue  # no owner recorded (an older serve, or one just starting): left alone
+        if not _owner_alive(recorded):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 #: pytriton's warning whenever tritonserver exits non-zero, a Ctrl-C'd stop included
@@ -217,9 +289,12 @@ def _start(server: Server) -> None:
                        "started (another server is starting there); pick other free ports")
     if not started.is_set() or failure or not triton.is_alive():
         detail = reason or (f"{type(failure[0]).__name__}: {failure[0]}" if failure else "no reason in its log")
-        raise MissingDependency(f"tritonserver did not start: {detail}")
+        kept = server.keep_log()
+        raise MissingDependency(f"tritonserver did not start: {detail}" + (f" (its log: {kept})" if kept else ""))
     if not _model_ready(server):
-        raise MissingDependency(f"tritonserver could not load model {server.name!r}: {reason or 'see its log'}")
+        kept = server.keep_log()
+        raise MissingDependency(f"tritonserver could not load model {server.name!r}: "
+                                f"{reason or 'no error line in its log'}" + (f" (its log: {kept})" if kept else ""))
 
 
 def _model_ready(server: Server) -> bool:
@@ -278,6 +353,13 @@ def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
         except OSError as exc:
             raise BadInput(f"{what} port {port} on {host} is in use ({exc.strerror}); "
                            "pick free HTTP and gRPC ports (gRPC defaults to the HTTP port + 1)") from exc
+
+
+def _free_loopback_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _client_host(host: str) -> str:
