@@ -216,8 +216,22 @@ def test_a_converted_model_still_generates_with_its_cache_as_the_original_does()
     assert torch.equal(from_hf(model).generate(ids, max_new_tokens=5, do_sample=False), want)
 
 
+def test_package_of_a_folder_exports_it_sparse_at_top_k_and_packages_the_onnx_model(cli, hf_folder, tmp_path):
+    import json
+
+    code, out, err = cli("package", str(hf_folder), "--repository", str(tmp_path / "repo"), "--name", "moe",
+                         "--top-k", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backend"] == "onnxruntime" and "1/model.onnx" in result["files"]
+    assert "top-1" in result["notes"][0]
+    code, _, err = cli("package", str(tmp_path / "repo" / "moe" / "1" / "model.onnx"), "--repository",
+                       str(tmp_path / "repo2"), "--name", "m", "--top-k", "2")
+    assert_one_line_error(code, err, 2, "top-k applies to a Hugging Face MoE folder")
+
+
 @pytest.mark.serve
-def test_the_exported_top_1_model_serves_token_ids_and_answers_as_the_local_session(hf_folder, tmp_path):
+def test_a_folder_served_at_top_1_answers_token_ids_as_its_exported_model_does(hf_folder, tmp_path):
     from test_serve import free_port, require_server, triton_infer
 
     import deploytool
@@ -226,7 +240,7 @@ def test_the_exported_top_1_model_serves_token_ids_and_answers_as_the_local_sess
     path = deploytool.export_onnx(hf_folder, tmp_path / "moe.onnx", top_k=1, validate=False).path
     ids = np.random.default_rng(1).integers(0, 256, (2, 9)).astype(np.int64)
     local = deploytool.load(path).run({"input_ids": ids})
-    server = deploytool.serve(path, port=free_port(), grpc_port=free_port(), name="moe", block=False)
+    server = deploytool.serve(hf_folder, port=free_port(), grpc_port=free_port(), name="moe", block=False, top_k=1)
     try:
         outputs = ("logits", "model.layers.0.mlp.gate.index")
         got = triton_infer(server, {"input_ids": ids}, outputs=outputs)

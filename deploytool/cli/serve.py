@@ -12,12 +12,15 @@ from deploytool.cli.render import console, print_json, table
 
 app = typer.Typer()
 
-Target = Annotated[Path, typer.Argument(help="A run directory, an .onnx file or a TensorRT engine (.plan).")]
+Target = Annotated[Path, typer.Argument(
+    help="A run directory, a Hugging Face MoE folder (exported first), an .onnx file or a TensorRT engine (.plan).")]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Triton max_batch_size (0: no batching).")]
 DynamicBatching = Annotated[bool, typer.Option("--dynamic-batching", help="Let Triton batch requests together.")]
 PreferredBatch = Annotated[str, typer.Option("--preferred-batch", help="Preferred batch sizes, e.g. 8,32.")]
 QueueDelay = Annotated[int, typer.Option("--max-queue-delay-us", help="Longest wait to fill a batch (us).")]
 Instances = Annotated[int, typer.Option("--instances", help="Model instances (parallel executions).")]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", help="A Hugging Face folder's experts per token (1: one expert; default: the model's own k).")]
 
 
 @app.command()
@@ -32,6 +35,7 @@ def package(
     instances: Instances = 1,
     backend: Annotated[str, typer.Option("--backend", help="auto, tensorrt, onnxruntime or python.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model of that name.")] = False,
+    top_k: TopK = None,
     json: Json = False,
 ) -> None:
     """Write a Triton Inference Server model repository entry (config.pbtxt, model, README.md)."""
@@ -39,7 +43,7 @@ def package(
 
     result = write_package(target, repository, name, max_batch=max_batch, dynamic_batching=dynamic_batching,
                            preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
-                           instances=instances, backend=backend, force=force)
+                           instances=instances, backend=backend, force=force, top_k=top_k)
     if json:
         print_json(result.to_dict())
         return
@@ -68,6 +72,7 @@ def serve(
     preferred_batch: PreferredBatch = "8,32",
     max_queue_delay_us: QueueDelay = 100,
     instances: Instances = 1,
+    top_k: TopK = None,
 ) -> None:
     """Serve a model with Triton Inference Server (HTTP and gRPC) until Ctrl-C."""
     from deploytool.serving.server import serve as run_server
@@ -78,5 +83,5 @@ def serve(
 
     run_server(target, port=port, host=host, grpc_port=grpc_port, name=name, max_batch=max_batch,
                dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
-               max_queue_delay_us=max_queue_delay_us, instances=instances, on_ready=ready)
+               max_queue_delay_us=max_queue_delay_us, instances=instances, on_ready=ready, top_k=top_k)
     typer.echo("server stopped", err=True)

@@ -12,12 +12,14 @@ import math
 import os
 import shlex
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.artifacts import top_k_of
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.errors import BadInput
 from deploytool.signature import ModelSignature
@@ -54,16 +56,18 @@ class Package:
 def package(target: str | Path, repository: str | Path, name: str, *, max_batch: int = 64,
             dynamic_batching: bool = False, preferred_batch: str | Sequence[int] = (8, 32),
             max_queue_delay_us: int = 100, instances: int = 1, backend: str = "auto",
-            force: bool = False) -> Package:
+            force: bool = False, top_k: int | None = None) -> Package:
     """Write `repository/name` for `target` (engine -> tensorrt_plan, ONNX -> onnxruntime, run dir -> python).
 
     backend="python" serves any target through the deploytool runtime (model.py in the Python backend).
+    A Hugging Face MoE folder is exported first (sparse dispatch, validated) and its ONNX model packaged:
+    the deployment runs only each token's chosen experts.
     An existing `repository/name` is refused unless `force`; with it the old one stays whole until the
     new one is complete. config.pbtxt comes from the model's signature (every input, every output, each
     router's index and probs) and is checked with Triton's own ModelConfig schema.
 
     Args:
-        target: a run directory, an ONNX model or a TensorRT engine.
+        target: a run directory, a Hugging Face MoE folder, an ONNX model or a TensorRT engine.
         repository: the model repository directory (created if needed).
         name: the model's name in it.
         max_batch: Triton's max_batch_size (0: no batching; the dims carry the whole shape).
@@ -73,6 +77,7 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         instances: model instances.
         backend: auto (the target's own), tensorrt, onnxruntime or python.
         force: replace an existing `repository/name`.
+        top_k: for a Hugging Face folder, experts per token of the exported model (None: its own k).
 
     Returns:
         The Package written.
@@ -103,6 +108,12 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     if backend not in TRITON_BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
     kind = artifact_kind(target)
+    if kind == "hf":
+        return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
+                           dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force)
+    if top_k is not None:
+        raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
     backend = _NATIVE[kind] if backend == "auto" else backend
     if backend != "python" and _NATIVE[kind] != backend:
         wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
@@ -211,6 +222,19 @@ def check_replaceable(model_dir: Path, repository: Path) -> None:
     if others:
         raise BadInput(f"{model_dir} holds files deploytool did not write ({', '.join(others[:3])}"
                        f"{', ...' if len(others) > 3 else ''}); it is kept: move them out or choose another name")
+
+
+def _package_hf(folder: Path, repository: Path, name: str, *, top_k: int | None, **options: Any) -> Package:
+    """The folder exported to ONNX (sparse dispatch, validated against the folder's model), then packaged."""
+    from deploytool.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="deploytool-package-") as tmp:
+        exported = export_onnx(folder, Path(tmp) / "model.onnx", top_k=top_k)
+        packaged = package(exported.path, repository, name, **options)
+    k = top_k_of(exported.signature)
+    packaged.notes.insert(0, f"exported from the Hugging Face folder {folder}"
+                             + (f" at top-{k}" if k is not None else "") + ", sparse dispatch")
+    return packaged
 
 
 def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature, list[str]]:

@@ -113,15 +113,15 @@ class Server:
 def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.1", grpc_port: int | None = None,
           name: str = DEFAULT_NAME, max_batch: int = 64, dynamic_batching: bool = False,
           preferred_batch: str | Sequence[int] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
-          block: bool = True, on_ready: Any = None) -> Server:
-    """Serve `target` (run dir, ONNX file or engine) on `host:port` (HTTP) and `grpc_port` (default port+1).
+          block: bool = True, on_ready: Any = None, top_k: int | None = None) -> Server:
+    """Serve `target` (run dir, Hugging Face MoE folder, ONNX file or engine) on `host:port` (HTTP) and `grpc_port` (default port+1).
 
     block=True serves until Ctrl-C/SIGTERM and shuts down cleanly (no tritonserver left behind);
     block=False returns the running Server for the caller to stop. `on_ready(server)` is called once
     the model answers. Ports in use are refused (BadInput) before anything starts.
 
     Args:
-        target: a run directory, an ONNX model or a TensorRT engine.
+        target: a run directory, a Hugging Face MoE folder, an ONNX model or a TensorRT engine.
         port: the HTTP port.
         host: the address to listen on (loopback by default).
         grpc_port: the gRPC port (default: port + 1).
@@ -133,6 +133,8 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         instances: model instances.
         block: serve until stopped (True), or return the running server (False).
         on_ready: called with the Server once the model answers.
+        top_k: for a Hugging Face folder, experts per token of the model served (None: its own k); the
+            folder is exported to ONNX (sparse dispatch) and that model is served.
 
     Returns:
         The Server (stopped already when `block`).
@@ -161,7 +163,7 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         (workdir / OWNER_FILE).write_text(_process_id(os.getpid()))
         packaged = package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
                            preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
-                           instances=instances, backend="python")
+                           instances=instances, backend="python", top_k=top_k)
         # tritonserver's HTTP listens on loopback only; the user's port is deploytool's front, which checks
         # every inference request's declared shapes before tritonserver allocates for them (serving.front)
         internal_port = _free_loopback_port()
