@@ -110,6 +110,12 @@ def _within_best_groups(choice: torch.Tensor, n_group: int, topk_group: int, how
     return choice.masked_fill(mask == 0, float("-inf"))
 
 
+def tensor_at(module: nn.Module, path: str) -> torch.Tensor:
+    """The parameter or buffer at dotted `path` inside `module` (e.g. "wg.weight")."""
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
 class TopKRouting:
     """The routing behaviour of a top-k router module (a mixin over an nn.Module).
 
@@ -160,10 +166,7 @@ class TopKRouting:
         self.rule = self.rule.with_k(k)
 
     def _part(self, path: str | None) -> torch.Tensor | None:
-        if path is None:
-            return None
-        owner, _, name = path.rpartition(".")
-        return getattr(self.get_submodule(owner) if owner else self, name)
+        return None if path is None else tensor_at(self, path)
 
     def forward(self, hidden_states: torch.Tensor):
         weight, bias, selection_bias = (self._part(p) for p in self.routing_parts)

@@ -248,3 +248,17 @@ def test_a_folder_served_at_top_1_answers_token_ids_as_its_exported_model_does(h
         server.stop()
     assert np.allclose(got["logits"], local["logits"], atol=1e-5)
     assert np.array_equal(got["model.layers.0.mlp.gate.index"], local["model.layers.0.mlp.gate.index"])
+
+
+def test_a_probe_token_at_a_near_tie_does_not_refuse_a_router_that_breaks_it_the_other_way():
+    from deploytool.hf import _same_choice
+
+    index = torch.tensor([[0, 1], [2, 3], [1, 2]] * 4)
+    hf_index = index.clone()
+    hf_index[0] = torch.tensor([0, 3])  # another float order picked expert 3 at a tie
+    weights = torch.full(index.shape, 0.5)
+    ties = torch.zeros(len(index), dtype=torch.bool)
+    assert not _same_choice(index, weights, hf_index, weights, ties)
+    ties[0] = True
+    assert _same_choice(index, weights, hf_index, weights, ties)
+    assert not _same_choice(index, weights, hf_index, weights, torch.ones(len(index), dtype=torch.bool))
