@@ -354,15 +354,23 @@ class FusedExperts(FusedExpertsDispatch, nn.Module):
         gated: act(x W_gate) * (x W_up), as SwiGLU; False: act(x W_up).
         bias: whether the projections have biases.
         dispatch: "sparse" or "dense".
+        clamp: (alpha, limit) for GPT-OSS's clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g *
+            sigmoid(alpha * g) with g = min(gate, limit), gate and up interleaved; None: the plain gate.
     """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, *, activation: str = "silu",
-                 gated: bool = True, bias: bool = False, dispatch: str = "sparse"):
+                 gated: bool = True, bias: bool = False, dispatch: str = "sparse",
+                 clamp: tuple[float, float] | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be {' or '.join(DISPATCHES)}, got {dispatch!r}")
+        if clamp is not None:
+            if not gated:
+                raise ValueError("the clamped SwiGLU is a gate: it needs gated=True")
+            self.alpha, self.limit = (check_temperature(v, name) for v, name in zip(clamp, ("alpha", "limit")))
+        self.is_concatenated = clamp is None  # GPT-OSS interleaves gate and up
         self.has_gate, self.has_bias, self.is_transposed = gated, bias, False
         self.act_fn = {"silu": nn.SiLU(), "gelu": nn.GELU(), "relu": nn.ReLU()}[activation]
         width = 2 * intermediate if gated else intermediate
@@ -375,6 +383,9 @@ class FusedExperts(FusedExpertsDispatch, nn.Module):
         self.dispatch = dispatch
 
     def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.is_concatenated:
+            gate, up = h[..., ::2].clamp(max=self.limit), h[..., 1::2].clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
         gate, up = h.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 

@@ -12,11 +12,11 @@ from deploytool.moe import FusedExperts, MoEBlock, TopKRouter, TopKRule  # noqa:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _block(*, k=2, activation="silu", gated=True, combine="renorm", scoring="softmax", shared=True):
+def _block(*, k=2, activation="silu", gated=True, combine="renorm", scoring="softmax", shared=True, clamp=None):
     torch.manual_seed(0)
     router = TopKRouter(16, 4, rule=TopKRule(k=k, scoring=scoring, combine=combine, scale=1.5), selection_bias=True)
     router.selection_bias.copy_(torch.tensor([0.0, 0.05, -0.02, 0.01]))
-    experts = FusedExperts(4, 16, 24, activation=activation, gated=gated, bias=True)
+    experts = FusedExperts(4, 16, 24, activation=activation, gated=gated, bias=True, clamp=clamp)
     return MoEBlock(router, experts, shared=torch.nn.Linear(16, 16) if shared else None,
                     shared_gate=torch.nn.Linear(16, 1) if shared else None).eval()
 
@@ -30,12 +30,13 @@ class Wrapped(torch.nn.Module):
         return self.moe(x)
 
 
-@pytest.mark.parametrize("k,combine,scoring", [(1, "renorm", "softmax"), (2, "renorm", "softmax"),
-                                               (2, "prob", "sigmoid"), (3, "one", "softmax")])
-def test_sparse_dispatch_equals_dense_and_the_written_out_sum(k, combine, scoring):
+@pytest.mark.parametrize("k,combine,scoring,clamp", [(1, "renorm", "softmax", None), (2, "renorm", "softmax", None),
+                                                     (2, "prob", "sigmoid", None), (3, "one", "softmax", None),
+                                                     (2, "renorm", "softmax", (1.702, 0.5))])
+def test_sparse_dispatch_equals_dense_and_the_written_out_sum(k, combine, scoring, clamp):
     from deploytool.nn import dispatch_mode
 
-    block = _block(k=k, combine=combine, scoring=scoring)
+    block = _block(k=k, combine=combine, scoring=scoring, clamp=clamp)
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         with dispatch_mode(block, "dense"):
@@ -70,6 +71,14 @@ def test_bad_rules_and_blocks_are_refused():
         TopKRouter(8, 2, rule=TopKRule(k=3))
     with pytest.raises(ValueError, match="activation must be"):
         FusedExperts(2, 8, 8, activation="tanh")
+    with pytest.raises(ValueError, match="needs gated=True"):
+        FusedExperts(2, 8, 8, gated=False, clamp=(1.702, 7.0))
+
+
+def test_the_clamped_swiglu_clamps_and_interleaves():
+    experts = FusedExperts(1, 2, 1, clamp=(1.0, 0.5))
+    h = torch.tensor([[3.0, 2.0]])  # gate 3 -> 0.5, up 2 -> 0.5
+    assert torch.allclose(experts._apply_gate(h), torch.tensor([[1.5 * 0.5 * torch.sigmoid(torch.tensor(0.5))]]))
 
 
 def test_a_block_of_your_own_exports_sparse_and_validates(tmp_path):
@@ -85,10 +94,12 @@ def test_moe_op_ort_runs_the_experts_as_one_node_and_names_those_it_cannot(tmp_p
 
     import deploytool
 
-    ok = deploytool.export_onnx(Wrapped(k=2), tmp_path / "ort.onnx", example_inputs=torch.randn(2, 5, 16),
-                                dynamic_dims={"x": {1: "tokens"}}, moe_op="ort")
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
-    assert ok.passed and ops.count("MoE") == 1 and "NonZero" not in ops and not ok.notes
+    for clamp in (None, (1.702, 0.5)):
+        ok = deploytool.export_onnx(Wrapped(k=2, clamp=clamp), tmp_path / "ort.onnx", example_inputs=torch.randn(2, 5, 16),
+                                    dynamic_dims={"x": {1: "tokens"}}, moe_op="ort")
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+        assert ok.passed and ops.count("MoE") == 1 and "NonZero" not in ops and not ok.notes
+        (tmp_path / "ort.onnx").unlink()
     gelu = deploytool.export_onnx(Wrapped(k=1, activation="gelu"), tmp_path / "gelu.onnx",
                                   example_inputs=torch.randn(2, 5, 16), moe_op="ort")
     assert gelu.passed and len(gelu.notes) == 1 and "cannot compute these experts" in gelu.notes[0]
