@@ -56,7 +56,10 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     """
     from deploytool.models import example_inputs
 
-    path = Path(path)
+    path = io.check_path(path)
+    if not path.is_dir():
+        raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
+                       "save_pretrained folder")
     if is_hf_folder(path):
         from deploytool import hf
 

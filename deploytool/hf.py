@@ -387,8 +387,9 @@ def load_folder(path: str | Path, *, top_k: int | None = None, dispatch: str = "
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInput(f"{path}: transformers cannot load it: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    except Exception as exc:  # a corrupt or foreign file: transformers and safetensors raise many kinds
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{path}: transformers cannot load it: {text[:300]}") from exc
     return from_hf(model.eval(), top_k=top_k, dispatch=dispatch)
 
 

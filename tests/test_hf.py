@@ -198,6 +198,12 @@ def test_folder_inputs_are_refused_in_one_line(tmp_path, hf_folder, cli):
     code, _, err = cli("export", str(bin_only), "--out", str(tmp_path / "m.onnx"))
     assert_one_line_error(code, err, 2, "never unpickles")
     assert not (tmp_path / "m.onnx").exists()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    shutil.copy(hf_folder / "config.json", corrupt / "config.json")
+    (corrupt / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes()[:1000])
+    code, _, err = cli("export", str(corrupt), "--out", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, 2, "transformers cannot load it")
     code, _, err = cli("export", str(hf_folder), "--out", str(tmp_path / "m.onnx"), "--top-k", "0")
     assert_one_line_error(code, err, 2, "top-k must be a whole number")
     weights = hf_folder / "model.safetensors"
