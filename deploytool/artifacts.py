@@ -1,9 +1,14 @@
-"""Open any target the commands take: a run directory, an ONNX model or a TensorRT engine.
+"""Open any target the commands take: a run directory, a Hugging Face folder, an ONNX model or an engine.
 
-`open_artifact(path)` gives its kind, its model signature (ONNX: from the metadata deploytool wrote;
-engine: from its manifest; run directory: None, the torch runner traces it), its deploytool metadata and
-the run directory it came from. The readers of ONNX files and engine manifests live here too, so every
-command opens artifacts one way. Only NumPy and (lazily) onnx: no torch.
+`TARGET_KINDS` is the one table of target kinds: for each, what a message asks for and which artifact
+a backend reads it as (`reader`: a module rebuilt from weights, an ONNX model or an engine); the backend
+registry (`deploytool.runners`) derives from it which backends read a kind. `resolve_target(path,
+checkpoint=)` is the one resolver every command uses: the kind, the signature (ONNX: from the metadata
+deploytool wrote; engine: from its manifest; a module kind: None, the torch runner traces it), the
+deploytool metadata, the source of the module's weights (the target itself, the checkpoint, or the run an
+export records), the ONNX model and engine the other backends read, and the source run's config, read and
+checked once. The readers of ONNX files and engine manifests live here too. Only NumPy and (lazily) onnx:
+no torch.
 """
 
 from __future__ import annotations
@@ -23,15 +28,68 @@ ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 #: prefix of every deploytool key in an ONNX model's metadata props
 META_PREFIX = "deploytool."
 
+@dataclass(frozen=True)
+class TargetKind:
+    """One kind of target.
+
+    Attributes:
+        name: the kind, as `artifact_kind` returns it.
+        reader: the artifact a backend reads it as: "run" (a module rebuilt from its weights by
+            `checkpoints.open_module`), "onnx" or "engine" (`runners.Backend.artifact`).
+        wanted: how a message asks for one.
+    """
+
+    name: str
+    reader: str
+    wanted: str
+
+    @property
+    def holds_module(self) -> bool:
+        """Whether the torch backends rebuild a module from it (a run directory, a Hugging Face folder)."""
+        return self.reader == "run"
+
+
+#: every kind of target, in the order `artifact_kind` tells them apart: adding a kind is an entry here,
+#: its test in `artifact_kind`, and its module in `checkpoints.open_module` if it holds one
+TARGET_KINDS: dict[str, TargetKind] = {k.name: k for k in (
+    TargetKind("run", "run", "the run directory of the model (its checkpoint)"),
+    TargetKind("hf", "run", "a Hugging Face save_pretrained folder"),
+    TargetKind("onnx", "onnx", "an ONNX model path"),
+    TargetKind("engine", "engine", "an engine path (build one with `deploytool build-engine`)"),
+)}
+
+
+def reader_of(kind: str) -> str:
+    """The artifact a backend reads a target of `kind` as.
+
+    Args:
+        kind: a key of TARGET_KINDS.
+
+    Returns:
+        "run", "onnx" or "engine".
+
+    Raises:
+        BadInput: an unknown kind.
+    """
+    if kind not in TARGET_KINDS:
+        raise BadInput(f"unknown target kind {kind!r}; the kinds are {', '.join(TARGET_KINDS)}")
+    return TARGET_KINDS[kind].reader
+
+
 @dataclass
 class Artifact:
-    """What a path holds: `kind` is "run", "onnx" or "engine"."""
+    """What a path holds: `kind` is a key of TARGET_KINDS ("run", "hf", "onnx" or "engine")."""
 
     path: Path
     kind: str
     signature: ModelSignature | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     source_run: Path | None = None
+
+    @property
+    def reader(self) -> str:
+        """The artifact a backend reads it as: "run", "onnx" or "engine"."""
+        return reader_of(self.kind)
 
 
 #: config.json's "model" of a run trained by `fit` from a user's own module: "module:<ClassName>"
@@ -239,7 +297,7 @@ def builtin_run(path: str | Path) -> RunDir:
 
 #: artifact kinds that hold weights the torch backends rebuild a module from: a run directory and a
 #: Hugging Face `save_pretrained` folder
-MODULE_KINDS = ("run", "hf")
+MODULE_KINDS = tuple(name for name, kind in TARGET_KINDS.items() if kind.holds_module)
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -256,8 +314,17 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def artifact_kind(path: str | Path) -> str:
-    """"run", "hf" (a save_pretrained folder), "onnx" or "engine"; anything else is refused with what was
-    expected."""
+    """The kind of target at `path`.
+
+    Args:
+        path: a run directory, a Hugging Face save_pretrained folder, an ONNX model or an engine.
+
+    Returns:
+        A key of TARGET_KINDS: "run", "hf", "onnx" or "engine".
+
+    Raises:
+        BadInput: anything else, saying what was expected.
+    """
     path = Path(path)
     if path.is_dir():
         if is_hf_folder(path):
@@ -301,6 +368,125 @@ def open_artifact(path: str | Path) -> Artifact:
     manifest = read_manifest(path)
     return Artifact(path, kind, manifest_signature(manifest, path), manifest.get("metadata", {}),
                     _source_run(manifest.get("metadata", {})))
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """Where the torch backends take a module's weights from, as the user gave it.
+
+    Args:
+        checkpoint: a run directory, a Hugging Face folder, or a .safetensors weights file inside a run.
+
+    Returns:
+        (run directory or folder, weights file or None for its own).
+
+    Raises:
+        BadInput: a path that is none of those.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():  # a run directory or a Hugging Face folder
+        return path, None
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise BadInput(f"checkpoint {path} is neither a run directory nor its .safetensors weights")
+        return path.parent, path
+    raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
+
+
+@dataclass
+class Target(Artifact):
+    """A target resolved for a command: the artifact, and what each reader takes from it.
+
+    Attributes:
+        source: the run directory or Hugging Face folder that holds the module's weights: the
+            checkpoint given, else the target itself (a module kind), else the run an export records
+            while it still exists; None when none is known.
+        weights: a weights file given as the checkpoint instead of the source's own.
+        source_found: the source came from the model's metadata, not from the user.
+        onnx_path: the ONNX model the onnxruntime backends read (the target, a run's model.onnx, or
+            the ONNX model an engine was built from while that file is unchanged); None when none.
+        engine_path: the engine the tensorrt backend reads; None when the target is no engine.
+    """
+
+    weights: Path | None = None
+    source: Path | None = None
+    source_found: bool = False
+    onnx_path: Path | None = None
+    engine_path: Path | None = None
+    _run: RunDir | None = field(default=None, repr=False)
+
+    def file_for(self, reader: str) -> Path | None:
+        """The path a backend reading `reader` ("run", "onnx", "engine") takes; None when there is none."""
+        return {"run": self.source, "onnx": self.onnx_path, "engine": self.engine_path}[reader]
+
+    @property
+    def source_weights(self) -> Path | None:
+        """The weights file the torch backends load: the checkpoint file given, else the source run's own."""
+        if self.weights is not None:
+            return self.weights
+        return self.source / io.WEIGHTS_FILE if self.source is not None else None
+
+    @property
+    def source_is_hf(self) -> bool:
+        """Whether the source is a Hugging Face folder (no run config, no data set)."""
+        return self.source is not None and is_hf_folder(self.source)
+
+    def run(self) -> RunDir | None:
+        """The source run directory, read and checked once (None for a Hugging Face folder or no source).
+
+        Raises:
+            BadInput: a source that is not a readable run directory (see load_run).
+        """
+        if self._run is None and self.source is not None and not self.source_is_hf:
+            self._run = load_run(self.source)
+        return self._run
+
+    def run_config(self) -> dict[str, Any] | None:
+        """The source run's config.json (None for a Hugging Face folder or no source)."""
+        run = self.run()
+        return run.config if run is not None else None
+
+
+def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None) -> Target:
+    """Resolve a command's target: its kind, signature, metadata, source of weights and readers' files.
+
+    Args:
+        path: a run directory, a Hugging Face folder, an ONNX model or a TensorRT engine.
+        checkpoint: the run directory, its weights file or the Hugging Face folder the torch backends
+            load instead of the target's own source.
+
+    Returns:
+        The Target (a module kind's signature is None: the torch runner traces it).
+
+    Raises:
+        BadInput: a path or checkpoint that is none of those, or a broken file, manifest or signature.
+    """
+    art = open_artifact(path)
+    source, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+    found = source is None and art.source_run is not None and art.kind not in MODULE_KINDS
+    if art.kind in MODULE_KINDS:
+        onnx = art.path / "model.onnx"
+        return Target(art.path, art.kind, None, {}, art.source_run, weights=weights, source=source or art.path,
+                      onnx_path=onnx if onnx.is_file() else None)
+    onnx = art.path if art.kind == "onnx" else engine_onnx(art.path)
+    return Target(art.path, art.kind, art.signature, art.metadata, art.source_run, weights=weights,
+                  source=source or art.source_run, source_found=found, onnx_path=onnx,
+                  engine_path=art.path if art.kind == "engine" else None)
+
+
+def engine_onnx(engine: Path) -> Path | None:
+    """The ONNX model an engine was built from, as its manifest records it, while that file is unchanged.
+
+    Args:
+        engine: the engine (its manifest beside it).
+
+    Returns:
+        The ONNX model's path, or None when none is recorded or it changed.
+    """
+    recorded = read_manifest(engine).get("onnx") or {}
+    onnx = Path(recorded.get("path") or "")
+    if recorded.get("path") and onnx.is_file() and io.sha256_file(onnx) == recorded.get("sha256"):
+        return onnx
+    return None
 
 
 def _source_run(metadata: dict[str, str]) -> Path | None:

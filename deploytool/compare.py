@@ -1,4 +1,6 @@
-"""Parity between two runners' outputs, routing-aware; knows nothing of backends.
+"""Parity between two sets of outputs, routing-aware; knows nothing of runners or backends.
+
+The runners are compared in `deploytool.comparator`, on top of this module.
 
 Numbers are compared with NumPy's allclose rule, |cand - ref| <= atol + rtol * |ref|; NaN never
 matches (not even NaN), equal infinities do. Routing is compared per router, as decisions: a position
@@ -18,21 +20,15 @@ gives is taken as given.
 from __future__ import annotations
 
 import math
-import contextlib
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from deploytool.errors import BadInput
-from deploytool.feeds import Feed, batch_of, take
 from deploytool.ops.reference import top2_margin
 from deploytool.signature import RouterMeta
-
-if TYPE_CHECKING:
-    from deploytool.runners.base import Runner
 
 #: a tolerance for every output, or per output name (the others take the dtype default)
 Tolerance = float | Mapping[str, float] | None
@@ -284,104 +280,3 @@ def _routing_diff(router: str, flipped: np.ndarray | None, ties: np.ndarray | No
     n, n_flips, failures = int(flipped.size), int(flipped.sum()), int(failing.sum())
     return RoutingDiff(router, n, 100.0 * (1.0 - n_flips / n) if n else 100.0, n_flips, n_flips - failures,
                        failures, limit, buckets, float(margins[flipped].min()) if n_flips else None, failures == 0)
-
-
-# --- runners compared: what verify and export's validation run -----------------------------
-
-#: samples per call when a runner's batch is not fixed
-DEFAULT_BATCH = 256
-
-
-@dataclass
-class ParityReport:
-    """Every pair of backends compared on every input set.
-
-    Attributes:
-        model: the model (ONNX or engine) verified.
-        backends: the backends, in order (the earlier of a pair is its reference).
-        inputs: input set label -> samples.
-        comparisons: one Comparison per pair and input set.
-        checkpoint: the run directory the torch backends loaded, if any.
-        metadata: the model's deploytool metadata.
-        notes: remarks (a checkpoint that is not the exported one).
-    """
-
-    model: str
-    backends: list[str]
-    inputs: dict[str, int]
-    comparisons: list[Comparison]
-    checkpoint: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
-
-    def failures(self) -> list[str]:
-        return [c.summary() for c in self.comparisons if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
-
-
-def run_batched(runner: "Runner", feed: Feed, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
-    """Outputs for every sample of `feed`, fed in chunks (engines have a maximum batch), concatenated.
-
-    A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
-    repeating its final sample, and the padded samples are dropped from the outputs (routing is per sample).
-
-    Args:
-        runner: an active runner.
-        feed: inputs by name.
-        batch_size: samples per call for a runner whose batch is not fixed.
-
-    Returns:
-        Outputs by name, every sample of `feed`.
-
-    Raises:
-        BadInput: an empty feed.
-    """
-    total = batch_of(feed)
-    if not total:
-        raise BadInput("no samples to run: give at least one")
-    fixed = runner.signature.static_batch
-    step = fixed or batch_size
-    parts = []
-    for i in range(0, total, step):
-        chunk = take(feed, slice(i, i + step))
-        rows = batch_of(chunk)
-        if fixed and rows < fixed:
-            chunk = {k: np.pad(v, [(0, fixed - rows)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
-        parts.append({k: v[:rows] for k, v in runner.infer(chunk).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def compare_runners(runners: Sequence["Runner"], inputs: Mapping[str, Feed], *, atol: Tolerance = None,
-                    rtol: Tolerance = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
-    """Every pair of runners on every input set; the earlier runner of a pair is the reference.
-
-    Args:
-        runners: the runners (activated and deactivated here).
-        inputs: input sets by label.
-        atol: absolute tolerance, or per output name.
-        rtol: relative tolerance, likewise.
-        batch_size: samples per call.
-
-    Returns:
-        One Comparison per pair and input set; the routers judged are those of the first runner that
-        names any (torch and ONNX both do).
-    """
-    comparisons = []
-    with contextlib.ExitStack() as stack:
-        for runner in runners:
-            stack.enter_context(runner)
-        routers = next((r.signature.routers for r in runners if r.signature.routers), ())
-        for label, feed in inputs.items():
-            results = [run_batched(r, feed, batch_size) for r in runners]
-            for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
-                computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
-                comparisons.append(compare(ref, cand, routers=routers, atol=atol, rtol=rtol,
-                                           reference_name=runners[i].name, candidate_name=runners[j].name,
-                                           inputs=label, compute_dtypes=computes))
-    return comparisons

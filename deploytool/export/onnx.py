@@ -34,7 +34,7 @@ from deploytool.signature import BATCH, META_KEY, ModelSignature, is_static, to_
 if TYPE_CHECKING:
     from torch import nn
 
-    from deploytool.compare import ParityReport
+    from deploytool.comparator import ParityReport
 
 VALIDATION_BATCH = 256
 DISPATCHES = ("sparse", "dense")
@@ -443,7 +443,7 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
 
     A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
     """
-    from deploytool.compare import ParityReport, compare_runners
+    from deploytool.comparator import ParityReport, compare_runners
     from deploytool.runners.ort import OnnxRuntimeRunner
     from deploytool.runners.torch import TorchRunner
 

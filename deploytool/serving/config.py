@@ -28,6 +28,25 @@ _BACKEND_FIELDS = {
     "onnxruntime": ({"backend": "onnxruntime"}, "KIND_AUTO"),
     "python": ({"backend": "python"}, "KIND_CPU"),
 }
+#: Triton backends package writes (each config.pbtxt names one); "python" serves any target through model.py
+TRITON_BACKENDS = tuple(_BACKEND_FIELDS)
+#: what a Triton backend other than python serves, by the artifact the deploytool backend of its name reads
+SERVES = {"engine": "a TensorRT engine (deploytool build-engine)", "onnx": "an ONNX file (deploytool export)"}
+
+
+def triton_backend(runtime_backend: str) -> str:
+    """The Triton backend that serves what a deploytool backend reads: its namesake where Triton has one
+    (tensorrt, onnxruntime), else python (model.py runs the deploytool runtime).
+
+    Args:
+        runtime_backend: a deploytool backend name (deploytool.runners.BACKENDS).
+
+    Returns:
+        A name in TRITON_BACKENDS.
+    """
+    return runtime_backend if runtime_backend in _BACKEND_FIELDS else "python"
+
+
 #: the largest max_batch_size a config may declare: beyond it one request's tensors outgrow a server
 MAX_BATCH = 65536
 #: the most model instances, and the longest queue delay, a config may declare

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import top_k_of
+from deploytool.artifacts import artifact_kind, load_onnx, manifest_path, open_artifact, read_manifest, top_k_of
+from deploytool.artifacts import max_batch as profile_max_batch
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.errors import BadInput
-from deploytool.signature import ModelSignature
+from deploytool.runners import artifact_of, make_runner, native_backend, reads
+from deploytool.runtime import resolve_backend
 from deploytool.serving import config as cfg
+from deploytool.signature import ModelSignature
 
-TRITON_BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
+TRITON_BACKENDS = ("auto", *cfg.TRITON_BACKENDS)
 VERSION = "1"
-# artifact kind -> Triton backend that serves it natively
-_NATIVE = {"engine": "tensorrt", "onnx": "onnxruntime", "run": "python"}
 # the artifact's name inside the version directory (Triton's default model file names)
 _ARTIFACT = {"engine": "model.plan", "onnx": "model.onnx", "run": "run"}
 _RUN_FILES = (io.CONFIG_FILE, io.WEIGHTS_FILE, io.METRICS_FILE)
@@ -87,9 +88,6 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
             the target; an existing entry without `force`.
         MissingDependency: tritonclient (Triton's schema) is missing.
     """
-    from deploytool.artifacts import artifact_kind
-    from deploytool.runtime import resolve_backend
-
     cfg.check_name(name)
     target, repository = Path(target), Path(repository)
     if repository.exists() and not repository.is_dir():
@@ -114,11 +112,10 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                            max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force)
     if top_k is not None:
         raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
-    backend = _NATIVE[kind] if backend == "auto" else backend
-    if backend != "python" and _NATIVE[kind] != backend:
-        wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
-                 else "an ONNX file (deploytool export)")
-        raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use the python backend")
+    backend = cfg.triton_backend(native_backend(kind)) if backend == "auto" else backend
+    if backend != "python" and not reads(backend, kind):
+        raise BadInput(f"the {backend} backend serves {cfg.SERVES[artifact_of(backend)]}, not {target}; "
+                       "or use the python backend")
     preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
     batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
 
@@ -241,15 +238,12 @@ def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature,
     """The target's signature (a run directory's from the torch runner, which also proves the
     checkpoint loads; an ONNX model's from ONNX Runtime, which proves it loads) and README notes; a
     model without routers is refused."""
-    from deploytool.artifacts import open_artifact
-    from deploytool.runners import make_runner
-
     notes: list[str] = []
     if kind == "run":
-        signature = make_runner("torch", target).signature
+        signature = make_runner(native_backend(kind), target).signature
     elif kind == "onnx":
         open_artifact(target)  # the stored signature's checks
-        runner = make_runner("onnxruntime", target)  # opens an InferenceSession: a model ORT cannot load fails here
+        runner = make_runner(native_backend(kind), target)  # opens an InferenceSession: a model ORT cannot load fails here
         signature = runner.signature
         runner.session = None
     else:
@@ -266,9 +260,6 @@ def _engine_notes(engine: Path, max_batch: int) -> list[str]:
     Refuses a max batch above the engine's optimisation profile: Triton would accept batches the engine
     cannot run.
     """
-    from deploytool.artifacts import max_batch as profile_max_batch
-    from deploytool.artifacts import read_manifest
-
     manifest = read_manifest(engine)
     profile_max = profile_max_batch(manifest)
     if profile_max is not None and max_batch > profile_max:
@@ -301,16 +292,12 @@ def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
             (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target.parent / location, dest.parent / location)
     else:
-        from deploytool.artifacts import manifest_path
-
         shutil.copyfile(manifest_path(target), manifest_path(dest))
 
 
 def _external_data(onnx_path: Path) -> list[str]:
     """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
     import onnx
-
-    from deploytool.artifacts import load_onnx
 
     graph = load_onnx(onnx_path).graph
     locations = set()
