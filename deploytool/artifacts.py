@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.choices import BUILTIN_MODELS, DISPATCHES, ROUTER_KINDS
 from deploytool.dtypes import ONNX_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json, with_io
@@ -158,10 +159,9 @@ RUN_CONFIG_SIZES = {"expert_hidden": 1, "width": 1, "channels": 1, "d_model": 1,
                     "router_hidden": 0, "trunk": 0}
 #: the most experts a router may have (train refuses more too); a larger count is a typo, not a model
 MAX_EXPERTS = 4096
-#: the built-in models (deploytool.models.MODELS) a run's "model" may name, unless "module:<ClassName>"
-BUILTIN_MODELS = ("routed-mlp", "routed-cnn", "moe-transformer")
-#: config.json entries that are names, with the values they may take (None: any string)
-RUN_CONFIG_NAMES = {"model": BUILTIN_MODELS, "router": ("softmax", "sigmoid"), "dispatch": ("dense", "sparse"),
+#: config.json entries that are names, with the values they may take, the first the default (None: any
+#: string); "model" may name a built-in model (deploytool.models.MODELS) unless "module:<ClassName>"
+RUN_CONFIG_NAMES = {"model": BUILTIN_MODELS, "router": ROUTER_KINDS, "dispatch": DISPATCHES,
                     "penalty": None, "balance": None}
 
 
@@ -234,7 +234,7 @@ def _check_expert_count(config: dict[str, Any], path: Path) -> None:
 
     Reads only the safetensors header; weights that are absent or unreadable are left to the loader.
     """
-    names = _safetensors_names(path / io.WEIGHTS_FILE)
+    names = io.safetensors_names(path / io.WEIGHTS_FILE)
     counts: dict[str, set[int]] = {}
     for name in names:
         match = re.match(r"(.*?)experts\.(\d+)\.", name)
@@ -244,22 +244,6 @@ def _check_expert_count(config: dict[str, Any], path: Path) -> None:
         if len(indices) != config["n_experts"]:
             raise BadInput(f"{path / io.CONFIG_FILE}: n_experts={config['n_experts']} but {io.WEIGHTS_FILE} holds "
                            f"{len(indices)} experts in {module.rstrip('.') or 'the model'}")
-
-
-def _safetensors_names(path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header; [] when it is absent or not readable as one."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > min(path.stat().st_size, 1 << 28):
-                return []
-            header = json.loads(fh.read(size))
-    except (OSError, struct.error, ValueError):
-        return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def is_module_run(config: dict[str, Any]) -> bool:

@@ -351,13 +351,39 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
 
 # --- safetensors checkpoints -------------------------------------------------------------------
 
+def _header_length(fh) -> int | None:
+    """The length a safetensors file's first 8 bytes give its JSON header; None when it is shorter."""
+    head = fh.read(8)
+    return struct.unpack("<Q", head)[0] if len(head) == 8 else None
+
+
 def _looks_like_safetensors(path: Path) -> bool:
+    """The file starts as safetensors does: a header length within the file, then a JSON object."""
     with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_len < path.stat().st_size
+        header_len = _header_length(fh)
+        first = fh.read(1)
+    return header_len is not None and first == b"{" and 0 < header_len < path.stat().st_size
+
+
+def safetensors_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names in a safetensors file's header, read without loading a tensor.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        The names; [] when the file is absent or not readable as safetensors (left to the loader).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = _header_length(fh)
+            if size is None or size > min(path.stat().st_size, 1 << 28):
+                return []
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, str] | None = None) -> Path:

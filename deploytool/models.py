@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploytool.choices import BUILTIN_MODELS
 from deploytool.errors import BadInput
 from deploytool.nn import RoutedExperts, Router, RoutingLoss
 
@@ -162,7 +163,8 @@ class MoETransformer(nn.Module):
         return self.head(self.norm(h.mean(dim=1)))
 
 
-MODELS = {"routed-mlp": RoutedMLP, "routed-cnn": RoutedCNN, "moe-transformer": MoETransformer}
+#: built-in model name (choices.BUILTIN_MODELS, which a run's config.json is checked against) -> its class
+MODELS = dict(zip(BUILTIN_MODELS, (RoutedMLP, RoutedCNN, MoETransformer)))
 
 # config.json keys that become constructor arguments (each model takes those its constructor names)
 ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden", "trunk",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deploytool import losses
+from deploytool.choices import DISPATCHES, ROUTER_KINDS
 from deploytool.dispatch import exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.ops.functional import hard_select, tempered_softmax
@@ -24,7 +25,6 @@ from deploytool.ops.functional import hard_select, tempered_softmax
 RouterKind = Literal["softmax", "sigmoid"]
 Dispatch = Literal["dense", "sparse"]
 #: the dispatch names: every expert on every row and a mask, or each expert on its rows only
-DISPATCHES = ("dense", "sparse")
 RoutingMode = Literal["auto", "soft", "hard", "gumbel"]
 
 
@@ -54,7 +54,7 @@ class Router(nn.Module):
             raise ValueError(f"n_experts={n_experts}: {losses.ONE_CLASS_MESSAGE}")
         if kind == "sigmoid" and n_experts != 2:
             raise ValueError(f"a sigmoid router chooses between exactly 2 experts, got n_experts={n_experts}")
-        if kind not in ("softmax", "sigmoid"):
+        if kind not in ROUTER_KINDS:
             raise ValueError(f"router kind must be softmax or sigmoid, got {kind!r}")
         self.kind = kind
         self.n_experts = n_experts

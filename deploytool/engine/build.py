@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploytool.engine.manifest import build_manifest
 from deploytool.artifacts import manifest_path
+from deploytool.dtypes import TENSORRT_DTYPES
+from deploytool.engine.manifest import build_manifest
 from deploytool.engine.plan import FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH, EngineBuildPlan, plan_engine
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.ops import DOMAIN
@@ -229,8 +230,8 @@ def _network_flags(trt, names: list[str]) -> int:
     return flags
 
 
-#: TensorRT names these data types as NumPy does (trt.float16 is "float16")
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")
+#: TensorRT names these data types as NumPy does (trt.float16 is "float16"): dtypes.TENSORRT_DTYPES
+DTYPE_NAMES = TENSORRT_DTYPES
 
 
 def dtype_name(trt, dtype) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from deploytool.dtypes import LOWER_PRECISIONS, NUMPY_TO_ONNX, PRECISION_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 
@@ -39,7 +40,7 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
     import onnx
     from onnx import TensorProto, helper
 
-    target = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}.get(precision)
+    target = NUMPY_TO_ONNX[PRECISION_DTYPES[precision]] if precision in LOWER_PRECISIONS else None
     if target is None:
         raise BadInput(f"cannot lower to {precision!r}: choose fp16 or bf16")
 

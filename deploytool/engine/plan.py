@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deploytool.dtypes import PRECISION_NAMES, PRECISIONS
 from deploytool.errors import BadInput
 from deploytool.io import sha256_file
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 #: deploytool ops that have a TensorRT plugin (plugins/deploytool_trt_plugin.py)
 PLUGIN_OPS = (TEMPERED_SOFTMAX, HARD_SELECT)
 PLUGIN_PATH = "plugin"
@@ -31,7 +31,6 @@ MAX_DIM = 1 << 20
 MAX_WORKSPACE_MIB = 1 << 20
 
 #: input dtype -> the precision it means
-_FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -218,7 +217,7 @@ def _profile(inputs: list[dict], batch: tuple[int, int, int], dims: dict[str, li
 
 
 def _model_precision(inputs: list[dict]) -> str:
-    floats = {_FLOAT_PRECISIONS[i["dtype"]] for i in inputs if i["dtype"] in _FLOAT_PRECISIONS}
+    floats = {PRECISION_NAMES[i["dtype"]] for i in inputs if i["dtype"] in PRECISION_NAMES}
     if len(floats) > 1:
         raise BadInput(f"the model mixes float input types {sorted(floats)}; export it in one precision")
     return floats.pop() if floats else "fp32"

@@ -26,6 +26,7 @@ import numpy as np
 
 from deploytool import io
 from deploytool.artifacts import META_PREFIX
+from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput, CheckFailed, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from deploytool.comparator import ParityReport
 
 VALIDATION_BATCH = 256
-DISPATCHES = ("sparse", "dense")
 #: how fused experts export: deploytool's own dispatch, or ONNX Runtime's com.microsoft::MoE where it can
 MOE_OPS = ("deploytool", "ort")
 #: the largest static batch an export accepts: beyond it the example alone outgrows memory
@@ -143,7 +143,7 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     if static_batch is not None and not 1 <= static_batch <= MAX_STATIC_BATCH:
         raise BadInput(f"static batch must be between 1 and {MAX_STATIC_BATCH}, got {static_batch}")
     if dispatch not in DISPATCHES:
-        raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
+        raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(sorted(DISPATCHES, reverse=True))}")
     if moe_op not in MOE_OPS:
         raise BadInput(f"unknown MoE op {moe_op!r}; choose {' or '.join(MOE_OPS)}")
     module, example, source, sha256, run_config, own_dims = _resolve(model, checkpoint, example_inputs, top_k)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from deploytool.dtypes import TRITON_LANG_TYPES
+
 #: widest column block; rows with more experts loop over blocks of this size (online softmax)
 MAX_BLOCK_E = 4096
 #: elements per program: compiled programs keep a tile in registers; the interpreter is fastest with
@@ -200,7 +202,7 @@ def _run(x, temp_bits: int, probs, mask, index_dtype, max_block_e: int):
 # --- ahead-of-time compilation for the TensorRT plugin ----------------------------------------
 
 #: TensorRT / torch dtype names -> Triton pointer element types
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+TRITON_TYPES = TRITON_LANG_TYPES
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput
 from deploytool.runners.base import Runner
 from deploytool.signature import BATCH, ModelSignature
@@ -16,7 +17,6 @@ from deploytool.signature import BATCH, ModelSignature
 if TYPE_CHECKING:
     from torch import nn
 
-DISPATCHES = ("dense", "sparse")
 
 
 class TorchRunner(Runner):
@@ -37,7 +37,7 @@ class TorchRunner(Runner):
                  top_k: int | None = None):
         super().__init__(name)
         if dispatch not in (None, *DISPATCHES):
-            raise BadInput(f"unknown dispatch {dispatch!r}; choose dense or sparse")
+            raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
         self.dispatch = dispatch
         self.device = device
         self.checkpoint = checkpoint

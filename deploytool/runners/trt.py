@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deploytool.dtypes import LOWER_PRECISIONS, PRECISION_DTYPES
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.runners.base import Runner
 from deploytool.signature import ModelSignature
@@ -25,7 +26,8 @@ class TensorRTRunner(Runner):
         super().__init__(name)
         self.engine_path = Path(engine_path)
         self.manifest = read_manifest(self.engine_path)
-        self.compute_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(self.manifest.get("precision"))
+        precision = self.manifest.get("precision")
+        self.compute_dtype = PRECISION_DTYPES[precision] if precision in LOWER_PRECISIONS else None
         self.engine = self.context = self.stream = None
 
     def _activate(self) -> None:

@@ -12,16 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deploytool.dtypes import TRITON_DTYPES
 from deploytool.errors import BadInput, CheckFailed
 from deploytool.signature import TensorMeta, is_static
 
-# NumPy dtype name -> Triton data type (Triton's model_configuration.md "Datatypes" table)
-TRITON_DTYPES = {
-    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16",
-}
 # deploytool backend -> how config.pbtxt names it, and where its instances run
 _BACKEND_FIELDS = {
     "tensorrt": ({"platform": "tensorrt_plan"}, "KIND_GPU"),

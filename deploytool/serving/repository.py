@@ -22,6 +22,7 @@ from deploytool import io
 from deploytool.artifacts import artifact_kind, load_onnx, manifest_path, open_artifact, read_manifest, top_k_of
 from deploytool.artifacts import max_batch as profile_max_batch
 from deploytool.batch_sizes import check_batch_sizes
+from deploytool.dtypes import NUMPY_OF_TRITON
 from deploytool.errors import BadInput
 from deploytool.runners import artifact_of, make_runner, native_backend, reads
 from deploytool.runtime import resolve_backend
@@ -325,12 +326,11 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
     """How to serve this model with tritonserver and call it: the exact command and a client example."""
     name, max_batch = config["name"], config["max_batch_size"]
     backend = config.get("platform") or config["backend"]
-    numpy_dtypes = {v: k for k, v in cfg.TRITON_DTYPES.items()}
     examples = []  # (name, Triton dtype, NumPy dtype, shape of 2 samples, shape of one)
     for x in config["input"]:
         dims = [d if d > 0 else 8 for d in x["dims"]]
         shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
-        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), numpy_dtypes[x["data_type"]], shape, one_row))
+        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), NUMPY_OF_TRITON[x["data_type"]], shape, one_row))
     env = ""
     if backend == "python":
         env = ('LD_LIBRARY_PATH="$(python -c \'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))\'):'
