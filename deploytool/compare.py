@@ -55,6 +55,26 @@ def default_tolerance(*dtypes: str) -> tuple[float, float]:
 
 @dataclass
 class OutputDiff:
+    """One output compared: error statistics over the rows compared, and whether they pass.
+
+    Attributes:
+        name: the output's name.
+        dtype: the coarser dtype of the two.
+        shape: the candidate's shape.
+        rows: rows compared (routed outputs: rows whose decisions agree).
+        max_abs: largest absolute error (inf where NaN meets a number).
+        mean_abs: mean absolute error.
+        p99_abs: 99th percentile of the absolute error.
+        max_rel: largest relative error.
+        mean_rel: mean relative error.
+        p99_rel: 99th percentile of the relative error.
+        atol: the absolute tolerance applied.
+        rtol: the relative tolerance applied.
+        min_atol: the smallest atol that would pass at this rtol.
+        passed: every element within atol + rtol * |reference|.
+        note: why nothing was compared (shapes differ, no rows).
+    """
+
     name: str
     dtype: str
     shape: list[int]
@@ -179,7 +199,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
                                                                              compute_dtypes, gains.get(name, 1.0)),
                                     rows=agree))
     passed = not notes and all(d.passed for d in diffs) and all(r.passed for r in routing)
-    return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
+    return Comparison(reference=reference_name, candidate=candidate_name, inputs=inputs, outputs=diffs,
+                      routing=routing, passed=passed, notes=notes)
 
 
 def _flips(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, limit: float):
@@ -235,15 +256,16 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
                 key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 99)
     if ref.shape != cand.shape:
         nan = float("nan")
-        return OutputDiff(name, dtype, list(cand.shape), 0, nan, nan, nan, nan, nan, nan, atol, rtol, nan, False,
-                          f"shape {list(cand.shape)} != reference {list(ref.shape)}")
+        return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=0, **dict.fromkeys(_ERROR_STATS, nan),
+                          atol=atol, rtol=rtol, min_atol=nan, passed=False,
+                          note=f"shape {list(cand.shape)} != reference {list(ref.shape)}")
     if rows is not None and ref.ndim and rows.shape == ref.shape[:1]:
         ref, cand = ref[rows], cand[rows]
     r = ref.astype(np.float64)
     c = cand.astype(np.float64)
     if r.size == 0:
-        return OutputDiff(name, dtype, list(cand.shape), 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, atol, rtol, 0.0, True,
-                          "no rows to compare")
+        return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=0, **dict.fromkeys(_ERROR_STATS, 0.0),
+                          atol=atol, rtol=rtol, min_atol=0.0, passed=True, note="no rows to compare")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         err = np.abs(c - r)
         err[r == c] = 0.0  # equal infinities too (inf - inf is NaN); NaN equals nothing
@@ -251,8 +273,13 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
         rel = np.where(err == 0, 0.0, err / np.abs(r))  # an error against an exact 0 is infinitely relative
         min_atol = float(np.max(np.maximum(err - rtol * np.abs(np.nan_to_num(r)), 0.0)))
         stats = [float(f(a)) for a in (err, rel) for f in (np.max, np.mean, lambda v: np.percentile(v, 99))]
-    return OutputDiff(name, dtype, list(cand.shape), int(len(r)) if r.ndim else 1, *stats, atol, rtol, min_atol,
-                      bool(min_atol <= atol))
+    return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=int(len(r)) if r.ndim else 1,
+                      **dict(zip(_ERROR_STATS, stats)), atol=atol, rtol=rtol, min_atol=min_atol,
+                      passed=bool(min_atol <= atol))
+
+
+#: OutputDiff's error statistics, in the order compare_output computes them
+_ERROR_STATS = ("max_abs", "mean_abs", "p99_abs", "max_rel", "mean_rel", "p99_rel")
 
 
 def tie_margin(atol: float, rtol: float) -> float:
@@ -270,13 +297,15 @@ def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np
 
 def _routing_diff(router: str, flipped: np.ndarray | None, ties: np.ndarray | None, margins: np.ndarray | None,
                   limit: float, tied_samples: np.ndarray | None) -> RoutingDiff:
-    if flipped is None:
-        return RoutingDiff(router, 0, 0.0, 0, 0, 0, limit, [], None, False)
+    if flipped is None:  # shapes differ: nothing compared, a failure
+        return RoutingDiff(router=router, rows=0, agreement=0.0, flips=0, tie_breaks=0, failures=0, tie_margin=limit,
+                           buckets=[], min_flip_margin=None, passed=False)
     failing = flipped & ~ties
     if tied_samples is not None and flipped.ndim:
         failing &= ~tied_samples.reshape(-1, *([1] * (flipped.ndim - 1)))
     counts, _ = np.histogram(margins[flipped], bins=MARGIN_EDGES)
     buckets = [{"lo": lo, "hi": hi, "flips": int(k)} for lo, hi, k in zip(MARGIN_EDGES, MARGIN_EDGES[1:], counts)]
     n, n_flips, failures = int(flipped.size), int(flipped.sum()), int(failing.sum())
-    return RoutingDiff(router, n, 100.0 * (1.0 - n_flips / n) if n else 100.0, n_flips, n_flips - failures,
-                       failures, limit, buckets, float(margins[flipped].min()) if n_flips else None, failures == 0)
+    return RoutingDiff(router=router, rows=n, agreement=100.0 * (1.0 - n_flips / n) if n else 100.0, flips=n_flips,
+                       tie_breaks=n_flips - failures, failures=failures, tie_margin=limit, buckets=buckets,
+                       min_flip_margin=float(margins[flipped].min()) if n_flips else None, passed=failures == 0)

@@ -91,8 +91,9 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     label, feed = sample_feed(target.signature, data=data, run_config=run_config, samples=samples, seed=seed,
                               made_up=samples)
     comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
-    return ParityReport(", ".join(map(str, paths)), [r.name for r in runners], {label: batch_of(feed)}, comparisons,
-                        str(checkpoint) if checkpoint else None, metadata, notes)
+    return ParityReport(model=", ".join(map(str, paths)), backends=[r.name for r in runners],
+                        inputs={label: batch_of(feed)}, comparisons=comparisons,
+                        checkpoint=str(checkpoint) if checkpoint else None, metadata=metadata, notes=notes)
 
 
 def hf_options(source: Path | None, signature) -> dict:

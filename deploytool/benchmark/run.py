@@ -146,14 +146,58 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
     check_settings(warmup_ms, duration_s, min_iters, seed)
+    targets = _check_targets(target, backends)
+    arts = [resolve_target(t, checkpoint=checkpoint) for t in targets]
+    _check_reports(json_path, plot_path, checkpoint, data, targets, arts)
+    notes = [note for note in (busy_note(),) if note]
+    for a in arts:
+        if any(artifact_of(b) == "engine" for b in backends) and a.engine_path is not None:
+            check_engine_batch(a.engine_path, batch_sizes)
+
+    with contextlib.ExitStack() as stack:
+        runners, skipped = _open_targets(backends, targets, arts, stack, notes)
+        check_static_batch(runners, batch_sizes)
+        signature = runners[0].signature
+        steered = _steered_router(signature, router)
+        label, pool = _pool(signature, arts[0], data, seed, notes)
+        check_feed_size(pool, batch_sizes)
+        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
+        per_sample = sample_experts(routes[steered.index], steered.n_experts)
+        lines, device_notes = _measure(runners, pool, routes=per_sample, n_experts=steered.n_experts,
+                                       batch_sizes=batch_sizes, routing=routing,
+                                       settings=dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
+                                       progress=progress, seed=seed)
+    notes = notes + device_notes
+    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
+    if "uniform" in routing and not present.all():
+        notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
+                     "samples; uniform spreads over the others")
+    result = BenchResult(
+        target=", ".join(map(str, targets)), kind=arts[0].kind, backends=[r.name for r in runners], skipped=skipped,
+        lines=lines,
+        settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
+                  "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
+                  "seed": seed},
+        inputs=f"{label} ({batch_of(pool)} samples; router {steered.path}, {steered.n_experts} experts)",
+        machine=machine_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+    _write_reports(result, json_path, plot_path, start)
+    return result
+
+
+def _check_targets(target: str | Path | Sequence[str | Path], backends: list[str]) -> list[Path]:
+    """The targets as paths: distinct, and several only with a backend that reads each (not torch alone)."""
     targets = [Path(target)] if isinstance(target, (str, Path)) else [Path(t) for t in target]
     if not targets or len({t.resolve() for t in targets}) != len(targets):
         raise BadInput("give one or more distinct targets")
     if len(targets) > 1 and all(artifact_of(b) == "run" for b in backends):
         raise BadInput(f"several targets are measured with the backends that read them; {', '.join(backends)} "
                        "run the training run's weights, the same for every export: add onnxruntime or tensorrt")
-    arts = [resolve_target(t, checkpoint=checkpoint) for t in targets]
-    art = arts[0]
+    return targets
+
+
+def _check_reports(json_path: str | Path | None, plot_path: str | Path | None, checkpoint: str | Path | None,
+                   data: Any, targets: list[Path], arts: list[Target]) -> None:
+    """Refuse report paths that clash with each other, have the wrong suffix, or would overwrite an input."""
     if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
         raise BadInput(f"the JSON report and the plot are both {json_path}; give two paths")
     for path, suffix in ((json_path, ".json"), (plot_path, ".png")):
@@ -164,54 +208,36 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
             io.check_parent_dir(path)
             io.refuse_overwrite(path, checkpoint, data if isinstance(data, (str, Path)) else None, *targets,
                                 *(p for a in arts for p in (a.onnx_path, a.source, a.engine_path)))
-    notes: list[str] = []
-    load = busy_note()
-    if load:
-        notes.append(load)
-    for a in arts:
-        if any(artifact_of(b) == "engine" for b in backends) and a.engine_path is not None:
-            check_engine_batch(a.engine_path, batch_sizes)
 
-    with contextlib.ExitStack() as stack:
-        runners, skipped = [], {}
-        for i, (path, a) in enumerate(zip(targets, arts)):
-            # torch runs the weights, the same for every export of one run: measured once, with the first
-            names = backends if i == 0 else [b for b in backends if artifact_of(b) != "run"]
-            opened, missed = _open_runners(names, a, stack, notes)
-            opened = _check_same_model(opened, a, missed, notes)
-            if len(targets) > 1:
-                for runner in opened:
-                    if artifact_of(runner.name) != "run":
-                        runner.name = f"{runner.name} {path.name}"
-                missed = {f"{k} {path.name}": v for k, v in missed.items()}
-            runners += opened
-            skipped.update(missed)
-        for runner in runners:
-            runner.signature.require_router(f"the {runner.name} model")
+
+def _open_targets(backends: list[str], targets: list[Path], arts: list[Target], stack: contextlib.ExitStack,
+                  notes: list[str]) -> tuple[list, dict[str, str]]:
+    """Every runnable (backend, target) runner, activated, named after its target when there are several;
+    the backends skipped, with the reason. Each runner's model must have routers, and several targets must
+    be exports of one model."""
+    runners, skipped = [], {}
+    for i, (path, a) in enumerate(zip(targets, arts)):
+        # torch runs the weights, the same for every export of one run: measured once, with the first
+        names = backends if i == 0 else [b for b in backends if artifact_of(b) != "run"]
+        opened, missed = _open_runners(names, a, stack, notes)
+        opened = _check_same_model(opened, a, missed, notes)
         if len(targets) > 1:
-            check_runners_match(runners, {}, None)
-        check_static_batch(runners, batch_sizes)
-        signature = runners[0].signature
-        steered = _steered_router(signature, router)
-        label, pool = _pool(signature, art, data, seed, notes)
-        check_feed_size(pool, batch_sizes)
-        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
-        per_sample = sample_experts(routes[steered.index], steered.n_experts)
-        lines, device_notes = _measure(runners, pool, per_sample, steered.n_experts, batch_sizes, routing,
-                                       dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
-                                       progress, seed)
-    notes = notes + device_notes
-    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
-    if "uniform" in routing and not present.all():
-        notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
-                     "samples; uniform spreads over the others")
-    result = BenchResult(
-        target=", ".join(map(str, targets)), kind=art.kind, backends=[r.name for r in runners], skipped=skipped, lines=lines,
-        settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
-                  "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
-                  "seed": seed},
-        inputs=f"{label} ({batch_of(pool)} samples; router {steered.path}, {steered.n_experts} experts)",
-        machine=machine_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+            for runner in opened:
+                if artifact_of(runner.name) != "run":
+                    runner.name = f"{runner.name} {path.name}"
+            missed = {f"{k} {path.name}": v for k, v in missed.items()}
+        runners += opened
+        skipped.update(missed)
+    for runner in runners:
+        runner.signature.require_router(f"the {runner.name} model")
+    if len(targets) > 1:
+        check_runners_match(runners, {}, None)
+    return runners, skipped
+
+
+def _write_reports(result: BenchResult, json_path: str | Path | None, plot_path: str | Path | None,
+                   start: float) -> None:
+    """The plot, then the JSON report (which records the whole run's seconds)."""
     if plot_path is not None:
         from deploytool.benchmark.plot import plot_latency
 
@@ -219,7 +245,6 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
     result.total_s = round(time.perf_counter() - start, 3)
     if json_path is not None:
         io.write_json(json_path, result.to_dict())
-    return result
 
 
 def _steered_router(signature, path: str | None):
@@ -396,8 +421,24 @@ def _pool(signature, target: Target, data: Any, seed: int, notes: list[str]) -> 
 
 # --- measuring ---------------------------------------------------------------------------------
 
-def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
+def _measure(runners, pool: Feed, *, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
              routing: list[str], settings: dict[str, Any], progress: bool, seed: int) -> tuple[list[Line], list[str]]:
+    """Every cell (routing pattern x batch size), the runners measured interleaved.
+
+    Args:
+        runners: the active runners, the first the reference of the ratios.
+        pool: the samples feeds are picked from.
+        routes: each sample's expert under the steered router.
+        n_experts: that router's expert count.
+        batch_sizes: batch sizes to measure.
+        routing: routing patterns.
+        settings: the harness's timing settings (warmup_ms, duration_s, min_iters).
+        progress: show a progress bar.
+        seed: seed of the pattern sampling.
+
+    Returns:
+        (one Line per runner and cell, notes on how the times were taken).
+    """
     cells = list(itertools.product(routing, batch_sizes))
     lines: list[Line] = []
     notes: list[str] = []
@@ -411,7 +452,8 @@ def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_size
             for runner, stats in zip(runners, summaries):
                 outputs = [runner.infer(feed) for feed in feeds]
                 histograms = {r.path: patterns.histogram([o[r.index] for o in outputs], r.n_experts) for r in routers}
-                lines.append(Line(runner.name, batch, pattern, stats, stats.median_ms / first_median, histograms))
+                lines.append(Line(backend=runner.name, batch_size=batch, routing=pattern, stats=stats,
+                                  ratio=stats.median_ms / first_median, histograms=histograms))
             advance()
     return lines, list(dict.fromkeys(notes))
 

@@ -453,8 +453,8 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
                            output_names=named.user_output_names),
                OnnxRuntimeRunner(onnx_path, device="cpu")]
     comparisons = compare_runners(runners, inputs, atol=atol, rtol=rtol, batch_size=VALIDATION_BATCH)
-    return ParityReport(str(onnx_path), [r.name for r in runners], {k: _rows(v) for k, v in inputs.items()},
-                        comparisons)
+    return ParityReport(model=str(onnx_path), backends=[r.name for r in runners],
+                        inputs={k: _rows(v) for k, v in inputs.items()}, comparisons=comparisons)
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:

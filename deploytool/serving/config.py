@@ -76,6 +76,37 @@ class Batching:
             if not 1 <= size <= self.max_batch:
                 raise BadInput(f"preferred batch size {size} must be between 1 and the max batch {self.max_batch}")
 
+    @classmethod
+    def choose(cls, batching: Batching | None, *, max_batch: int = 64, dynamic: bool = False,
+               preferred: tuple[int, ...] = (8, 32), max_queue_delay_us: int = 100) -> Batching:
+        """`batching` when given (and none of the single settings differs from its default), else the
+        Batching the single settings make: how package and serve take either.
+
+        Args:
+            batching: a Batching, or None.
+            max_batch: as the field.
+            dynamic: as the field.
+            preferred: as the field.
+            max_queue_delay_us: as the field.
+
+        Returns:
+            The Batching.
+
+        Raises:
+            BadInput: both `batching` and a single setting given, or settings out of range.
+        """
+        given = dict(max_batch=max_batch, dynamic=dynamic, preferred=tuple(preferred),
+                     max_queue_delay_us=max_queue_delay_us)
+        if batching is None:
+            return cls(**given)
+        if not isinstance(batching, cls):
+            raise BadInput(f"batching must be a deploytool.serving.config.Batching, got {type(batching).__name__}")
+        defaults = cls()
+        also = [k for k, v in given.items() if v != getattr(defaults, k)]
+        if also:
+            raise BadInput(f"give batching= or {', '.join(also)}, not both")
+        return batching
+
     def section(self) -> dict[str, Any] | None:
         if not self.dynamic:
             return None

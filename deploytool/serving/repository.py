@@ -58,7 +58,7 @@ class Package:
 def package(target: str | Path, repository: str | Path, name: str, *, max_batch: int = 64,
             dynamic_batching: bool = False, preferred_batch: str | Sequence[int] = (8, 32),
             max_queue_delay_us: int = 100, instances: int = 1, backend: str = "auto",
-            force: bool = False, top_k: int | None = None) -> Package:
+            force: bool = False, top_k: int | None = None, batching: cfg.Batching | None = None) -> Package:
     """Write `repository/name` for `target` (engine -> tensorrt_plan, ONNX -> onnxruntime, run dir -> python).
 
     backend="python" serves any target through the deploytool runtime (model.py in the Python backend).
@@ -80,6 +80,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         backend: auto (the target's own), tensorrt, onnxruntime or python.
         force: replace an existing `repository/name`.
         top_k: for a Hugging Face folder, experts per token of the exported model (None: its own k).
+        batching: max batch and dynamic batcher as one `serving.config.Batching`, instead of the four
+            single settings above (giving both is refused).
 
     Returns:
         The Package written.
@@ -110,7 +112,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     if kind == "hf":
         return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
                            dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
-                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force)
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force,
+                           batching=batching)
     if top_k is not None:
         raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
     backend = cfg.triton_backend(native_backend(kind)) if backend == "auto" else backend
@@ -118,7 +121,9 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         raise BadInput(f"the {backend} backend serves {cfg.SERVES[artifact_of(backend)]}, not {target}; "
                        "or use the python backend")
     preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
-    batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
+    batching = cfg.Batching.choose(batching, max_batch=max_batch, dynamic=dynamic_batching, preferred=preferred,
+                                   max_queue_delay_us=max_queue_delay_us)
+    max_batch = batching.max_batch
 
     if kind == "onnx":
         _external_data(target)  # every external-data file checked before anything reads it
