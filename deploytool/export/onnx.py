@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploytool import io
-from deploytool.artifacts import META_PREFIX
+from deploytool.artifacts import META_PREFIX, graph_signature
 from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput, CheckFailed, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
@@ -236,17 +236,10 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         CheckFailed: the exported graph lacks the routing ops or fails onnx.checker.
     """
     import onnx
-    import torch
 
-    from deploytool import __version__
-    from deploytool.artifacts import graph_signature
     from deploytool.hf import dynamic_dims as hf_dynamic_dims
-    from deploytool.hf import input_vocab as hf_vocab
     from deploytool.hf import is_hf_model
-    from deploytool.model_io import NamedModule, as_named_inputs, module_signature
-    from deploytool.nn import moe_op_mode
-    from deploytool.ops.onnx_functions import attach
-    from deploytool.signature import ModelSignature
+    from deploytool.model_io import NamedModule, as_named_inputs
 
     example = _sized(as_named_inputs(module, example_inputs), static_batch)
     named = NamedModule(module, list(example), output_names=output_names,
@@ -254,6 +247,27 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     if dynamic_dims is None and is_hf_model(module):
         dynamic_dims = hf_dynamic_dims(example)
     dims = _dynamic_dims(example, dynamic_dims, static_batch)
+    proto, traced = _trace(named, example, dims, dispatch=dispatch, moe_op=moe_op, opset=opset)
+    signature = _graph_signature(proto, named, example, dims, traced)
+    metadata = _write_metadata(proto, signature, source=source, sha256=sha256, opset=opset, dispatch=dispatch,
+                               moe_op=moe_op)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
+    return proto, metadata, signature, named
+
+
+def _trace(named, example: dict, dims: dict[str, dict[int, str]], *, dispatch: str, moe_op: str, opset: int):
+    """(the ModelProto torch.onnx's dynamo export makes, with deploytool's local functions attached; the
+    traced signature). Refuses a graph without the routing ops the module's routers must emit."""
+    import torch
+
+    from deploytool.model_io import module_signature
+    from deploytool.nn import moe_op_mode
+    from deploytool.ops.onnx_functions import attach
+
+    module = named.model
     with export_mode(module, dispatch), moe_op_mode(module, "ort" if moe_op == "ort" else None):
         traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
         shapes = tuple({axis: torch.export.Dim(name) for axis, name in dims[n].items()} or None for n in example)
@@ -274,6 +288,16 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         raise CheckFailed(f"the exported graph lacks the deploytool routing ops {sorted(wanted - ops)} (found "
                           f"{sorted(ops)}); the model must route through deploytool routers")
     attach(proto, opset)
+    return proto, traced
+
+
+def _graph_signature(proto, named, example: dict, dims: dict[str, dict[int, str]], traced) -> ModelSignature:
+    """The exported graph's signature: its tensors, the traced routers and dim examples, and the token
+    vocabulary a Hugging Face model bounds its ids by. A dim asked to be dynamic that the graph fixed is
+    refused."""
+    from deploytool.hf import input_vocab as hf_vocab
+
+    module = named.model
     inputs, outputs = graph_signature(proto)
     fixed = [(meta.name, axis, meta.shape[axis]) for meta in inputs for axis in dims.get(meta.name, {})
              if is_static(meta.shape[axis])]
@@ -282,7 +306,14 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         raise BadInput(f"input {name!r} dim {axis} cannot be dynamic: {type(module).__name__} computes with it at "
                        f"size {size} (a weight or a reshape fixes it); export it with that dim fixed")
     vocab = {n: size for n, size in hf_vocab(module).items() if n in example}
-    signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples, vocab)
+    return ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples, vocab)
+
+
+def _write_metadata(proto, signature: ModelSignature, *, source: str, sha256: str, opset: int, dispatch: str,
+                    moe_op: str) -> dict[str, str]:
+    """Write deploytool's metadata props and the signature into `proto`; the props written (signature aside)."""
+    from deploytool import __version__
+
     metadata = {
         "version": __version__,
         "checkpoint_sha256": sha256,
@@ -295,11 +326,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"routed model exported by deploytool {__version__} from {source}"
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
-    return proto, {META_PREFIX + k: v for k, v in metadata.items()}, signature, named
+    return {META_PREFIX + k: v for k, v in metadata.items()}
 
 
 def _moe_op_notes(module: nn.Module, moe_op: str, dispatch: str) -> list[str]:

@@ -93,6 +93,44 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     """
     cfg.check_name(name)
     target, repository = Path(target), Path(repository)
+    model_dir = _check_destination(target, repository, name, force)
+    if backend not in TRITON_BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
+    kind = artifact_kind(target)
+    if kind == "hf":
+        return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
+                           dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force,
+                           batching=batching)
+    if top_k is not None:
+        raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
+    backend = _triton_backend(target, kind, backend)
+    preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
+    batching = cfg.Batching.choose(batching, max_batch=max_batch, dynamic=dynamic_batching, preferred=preferred,
+                                   max_queue_delay_us=max_queue_delay_us)
+
+    if kind == "onnx":
+        _external_data(target)  # every external-data file checked before anything reads it
+    signature, notes = _signature(target, kind, batching.max_batch)
+    runtime_backend = parameters = None
+    if backend == "python":
+        runtime_backend = resolve_backend(target)[1]
+        parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
+    config = cfg.model_config(name, list(signature.inputs), list(signature.outputs), backend=backend,
+                              batching=batching, instances=instances, parameters=parameters)
+    text = cfg.render(config)
+    validated = cfg.validate(text)
+    readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
+    clean_stale_builds(repository, name)
+    files = _write_model_dir(model_dir, target, kind, backend, text, readme_text)
+    return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
+                   model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
+                   files=files, config=config, validated=validated, notes=notes)
+
+
+def _check_destination(target: Path, repository: Path, name: str, force: bool) -> Path:
+    """`repository/name`, once it is a place package may write: not the target or inside it, not inside a
+    run directory, and new or (with force) a folder package wrote."""
     if repository.exists() and not repository.is_dir():
         raise BadInput(f"repository {repository} exists and is a file; give a directory")
     model_dir = repository / name
@@ -106,40 +144,22 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         raise BadInput(f"{model_dir} already exists; replace it with force "
                        "(the old model stays intact until the new one is complete)")
     check_replaceable(model_dir, repository)
-    if backend not in TRITON_BACKENDS:
-        raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
-    kind = artifact_kind(target)
-    if kind == "hf":
-        return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
-                           dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
-                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force,
-                           batching=batching)
-    if top_k is not None:
-        raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
+    return model_dir
+
+
+def _triton_backend(target: Path, kind: str, backend: str) -> str:
+    """The Triton backend that serves a target of `kind`: "auto" picks the one that serves it natively
+    (the registry's native backend where Triton has it, else python); another must read the target."""
     backend = cfg.triton_backend(native_backend(kind)) if backend == "auto" else backend
     if backend != "python" and not reads(backend, kind):
         raise BadInput(f"the {backend} backend serves {cfg.SERVES[artifact_of(backend)]}, not {target}; "
                        "or use the python backend")
-    preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
-    batching = cfg.Batching.choose(batching, max_batch=max_batch, dynamic=dynamic_batching, preferred=preferred,
-                                   max_queue_delay_us=max_queue_delay_us)
-    max_batch = batching.max_batch
+    return backend
 
-    if kind == "onnx":
-        _external_data(target)  # every external-data file checked before anything reads it
-    signature, notes = _signature(target, kind, max_batch)
-    inputs, outputs = list(signature.inputs), list(signature.outputs)
-    runtime_backend = parameters = None
-    if backend == "python":
-        runtime_backend = resolve_backend(target)[1]
-        parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
-    config = cfg.model_config(name, inputs, outputs, backend=backend, batching=batching, instances=instances,
-                              parameters=parameters)
-    text = cfg.render(config)
-    validated = cfg.validate(text)
-    readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
 
-    clean_stale_builds(repository, name)
+def _write_model_dir(model_dir: Path, target: Path, kind: str, backend: str, config_text: str,
+                     readme_text: str) -> list[str]:
+    """Build the model folder under a temporary name and swap it in whole; the files written."""
     with io.atomic_dir(model_dir) as tmp:
         # the marker first, naming this process: a package killed before the swap leaves a folder that the
         # next package of this name removes (clean_stale_builds); at the end it lists the files written
@@ -147,16 +167,14 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                                                  "building": io.process_id(os.getpid())}))
         version = tmp / VERSION
         version.mkdir()
-        (tmp / "config.pbtxt").write_text(text)
+        (tmp / "config.pbtxt").write_text(config_text)
         _copy_artifact(target, kind, version / _ARTIFACT[kind])
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
         (tmp / "README.md").write_text(readme_text)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
         (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": files}))
-    return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
-                   model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
-                   files=files, config=config, validated=validated, notes=notes)
+    return files
 
 
 #: the file in every model folder `package` writes, listing what it wrote: `force` replaces only such a folder
@@ -328,14 +346,32 @@ def _external_data(onnx_path: Path) -> list[str]:
 # --- README ------------------------------------------------------------------------------------
 
 def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
-    """How to serve this model with tritonserver and call it: the exact command and a client example."""
-    name, max_batch = config["name"], config["max_batch_size"]
-    backend = config.get("platform") or config["backend"]
+    """How to serve this model with tritonserver and call it: the exact command and a client example.
+
+    Args:
+        repository: the model repository.
+        config: the model's config (as serving.config.model_config makes it).
+        notes: paragraphs on loading it (an engine's plugin and TensorRT version).
+
+    Returns:
+        The README's Markdown.
+    """
+    max_batch = config["max_batch_size"]
     examples = []  # (name, Triton dtype, NumPy dtype, shape of 2 samples, shape of one)
     for x in config["input"]:
         dims = [d if d > 0 else 8 for d in x["dims"]]
         shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
-        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), NUMPY_OF_TRITON[x["data_type"]], shape, one_row))
+        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), NUMPY_OF_TRITON[x["data_type"]], shape,
+                         one_row))
+    lines = [*_readme_serving(repository, config), *[line for note in notes for line in (note, "")],
+             *_readme_tensors(config), *_readme_client(config["name"], config, examples)]
+    return "\n".join(lines)
+
+
+def _readme_serving(repository: Path, config: dict[str, Any]) -> list[str]:
+    """The README's title, the tritonserver command, and for the Python backend what its server needs."""
+    name = config["name"]
+    backend = config.get("platform") or config["backend"]
     env = ""
     if backend == "python":
         env = ('LD_LIBRARY_PATH="$(python -c \'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))\'):'
@@ -363,15 +399,25 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
             "for you.",
             "",
         ]
-    lines += [*[line for note in notes for line in (note, "")],
-              f"Tensors as a request sends them (max_batch_size {max_batch}"
-              + (": a leading batch dimension is added to every shape):" if max_batch > 0 else "):"),
-              ""]
+    return lines
+
+
+def _readme_tensors(config: dict[str, Any]) -> list[str]:
+    """The README's list of tensors, as a request sends them."""
+    max_batch = config["max_batch_size"]
+    lines = [f"Tensors as a request sends them (max_batch_size {max_batch}"
+             + (": a leading batch dimension is added to every shape):" if max_batch > 0 else "):"),
+             ""]
     for kind in ("input", "output"):
         for t in config[kind]:
             full = ([-1] if max_batch > 0 else []) + list(t["dims"])
             lines.append(f"- {kind} `{t['name']}`: {t['data_type'].removeprefix('TYPE_')} {full}")
-    lines += [
+    return lines
+
+
+def _readme_client(name: str, config: dict[str, Any], examples: list[tuple]) -> list[str]:
+    """The README's Python client and curl examples."""
+    return [
         "",
         "Client (`pip install \"tritonclient[http]\"`):",
         "",
@@ -398,7 +444,6 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _py(text: str) -> str:
