@@ -21,6 +21,7 @@ from typing import Any
 
 from deploytool import io
 from deploytool.choices import BUILTIN_MODELS, DISPATCHES, ROUTER_KINDS
+from deploytool.deps import require
 from deploytool.dtypes import ONNX_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json, with_io
@@ -554,8 +555,6 @@ def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
 
 
 def _onnx():
-    from deploytool.deps import require
-
     return require("onnx", "reading ONNX models")
 
 

@@ -12,9 +12,12 @@ from pathlib import Path
 from deploytool.artifacts import read_manifest
 from deploytool.deps import install_hint
 from deploytool.engine.manifest import load_problems
+from deploytool.engine.plan import PLUGIN_OPS
+from deploytool.engine.plugins import load_plugins
 from deploytool.machine import describe_machine, gpu
 from deploytool.machine import try_import as _import
 from deploytool.machine import version as _version
+from deploytool.ops import DOMAIN
 from deploytool.runners import BACKENDS
 
 
@@ -48,9 +51,6 @@ def _tensorrt() -> dict:
     trt, error = _import("tensorrt")
     if trt is None:
         return {"version": None, "error": error, "plugins": None}
-    from deploytool.engine.plan import PLUGIN_OPS
-    from deploytool.engine.plugins import load_plugins
-    from deploytool.ops import DOMAIN
 
     try:
         load_plugins()

@@ -14,6 +14,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from deploytool import __version__
+
 LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "triton")
 
 
@@ -96,7 +98,6 @@ def _nvidia_smi_gpu() -> dict | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from deploytool import __version__
 
     versions = {"python": platform.python_version(), "deploytool": __version__}
     versions.update({lib: v for lib in LIBRARIES if (v := version(lib))})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploytool.artifacts import check_run_config
 from deploytool.choices import BUILTIN_MODELS
 from deploytool.errors import BadInput
 from deploytool.nn import RoutedExperts, Router, RoutingLoss
@@ -226,7 +227,6 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         BadInput: a config check_run_config refuses, a model that cannot be built from it, or one that
             would not fit this machine's memory.
     """
-    from deploytool.artifacts import check_run_config
 
     name = config.get("model") if isinstance(config, dict) else None
     if name not in MODELS:

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deploytool.benchmark.run import bench
+from deploytool.engine.build import build_engine
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.io import prepare_out_dir
+from deploytool.serving.repository import package
 
 DEMO_RECIPE = "digits-4"
 BENCH_BATCHES = (1, 256)
@@ -148,8 +151,6 @@ class _Chain:
 
     def bench(self, backends: tuple[str, ...], model: Path, name: str) -> Callable[[], str]:
         def step() -> str:
-            from deploytool.benchmark.run import bench
-
             out = self.out
             result = bench(model, backends=backends, batch_sizes=BENCH_BATCHES, duration_s=1.0,
                            checkpoint=self.run_dir, json_path=out / f"{name}.json", plot_path=out / f"{name}.png",
@@ -164,8 +165,6 @@ class _Chain:
         return step
 
     def package(self) -> str:
-        from deploytool.serving.repository import package
-
         pkg = package(self.engine_path if "engine" in self.artifacts else self.onnx_path, self.out / "triton",
                       "routed_model", force=True, dynamic_batching=True)
         self.artifacts.update(triton_repository=str(pkg.repository), triton_config=str(pkg.config_path))
@@ -173,8 +172,6 @@ class _Chain:
         return f"{pkg.backend} model, config {checked}; README with the tritonserver command"
 
     def build_engine(self) -> str:
-        from deploytool.engine.build import build_engine
-
         result = build_engine(self.onnx_path, self.engine_path)
         self.artifacts["engine"] = str(self.engine_path)
         return f"deploytool ops via the {result.op_path} path"

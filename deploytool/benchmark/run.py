@@ -27,6 +27,7 @@ import numpy as np
 from deploytool import io
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.benchmark import harness, patterns
+from deploytool.benchmark.plot import plot_latency
 from deploytool.benchmark.stats import CV_WARN, LatencyStats, summarize
 from deploytool.errors import BadInput, DeployToolError, MissingDependency, first_line
 from deploytool.artifacts import Target, manifest_path, max_batch, read_manifest, resolve_target
@@ -239,8 +240,6 @@ def _write_reports(result: BenchResult, json_path: str | Path | None, plot_path:
                    start: float) -> None:
     """The plot, then the JSON report (which records the whole run's seconds)."""
     if plot_path is not None:
-        from deploytool.benchmark.plot import plot_latency
-
         plot_latency(result, plot_path)
     result.total_s = round(time.perf_counter() - start, 3)
     if json_path is not None:

@@ -17,6 +17,7 @@ import numpy as np
 from deploytool.dtypes import LOWER_PRECISIONS, NUMPY_TO_ONNX, PRECISION_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+from deploytool.ops.onnx_functions import attach
 
 #: inputs that the ONNX spec requires in float32 whatever the data type (op -> input positions)
 _FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
@@ -234,7 +235,6 @@ def _infer_types(model, nodes=None) -> dict[str, int]:
     import onnx
     from onnx import TensorProto, ValueInfoProto
 
-    from deploytool.ops.onnx_functions import attach
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
     work = onnx.ModelProto(ir_version=model.ir_version)

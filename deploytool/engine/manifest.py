@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from deploytool import __version__
+
 SCHEMA = 1
 
 
@@ -18,7 +20,6 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
     `embedded_ptx` maps plugin id -> {"in->outs" dtype variant: sha256 of the PTX the AOT plugin
     handed TensorRT during this build}; the engine embeds the variant each plugin layer runs.
     """
-    from deploytool import __version__
 
     return {
         "schema": SCHEMA,

@@ -24,18 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploytool import io
+from deploytool import __version__, io
 from deploytool.artifacts import META_PREFIX, graph_signature
+from deploytool.checkpoints import open_module
 from deploytool.choices import DISPATCHES
+from deploytool.comparator import ParityReport, compare_runners
+from deploytool.compare import check_tolerances
 from deploytool.errors import BadInput, CheckFailed, first_line
+from deploytool.feeds import random_feed, sample_feed
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
-from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, attach
+from deploytool.runners.ort import OnnxRuntimeRunner
+from deploytool.runners.torch import TorchRunner
 from deploytool.signature import BATCH, META_KEY, ModelSignature, is_static, to_json
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from deploytool.comparator import ParityReport
 
 VALIDATION_BATCH = 256
 #: how fused experts export: deploytool's own dispatch, or ONNX Runtime's com.microsoft::MoE where it can
@@ -131,7 +135,6 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         CheckFailed: the export or its validation failed (`report` holds the ExportResult); nothing is
             left at `path` unless `keep_invalid`.
     """
-    from deploytool.compare import check_tolerances
 
     start = time.perf_counter()
     path = io.check_parent_dir(path)
@@ -185,7 +188,6 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any, top
 
             set_top_k(model, top_k)
         return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None, {}
-    from deploytool.checkpoints import open_module
 
     source = open_module(model, checkpoint=checkpoint, top_k=top_k)
     example = example_inputs if example_inputs is not None else source.example_inputs
@@ -265,7 +267,6 @@ def _trace(named, example: dict, dims: dict[str, dict[int, str]], *, dispatch: s
 
     from deploytool.model_io import module_signature
     from deploytool.nn import moe_op_mode
-    from deploytool.ops.onnx_functions import attach
 
     module = named.model
     with export_mode(module, dispatch), moe_op_mode(module, "ort" if moe_op == "ort" else None):
@@ -312,7 +313,6 @@ def _graph_signature(proto, named, example: dict, dims: dict[str, dict[int, str]
 def _write_metadata(proto, signature: ModelSignature, *, source: str, sha256: str, opset: int, dispatch: str,
                     moe_op: str) -> dict[str, str]:
     """Write deploytool's metadata props and the signature into `proto`; the props written (signature aside)."""
-    from deploytool import __version__
 
     metadata = {
         "version": __version__,
@@ -452,7 +452,6 @@ def validation_inputs(signature: ModelSignature, data: Any, run_config: dict | N
                       seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Input sets keyed by label: held-out samples (when a data set is known) and random samples at
     batch 1 and a larger batch. A static-batch export takes them in chunks of its batch."""
-    from deploytool.feeds import random_feed, sample_feed
 
     sets: dict[str, dict[str, np.ndarray]] = {}
     held_out = None
@@ -470,9 +469,6 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
 
     A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
     """
-    from deploytool.comparator import ParityReport, compare_runners
-    from deploytool.runners.ort import OnnxRuntimeRunner
-    from deploytool.runners.torch import TorchRunner
 
     first = next(iter(inputs.values()))
     example = dict(first) if named.keyword else tuple(first[n] for n in named.names)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from deploytool.deps import require
+from deploytool.errors import BadInput
 
 OP_NAME = "deploytool::tempered_softmax_select"
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -54,7 +55,6 @@ def _(logits: torch.Tensor, temperature: float, index_dtype: torch.dtype):
 def tempered_softmax_select(logits: torch.Tensor, temperature: float,
                             index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs [..., E] in the dtype of logits, index [...] int64 or int32) in one pass over each row."""
-    from deploytool.errors import BadInput
 
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise BadInput(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deploytool.artifacts import check_onnx_file
+from deploytool.artifacts import check_onnx_file, load_onnx
+from deploytool.deps import require
 from deploytool.dtypes import ORT_DTYPES
 from deploytool.errors import BadInput, MissingDependency, first_line
 from deploytool.runners.base import Runner
@@ -38,7 +39,6 @@ def load_session(path: str | Path, providers: list[str], options=None):
 
 
 def _ort():
-    from deploytool.deps import require
 
     ort = require("onnxruntime", "the onnxruntime backend")
     ort.set_default_logger_severity(LOG_SEVERITY)  # a failing run logs through the default logger
@@ -144,7 +144,6 @@ def gather_bounds(model_path: str | Path, names: list[str]) -> dict[str, int]:
     if not names:
         return {}
     try:
-        from deploytool.artifacts import load_onnx
 
         graph = load_onnx(model_path).graph
     except Exception:  # noqa: BLE001 - a bound is a refinement: no bound when the graph is unreadable here

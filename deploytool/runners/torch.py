@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deploytool.checkpoints import open_module
 from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput
 from deploytool.runners.base import Runner
@@ -46,8 +47,6 @@ class TorchRunner(Runner):
         self._module = None
         self._named = None
         if isinstance(model, (str, Path)):
-            from deploytool.checkpoints import open_module
-
             source = open_module(model, checkpoint=checkpoint, top_k=top_k)
             self.run_dir: Path | None = Path(model)
             self._module = source.module

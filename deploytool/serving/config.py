@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deploytool.deps import require
 from deploytool.dtypes import TRITON_DTYPES
 from deploytool.errors import BadInput, CheckFailed
 from deploytool.signature import TensorMeta, is_static
@@ -214,7 +215,6 @@ def validate(text: str) -> bool:
 
     A parse failure is a bug in the generator (the inputs were already checked): CheckFailed.
     """
-    from deploytool.deps import require
 
     text_format = require("google.protobuf.text_format", "checking config.pbtxt against Triton's schema")
     model_config_pb2 = require("tritonclient.grpc.model_config_pb2", "checking config.pbtxt against Triton's schema")
