@@ -491,7 +491,18 @@ def top_k_of(signature: ModelSignature | None) -> int | None:
 # --- ONNX ------------------------------------------------------------------------------------
 
 def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
-    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it."""
+    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it.
+
+    Args:
+        path: the path given as an ONNX model.
+        what: how messages name it.
+
+    Returns:
+        The path, an existing file.
+
+    Raises:
+        BadInput: a run directory, another directory, or a missing path.
+    """
     path = Path(path)
     if (path / io.CONFIG_FILE).is_file():
         raise BadInput(f"{path} is a run directory, not a model; export it first: "
@@ -527,7 +538,18 @@ def load_onnx(path: str | Path):
 
 def read_external_weights(model, onnx_path: str | Path):
     """`model` (from load_onnx) with its external data, if any, read in from beside `onnx_path`;
-    a missing or short weights file is BadInput."""
+    a missing or short weights file is BadInput.
+
+    Args:
+        model: the onnx.ModelProto as load_onnx read it.
+        onnx_path: the .onnx file it was read from.
+
+    Returns:
+        `model`, its external tensors read in.
+
+    Raises:
+        BadInput: an external weights file that is missing, short or unreadable.
+    """
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     if any(uses_external_data(t) for t in model.graph.initializer):
@@ -628,13 +650,32 @@ def _is_tensor(t) -> bool:
 
 
 def tensor_metas(manifest: dict, kind: str) -> list[TensorMeta]:
-    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest."""
+    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest.
+
+    Args:
+        manifest: a manifest as read_manifest returns it.
+        kind: "inputs" or "outputs".
+
+    Returns:
+        One TensorMeta per tensor, in the manifest's order.
+    """
     return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
             for t in manifest["io"][kind]]
 
 
 def manifest_signature(manifest: dict, engine_path: str | Path) -> ModelSignature:
-    """The engine's signature: its own tensors, with the routers its manifest copied from the ONNX model."""
+    """The engine's signature: its own tensors, with the routers its manifest copied from the ONNX model.
+
+    Args:
+        manifest: a manifest as read_manifest returns it.
+        engine_path: the engine (named in messages).
+
+    Returns:
+        The engine's ModelSignature.
+
+    Raises:
+        BadInput: a stored signature that does not check.
+    """
     stored = manifest.get("signature")
     routers = from_json(stored, f"{manifest_path(engine_path)}") if stored else None
     return with_io(routers, tensor_metas(manifest, "inputs"), tensor_metas(manifest, "outputs"))

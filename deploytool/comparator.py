@@ -53,9 +53,11 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """Whether every comparison passed."""
         return all(c.passed for c in self.comparisons)
 
     def failures(self) -> list[str]:
+        """One line per failed comparison (Comparison.summary)."""
         return [c.summary() for c in self.comparisons if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +128,19 @@ def compare_runners(runners: Sequence[Runner], inputs: Mapping[str, Feed], *, at
 
 def check_runners_match(runners: Sequence[Runner], metadata: dict[str, str], weights: Path | None) -> list[str]:
     """Refuse runners whose signatures disagree (a checkpoint for another model); note a `weights` file
-    whose sha256 differs from the one the ONNX `metadata` records (when a torch runner is among them)."""
+    whose sha256 differs from the one the ONNX `metadata` records (when a torch runner is among them).
+
+    Args:
+        runners: the runners to compare (two or more).
+        metadata: the exported model's deploytool metadata ({} when there is none).
+        weights: the weights file the torch runners loaded, or None.
+
+    Returns:
+        Notes (a checkpoint other than the exported one); [] when there is nothing to say.
+
+    Raises:
+        BadInput: runners whose inputs or outputs disagree, naming the likely cause.
+    """
     def shapes(r: Runner):
         return ({m.name: m.shape[1:] for m in r.inputs}, {m.name: m.shape[1:] for m in r.outputs})
 

@@ -227,7 +227,15 @@ def _per_sample(mask: np.ndarray, n: int) -> np.ndarray:
 
 
 def check_tolerances(atol: Tolerance, rtol: Tolerance) -> None:
-    """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly."""
+    """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly.
+
+    Args:
+        atol: absolute tolerance, per output name or for all, or None.
+        rtol: relative tolerance, likewise.
+
+    Raises:
+        BadInput: a tolerance that is not a finite number >= 0.
+    """
     for name, value in (("atol", atol), ("rtol", rtol)):
         values = value.values() if isinstance(value, Mapping) else [value]
         for v in values:
@@ -251,7 +259,19 @@ def _tolerance(name: str, ref: np.ndarray, cand: np.ndarray, atol: Tolerance, rt
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
                    rows: np.ndarray | None = None) -> OutputDiff:
-    """Error statistics of one output; `rows` (bool mask) restricts the comparison to those rows."""
+    """Error statistics of one output; `rows` (bool mask) restricts the comparison to those rows.
+
+    Args:
+        name: the output's name.
+        ref: the reference's values.
+        cand: the candidate's values.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
+        rows: which rows to compare (None: all).
+
+    Returns:
+        The OutputDiff (failed, with a note, when the shapes differ).
+    """
     dtype = min((ref.dtype.name, cand.dtype.name),
                 key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 99)
     if ref.shape != cand.shape:
@@ -283,14 +303,35 @@ _ERROR_STATS = ("max_abs", "mean_abs", "p99_abs", "max_rel", "mean_rel", "p99_re
 
 
 def tie_margin(atol: float, rtol: float) -> float:
-    """The largest top1-top2 margin at which two backends within tolerance may pick different experts."""
+    """The largest top1-top2 margin at which two backends within tolerance may pick different experts.
+
+    Args:
+        atol: absolute tolerance of the probs.
+        rtol: relative tolerance of the probs.
+
+    Returns:
+        2 * (atol + rtol).
+    """
     return 2.0 * (atol + rtol)
 
 
 def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, atol: float,
                     rtol: float, *, router: str = "router", tied_samples: np.ndarray | None = None) -> RoutingDiff:
     """One router's decision agreement, each flip judged by the reference's margin at that position;
-    a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure."""
+    a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure.
+
+    Args:
+        ref_index: the reference's decisions.
+        cand_index: the candidate's decisions.
+        ref_probs: the reference's probs (margins are read from them).
+        atol: absolute tolerance of the probs.
+        rtol: relative tolerance of the probs.
+        router: the router's module path (named in the result).
+        tied_samples: samples where some router tie-broke, or None.
+
+    Returns:
+        The RoutingDiff (failed when the shapes differ).
+    """
     limit = tie_margin(atol, rtol)
     return _routing_diff(router, *_flips(ref_index, cand_index, ref_probs, limit), limit, tied_samples)
 

@@ -299,5 +299,13 @@ def batch_of(feed: Feed) -> int:
 
 
 def take(feed: Feed, rows: Any) -> Feed:
-    """The same samples (a slice or index array over the batch) of every input."""
+    """The same samples (a slice or index array over the batch) of every input.
+
+    Args:
+        feed: inputs by name.
+        rows: a slice, an index array or a boolean mask over the batch.
+
+    Returns:
+        The feed of those rows.
+    """
     return {k: v[rows] for k, v in feed.items()}

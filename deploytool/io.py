@@ -194,7 +194,15 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see atomic_path); returns the path."""
+    """Write `data` to `path` atomically (see atomic_path); returns the path.
+
+    Args:
+        path: the file.
+        data: its bytes.
+
+    Returns:
+        The path.
+    """
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
@@ -219,7 +227,15 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as dumps_json does, atomically; returns the path."""
+    """Write `obj` as dumps_json does, atomically; returns the path.
+
+    Args:
+        path: the file.
+        obj: the JSON value (NaN and infinities refused).
+
+    Returns:
+        The path.
+    """
     return write_bytes(path, dumps_json(obj).encode())
 
 
@@ -234,7 +250,18 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`."""
+    """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`.
+
+    Args:
+        path: the file.
+        what: how messages name it.
+
+    Returns:
+        The value.
+
+    Raises:
+        BadInput: a missing or unreadable file, or text that is not JSON.
+    """
     path = check_file(path, what)
     try:
         return loads_json(path.read_text(), f"{what} {path}")
@@ -320,6 +347,16 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     An existing directory at `path` stays intact until the new one is whole. With `replace` False, a
     non-empty directory that appeared at `path` meanwhile (another process writing the same run) is
     refused at the swap instead of replaced. Nothing temporary is left behind, whatever fails.
+
+    Args:
+        path: the directory to build.
+        replace: replace a directory that appeared at `path` meanwhile.
+
+    Yields:
+        The temporary directory to write into.
+
+    Raises:
+        BadInput: `path` is a file, or (without `replace`) a directory appeared there meanwhile.
     """
     target = Path(path).resolve()  # "" and "." name the directory itself, not a hidden sibling
     if target.exists() and not target.is_dir():
@@ -387,7 +424,16 @@ def safetensors_names(path: str | os.PathLike) -> list[str]:
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors, atomically; returns the path."""
+    """Write a state dict as safetensors, atomically; returns the path.
+
+    Args:
+        path: the .safetensors file.
+        state_dict: the tensors by name.
+        metadata: string metadata stored in the header.
+
+    Returns:
+        The path.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}

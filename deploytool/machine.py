@@ -20,6 +20,7 @@ LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "triton")
 
 
 def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo or the platform; "" when unknown."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -98,7 +99,12 @@ def _nvidia_smi_gpu() -> dict | None:
 
 
 def machine_info() -> dict[str, Any]:
+    """What a benchmark records of the machine it ran on.
 
+    Returns:
+        {"cpu", "cores", "gpu", "platform", "versions"}: versions of Python, deploytool and the libraries
+        installed, and torch's thread count when torch is loaded.
+    """
     versions = {"python": platform.python_version(), "deploytool": __version__}
     versions.update({lib: v for lib in LIBRARIES if (v := version(lib))})
     if "torch" in sys.modules:

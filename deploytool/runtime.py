@@ -122,6 +122,7 @@ class Session:
 
     @property
     def backend(self) -> str:
+        """The name of the backend that runs the model."""
         return self._runner.backend
 
     def validate(self, inputs: Any) -> dict[str, np.ndarray]:
@@ -177,6 +178,7 @@ class Session:
         return outputs
 
     def close(self) -> None:
+        """Release the runner; later calls to `run` are refused."""
         with self._lock:
             self._runner.deactivate()
 

@@ -96,6 +96,7 @@ class BenchResult:
 
     @property
     def unstable(self) -> list[Line]:
+        """The lines whose coefficient of variation is above CV_WARN."""
         return [ln for ln in self.lines if ln.stats.unstable]
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,7 +259,15 @@ def _steered_router(signature, path: str | None):
 
 def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
     """Each sample's expert for pattern selection: its decision, or for a router deciding per token
-    the expert most of its tokens go to."""
+    the expert most of its tokens go to.
+
+    Args:
+        index: a router's index output over the pool, [samples] or [samples, tokens...].
+        n_experts: its expert count.
+
+    Returns:
+        One expert per sample (int64).
+    """
     flat = np.asarray(index, dtype=np.int64).reshape(len(index), -1)
     if flat.shape[1] == 1:
         return flat[:, 0]
@@ -267,7 +276,15 @@ def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def check_feed_size(pool: Feed, batch_sizes: list[int]) -> None:
-    """Refuse a batch whose inputs alone would not fit in memory, before building any feed."""
+    """Refuse a batch whose inputs alone would not fit in memory, before building any feed.
+
+    Args:
+        pool: the samples feeds are picked from.
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: the largest batch's inputs exceed MAX_FEED_BYTES.
+    """
     per_sample = sum(v[0].nbytes for v in pool.values())
     largest = max(batch_sizes)
     if largest * per_sample > MAX_FEED_BYTES:
@@ -288,7 +305,17 @@ def busy_note() -> str | None:
 
 
 def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
-    """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
+    """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls.
+
+    Args:
+        warmup_ms: warm-up per callable.
+        duration_s: timed duration per callable and cell.
+        min_iters: least timed calls.
+        seed: the data and pattern seed.
+
+    Raises:
+        BadInput: a value out of range or of the wrong type.
+    """
     if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
         raise BadInput(f"duration_s must be a number > 0 and at most {MAX_DURATION_S} s, got {duration_s}")
     if not (math.isfinite(warmup_ms) and 0 <= warmup_ms <= 1000 * MAX_DURATION_S):
@@ -302,7 +329,15 @@ def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: in
 
 
 def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
-    """Refuse batch sizes above the engine's optimization profile, read from its manifest."""
+    """Refuse batch sizes above the engine's optimization profile, read from its manifest.
+
+    Args:
+        engine_path: the engine (its manifest beside it).
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: a batch size above the profile's maximum.
+    """
     max_batch = engine_max_batch(engine_path)
     too_big = [b for b in batch_sizes if max_batch is not None and b > max_batch]
     if too_big:
@@ -322,7 +357,15 @@ def engine_max_batch(engine_path: Path) -> int | None:
 
 def check_static_batch(runners, batch_sizes: list[int]) -> None:
     """A static-batch model (its runner's input metadata fixes axis 0) takes its own batch only:
-    refuse any other before measuring."""
+    refuse any other before measuring.
+
+    Args:
+        runners: the runners to measure.
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: a batch size other than a static-batch model's own.
+    """
     for runner in runners:
         fixed = runner.signature.static_batch
         other = [b for b in batch_sizes if fixed is not None and b != fixed]

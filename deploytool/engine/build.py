@@ -121,7 +121,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
-
     plugin_module = plugins.load_plugins() if plan.op_path == PLUGIN_PATH else None
     if plugin_module is not None:
         plugin_module.EMBEDDED_PTX.clear()  # record only what this build compiles
@@ -168,7 +167,16 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
 
 def write_engine(out: Path, engine: bytes, manifest: dict) -> Path:
     """Write the engine, then its manifest (returned): a failed engine write leaves the old pair as it was,
-    never a new manifest describing the old engine."""
+    never a new manifest describing the old engine.
+
+    Args:
+        out: the engine path.
+        engine: the serialized engine.
+        manifest: its manifest.
+
+    Returns:
+        The manifest's path.
+    """
 
     with atomic_path(manifest_path(out)) as meta_tmp:
         write_json(meta_tmp, manifest)
@@ -194,7 +202,6 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     # data itself, relative to the model's path
     model = load_onnx(plan.onnx_path)
     if plan.lower_to:
-
         model = lowering.lower_precision(read_external_weights(model, plan.onnx_path), plan.lower_to, plan.fp32_regions)
     for node in model.graph.node:
         if node.domain != DOMAIN:
@@ -229,7 +236,15 @@ DTYPE_NAMES = TENSORRT_DTYPES
 
 
 def dtype_name(trt, dtype) -> str:
-    """NumPy/torch spelling of a TensorRT data type; used by the manifest, the runner and the plugins."""
+    """NumPy/torch spelling of a TensorRT data type; used by the manifest, the runner and the plugins.
+
+    Args:
+        trt: the tensorrt module.
+        dtype: a trt.DataType.
+
+    Returns:
+        Its name, as dtypes.TENSORRT_DTYPES spells it.
+    """
     names = {getattr(trt, name): name for name in DTYPE_NAMES if hasattr(trt, name)}
     return names[dtype]
 

@@ -332,7 +332,15 @@ def routing_regions(nodes) -> list[dict[str, list[str]]]:
 
 def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:
     """Indices of the layers (given as (input tensor names, output tensor names), in network order)
-    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one)."""
+    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one).
+
+    Args:
+        layers: (inputs, outputs) of each layer, in network order.
+        region: {"from": tensor names, "to": tensor names}.
+
+    Returns:
+        The indices of the layers in the region, ascending.
+    """
     reached = set(region.get("from", []))
     forward = set()
     for i, (inputs, outputs) in enumerate(layers):

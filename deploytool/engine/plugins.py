@@ -22,6 +22,14 @@ _CANDIDATES = (_PACKAGE / "_data" / "plugins" / f"{PLUGIN_MODULE}.py",
 
 
 def plugin_file() -> Path:
+    """The Python module, installed with deploytool, that registers its TensorRT plugins (see load_plugins).
+
+    Returns:
+        Its path.
+
+    Raises:
+        MissingDependency: it is not installed.
+    """
     for path in _CANDIDATES:
         if path.is_file():
             return path

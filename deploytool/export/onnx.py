@@ -76,6 +76,7 @@ class ExportResult:
 
     @property
     def passed(self) -> bool:
+        """Whether validation passed (True when the export was not validated)."""
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
@@ -420,7 +421,15 @@ def _dynamic_dims(example: dict, dynamic_dims: Mapping[str, Mapping[int, str]] |
 @contextlib.contextmanager
 def export_mode(module: nn.Module, dispatch: str | None = None) -> Iterator[None]:
     """Eval mode, hard routing and `dispatch` (None: the model's own) on every RoutedExperts; all
-    restored afterwards, so the caller's module is unchanged."""
+    restored afterwards, so the caller's module is unchanged.
+
+    Args:
+        module: the routed model.
+        dispatch: "dense", "sparse" or None.
+
+    Yields:
+        Nothing; the module is in export mode inside the block.
+    """
     from deploytool.nn import dispatch_mode, routing_mode
 
     was_training = module.training
@@ -451,7 +460,20 @@ def _quiet_torch() -> Iterator[None]:
 def validation_inputs(signature: ModelSignature, data: Any, run_config: dict | None,
                       seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Input sets keyed by label: held-out samples (when a data set is known) and random samples at
-    batch 1 and a larger batch. A static-batch export takes them in chunks of its batch."""
+    batch 1 and a larger batch. A static-batch export takes them in chunks of its batch.
+
+    Args:
+        signature: the exported model's signature.
+        data: validation inputs as export_onnx takes them, or None.
+        run_config: the run's config.json (its data set), or None.
+        seed: seed of the split and the random samples.
+
+    Returns:
+        {label: feed}.
+
+    Raises:
+        BadInput: data that do not fit the signature.
+    """
 
     sets: dict[str, dict[str, np.ndarray]] = {}
     held_out = None
@@ -468,6 +490,16 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
     """ONNX Runtime (CPU) against the module with dense dispatch, on every input set.
 
     A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
+
+    Args:
+        named: the NamedModule that was exported.
+        onnx_path: the exported file.
+        inputs: input sets by label.
+        atol: absolute tolerance (None: by dtype).
+        rtol: relative tolerance (None: by dtype).
+
+    Returns:
+        The ParityReport of onnxruntime against torch.
     """
 
     first = next(iter(inputs.values()))

@@ -202,7 +202,18 @@ def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
 
 def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
     """Backend names from "a,b" or a list: known names, each once (a backend compared or timed against
-    itself proves nothing), at least `minimum` of them."""
+    itself proves nothing), at least `minimum` of them.
+
+    Args:
+        value: "a,b" or a sequence of names.
+        minimum: the fewest backends accepted.
+
+    Returns:
+        The names.
+
+    Raises:
+        BadInput: an unknown or repeated name, or too few.
+    """
     names = [b.strip() for b in value.split(",")] if isinstance(value, str) else [str(b).strip() for b in value]
     names = [b for b in names if b]
     for name in names:

@@ -25,7 +25,6 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, name: str | None = None):
-
         super().__init__(name)
         self.engine_path = Path(engine_path)
         self.manifest = read_manifest(self.engine_path)
@@ -59,7 +58,6 @@ class TensorRTRunner(Runner):
         self._runtime = self._logger = None
 
     def _signature(self) -> ModelSignature:
-
         return manifest_signature(self.manifest, self.engine_path)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

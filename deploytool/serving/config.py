@@ -109,6 +109,7 @@ class Batching:
         return batching
 
     def section(self) -> dict[str, Any] | None:
+        """config.pbtxt's dynamic_batching section; None when the dynamic batcher is off."""
         if not self.dynamic:
             return None
         section: dict[str, Any] = {"max_queue_delay_microseconds": self.max_queue_delay_us}
@@ -130,6 +131,17 @@ def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, 
 
     A tensor whose only dim is the batch (the routing index, [batch]) gets dims [1]; with `reshape`
     the backend still sees [batch] (`reshape { shape: [] }`), without it the model returns [batch, 1].
+
+    Args:
+        meta: the tensor.
+        max_batch: the config's max_batch_size.
+        reshape: let the backend see a batch-only tensor as [batch].
+
+    Returns:
+        The entry, as protobuf field names.
+
+    Raises:
+        BadInput: a dtype Triton cannot serve, or a fixed batch dim with batching on.
     """
     dtype = TRITON_DTYPES.get(meta.dtype)
     if dtype is None:
@@ -150,7 +162,23 @@ def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, 
 
 def model_config(name: str, inputs: list[TensorMeta], outputs: list[TensorMeta], *, backend: str,
                  batching: Batching, instances: int = 1, parameters: dict[str, str] | None = None) -> dict[str, Any]:
-    """The ModelConfig for one model, as a dict of protobuf field names."""
+    """The ModelConfig for one model, as a dict of protobuf field names.
+
+    Args:
+        name: the model's name.
+        inputs: its inputs.
+        outputs: its outputs.
+        backend: tensorrt, onnxruntime or python.
+        batching: max batch and the dynamic batcher.
+        instances: model instances.
+        parameters: the python backend's parameters, or None.
+
+    Returns:
+        The config.
+
+    Raises:
+        BadInput: an unknown backend, instances out of range, or a tensor Triton cannot serve.
+    """
     if backend not in _BACKEND_FIELDS:
         raise BadInput(f"unknown Triton backend {backend!r}; choose {', '.join(_BACKEND_FIELDS)}")
     if not 1 <= instances <= MAX_INSTANCES:

@@ -57,17 +57,21 @@ class Server:
 
     @property
     def http_url(self) -> str:
+        """host:port of the HTTP endpoint, as a client gives it."""
         return f"{_client_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint, as a client gives it."""
         return f"{_client_host(self.host)}:{self.grpc_port}"
 
     @property
     def log_file(self) -> Path:
+        """tritonserver's log (in the temporary folder until `keep_log`)."""
         return self.workdir / "tritonserver.log"
 
     def is_alive(self) -> bool:
+        """Whether tritonserver still runs."""
         return self._triton.is_alive()
 
     def keep_log(self) -> Path | None:
@@ -344,7 +348,16 @@ def _libpython_first() -> Iterator[None]:
 
 
 def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
-    """BadInput naming the port when something already listens on host:port (or the host is unknown)."""
+    """BadInput naming the port when something already listens on host:port (or the host is unknown).
+
+    Args:
+        host: the address.
+        port: the port.
+        what: how messages name it (HTTP, gRPC).
+
+    Raises:
+        BadInput: a port out of range or in use, or an unknown host.
+    """
     if not 0 < port < 65536:
         raise BadInput(f"{what} port {port} is not a valid port (1-65535)")
     try:
