@@ -431,13 +431,15 @@ class Target(Artifact):
         return run.config if run is not None else None
 
 
-def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None) -> Target:
+def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None, find_onnx: bool = True) -> Target:
     """Resolve a command's target: its kind, signature, metadata, source of weights and readers' files.
 
     Args:
         path: a run directory, a Hugging Face folder, an ONNX model or a TensorRT engine.
         checkpoint: the run directory, its weights file or the Hugging Face folder the torch backends
             load instead of the target's own source.
+        find_onnx: look for the ONNX model an engine was built from (it is hashed to be sure it is
+            unchanged); a command that runs no ONNX backend on an engine skips it.
 
     Returns:
         The Target (a module kind's signature is None: the torch runner traces it).
@@ -452,7 +454,7 @@ def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None) ->
         onnx = art.path / "model.onnx"
         return Target(art.path, art.kind, None, {}, art.source_run, weights=weights, source=source or art.path,
                       onnx_path=onnx if onnx.is_file() else None)
-    onnx = art.path if art.kind == "onnx" else engine_onnx(art.path)
+    onnx = art.path if art.kind == "onnx" else engine_onnx(art.path) if find_onnx else None
     return Target(art.path, art.kind, art.signature, art.metadata, art.source_run, weights=weights,
                   source=source or art.source_run, source_found=found, onnx_path=onnx,
                   engine_path=art.path if art.kind == "engine" else None)

@@ -59,7 +59,8 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     check_tolerances(atol, rtol)
     # the checkpoint matters to the torch backends only
     checkpoint_used = checkpoint if any(artifact_of(n) == "run" for n in names) else None
-    arts = [resolve_target(p, checkpoint=checkpoint_used) for p in paths]
+    # every model is run by the backends that read it: an engine's recorded ONNX model is not looked up
+    arts = [resolve_target(p, checkpoint=checkpoint_used, find_onnx=False) for p in paths]
     for art in arts:
         if art.kind in MODULE_KINDS:
             raise BadInput(f"{art.path} is a run directory, not a model; export it first: "
