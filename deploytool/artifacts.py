@@ -1,9 +1,14 @@
-"""Open any target the commands take: a run directory, an ONNX model or a TensorRT engine.
+"""Open any target the commands take: a run directory, a Hugging Face folder, an ONNX model or an engine.
 
-`open_artifact(path)` gives its kind, its model signature (ONNX: from the metadata deploytool wrote;
-engine: from its manifest; run directory: None, the torch runner traces it), its deploytool metadata and
-the run directory it came from. The readers of ONNX files and engine manifests live here too, so every
-command opens artifacts one way. Only NumPy and (lazily) onnx: no torch.
+`TARGET_KINDS` is the one table of target kinds: for each, what a message asks for and which artifact
+a backend reads it as (`reader`: a module rebuilt from weights, an ONNX model or an engine); the backend
+registry (`deploytool.runners`) derives from it which backends read a kind. `resolve_target(path,
+checkpoint=)` is the one resolver every command uses: the kind, the signature (ONNX: from the metadata
+deploytool wrote; engine: from its manifest; a module kind: None, the torch runner traces it), the
+deploytool metadata, the source of the module's weights (the target itself, the checkpoint, or the run an
+export records), the ONNX model and engine the other backends read, and the source run's config, read and
+checked once. The readers of ONNX files and engine manifests live here too. Only NumPy and (lazily) onnx:
+no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.choices import BUILTIN_MODELS, DISPATCHES, ROUTER_KINDS
+from deploytool.deps import require
 from deploytool.dtypes import ONNX_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.signature import META_KEY, ModelSignature, TensorMeta, from_json, with_io
@@ -23,15 +30,68 @@ ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 #: prefix of every deploytool key in an ONNX model's metadata props
 META_PREFIX = "deploytool."
 
+@dataclass(frozen=True)
+class TargetKind:
+    """One kind of target.
+
+    Attributes:
+        name: the kind, as `artifact_kind` returns it.
+        reader: the artifact a backend reads it as: "run" (a module rebuilt from its weights by
+            `checkpoints.open_module`), "onnx" or "engine" (`runners.Backend.artifact`).
+        wanted: how a message asks for one.
+    """
+
+    name: str
+    reader: str
+    wanted: str
+
+    @property
+    def holds_module(self) -> bool:
+        """Whether the torch backends rebuild a module from it (a run directory, a Hugging Face folder)."""
+        return self.reader == "run"
+
+
+#: every kind of target, in the order `artifact_kind` tells them apart: adding a kind is an entry here,
+#: its test in `artifact_kind`, and its module in `checkpoints.open_module` if it holds one
+TARGET_KINDS: dict[str, TargetKind] = {k.name: k for k in (
+    TargetKind("run", "run", "the run directory of the model (its checkpoint)"),
+    TargetKind("hf", "run", "a Hugging Face save_pretrained folder"),
+    TargetKind("onnx", "onnx", "an ONNX model path"),
+    TargetKind("engine", "engine", "an engine path (build one with `deploytool build-engine`)"),
+)}
+
+
+def reader_of(kind: str) -> str:
+    """The artifact a backend reads a target of `kind` as.
+
+    Args:
+        kind: a key of TARGET_KINDS.
+
+    Returns:
+        "run", "onnx" or "engine".
+
+    Raises:
+        BadInput: an unknown kind.
+    """
+    if kind not in TARGET_KINDS:
+        raise BadInput(f"unknown target kind {kind!r}; the kinds are {', '.join(TARGET_KINDS)}")
+    return TARGET_KINDS[kind].reader
+
+
 @dataclass
 class Artifact:
-    """What a path holds: `kind` is "run", "onnx" or "engine"."""
+    """What a path holds: `kind` is a key of TARGET_KINDS ("run", "hf", "onnx" or "engine")."""
 
     path: Path
     kind: str
     signature: ModelSignature | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     source_run: Path | None = None
+
+    @property
+    def reader(self) -> str:
+        """The artifact a backend reads it as: "run", "onnx" or "engine"."""
+        return reader_of(self.kind)
 
 
 #: config.json's "model" of a run trained by `fit` from a user's own module: "module:<ClassName>"
@@ -100,10 +160,9 @@ RUN_CONFIG_SIZES = {"expert_hidden": 1, "width": 1, "channels": 1, "d_model": 1,
                     "router_hidden": 0, "trunk": 0}
 #: the most experts a router may have (train refuses more too); a larger count is a typo, not a model
 MAX_EXPERTS = 4096
-#: the built-in models (deploytool.models.MODELS) a run's "model" may name, unless "module:<ClassName>"
-BUILTIN_MODELS = ("routed-mlp", "routed-cnn", "moe-transformer")
-#: config.json entries that are names, with the values they may take (None: any string)
-RUN_CONFIG_NAMES = {"model": BUILTIN_MODELS, "router": ("softmax", "sigmoid"), "dispatch": ("dense", "sparse"),
+#: config.json entries that are names, with the values they may take, the first the default (None: any
+#: string); "model" may name a built-in model (deploytool.models.MODELS) unless "module:<ClassName>"
+RUN_CONFIG_NAMES = {"model": BUILTIN_MODELS, "router": ROUTER_KINDS, "dispatch": DISPATCHES,
                     "penalty": None, "balance": None}
 
 
@@ -176,7 +235,7 @@ def _check_expert_count(config: dict[str, Any], path: Path) -> None:
 
     Reads only the safetensors header; weights that are absent or unreadable are left to the loader.
     """
-    names = _safetensors_names(path / io.WEIGHTS_FILE)
+    names = io.safetensors_names(path / io.WEIGHTS_FILE)
     counts: dict[str, set[int]] = {}
     for name in names:
         match = re.match(r"(.*?)experts\.(\d+)\.", name)
@@ -186,22 +245,6 @@ def _check_expert_count(config: dict[str, Any], path: Path) -> None:
         if len(indices) != config["n_experts"]:
             raise BadInput(f"{path / io.CONFIG_FILE}: n_experts={config['n_experts']} but {io.WEIGHTS_FILE} holds "
                            f"{len(indices)} experts in {module.rstrip('.') or 'the model'}")
-
-
-def _safetensors_names(path: Path) -> list[str]:
-    """The tensor names in a safetensors file's header; [] when it is absent or not readable as one."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > min(path.stat().st_size, 1 << 28):
-                return []
-            header = json.loads(fh.read(size))
-    except (OSError, struct.error, ValueError):
-        return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def is_module_run(config: dict[str, Any]) -> bool:
@@ -239,7 +282,7 @@ def builtin_run(path: str | Path) -> RunDir:
 
 #: artifact kinds that hold weights the torch backends rebuild a module from: a run directory and a
 #: Hugging Face `save_pretrained` folder
-MODULE_KINDS = ("run", "hf")
+MODULE_KINDS = tuple(name for name, kind in TARGET_KINDS.items() if kind.holds_module)
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -256,8 +299,17 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def artifact_kind(path: str | Path) -> str:
-    """"run", "hf" (a save_pretrained folder), "onnx" or "engine"; anything else is refused with what was
-    expected."""
+    """The kind of target at `path`.
+
+    Args:
+        path: a run directory, a Hugging Face save_pretrained folder, an ONNX model or an engine.
+
+    Returns:
+        A key of TARGET_KINDS: "run", "hf", "onnx" or "engine".
+
+    Raises:
+        BadInput: anything else, saying what was expected.
+    """
     path = Path(path)
     if path.is_dir():
         if is_hf_folder(path):
@@ -303,6 +355,127 @@ def open_artifact(path: str | Path) -> Artifact:
                     _source_run(manifest.get("metadata", {})))
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """Where the torch backends take a module's weights from, as the user gave it.
+
+    Args:
+        checkpoint: a run directory, a Hugging Face folder, or a .safetensors weights file inside a run.
+
+    Returns:
+        (run directory or folder, weights file or None for its own).
+
+    Raises:
+        BadInput: a path that is none of those.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():  # a run directory or a Hugging Face folder
+        return path, None
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise BadInput(f"checkpoint {path} is neither a run directory nor its .safetensors weights")
+        return path.parent, path
+    raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
+
+
+@dataclass
+class Target(Artifact):
+    """A target resolved for a command: the artifact, and what each reader takes from it.
+
+    Attributes:
+        source: the run directory or Hugging Face folder that holds the module's weights: the
+            checkpoint given, else the target itself (a module kind), else the run an export records
+            while it still exists; None when none is known.
+        weights: a weights file given as the checkpoint instead of the source's own.
+        source_found: the source came from the model's metadata, not from the user.
+        onnx_path: the ONNX model the onnxruntime backends read (the target, a run's model.onnx, or
+            the ONNX model an engine was built from while that file is unchanged); None when none.
+        engine_path: the engine the tensorrt backend reads; None when the target is no engine.
+    """
+
+    weights: Path | None = None
+    source: Path | None = None
+    source_found: bool = False
+    onnx_path: Path | None = None
+    engine_path: Path | None = None
+    _run: RunDir | None = field(default=None, repr=False)
+
+    def file_for(self, reader: str) -> Path | None:
+        """The path a backend reading `reader` ("run", "onnx", "engine") takes; None when there is none."""
+        return {"run": self.source, "onnx": self.onnx_path, "engine": self.engine_path}[reader]
+
+    @property
+    def source_weights(self) -> Path | None:
+        """The weights file the torch backends load: the checkpoint file given, else the source run's own."""
+        if self.weights is not None:
+            return self.weights
+        return self.source / io.WEIGHTS_FILE if self.source is not None else None
+
+    @property
+    def source_is_hf(self) -> bool:
+        """Whether the source is a Hugging Face folder (no run config, no data set)."""
+        return self.source is not None and is_hf_folder(self.source)
+
+    def run(self) -> RunDir | None:
+        """The source run directory, read and checked once (None for a Hugging Face folder or no source).
+
+        Raises:
+            BadInput: a source that is not a readable run directory (see load_run).
+        """
+        if self._run is None and self.source is not None and not self.source_is_hf:
+            self._run = load_run(self.source)
+        return self._run
+
+    def run_config(self) -> dict[str, Any] | None:
+        """The source run's config.json (None for a Hugging Face folder or no source)."""
+        run = self.run()
+        return run.config if run is not None else None
+
+
+def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None, find_onnx: bool = True) -> Target:
+    """Resolve a command's target: its kind, signature, metadata, source of weights and readers' files.
+
+    Args:
+        path: a run directory, a Hugging Face folder, an ONNX model or a TensorRT engine.
+        checkpoint: the run directory, its weights file or the Hugging Face folder the torch backends
+            load instead of the target's own source.
+        find_onnx: look for the ONNX model an engine was built from (it is hashed to be sure it is
+            unchanged); a command that runs no ONNX backend on an engine skips it.
+
+    Returns:
+        The Target (a module kind's signature is None: the torch runner traces it).
+
+    Raises:
+        BadInput: a path or checkpoint that is none of those, or a broken file, manifest or signature.
+    """
+    art = open_artifact(path)
+    source, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+    found = source is None and art.source_run is not None and art.kind not in MODULE_KINDS
+    if art.kind in MODULE_KINDS:
+        onnx = art.path / "model.onnx"
+        return Target(art.path, art.kind, None, {}, art.source_run, weights=weights, source=source or art.path,
+                      onnx_path=onnx if onnx.is_file() else None)
+    onnx = art.path if art.kind == "onnx" else engine_onnx(art.path) if find_onnx else None
+    return Target(art.path, art.kind, art.signature, art.metadata, art.source_run, weights=weights,
+                  source=source or art.source_run, source_found=found, onnx_path=onnx,
+                  engine_path=art.path if art.kind == "engine" else None)
+
+
+def engine_onnx(engine: Path) -> Path | None:
+    """The ONNX model an engine was built from, as its manifest records it, while that file is unchanged.
+
+    Args:
+        engine: the engine (its manifest beside it).
+
+    Returns:
+        The ONNX model's path, or None when none is recorded or it changed.
+    """
+    recorded = read_manifest(engine).get("onnx") or {}
+    onnx = Path(recorded.get("path") or "")
+    if recorded.get("path") and onnx.is_file() and io.sha256_file(onnx) == recorded.get("sha256"):
+        return onnx
+    return None
+
+
 def _source_run(metadata: dict[str, str]) -> Path | None:
     """The run directory the metadata records as the model's source, while it still exists. A relative
     source (older exports) meant the exporter's working directory, unknown here: not guessed."""
@@ -320,7 +493,18 @@ def top_k_of(signature: ModelSignature | None) -> int | None:
 # --- ONNX ------------------------------------------------------------------------------------
 
 def check_onnx_file(path: str | Path, what: str = "ONNX model") -> Path:
-    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it."""
+    """Refuse a missing path or a directory (a run directory in particular) before any backend reads it.
+
+    Args:
+        path: the path given as an ONNX model.
+        what: how messages name it.
+
+    Returns:
+        The path, an existing file.
+
+    Raises:
+        BadInput: a run directory, another directory, or a missing path.
+    """
     path = Path(path)
     if (path / io.CONFIG_FILE).is_file():
         raise BadInput(f"{path} is a run directory, not a model; export it first: "
@@ -356,7 +540,18 @@ def load_onnx(path: str | Path):
 
 def read_external_weights(model, onnx_path: str | Path):
     """`model` (from load_onnx) with its external data, if any, read in from beside `onnx_path`;
-    a missing or short weights file is BadInput."""
+    a missing or short weights file is BadInput.
+
+    Args:
+        model: the onnx.ModelProto as load_onnx read it.
+        onnx_path: the .onnx file it was read from.
+
+    Returns:
+        `model`, its external tensors read in.
+
+    Raises:
+        BadInput: an external weights file that is missing, short or unreadable.
+    """
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     if any(uses_external_data(t) for t in model.graph.initializer):
@@ -384,8 +579,6 @@ def graph_signature(model) -> tuple[list[TensorMeta], list[TensorMeta]]:
 
 
 def _onnx():
-    from deploytool.deps import require
-
     return require("onnx", "reading ONNX models")
 
 
@@ -459,13 +652,32 @@ def _is_tensor(t) -> bool:
 
 
 def tensor_metas(manifest: dict, kind: str) -> list[TensorMeta]:
-    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest."""
+    """The engine's "inputs" or "outputs" as TensorMeta (a -1 dim is dynamic: None), from a read manifest.
+
+    Args:
+        manifest: a manifest as read_manifest returns it.
+        kind: "inputs" or "outputs".
+
+    Returns:
+        One TensorMeta per tensor, in the manifest's order.
+    """
     return [TensorMeta(t["name"], t["dtype"], tuple(None if d < 0 else d for d in t["shape"]))
             for t in manifest["io"][kind]]
 
 
 def manifest_signature(manifest: dict, engine_path: str | Path) -> ModelSignature:
-    """The engine's signature: its own tensors, with the routers its manifest copied from the ONNX model."""
+    """The engine's signature: its own tensors, with the routers its manifest copied from the ONNX model.
+
+    Args:
+        manifest: a manifest as read_manifest returns it.
+        engine_path: the engine (named in messages).
+
+    Returns:
+        The engine's ModelSignature.
+
+    Raises:
+        BadInput: a stored signature that does not check.
+    """
     stored = manifest.get("signature")
     routers = from_json(stored, f"{manifest_path(engine_path)}") if stored else None
     return with_io(routers, tensor_metas(manifest, "inputs"), tensor_metas(manifest, "outputs"))

@@ -10,7 +10,19 @@ from deploytool.errors import BadInput
 
 def check_batch_sizes(value: str | Sequence[Any], what: str = "batch sizes", *,
                       allow_empty: bool = False) -> list[int]:
-    """Positive integers, each once, in the order given; anything else is BadInput naming `what`."""
+    """Positive integers, each once, in the order given; anything else is BadInput naming `what`.
+
+    Args:
+        value: "1,8,64" or a sequence of sizes.
+        what: how messages name them.
+        allow_empty: accept no size at all.
+
+    Returns:
+        The sizes, each once (a repeat dropped), in the order given.
+
+    Raises:
+        BadInput: a size that is not a whole number >= 1, or none (unless allow_empty).
+    """
     values = value.split(",") if isinstance(value, str) else list(value)
     out = []
     for item in values:

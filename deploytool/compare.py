@@ -1,4 +1,6 @@
-"""Parity between two runners' outputs, routing-aware; knows nothing of backends.
+"""Parity between two sets of outputs, routing-aware; knows nothing of runners or backends.
+
+The runners are compared in `deploytool.comparator`, on top of this module.
 
 Numbers are compared with NumPy's allclose rule, |cand - ref| <= atol + rtol * |ref|; NaN never
 matches (not even NaN), equal infinities do. Routing is compared per router, as decisions: a position
@@ -18,21 +20,15 @@ gives is taken as given.
 from __future__ import annotations
 
 import math
-import contextlib
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from deploytool.errors import BadInput
-from deploytool.feeds import Feed, batch_of, take
 from deploytool.ops.reference import top2_margin
 from deploytool.signature import RouterMeta
-
-if TYPE_CHECKING:
-    from deploytool.runners.base import Runner
 
 #: a tolerance for every output, or per output name (the others take the dtype default)
 Tolerance = float | Mapping[str, float] | None
@@ -59,6 +55,26 @@ def default_tolerance(*dtypes: str) -> tuple[float, float]:
 
 @dataclass
 class OutputDiff:
+    """One output compared: error statistics over the rows compared, and whether they pass.
+
+    Attributes:
+        name: the output's name.
+        dtype: the coarser dtype of the two.
+        shape: the candidate's shape.
+        rows: rows compared (routed outputs: rows whose decisions agree).
+        max_abs: largest absolute error (inf where NaN meets a number).
+        mean_abs: mean absolute error.
+        p99_abs: 99th percentile of the absolute error.
+        max_rel: largest relative error.
+        mean_rel: mean relative error.
+        p99_rel: 99th percentile of the relative error.
+        atol: the absolute tolerance applied.
+        rtol: the relative tolerance applied.
+        min_atol: the smallest atol that would pass at this rtol.
+        passed: every element within atol + rtol * |reference|.
+        note: why nothing was compared (shapes differ, no rows).
+    """
+
     name: str
     dtype: str
     shape: list[int]
@@ -183,7 +199,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
                                                                              compute_dtypes, gains.get(name, 1.0)),
                                     rows=agree))
     passed = not notes and all(d.passed for d in diffs) and all(r.passed for r in routing)
-    return Comparison(reference_name, candidate_name, inputs, diffs, routing, passed, notes)
+    return Comparison(reference=reference_name, candidate=candidate_name, inputs=inputs, outputs=diffs,
+                      routing=routing, passed=passed, notes=notes)
 
 
 def _flips(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, limit: float):
@@ -210,7 +227,15 @@ def _per_sample(mask: np.ndarray, n: int) -> np.ndarray:
 
 
 def check_tolerances(atol: Tolerance, rtol: Tolerance) -> None:
-    """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly."""
+    """Refuse a negative, NaN or infinite tolerance: allclose with one would pass or fail meaninglessly.
+
+    Args:
+        atol: absolute tolerance, per output name or for all, or None.
+        rtol: relative tolerance, likewise.
+
+    Raises:
+        BadInput: a tolerance that is not a finite number >= 0.
+    """
     for name, value in (("atol", atol), ("rtol", rtol)):
         values = value.values() if isinstance(value, Mapping) else [value]
         for v in values:
@@ -234,20 +259,33 @@ def _tolerance(name: str, ref: np.ndarray, cand: np.ndarray, atol: Tolerance, rt
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
                    rows: np.ndarray | None = None) -> OutputDiff:
-    """Error statistics of one output; `rows` (bool mask) restricts the comparison to those rows."""
+    """Error statistics of one output; `rows` (bool mask) restricts the comparison to those rows.
+
+    Args:
+        name: the output's name.
+        ref: the reference's values.
+        cand: the candidate's values.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
+        rows: which rows to compare (None: all).
+
+    Returns:
+        The OutputDiff (failed, with a note, when the shapes differ).
+    """
     dtype = min((ref.dtype.name, cand.dtype.name),
                 key=lambda d: _PRECISION_ORDER.index(d) if d in _PRECISION_ORDER else 99)
     if ref.shape != cand.shape:
         nan = float("nan")
-        return OutputDiff(name, dtype, list(cand.shape), 0, nan, nan, nan, nan, nan, nan, atol, rtol, nan, False,
-                          f"shape {list(cand.shape)} != reference {list(ref.shape)}")
+        return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=0, **dict.fromkeys(_ERROR_STATS, nan),
+                          atol=atol, rtol=rtol, min_atol=nan, passed=False,
+                          note=f"shape {list(cand.shape)} != reference {list(ref.shape)}")
     if rows is not None and ref.ndim and rows.shape == ref.shape[:1]:
         ref, cand = ref[rows], cand[rows]
     r = ref.astype(np.float64)
     c = cand.astype(np.float64)
     if r.size == 0:
-        return OutputDiff(name, dtype, list(cand.shape), 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, atol, rtol, 0.0, True,
-                          "no rows to compare")
+        return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=0, **dict.fromkeys(_ERROR_STATS, 0.0),
+                          atol=atol, rtol=rtol, min_atol=0.0, passed=True, note="no rows to compare")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         err = np.abs(c - r)
         err[r == c] = 0.0  # equal infinities too (inf - inf is NaN); NaN equals nothing
@@ -255,133 +293,60 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
         rel = np.where(err == 0, 0.0, err / np.abs(r))  # an error against an exact 0 is infinitely relative
         min_atol = float(np.max(np.maximum(err - rtol * np.abs(np.nan_to_num(r)), 0.0)))
         stats = [float(f(a)) for a in (err, rel) for f in (np.max, np.mean, lambda v: np.percentile(v, 99))]
-    return OutputDiff(name, dtype, list(cand.shape), int(len(r)) if r.ndim else 1, *stats, atol, rtol, min_atol,
-                      bool(min_atol <= atol))
+    return OutputDiff(name=name, dtype=dtype, shape=list(cand.shape), rows=int(len(r)) if r.ndim else 1,
+                      **dict(zip(_ERROR_STATS, stats)), atol=atol, rtol=rtol, min_atol=min_atol,
+                      passed=bool(min_atol <= atol))
+
+
+#: OutputDiff's error statistics, in the order compare_output computes them
+_ERROR_STATS = ("max_abs", "mean_abs", "p99_abs", "max_rel", "mean_rel", "p99_rel")
 
 
 def tie_margin(atol: float, rtol: float) -> float:
-    """The largest top1-top2 margin at which two backends within tolerance may pick different experts."""
+    """The largest top1-top2 margin at which two backends within tolerance may pick different experts.
+
+    Args:
+        atol: absolute tolerance of the probs.
+        rtol: relative tolerance of the probs.
+
+    Returns:
+        2 * (atol + rtol).
+    """
     return 2.0 * (atol + rtol)
 
 
 def compare_routing(ref_index: np.ndarray, cand_index: np.ndarray, ref_probs: np.ndarray, atol: float,
                     rtol: float, *, router: str = "router", tied_samples: np.ndarray | None = None) -> RoutingDiff:
     """One router's decision agreement, each flip judged by the reference's margin at that position;
-    a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure."""
+    a large-margin flip in a sample listed in `tied_samples` (where some router tie-broke) is not a failure.
+
+    Args:
+        ref_index: the reference's decisions.
+        cand_index: the candidate's decisions.
+        ref_probs: the reference's probs (margins are read from them).
+        atol: absolute tolerance of the probs.
+        rtol: relative tolerance of the probs.
+        router: the router's module path (named in the result).
+        tied_samples: samples where some router tie-broke, or None.
+
+    Returns:
+        The RoutingDiff (failed when the shapes differ).
+    """
     limit = tie_margin(atol, rtol)
     return _routing_diff(router, *_flips(ref_index, cand_index, ref_probs, limit), limit, tied_samples)
 
 
 def _routing_diff(router: str, flipped: np.ndarray | None, ties: np.ndarray | None, margins: np.ndarray | None,
                   limit: float, tied_samples: np.ndarray | None) -> RoutingDiff:
-    if flipped is None:
-        return RoutingDiff(router, 0, 0.0, 0, 0, 0, limit, [], None, False)
+    if flipped is None:  # shapes differ: nothing compared, a failure
+        return RoutingDiff(router=router, rows=0, agreement=0.0, flips=0, tie_breaks=0, failures=0, tie_margin=limit,
+                           buckets=[], min_flip_margin=None, passed=False)
     failing = flipped & ~ties
     if tied_samples is not None and flipped.ndim:
         failing &= ~tied_samples.reshape(-1, *([1] * (flipped.ndim - 1)))
     counts, _ = np.histogram(margins[flipped], bins=MARGIN_EDGES)
     buckets = [{"lo": lo, "hi": hi, "flips": int(k)} for lo, hi, k in zip(MARGIN_EDGES, MARGIN_EDGES[1:], counts)]
     n, n_flips, failures = int(flipped.size), int(flipped.sum()), int(failing.sum())
-    return RoutingDiff(router, n, 100.0 * (1.0 - n_flips / n) if n else 100.0, n_flips, n_flips - failures,
-                       failures, limit, buckets, float(margins[flipped].min()) if n_flips else None, failures == 0)
-
-
-# --- runners compared: what verify and export's validation run -----------------------------
-
-#: samples per call when a runner's batch is not fixed
-DEFAULT_BATCH = 256
-
-
-@dataclass
-class ParityReport:
-    """Every pair of backends compared on every input set.
-
-    Attributes:
-        model: the model (ONNX or engine) verified.
-        backends: the backends, in order (the earlier of a pair is its reference).
-        inputs: input set label -> samples.
-        comparisons: one Comparison per pair and input set.
-        checkpoint: the run directory the torch backends loaded, if any.
-        metadata: the model's deploytool metadata.
-        notes: remarks (a checkpoint that is not the exported one).
-    """
-
-    model: str
-    backends: list[str]
-    inputs: dict[str, int]
-    comparisons: list[Comparison]
-    checkpoint: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
-
-    def failures(self) -> list[str]:
-        return [c.summary() for c in self.comparisons if not c.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
-
-
-def run_batched(runner: "Runner", feed: Feed, batch_size: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
-    """Outputs for every sample of `feed`, fed in chunks (engines have a maximum batch), concatenated.
-
-    A static-batch runner takes exactly its batch: chunks are that size, the last one padded by
-    repeating its final sample, and the padded samples are dropped from the outputs (routing is per sample).
-
-    Args:
-        runner: an active runner.
-        feed: inputs by name.
-        batch_size: samples per call for a runner whose batch is not fixed.
-
-    Returns:
-        Outputs by name, every sample of `feed`.
-
-    Raises:
-        BadInput: an empty feed.
-    """
-    total = batch_of(feed)
-    if not total:
-        raise BadInput("no samples to run: give at least one")
-    fixed = runner.signature.static_batch
-    step = fixed or batch_size
-    parts = []
-    for i in range(0, total, step):
-        chunk = take(feed, slice(i, i + step))
-        rows = batch_of(chunk)
-        if fixed and rows < fixed:
-            chunk = {k: np.pad(v, [(0, fixed - rows)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in chunk.items()}
-        parts.append({k: v[:rows] for k, v in runner.infer(chunk).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def compare_runners(runners: Sequence["Runner"], inputs: Mapping[str, Feed], *, atol: Tolerance = None,
-                    rtol: Tolerance = None, batch_size: int = DEFAULT_BATCH) -> list[Comparison]:
-    """Every pair of runners on every input set; the earlier runner of a pair is the reference.
-
-    Args:
-        runners: the runners (activated and deactivated here).
-        inputs: input sets by label.
-        atol: absolute tolerance, or per output name.
-        rtol: relative tolerance, likewise.
-        batch_size: samples per call.
-
-    Returns:
-        One Comparison per pair and input set; the routers judged are those of the first runner that
-        names any (torch and ONNX both do).
-    """
-    comparisons = []
-    with contextlib.ExitStack() as stack:
-        for runner in runners:
-            stack.enter_context(runner)
-        routers = next((r.signature.routers for r in runners if r.signature.routers), ())
-        for label, feed in inputs.items():
-            results = [run_batched(r, feed, batch_size) for r in runners]
-            for (i, ref), (j, cand) in itertools.combinations(enumerate(results), 2):
-                computes = tuple(r.compute_dtype for r in (runners[i], runners[j]) if r.compute_dtype)
-                comparisons.append(compare(ref, cand, routers=routers, atol=atol, rtol=rtol,
-                                           reference_name=runners[i].name, candidate_name=runners[j].name,
-                                           inputs=label, compute_dtypes=computes))
-    return comparisons
+    return RoutingDiff(router=router, rows=n, agreement=100.0 * (1.0 - n_flips / n) if n else 100.0, flips=n_flips,
+                       tie_breaks=n_flips - failures, failures=failures, tie_margin=limit, buckets=buckets,
+                       min_flip_margin=float(margins[flipped].min()) if n_flips else None, passed=failures == 0)

@@ -26,12 +26,31 @@ _INSTALL_HINTS = {
 
 
 def install_hint(module: str) -> str:
+    """How to install what provides `module`: the extra that brings it, else pip install of its package.
+
+    Args:
+        module: an importable name (its top-level package decides).
+
+    Returns:
+        The hint, one line.
+    """
     root = module.split(".")[0]
     return _INSTALL_HINTS.get(root, f"pip install {root}")
 
 
 def require(module: str, why: str | None = None) -> ModuleType:
-    """Import `module` or raise MissingDependency with one line saying what to install."""
+    """Import `module` or raise MissingDependency with one line saying what to install.
+
+    Args:
+        module: the module to import.
+        why: what needs it (named in the message).
+
+    Returns:
+        The module.
+
+    Raises:
+        MissingDependency: it cannot be imported.
+    """
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -9,10 +9,16 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from deploytool.artifacts import read_manifest
 from deploytool.deps import install_hint
+from deploytool.engine.manifest import load_problems
+from deploytool.engine.plan import PLUGIN_OPS
+from deploytool.engine.plugins import load_plugins
 from deploytool.machine import describe_machine, gpu
 from deploytool.machine import try_import as _import
 from deploytool.machine import version as _version
+from deploytool.ops import DOMAIN
+from deploytool.runners import BACKENDS
 
 
 def doctor(engine: str | Path | None = None) -> dict:
@@ -45,9 +51,6 @@ def _tensorrt() -> dict:
     trt, error = _import("tensorrt")
     if trt is None:
         return {"version": None, "error": error, "plugins": None}
-    from deploytool.engine.plan import PLUGIN_OPS
-    from deploytool.engine.plugins import load_plugins
-    from deploytool.ops import DOMAIN
 
     try:
         load_plugins()
@@ -86,12 +89,8 @@ def _commands(report: dict) -> dict:
     hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
              "onnxruntime-cuda": 'pip install "deploytool[gpu]" (onnxruntime-gpu) on a GPU machine',
              "deploytool plugins": "TensorRT >= 10.9 and triton"}
-    from deploytool.runners import BACKENDS
-
     for name, backend in BACKENDS.items():
-        required = [backend.library] + (["onnxruntime-cuda"] if name == "onnxruntime-cuda" else []) \
-            + (["gpu"] if backend.options.get("device") == "cuda" or backend.library == "tensorrt" else [])
-        needs[f"--backends {name} ({backend.summary})"] = required
+        needs[f"--backends {name} ({backend.summary})"] = backend.needs
     commands = {}
     for command, required in needs.items():
         missing = [r for r in required if not have[r]]
@@ -102,9 +101,6 @@ def _commands(report: dict) -> dict:
 
 def check_engine(engine: str | Path) -> dict:
     """Compare an engine's manifest with this machine: will it load, and if not, why."""
-    from deploytool.engine.manifest import load_problems
-    from deploytool.artifacts import read_manifest
-
     manifest = read_manifest(engine)
     here = describe_machine()
     problems = load_problems(manifest, here)

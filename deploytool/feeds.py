@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from deploytool.data import load_dataset
 from deploytool.errors import BadInput
 from deploytool.signature import BATCH, ModelSignature, is_static, numpy_dtype
 
@@ -229,8 +230,6 @@ def _read(data: Any, signature: ModelSignature, samples: int | None, seed: int,
         if not {"x", "y"} <= set(arrays):
             raise BadInput(f"{Path(data).name} holds the arrays {sorted(arrays)}; give one array per model input "
                            f"({signature.describe()}), or a data set with arrays 'x' and 'y'")
-    from deploytool.data import load_dataset
-
     ds = load_dataset(str(data), seed, **data_options)
     rows = ds.x_test if samples is None or samples <= len(ds.x_test) else np.concatenate([ds.x_test, ds.x_train])
     label = f"{ds.name} held-out" + ("" if rows is ds.x_test else " + train")
@@ -300,5 +299,13 @@ def batch_of(feed: Feed) -> int:
 
 
 def take(feed: Feed, rows: Any) -> Feed:
-    """The same samples (a slice or index array over the batch) of every input."""
+    """The same samples (a slice or index array over the batch) of every input.
+
+    Args:
+        feed: inputs by name.
+        rows: a slice, an index array or a boolean mask over the batch.
+
+    Returns:
+        The feed of those rows.
+    """
     return {k: v[rows] for k, v in feed.items()}

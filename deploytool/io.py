@@ -194,7 +194,15 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see atomic_path); returns the path."""
+    """Write `data` to `path` atomically (see atomic_path); returns the path.
+
+    Args:
+        path: the file.
+        data: its bytes.
+
+    Returns:
+        The path.
+    """
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
@@ -219,7 +227,15 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as dumps_json does, atomically; returns the path."""
+    """Write `obj` as dumps_json does, atomically; returns the path.
+
+    Args:
+        path: the file.
+        obj: the JSON value (NaN and infinities refused).
+
+    Returns:
+        The path.
+    """
     return write_bytes(path, dumps_json(obj).encode())
 
 
@@ -234,7 +250,18 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`."""
+    """The parsed JSON at `path`; a missing file or invalid JSON is BadInput naming `what`.
+
+    Args:
+        path: the file.
+        what: how messages name it.
+
+    Returns:
+        The value.
+
+    Raises:
+        BadInput: a missing or unreadable file, or text that is not JSON.
+    """
     path = check_file(path, what)
     try:
         return loads_json(path.read_text(), f"{what} {path}")
@@ -320,6 +347,16 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
     An existing directory at `path` stays intact until the new one is whole. With `replace` False, a
     non-empty directory that appeared at `path` meanwhile (another process writing the same run) is
     refused at the swap instead of replaced. Nothing temporary is left behind, whatever fails.
+
+    Args:
+        path: the directory to build.
+        replace: replace a directory that appeared at `path` meanwhile.
+
+    Yields:
+        The temporary directory to write into.
+
+    Raises:
+        BadInput: `path` is a file, or (without `replace`) a directory appeared there meanwhile.
     """
     target = Path(path).resolve()  # "" and "." name the directory itself, not a hidden sibling
     if target.exists() and not target.is_dir():
@@ -351,17 +388,52 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pat
 
 # --- safetensors checkpoints -------------------------------------------------------------------
 
+def _header_length(fh) -> int | None:
+    """The length a safetensors file's first 8 bytes give its JSON header; None when it is shorter."""
+    head = fh.read(8)
+    return struct.unpack("<Q", head)[0] if len(head) == 8 else None
+
+
 def _looks_like_safetensors(path: Path) -> bool:
+    """The file starts as safetensors does: a header length within the file, then a JSON object."""
     with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_len < path.stat().st_size
+        header_len = _header_length(fh)
+        first = fh.read(1)
+    return header_len is not None and first == b"{" and 0 < header_len < path.stat().st_size
+
+
+def safetensors_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names in a safetensors file's header, read without loading a tensor.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        The names; [] when the file is absent or not readable as safetensors (left to the loader).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = _header_length(fh)
+            if size is None or size > min(path.stat().st_size, 1 << 28):
+                return []
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: dict[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors, atomically; returns the path."""
+    """Write a state dict as safetensors, atomically; returns the path.
+
+    Args:
+        path: the .safetensors file.
+        state_dict: the tensors by name.
+        metadata: string metadata stored in the header.
+
+    Returns:
+        The path.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}

@@ -14,10 +14,13 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from deploytool import __version__
+
 LIBRARIES = ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "triton")
 
 
 def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo or the platform; "" when unknown."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -96,8 +99,12 @@ def _nvidia_smi_gpu() -> dict | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from deploytool import __version__
+    """What a benchmark records of the machine it ran on.
 
+    Returns:
+        {"cpu", "cores", "gpu", "platform", "versions"}: versions of Python, deploytool and the libraries
+        installed, and torch's thread count when torch is loaded.
+    """
     versions = {"python": platform.python_version(), "deploytool": __version__}
     versions.update({lib: v for lib in LIBRARIES if (v := version(lib))})
     if "torch" in sys.modules:

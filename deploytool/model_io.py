@@ -29,7 +29,18 @@ def flatten_outputs(result: Any, names: Sequence[str] | None = None) -> dict[str
     """What forward returned, as {name: tensor}: a tensor is `output`, a NamedTuple or dict keeps its
     field names, a tuple or list is numbered (`output_0`, ...), nesting joins names with dots.
     `names` renames the tensors in that order (their count must match). None entries are dropped;
-    other non-tensor values are refused."""
+    other non-tensor values are refused.
+
+    Args:
+        result: what forward returned.
+        names: names for the tensors, in order, or None.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        BadInput: a value that is not a tensor, or names whose count does not match.
+    """
     flat: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, name: str) -> None:
@@ -68,7 +79,15 @@ def primary_output(result: Any) -> torch.Tensor:
 
 
 def input_names(module: nn.Module, count: int) -> list[str]:
-    """Names for `count` positional inputs: forward's own parameter names where it has them."""
+    """Names for `count` positional inputs: forward's own parameter names where it has them.
+
+    Args:
+        module: the model.
+        count: how many positional inputs.
+
+    Returns:
+        The names, forward's own first, then `input_<i>`.
+    """
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in params[:count]]
@@ -76,7 +95,18 @@ def input_names(module: nn.Module, count: int) -> list[str]:
 
 
 def as_named_inputs(module: nn.Module, example: Any) -> dict[str, torch.Tensor]:
-    """Example inputs (a tensor, a tuple of tensors, or a dict of keyword tensors) keyed by input name."""
+    """Example inputs (a tensor, a tuple of tensors, or a dict of keyword tensors) keyed by input name.
+
+    Args:
+        module: the model (its forward names the inputs).
+        example: a tensor or array, a tuple of them, or a dict of keyword tensors.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        BadInput: an example of another kind, or a non-tensor inside it.
+    """
     if isinstance(example, (torch.Tensor, np.ndarray)):
         example = (example,)
     if isinstance(example, Mapping):
@@ -186,4 +216,12 @@ def module_signature(named: NamedModule, example: Mapping[str, torch.Tensor], *,
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's NumPy-style name ("float32").
+
+    Args:
+        dtype: a torch.dtype.
+
+    Returns:
+        Its name.
+    """
     return str(dtype).removeprefix("torch.")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploytool.artifacts import check_run_config
+from deploytool.choices import BUILTIN_MODELS
 from deploytool.errors import BadInput
 from deploytool.nn import RoutedExperts, Router, RoutingLoss
 
@@ -162,7 +164,8 @@ class MoETransformer(nn.Module):
         return self.head(self.norm(h.mean(dim=1)))
 
 
-MODELS = {"routed-mlp": RoutedMLP, "routed-cnn": RoutedCNN, "moe-transformer": MoETransformer}
+#: built-in model name (choices.BUILTIN_MODELS, which a run's config.json is checked against) -> its class
+MODELS = dict(zip(BUILTIN_MODELS, (RoutedMLP, RoutedCNN, MoETransformer)))
 
 # config.json keys that become constructor arguments (each model takes those its constructor names)
 ARCH_KEYS = ("in_features", "n_classes", "n_experts", "expert_hidden", "width", "router_hidden", "trunk",
@@ -224,7 +227,6 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         BadInput: a config check_run_config refuses, a model that cannot be built from it, or one that
             would not fit this machine's memory.
     """
-    from deploytool.artifacts import check_run_config
 
     name = config.get("model") if isinstance(config, dict) else None
     if name not in MODELS:

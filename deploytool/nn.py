@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deploytool import losses
+from deploytool.choices import DISPATCHES, ROUTER_KINDS
 from deploytool.dispatch import exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.ops.functional import hard_select, tempered_softmax
@@ -24,7 +25,6 @@ from deploytool.ops.functional import hard_select, tempered_softmax
 RouterKind = Literal["softmax", "sigmoid"]
 Dispatch = Literal["dense", "sparse"]
 #: the dispatch names: every expert on every row and a mask, or each expert on its rows only
-DISPATCHES = ("dense", "sparse")
 RoutingMode = Literal["auto", "soft", "hard", "gumbel"]
 
 
@@ -54,7 +54,7 @@ class Router(nn.Module):
             raise ValueError(f"n_experts={n_experts}: {losses.ONE_CLASS_MESSAGE}")
         if kind == "sigmoid" and n_experts != 2:
             raise ValueError(f"a sigmoid router chooses between exactly 2 experts, got n_experts={n_experts}")
-        if kind not in ("softmax", "sigmoid"):
+        if kind not in ROUTER_KINDS:
             raise ValueError(f"router kind must be softmax or sigmoid, got {kind!r}")
         self.kind = kind
         self.n_experts = n_experts
@@ -262,6 +262,14 @@ def _plain_experts(stacks: list[_PlainStack], xs: torch.Tensor, counts: list[int
 
 
 def routed_modules(model: nn.Module) -> list[RoutedExperts]:
+    """Every RoutedExperts in `model`.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The modules, in `named_modules` order.
+    """
     return [m for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
@@ -331,28 +339,62 @@ def _override(model: nn.Module, attribute: str, value: str | None) -> Iterator[N
 
 
 def routing_mode(model: nn.Module, mode: RoutingMode):
-    """Temporarily force every RoutedExperts in `model` to soft, hard or gumbel routing."""
+    """Temporarily force every RoutedExperts in `model` to soft, hard or gumbel routing.
+
+    Args:
+        model: the model.
+        mode: "soft", "hard" or "gumbel".
+
+    Returns:
+        A context manager that restores every module's own mode.
+    """
     return _override(model, "mode", mode)
 
 
 def dispatch_mode(model: nn.Module, dispatch: Dispatch | None):
-    """Temporarily set dense or sparse dispatch on every RoutedExperts in `model` (None: leave as is)."""
+    """Temporarily set dense or sparse dispatch on every RoutedExperts in `model` (None: leave as is).
+
+    Args:
+        model: the model.
+        dispatch: "dense", "sparse" or None.
+
+    Returns:
+        A context manager that restores every module's own dispatch.
+    """
     return _override(model, "dispatch", dispatch)
 
 
 def moe_op_mode(model: nn.Module, moe_op: str | None):
     """Temporarily make every fused experts module of `model` export as ONNX Runtime's MoE op ("ort") or
-    deploytool's own dispatch (None)."""
+    deploytool's own dispatch (None).
+
+    Args:
+        model: the model.
+        moe_op: "ort" or None.
+
+    Returns:
+        A context manager that restores every module's own choice.
+    """
     return _override(model, "moe_op", moe_op)
 
 
 def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:
-    """Set dense or sparse dispatch on every module of `model` that dispatches to experts."""
+    """Set dense or sparse dispatch on every module of `model` that dispatches to experts.
+
+    Args:
+        model: the model.
+        dispatch: "dense" or "sparse".
+    """
     for m in dispatching_modules(model):
         m.dispatch = dispatch
 
 
 def set_temperature(model: nn.Module, value: float) -> None:
-    """Set the temperature of every Router in `model` (inside a RoutedExperts or not)."""
+    """Set the temperature of every Router in `model` (inside a RoutedExperts or not).
+
+    Args:
+        model: the model.
+        value: the temperature, > 0.
+    """
     for _, router in named_routers(model):
         router.set_temperature(value)

@@ -11,6 +11,14 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
     """Yield `advance(status="")`: one step done, with a short status (e.g. the loss) after the bar.
 
     A no-op when disabled or when stderr is not a terminal (logs and pipes get no bar debris).
+
+    Args:
+        label: the bar's label.
+        total: steps in all.
+        enabled: show a bar at all.
+
+    Yields:
+        The `advance` callable.
     """
     from rich.console import Console
 

@@ -23,7 +23,7 @@ from deploytool.errors import BadInput, first_line
 from deploytool.feeds import check_feed
 from deploytool.io import check_path
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
-from deploytool.runners import NATIVE, reads
+from deploytool.runners import backends_reading, make_runner, native_backend, reads
 from deploytool.runners.base import Runner
 from deploytool.signature import ModelSignature
 
@@ -33,6 +33,13 @@ BACKENDS = ("auto", *RUNNER_BACKENDS)
 def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
     """(artifact kind, runtime backend) for `path`; "auto" picks the backend that reads it natively.
 
+    Args:
+        path: a run directory, Hugging Face folder, ONNX model or engine.
+        backend: a backend name, or "auto".
+
+    Returns:
+        (its kind, the backend that runs it).
+
     Raises:
         BadInput: an unknown backend, a path that is no artifact, or a backend that cannot read it.
     """
@@ -40,10 +47,9 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     check_path(path)
     kind = artifact_kind(path)
-    chosen = NATIVE[kind] if backend == "auto" else backend
+    chosen = native_backend(kind) if backend == "auto" else backend
     if not reads(chosen, kind):
-        raise BadInput(f"backend {chosen} does not read {path} (a {kind}); use "
-                       f"{', '.join(n for n in RUNNER_BACKENDS if reads(n, kind))}")
+        raise BadInput(f"backend {chosen} does not read {path} (a {kind}); use {', '.join(backends_reading(kind))}")
     return kind, chosen
 
 
@@ -62,8 +68,6 @@ def load(path: str | Path, *, backend: str = "auto", **runner_options: Any) -> S
         BadInput: a missing or broken artifact, or a model without deploytool routers.
         MissingDependency: the backend's library or hardware is missing.
     """
-    from deploytool.runners import make_runner
-
     if not isinstance(path, (str, Path)):
         raise BadInput(f"load takes the path of a run directory, ONNX model or engine, got {type(path).__name__}")
     if not isinstance(backend, str):
@@ -118,6 +122,7 @@ class Session:
 
     @property
     def backend(self) -> str:
+        """The name of the backend that runs the model."""
         return self._runner.backend
 
     def validate(self, inputs: Any) -> dict[str, np.ndarray]:
@@ -173,6 +178,7 @@ class Session:
         return outputs
 
     def close(self) -> None:
+        """Release the runner; later calls to `run` are refused."""
         with self._lock:
             self._runner.deactivate()
 

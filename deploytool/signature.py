@@ -103,10 +103,12 @@ class ModelSignature:
     # --- reading ------------------------------------------------------------------------------
     @property
     def input_names(self) -> list[str]:
+        """The inputs' names, in order."""
         return [m.name for m in self.inputs]
 
     @property
     def output_names(self) -> list[str]:
+        """The outputs' names, in order, every router's included."""
         return [m.name for m in self.outputs]
 
     @property
@@ -141,6 +143,16 @@ class ModelSignature:
         Every input must be given, by name, with the model's dtype and rank, its static dims, one
         batch size shared by all inputs, at least one row, and no NaN or inf (a router cannot choose
         an expert for such a row, and would silently).
+
+        Args:
+            feed: arrays (or array-likes) keyed by input name.
+            what: how messages name the feed's entries ("input").
+
+        Returns:
+            {input name: array}.
+
+        Raises:
+            BadInput: a feed that does not fit the signature, saying what the model takes.
         """
         if not isinstance(feed, Mapping):
             raise BadInput(f"{what}s must be a dict of arrays keyed by input name; the model takes {self.describe()}")
@@ -194,10 +206,26 @@ def _as_array(value: Any, meta: TensorMeta, what: str) -> np.ndarray:
 
 
 def is_static(dim: Dim) -> bool:
+    """Whether a dim is a fixed size, not a named or unknown one.
+
+    Args:
+        dim: an int, a dim name, or None.
+
+    Returns:
+        True for an int >= 0 (not a bool).
+    """
     return isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0
 
 
 def shape_text(shape: tuple[Dim, ...]) -> str:
+    """A shape as messages write it: [batch, 8].
+
+    Args:
+        shape: the dims.
+
+    Returns:
+        The text.
+    """
     return "[" + ", ".join(str(d) if is_static(d) else (d if isinstance(d, str) and d else "?") for d in shape) + "]"
 
 
@@ -212,6 +240,14 @@ def numpy_dtype(name: str) -> np.dtype | None:
 # --- (de)serialising --------------------------------------------------------------------------
 
 def to_json(signature: ModelSignature) -> str:
+    """The signature as the JSON stored under META_KEY (from_json reads it back).
+
+    Args:
+        signature: the ModelSignature.
+
+    Returns:
+        The JSON text.
+    """
     return json.dumps(signature.to_dict(), sort_keys=True)
 
 
@@ -245,7 +281,16 @@ def from_json(text: str | Mapping[str, Any], source: str) -> ModelSignature:
 
 def with_io(signature: ModelSignature | None, inputs: list[TensorMeta], outputs: list[TensorMeta]) -> ModelSignature:
     """The backend's own inputs/outputs (what it really takes) with the routers a stored signature names;
-    a dim the backend leaves unnamed (an engine's -1) takes the stored signature's name for it."""
+    a dim the backend leaves unnamed (an engine's -1) takes the stored signature's name for it.
+
+    Args:
+        signature: the stored signature, or None.
+        inputs: the backend's inputs.
+        outputs: the backend's outputs.
+
+    Returns:
+        The ModelSignature.
+    """
     if signature is None:
         return ModelSignature(tuple(inputs), tuple(outputs))
     return ModelSignature(_named(inputs, signature.inputs), _named(outputs, signature.outputs), signature.routers,

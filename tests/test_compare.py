@@ -225,7 +225,7 @@ def test_an_fp32_interface_computed_in_fp16_is_judged_by_the_compute_dtype():
 
 
 def test_compare_runners_takes_the_tolerance_from_a_runner_computing_in_fp16():
-    from deploytool.compare import compare_runners
+    from deploytool.comparator import compare_runners
     from deploytool.runners.base import Runner
     from deploytool.signature import ModelSignature, TensorMeta
 

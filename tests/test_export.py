@@ -303,7 +303,7 @@ def test_onnx_readers_parse_the_file_once(exported_onnx, monkeypatch, reader):
 
 def _compare_with_torch(exported, feed):
     """One comparison of ONNX Runtime against the exported module (dense dispatch) on `feed`."""
-    from deploytool.compare import compare_runners
+    from deploytool.comparator import compare_runners
     from deploytool.runners import make_runner
 
     (comparison,) = compare_runners([make_runner("torch-dense", exported.module, example_inputs=exported.example),

@@ -12,9 +12,9 @@ import deploytool
 PACKAGE = Path(deploytool.__file__).parent
 #: the layers of docs/architecture.md, by module (a package stands for all its modules)
 LAYERS = {
-    0: ["deploytool", "errors", "deps", "io", "dtypes", "signature", "artifacts", "machine", "batch_sizes", "progress"],
+    0: ["deploytool", "errors", "deps", "io", "dtypes", "choices", "signature", "artifacts", "machine", "batch_sizes", "progress"],
     1: ["nn", "moe", "hf", "checkpoints", "dispatch", "losses", "models", "data", "feeds", "model_io", "compare", "kernels", "ops", "recipes"],
-    2: ["export", "engine", "runners", "training", "metrics"],
+    2: ["export", "engine", "runners", "comparator", "training", "metrics"],
     3: ["parity", "benchmark", "serving", "runtime", "diagnostics"],
     4: ["pipeline", "penalty_study", "finetune"],
     5: ["cli"],
@@ -108,3 +108,82 @@ def test_help_and_loading_an_onnx_signature_import_no_torch():
     code = ("import sys; from deploytool.cli.app import app; import deploytool.runtime, deploytool.artifacts, "
             "deploytool.serving.repository; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- one table per vocabulary --------------------------------------------------------------------
+
+#: the backend names of the registry (deploytool.runners.BACKENDS)
+BACKEND_NAMES = {"torch", "torch-dense", "torch-sparse", "onnxruntime", "onnxruntime-cuda", "tensorrt"}
+#: the only module that may compare backend names: the registry
+REGISTRY = "deploytool.runners"
+#: dtype spellings of every vocabulary (NumPy, ONNX, short precision names, Triton's, TensorRT's enums)
+DTYPE_WORDS = {"float", "float32", "float16", "bfloat16", "float64", "double", "int8", "int16", "int32", "int64",
+               "uint8", "uint16", "uint32", "uint64", "bool", "fp32", "fp16", "bf16", "fp64", "i32", "i64",
+               "half", "bfloat"} | {f"type_{t}" for t in ("fp32", "fp16", "bf16", "fp64", "int8", "int16", "int32",
+                                                          "int64", "uint8", "uint16", "uint32", "uint64", "bool")}
+#: the one module that holds dtype tables
+DTYPES = "deploytool.dtypes"
+
+
+def _names_a_backend(node: ast.AST) -> bool:
+    """An expression that holds a backend name: `backend`, `name`, `r.backend`, `runner.name`, `backends`."""
+    return any((isinstance(n, ast.Name) and n.id in ("backend", "backends", "name", "names", "chosen")) or
+               (isinstance(n, ast.Attribute) and n.attr in ("backend", "name")) for n in ast.walk(node))
+
+
+def backend_name_comparisons(tree: ast.AST) -> list[int]:
+    """Lines where a backend name is compared with what names a backend (==, !=, in, startswith)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            constants = [o.value for o in operands if isinstance(o, ast.Constant) and isinstance(o.value, str)]
+            if any(c in BACKEND_NAMES for c in constants) and any(_names_a_backend(o) for o in operands
+                                                                 if not isinstance(o, ast.Constant)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("startswith", "endswith") and _names_a_backend(node.func.value):
+            if any(isinstance(a, ast.Constant) and any(str(a.value) and b.startswith(str(a.value)) for b in BACKEND_NAMES)
+                   for a in node.args):
+                lines.append(node.lineno)
+    return lines
+
+
+def _dtype_word(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value.lower() in DTYPE_WORDS
+    return isinstance(node, ast.Attribute) and node.attr.lower() in DTYPE_WORDS
+
+
+def dtype_maps(tree: ast.AST) -> list[int]:
+    """Lines of dict literals that translate dtype spellings (a dtype key -> a dtype value)."""
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Dict)
+            and sum(k is not None and _dtype_word(k) and _dtype_word(v) for k, v in zip(node.keys, node.values)) >= 2]
+
+
+def _offences(find, allowed: str) -> list[str]:
+    return [f"{_module_name(p)}:{line}" for p in sorted(PACKAGE.rglob("*.py")) if _module_name(p) != allowed
+            for line in find(ast.parse(p.read_text()))]
+
+
+def test_no_backend_name_is_compared_outside_the_registry():
+    offences = _offences(backend_name_comparisons, REGISTRY)
+    assert not offences, f"ask the registry (deploytool.runners: Backend, runs_weights, runs_on_gpu) instead: {offences}"
+
+
+def test_the_backend_name_check_finds_what_it_looks_for():
+    found = backend_name_comparisons(ast.parse(
+        'name == "onnxruntime-cuda"\nr.backend == "torch"\nr.backend.startswith("torch")\n"tensorrt" in backends\n'
+        '"tensorrt" not in manifest\nname == "x"\n'))
+    assert found == [1, 2, 3, 4]
+
+
+def test_no_dtype_map_outside_dtypes():
+    offences = _offences(dtype_maps, DTYPES)
+    assert not offences, f"dtype tables live in deploytool/dtypes.py: {offences}"
+
+
+def test_the_dtype_map_check_finds_what_it_looks_for():
+    found = dtype_maps(ast.parse('a = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}\n'
+                                 'b = {"fp16": T.FLOAT16, "bf16": T.BFLOAT16}\nc = {"float32": (1, 2), "x": 1}\n'))
+    assert found == [1, 2]

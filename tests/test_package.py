@@ -83,6 +83,16 @@ def test_dynamic_batching_preferred_sizes_delay_and_instances_reach_the_config(o
     assert kinds(config) == [(3, "KIND_AUTO")]
 
 
+def test_batching_given_as_one_settings_object_reaches_the_config(onnx_file, tmp_path):
+    batching = cfg.Batching(max_batch=32, dynamic=True, preferred=(4, 16), max_queue_delay_us=250)
+    config = parse(package(onnx_file, tmp_path, "tiny", batching=batching).model_dir)
+    assert config.max_batch_size == 32
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    with pytest.raises(BadInput, match="give batching= or max_batch, dynamic, not both"):
+        package(onnx_file, tmp_path, "other", batching=batching, max_batch=8, dynamic_batching=True)
+
+
 def test_max_batch_zero_puts_the_full_shape_in_dims(onnx_file, tmp_path):
     config = parse(package(onnx_file, tmp_path, "tiny", max_batch=0).model_dir)
     assert config.max_batch_size == 0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from deploytool.errors import BadInput, MissingDependency
-from deploytool.runners import BACKENDS, NATIVE, Runner, artifact_of, make_runner, parse_backends, reads
+from deploytool.runners import (BACKENDS, NATIVE, Runner, artifact_of, backends_reading, make_runner, native_backend,
+                                parse_backends, reads)
 from deploytool.signature import ModelSignature, TensorMeta
 
 ROUTED_MLP_OUTPUTS = ["output", "routed.router.index", "routed.router.probs"]
@@ -59,6 +60,32 @@ def test_backend_names_are_the_cli_spellings_and_each_reads_one_artifact_kind():
         "onnxruntime-cuda": "onnx", "tensorrt": "engine"}
     assert all(reads(backend, kind) for kind, backend in NATIVE.items())
     assert reads("torch", "hf") and not reads("onnxruntime", "hf")  # a Hugging Face folder rebuilds like a run
+
+
+def test_the_registry_answers_every_backend_question():
+    assert NATIVE == {"run": "torch", "hf": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
+    assert backends_reading("hf") == ["torch", "torch-dense", "torch-sparse"]
+    assert {name: (b.device, b.needs) for name, b in BACKENDS.items()} == {
+        "torch": ("cpu", ["torch"]), "torch-dense": ("cpu", ["torch"]), "torch-sparse": ("cpu", ["torch"]),
+        "onnxruntime": ("cpu", ["onnxruntime"]), "onnxruntime-cuda": ("cuda", ["onnxruntime", "onnxruntime-cuda", "gpu"]),
+        "tensorrt": ("cuda", ["tensorrt", "gpu"])}
+    with pytest.raises(BadInput, match="unknown target kind 'gguf'"):
+        native_backend("gguf")
+
+
+def test_a_new_target_kind_is_one_table_entry(monkeypatch, tmp_path):
+    """Adding a target kind is an entry in artifacts.TARGET_KINDS (plus its test in artifact_kind): the
+    registry, load and the resolver's readers follow from it."""
+    from deploytool import artifacts, runtime
+
+    monkeypatch.setitem(artifacts.TARGET_KINDS, "stub", artifacts.TargetKind("stub", "onnx", "a stub model"))
+    assert native_backend("stub") == "onnxruntime"
+    assert backends_reading("stub") == ["onnxruntime", "onnxruntime-cuda"]
+    assert reads("onnxruntime-cuda", "stub") and not reads("torch", "stub") and not reads("tensorrt", "stub")
+    monkeypatch.setattr(runtime, "artifact_kind", lambda path: "stub")
+    assert runtime.resolve_backend(tmp_path) == ("stub", "onnxruntime")
+    with pytest.raises(BadInput, match="backend torch does not read .* use onnxruntime, onnxruntime-cuda"):
+        runtime.resolve_backend(tmp_path, "torch")
 
 
 def test_torch_runner_from_a_run_dir_has_a_signature_and_outputs(trained_run):
@@ -264,7 +291,7 @@ class _Rows8(Runner):
 
 
 def test_run_batched_feeds_a_static_batch_runner_padded_chunks_and_drops_the_padding():
-    from deploytool.compare import run_batched
+    from deploytool.comparator import run_batched
 
     x = np.arange(19 * 3, dtype=np.float32).reshape(19, 3)
     with _Rows8() as runner:
@@ -280,7 +307,7 @@ def test_static_batch_is_none_for_a_dynamic_batch(routing_onnx, trained_run):
 
 
 def test_run_batched_concatenates_chunks_of_a_dynamic_runner_and_refuses_an_empty_feed(exported_onnx):
-    from deploytool.compare import run_batched
+    from deploytool.comparator import run_batched
 
     x = np.random.default_rng(4).random((70, 64), dtype=np.float32)
     with make_runner("onnxruntime", exported_onnx) as runner:

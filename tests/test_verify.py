@@ -375,3 +375,20 @@ def test_per_output_tolerances_reach_every_comparison(exported_onnx, trained_run
     assert by_name["routed.router.probs"].atol == pytest.approx(1e-5 * 12.5)
     with pytest.raises(BadInput, match="atol must be a finite number >= 0, got -1"):
         verify(exported_onnx, checkpoint=trained_run.path, atol={"output": -1})
+
+
+def test_resolve_target_finds_each_readers_file_and_reads_the_source_run_once(exported_onnx, trained_run, monkeypatch):
+    from deploytool import artifacts
+
+    target = artifacts.resolve_target(exported_onnx)
+    assert (target.kind, target.reader, target.onnx_path, target.engine_path) == ("onnx", "onnx", exported_onnx, None)
+    assert target.source.resolve() == trained_run.path.resolve() and target.source_found
+    assert target.file_for("run") == target.source and target.signature is not None
+    reads = []
+    real = artifacts.load_run
+    monkeypatch.setattr(artifacts, "load_run", lambda path: reads.append(path) or real(path))
+    assert target.run_config() == target.run_config() == trained_run.config
+    assert len(reads) == 1
+    run = artifacts.resolve_target(trained_run.path, checkpoint=trained_run.weights)
+    assert (run.kind, run.signature, run.source, run.weights, run.source_found) == (
+        "run", None, trained_run.path, trained_run.weights, False)

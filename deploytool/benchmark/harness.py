@@ -22,7 +22,21 @@ MAX_ITERS = 1_000_000
 
 def measure(fns: Sequence[Callable[[], object]], *, warmup_ms: float = 200.0, duration_s: float = 3.0,
             min_iters: int = 10, rounds: int = ROUNDS) -> list[np.ndarray]:
-    """Host latency in nanoseconds of every timed call of each callable, interleaved in slices."""
+    """Host latency in nanoseconds of every timed call of each callable, interleaved in slices.
+
+    Args:
+        fns: the callables, each measured in every round.
+        warmup_ms: warm-up per callable, before timing.
+        duration_s: timed duration per callable.
+        min_iters: at least this many timed calls per callable.
+        rounds: slices each callable's time is spread over.
+
+    Returns:
+        Per callable, the latency of every timed call in nanoseconds.
+
+    Raises:
+        ValueError: a duration or warm-up that is not finite, or min_iters or rounds below 1.
+    """
     if not (0 < duration_s < math.inf and 0 <= warmup_ms < math.inf) or min_iters < 1 or rounds < 1:
         raise ValueError("need a finite duration_s > 0, a finite warmup_ms >= 0, min_iters >= 1 and rounds >= 1")
     for fn in fns:

@@ -22,6 +22,17 @@ ROWS_PER_EXPERT = 8
 
 
 def check_patterns(patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """The routing pattern names, each known (uniform, skewed, single).
+
+    Args:
+        patterns: the names given.
+
+    Returns:
+        The names, each once (a repeat dropped), in the order given.
+
+    Raises:
+        BadInput: an unknown name, or none.
+    """
     unknown = [p for p in patterns if p not in PATTERNS]
     if unknown or not patterns:
         raise BadInput(f"unknown routing pattern {', '.join(unknown) or '(none)'}; choose from {', '.join(PATTERNS)}")
@@ -29,7 +40,18 @@ def check_patterns(patterns: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def shares(pattern: str, present: np.ndarray) -> np.ndarray:
-    """Wanted fraction of rows per expert; experts absent from the pool (`present` False) get none."""
+    """Wanted fraction of rows per expert; experts absent from the pool (`present` False) get none.
+
+    Args:
+        pattern: uniform, skewed or single.
+        present: per expert, whether the pool routes any row to it.
+
+    Returns:
+        The fraction of rows each expert should get, summing to 1.
+
+    Raises:
+        BadInput: no expert present.
+    """
     present = np.asarray(present, dtype=bool)
     ranked = np.flatnonzero(present)
     if ranked.size == 0:
@@ -47,7 +69,15 @@ def shares(pattern: str, present: np.ndarray) -> np.ndarray:
 
 
 def counts_for(share: np.ndarray, n_rows: int) -> np.ndarray:
-    """Integer counts summing to n_rows, by largest remainder (ties to the lower expert)."""
+    """Integer counts summing to n_rows, by largest remainder (ties to the lower expert).
+
+    Args:
+        share: fraction per expert.
+        n_rows: rows to distribute.
+
+    Returns:
+        Rows per expert (int64).
+    """
     exact = np.asarray(share, dtype=np.float64) * n_rows
     counts = np.floor(exact).astype(np.int64)
     order = np.lexsort((np.arange(exact.size), -(exact - counts)))
@@ -56,7 +86,15 @@ def counts_for(share: np.ndarray, n_rows: int) -> np.ndarray:
 
 
 def cycle_length(batch_size: int, n_experts: int) -> int:
-    """Feeds in a pattern's cycle: enough rows for ROWS_PER_EXPERT per expert, at least one feed."""
+    """Feeds in a pattern's cycle: enough rows for ROWS_PER_EXPERT per expert, at least one feed.
+
+    Args:
+        batch_size: rows per feed.
+        n_experts: the steered router's expert count.
+
+    Returns:
+        The number of feeds.
+    """
     return max(1, math.ceil(ROWS_PER_EXPERT * n_experts / batch_size))
 
 
@@ -66,6 +104,16 @@ def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: in
 
     uniform and skewed rank the experts that appear in the pool by index; single takes the expert the
     pool routes to most often. Rows are drawn without replacement while the pool has enough of them.
+
+    Args:
+        pattern: uniform, skewed or single.
+        routes: each pool row's expert.
+        n_experts: the router's expert count.
+        batch_size: rows per feed.
+        seed: seed of the draw.
+
+    Returns:
+        One array of pool row indices per feed.
     """
     routes = np.asarray(routes, dtype=np.int64)
     pool_counts = np.bincount(routes, minlength=n_experts)[:n_experts]
@@ -85,7 +133,15 @@ def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: in
 
 
 def histogram(indices: list[np.ndarray] | np.ndarray, n_experts: int) -> list[int]:
-    """Rows per expert over all feeds of a cycle."""
+    """Rows per expert over all feeds of a cycle.
+
+    Args:
+        indices: the routing index of each feed, or one array.
+        n_experts: the router's expert count.
+
+    Returns:
+        Rows per expert.
+    """
     flat = np.concatenate([np.asarray(i).reshape(-1) for i in indices]) if isinstance(indices, list) \
         else np.asarray(indices).reshape(-1)
     return np.bincount(flat.astype(np.int64), minlength=n_experts)[:n_experts].tolist()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deploytool.io import atomic_path
+
 if TYPE_CHECKING:
     from deploytool.benchmark.run import BenchResult
 
@@ -14,8 +16,15 @@ CURVES = (("median_ms", "median", "-", "o"), ("p99_ms", "p99", ":", "^"))
 
 
 def plot_latency(result: "BenchResult", path: str | Path) -> Path:
-    from deploytool.io import atomic_path
+    """Write the latency plot of a bench result as a PNG, atomically.
 
+    Args:
+        result: the BenchResult.
+        path: the .png to write.
+
+    Returns:
+        The path written.
+    """
     fig = draw_latency(result)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

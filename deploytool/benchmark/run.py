@@ -27,10 +27,15 @@ import numpy as np
 from deploytool import io
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.benchmark import harness, patterns
+from deploytool.benchmark.plot import plot_latency
 from deploytool.benchmark.stats import CV_WARN, LatencyStats, summarize
 from deploytool.errors import BadInput, DeployToolError, MissingDependency, first_line
-from deploytool.feeds import Feed, batch_of, take
-from deploytool.runners import artifact_of, parse_backends
+from deploytool.artifacts import Target, manifest_path, max_batch, read_manifest, resolve_target
+from deploytool.comparator import check_runners_match, run_batched
+from deploytool.feeds import Feed, batch_of, sample_feed, take
+from deploytool.machine import machine_info
+from deploytool.progress import progress_bar
+from deploytool.runners import artifact_of, make_runner, parse_backends, runs_on_gpu, runs_weights
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
@@ -91,6 +96,7 @@ class BenchResult:
 
     @property
     def unstable(self) -> list[Line]:
+        """The lines whose coefficient of variation is above CV_WARN."""
         return [ln for ln in self.lines if ln.stats.unstable]
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,22 +143,63 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
         BadInput: bad options or files, an output path that is an input, a model without routers.
         MissingDependency: no backend can run here.
     """
-    from deploytool.machine import machine_info
-    from deploytool.compare import run_batched
-
     start = time.perf_counter()
     backends = parse_backends(backends)
     batch_sizes = check_batch_sizes(batch_sizes)
     routing = patterns.check_patterns(list(routing))
     check_settings(warmup_ms, duration_s, min_iters, seed)
+    targets = _check_targets(target, backends)
+    arts = [resolve_target(t, checkpoint=checkpoint) for t in targets]
+    _check_reports(json_path, plot_path, checkpoint, data, targets, arts)
+    notes = [note for note in (busy_note(),) if note]
+    for a in arts:
+        if any(artifact_of(b) == "engine" for b in backends) and a.engine_path is not None:
+            check_engine_batch(a.engine_path, batch_sizes)
+
+    with contextlib.ExitStack() as stack:
+        runners, skipped = _open_targets(backends, targets, arts, stack, notes)
+        check_static_batch(runners, batch_sizes)
+        signature = runners[0].signature
+        steered = _steered_router(signature, router)
+        label, pool = _pool(signature, arts[0], data, seed, notes)
+        check_feed_size(pool, batch_sizes)
+        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
+        per_sample = sample_experts(routes[steered.index], steered.n_experts)
+        lines, device_notes = _measure(runners, pool, routes=per_sample, n_experts=steered.n_experts,
+                                       batch_sizes=batch_sizes, routing=routing,
+                                       settings=dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
+                                       progress=progress, seed=seed)
+    notes = notes + device_notes
+    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
+    if "uniform" in routing and not present.all():
+        notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
+                     "samples; uniform spreads over the others")
+    result = BenchResult(
+        target=", ".join(map(str, targets)), kind=arts[0].kind, backends=[r.name for r in runners], skipped=skipped,
+        lines=lines,
+        settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
+                  "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
+                  "seed": seed},
+        inputs=f"{label} ({batch_of(pool)} samples; router {steered.path}, {steered.n_experts} experts)",
+        machine=machine_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+    _write_reports(result, json_path, plot_path, start)
+    return result
+
+
+def _check_targets(target: str | Path | Sequence[str | Path], backends: list[str]) -> list[Path]:
+    """The targets as paths: distinct, and several only with a backend that reads each (not torch alone)."""
     targets = [Path(target)] if isinstance(target, (str, Path)) else [Path(t) for t in target]
     if not targets or len({t.resolve() for t in targets}) != len(targets):
         raise BadInput("give one or more distinct targets")
     if len(targets) > 1 and all(artifact_of(b) == "run" for b in backends):
         raise BadInput(f"several targets are measured with the backends that read them; {', '.join(backends)} "
                        "run the training run's weights, the same for every export: add onnxruntime or tensorrt")
-    arts = [Artifacts.resolve(t, checkpoint) for t in targets]
-    art = arts[0]
+    return targets
+
+
+def _check_reports(json_path: str | Path | None, plot_path: str | Path | None, checkpoint: str | Path | None,
+                   data: Any, targets: list[Path], arts: list[Target]) -> None:
+    """Refuse report paths that clash with each other, have the wrong suffix, or would overwrite an input."""
     if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
         raise BadInput(f"the JSON report and the plot are both {json_path}; give two paths")
     for path, suffix in ((json_path, ".json"), (plot_path, ".png")):
@@ -162,65 +209,42 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
         if path is not None:
             io.check_parent_dir(path)
             io.refuse_overwrite(path, checkpoint, data if isinstance(data, (str, Path)) else None, *targets,
-                                *(p for a in arts for p in (a.onnx_path, a.run_dir, a.engine_path)))
-    load = busy_note()
-    if load:
-        art.notes.append(load)
-    for a in arts:
-        if "tensorrt" in backends and a.engine_path is not None:
-            check_engine_batch(a.engine_path, batch_sizes)
+                                *(p for a in arts for p in (a.onnx_path, a.source, a.engine_path)))
 
-    with contextlib.ExitStack() as stack:
-        runners, skipped = [], {}
-        for i, (path, a) in enumerate(zip(targets, arts)):
-            # torch runs the weights, the same for every export of one run: measured once, with the first
-            names = backends if i == 0 else [b for b in backends if artifact_of(b) != "run"]
-            opened, missed = _open_runners(names, a, stack)
-            opened = _check_same_model(opened, a, missed)
-            if len(targets) > 1:
-                for runner in opened:
-                    if artifact_of(runner.name) != "run":
-                        runner.name = f"{runner.name} {path.name}"
-                missed = {f"{k} {path.name}": v for k, v in missed.items()}
-            runners += opened
-            skipped.update(missed)
-            art.notes += a.notes if a is not art else []
-        for runner in runners:
-            runner.signature.require_router(f"the {runner.name} model")
+
+def _open_targets(backends: list[str], targets: list[Path], arts: list[Target], stack: contextlib.ExitStack,
+                  notes: list[str]) -> tuple[list, dict[str, str]]:
+    """Every runnable (backend, target) runner, activated, named after its target when there are several;
+    the backends skipped, with the reason. Each runner's model must have routers, and several targets must
+    be exports of one model."""
+    runners, skipped = [], {}
+    for i, (path, a) in enumerate(zip(targets, arts)):
+        # torch runs the weights, the same for every export of one run: measured once, with the first
+        names = backends if i == 0 else [b for b in backends if artifact_of(b) != "run"]
+        opened, missed = _open_runners(names, a, stack, notes)
+        opened = _check_same_model(opened, a, missed, notes)
         if len(targets) > 1:
-            from deploytool.parity import check_runners_match
+            for runner in opened:
+                if artifact_of(runner.name) != "run":
+                    runner.name = f"{runner.name} {path.name}"
+            missed = {f"{k} {path.name}": v for k, v in missed.items()}
+        runners += opened
+        skipped.update(missed)
+    for runner in runners:
+        runner.signature.require_router(f"the {runner.name} model")
+    if len(targets) > 1:
+        check_runners_match(runners, {}, None)
+    return runners, skipped
 
-            check_runners_match(runners, {}, None)
-        check_static_batch(runners, batch_sizes)
-        signature = runners[0].signature
-        steered = _steered_router(signature, router)
-        label, pool = _pool(signature, art, data, seed)
-        check_feed_size(pool, batch_sizes)
-        routes = run_batched(runners[0], pool, min(256, max(batch_sizes)))  # pads a static batch's last chunk
-        per_sample = sample_experts(routes[steered.index], steered.n_experts)
-        lines, device_notes = _measure(runners, pool, per_sample, steered.n_experts, batch_sizes, routing,
-                                       dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
-                                       progress, seed)
-    notes = list(art.notes) + device_notes
-    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
-    if "uniform" in routing and not present.all():
-        notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
-                     "samples; uniform spreads over the others")
-    result = BenchResult(
-        target=", ".join(map(str, targets)), kind=art.kind, backends=[r.name for r in runners], skipped=skipped, lines=lines,
-        settings={"batch_sizes": batch_sizes, "routing": routing, "router": steered.path, "warmup_ms": warmup_ms,
-                  "duration_s": duration_s, "min_iters": min_iters, "rounds": harness.ROUNDS, "requested": backends,
-                  "seed": seed},
-        inputs=f"{label} ({batch_of(pool)} samples; router {steered.path}, {steered.n_experts} experts)",
-        machine=machine_info(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+
+def _write_reports(result: BenchResult, json_path: str | Path | None, plot_path: str | Path | None,
+                   start: float) -> None:
+    """The plot, then the JSON report (which records the whole run's seconds)."""
     if plot_path is not None:
-        from deploytool.benchmark.plot import plot_latency
-
         plot_latency(result, plot_path)
     result.total_s = round(time.perf_counter() - start, 3)
     if json_path is not None:
         io.write_json(json_path, result.to_dict())
-    return result
 
 
 def _steered_router(signature, path: str | None):
@@ -235,7 +259,15 @@ def _steered_router(signature, path: str | None):
 
 def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
     """Each sample's expert for pattern selection: its decision, or for a router deciding per token
-    the expert most of its tokens go to."""
+    the expert most of its tokens go to.
+
+    Args:
+        index: a router's index output over the pool, [samples] or [samples, tokens...].
+        n_experts: its expert count.
+
+    Returns:
+        One expert per sample (int64).
+    """
     flat = np.asarray(index, dtype=np.int64).reshape(len(index), -1)
     if flat.shape[1] == 1:
         return flat[:, 0]
@@ -244,7 +276,15 @@ def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def check_feed_size(pool: Feed, batch_sizes: list[int]) -> None:
-    """Refuse a batch whose inputs alone would not fit in memory, before building any feed."""
+    """Refuse a batch whose inputs alone would not fit in memory, before building any feed.
+
+    Args:
+        pool: the samples feeds are picked from.
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: the largest batch's inputs exceed MAX_FEED_BYTES.
+    """
     per_sample = sum(v[0].nbytes for v in pool.values())
     largest = max(batch_sizes)
     if largest * per_sample > MAX_FEED_BYTES:
@@ -265,7 +305,17 @@ def busy_note() -> str | None:
 
 
 def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: int = 0) -> None:
-    """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls."""
+    """Finite durations only (an infinite warm-up never ends); the harness stops at MAX_ITERS calls.
+
+    Args:
+        warmup_ms: warm-up per callable.
+        duration_s: timed duration per callable and cell.
+        min_iters: least timed calls.
+        seed: the data and pattern seed.
+
+    Raises:
+        BadInput: a value out of range or of the wrong type.
+    """
     if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
         raise BadInput(f"duration_s must be a number > 0 and at most {MAX_DURATION_S} s, got {duration_s}")
     if not (math.isfinite(warmup_ms) and 0 <= warmup_ms <= 1000 * MAX_DURATION_S):
@@ -279,7 +329,15 @@ def check_settings(warmup_ms: float, duration_s: float, min_iters: int, seed: in
 
 
 def check_engine_batch(engine_path: Path, batch_sizes: list[int]) -> None:
-    """Refuse batch sizes above the engine's optimization profile, read from its manifest."""
+    """Refuse batch sizes above the engine's optimization profile, read from its manifest.
+
+    Args:
+        engine_path: the engine (its manifest beside it).
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: a batch size above the profile's maximum.
+    """
     max_batch = engine_max_batch(engine_path)
     too_big = [b for b in batch_sizes if max_batch is not None and b > max_batch]
     if too_big:
@@ -292,8 +350,6 @@ def engine_max_batch(engine_path: Path) -> int | None:
 
     Without a manifest there is nothing to check here: the tensorrt runner refuses the engine itself.
     """
-    from deploytool.artifacts import manifest_path, max_batch, read_manifest
-
     if not manifest_path(engine_path).is_file():
         return None
     return max_batch(read_manifest(engine_path))
@@ -301,7 +357,15 @@ def engine_max_batch(engine_path: Path) -> int | None:
 
 def check_static_batch(runners, batch_sizes: list[int]) -> None:
     """A static-batch model (its runner's input metadata fixes axis 0) takes its own batch only:
-    refuse any other before measuring."""
+    refuse any other before measuring.
+
+    Args:
+        runners: the runners to measure.
+        batch_sizes: the batch sizes to measure.
+
+    Raises:
+        BadInput: a batch size other than a static-batch model's own.
+    """
     for runner in runners:
         fixed = runner.signature.static_batch
         other = [b for b in batch_sizes if fixed is not None and b != fixed]
@@ -311,86 +375,43 @@ def check_static_batch(runners, batch_sizes: list[int]) -> None:
                            f"batch size {fixed} only, or export with a dynamic batch")
 
 
-# --- artifacts and runners ---------------------------------------------------------------------
+# --- targets and runners -----------------------------------------------------------------------
 
-@dataclass
-class Artifacts:
-    """What each backend loads, found from TARGET; the ONNX model may be exported on demand."""
+def _onnx_for(target: Target, stack: contextlib.ExitStack, notes: list[str]) -> Path:
+    """The target's ONNX model; a run directory without one is exported to a temporary file."""
+    if target.onnx_path is None:
+        if target.source is None:
+            raise BadInput("the onnxruntime backend needs an ONNX model: give one as TARGET")
+        from deploytool.export.onnx import export_onnx
 
-    kind: str
-    run_dir: Path | None = None
-    weights: Path | None = None
-    onnx_path: Path | None = None
-    engine_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
-    #: the run directory came from the ONNX model's metadata, not from the user
-    run_found: bool = False
-    #: the model's deploytool metadata (an engine carries its ONNX model's)
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def resolve(cls, target: str | Path, checkpoint: str | Path | None = None) -> "Artifacts":
-        from deploytool.artifacts import MODULE_KINDS, artifact_kind, open_artifact
-        from deploytool.parity import resolve_checkpoint
-
-        path = Path(target)
-        kind = artifact_kind(path)
-        run_dir, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-        if kind in MODULE_KINDS:
-            onnx = path / "model.onnx"
-            return cls(kind, run_dir or path, weights, onnx if onnx.is_file() else None)
-        art = open_artifact(path)
-        onnx = path if kind == "onnx" else _engine_onnx(path)
-        source = None if run_dir else art.source_run
-        return cls(kind, run_dir or source, weights, onnx, path if kind == "engine" else None,
-                   run_found=source is not None, metadata=art.metadata)
-
-    def onnx(self, stack: contextlib.ExitStack) -> Path:
-        """The ONNX model; a run directory without one is exported to a temporary file."""
-        if self.onnx_path is None:
-            if self.run_dir is None:
-                raise BadInput("the onnxruntime backend needs an ONNX model: give one as TARGET")
-            from deploytool.export.onnx import export_onnx
-
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deploytool-bench-")))
-            self.onnx_path = export_onnx(self.run_dir, tmp / "model.onnx", checkpoint=self.weights,
-                                         validate=False).path
-            self.notes.append(f"onnxruntime ran a temporary export of {self.run_dir} "
-                              "(`deploytool export` it to keep and verify the model)")
-        return self.onnx_path
-
-    def runner_for(self, backend: str, stack: contextlib.ExitStack):
-        from deploytool.runners import make_runner
-
-        kind = artifact_of(backend)
-        if kind == "run":
-            if self.run_dir is None:
-                raise BadInput(f"the {backend} backend needs the training run directory: give the checkpoint")
-            return make_runner(backend, self.run_dir, checkpoint=self.weights)
-        if kind == "onnx":
-            return make_runner(backend, self.onnx(stack))
-        if self.engine_path is None:
-            raise BadInput(f"the {backend} backend needs an engine as TARGET (build one with `deploytool build-engine`)")
-        return make_runner(backend, self.engine_path)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deploytool-bench-")))
+        target.onnx_path = export_onnx(target.source, tmp / "model.onnx", checkpoint=target.weights,
+                                       validate=False).path
+        notes.append(f"onnxruntime ran a temporary export of {target.source} "
+                     "(`deploytool export` it to keep and verify the model)")
+    return target.onnx_path
 
 
-def _engine_onnx(engine: Path) -> Path | None:
-    """The ONNX model an engine was built from, as its manifest records it, while that file is unchanged."""
-    from deploytool.artifacts import read_manifest
+def _runner_for(backend: str, target: Target, stack: contextlib.ExitStack, notes: list[str]):
+    """The runner of `backend` over what it reads of `target` (not yet active)."""
+    reader = artifact_of(backend)
+    if reader == "run":
+        if target.source is None:
+            raise BadInput(f"the {backend} backend needs the training run directory: give the checkpoint")
+        return make_runner(backend, target.source, checkpoint=target.weights)
+    if reader == "onnx":
+        return make_runner(backend, _onnx_for(target, stack, notes))
+    if target.engine_path is None:
+        raise BadInput(f"the {backend} backend needs an engine as TARGET (build one with `deploytool build-engine`)")
+    return make_runner(backend, target.engine_path)
 
-    recorded = read_manifest(engine).get("onnx") or {}
-    onnx = Path(recorded.get("path") or "")
-    if recorded.get("path") and onnx.is_file() and io.sha256_file(onnx) == recorded.get("sha256"):
-        return onnx
-    return None
 
-
-def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitStack):
+def _open_runners(backends: list[str], target: Target, stack: contextlib.ExitStack, notes: list[str]):
     """Activated runners, and the reason for each backend that cannot run; none runnable: its error."""
     runners, skipped, errors = [], {}, []
     for backend in backends:
         try:
-            runner = art.runner_for(backend, stack)
+            runner = _runner_for(backend, target, stack, notes)
             stack.enter_context(runner)
         except (DeployToolError, ImportError) as exc:
             first = first_line(exc)
@@ -403,29 +424,26 @@ def _open_runners(backends: list[str], art: Artifacts, stack: contextlib.ExitSta
     return runners, skipped
 
 
-def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) -> list:
+def _check_same_model(runners: list, target: Target, skipped: dict[str, str], notes: list[str]) -> list:
     """The runners to measure: all of them when torch's weights are the ONNX model's (or cannot be told
     apart). A run found through the model's metadata that no longer matches it is another model: its torch
     backends are skipped with the reason. A run given with --checkpoint is the user's choice: shapes that
     disagree are refused, other weights only noted."""
-    from deploytool.parity import check_runners_match
-
-    torch = [r for r in runners if r.backend == "torch"]
+    torch = [r for r in runners if runs_weights(r)]
     if not torch:
         return runners
-    weights = art.weights or (art.run_dir / io.WEIGHTS_FILE if art.run_dir is not None else None)
     try:
-        mismatch = check_runners_match(runners, art.metadata, weights)
+        mismatch = check_runners_match(runners, target.metadata, target.source_weights)
     except BadInput as exc:
-        if not art.run_found:
+        if not target.source_found:
             raise
         mismatch = [str(exc)]
     if not mismatch:
         return runners
-    if not art.run_found:
-        art.notes.extend(mismatch)
+    if not target.source_found:
+        notes.extend(mismatch)
         return runners
-    reason = (f"the run {art.run_dir} recorded in {art.onnx_path.name} no longer matches it ({mismatch[0]}); "
+    reason = (f"the run {target.source} recorded in {target.onnx_path.name} no longer matches it ({mismatch[0]}); "
               "give the checkpoint (its run directory) to time it anyway")
     kept = [r for r in runners if r not in torch]
     if not kept:
@@ -434,25 +452,35 @@ def _check_same_model(runners: list, art: Artifacts, skipped: dict[str, str]) ->
     return kept
 
 
-def _pool(signature, art: Artifacts, data: Any, seed: int) -> tuple[str, Feed]:
+def _pool(signature, target: Target, data: Any, seed: int, notes: list[str]) -> tuple[str, Feed]:
     """Samples to pick feeds from: `data`, else the run's data set (training rows too), else made up."""
-    from deploytool.artifacts import is_hf_folder, load_run
-    from deploytool.feeds import sample_feed
-
-    config = (load_run(art.run_dir).config if art.run_dir is not None and data is None
-              and not is_hf_folder(art.run_dir) else None)
+    config = target.run_config() if data is None else None
     label, feed = sample_feed(signature, data=data, run_config=config, samples=10**9, seed=seed, made_up=RANDOM_POOL)
     if data is None and config is None:
-        art.notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
+        notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
     return label.replace(" held-out", ""), feed
 
 
 # --- measuring ---------------------------------------------------------------------------------
 
-def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
+def _measure(runners, pool: Feed, *, routes: np.ndarray, n_experts: int, batch_sizes: list[int],
              routing: list[str], settings: dict[str, Any], progress: bool, seed: int) -> tuple[list[Line], list[str]]:
-    from deploytool.progress import progress_bar
+    """Every cell (routing pattern x batch size), the runners measured interleaved.
 
+    Args:
+        runners: the active runners, the first the reference of the ratios.
+        pool: the samples feeds are picked from.
+        routes: each sample's expert under the steered router.
+        n_experts: that router's expert count.
+        batch_sizes: batch sizes to measure.
+        routing: routing patterns.
+        settings: the harness's timing settings (warmup_ms, duration_s, min_iters).
+        progress: show a progress bar.
+        seed: seed of the pattern sampling.
+
+    Returns:
+        (one Line per runner and cell, notes on how the times were taken).
+    """
     cells = list(itertools.product(routing, batch_sizes))
     lines: list[Line] = []
     notes: list[str] = []
@@ -466,7 +494,8 @@ def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_size
             for runner, stats in zip(runners, summaries):
                 outputs = [runner.infer(feed) for feed in feeds]
                 histograms = {r.path: patterns.histogram([o[r.index] for o in outputs], r.n_experts) for r in routers}
-                lines.append(Line(runner.name, batch, pattern, stats, stats.median_ms / first_median, histograms))
+                lines.append(Line(backend=runner.name, batch_size=batch, routing=pattern, stats=stats,
+                                  ratio=stats.median_ms / first_median, histograms=histograms))
             advance()
     return lines, list(dict.fromkeys(notes))
 
@@ -474,13 +503,8 @@ def _measure(runners, pool: Feed, routes: np.ndarray, n_experts: int, batch_size
 def _timed_call(runner, feeds: list[Feed], notes: list[str]) -> Callable[[], object]:
     """runner.infer over the feed cycle (host time: a GPU runner's call includes its copies)."""
     next_feed = itertools.cycle(feeds).__next__
-    if _on_gpu(runner):
+    if runs_on_gpu(runner):
         notes.append(f"{runner.name}: host time, copies to and from the GPU included")
     infer = runner.infer
     return lambda: infer(next_feed())
 
-
-def _on_gpu(runner) -> bool:
-    device = str(getattr(runner, "device", "cpu"))
-    providers = getattr(runner, "active_providers", [])
-    return runner.backend == "tensorrt" or device.startswith("cuda") or "CUDAExecutionProvider" in providers

@@ -19,7 +19,15 @@ PERCENTILES = (90, 95, 99)
 
 
 def nearest_rank(sorted_values: np.ndarray, p: float) -> float:
-    """The p-th percentile (0 < p <= 100) of ascending values by the nearest-rank rule."""
+    """The p-th percentile (0 < p <= 100) of ascending values by the nearest-rank rule.
+
+    Args:
+        sorted_values: the values, ascending.
+        p: the percentile, 0 < p <= 100.
+
+    Returns:
+        The value at that rank.
+    """
     rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
     return float(sorted_values[rank - 1])
 
@@ -46,6 +54,7 @@ class LatencyStats:
 
     @property
     def unstable(self) -> bool:
+        """Whether the coefficient of variation is above CV_WARN (a noisy measurement)."""
         return self.cv > CV_WARN
 
     @property
@@ -55,6 +64,7 @@ class LatencyStats:
 
     @property
     def samples_per_s(self) -> float:
+        """Samples per second when calls run back to back (batch size over the mean latency)."""
         return self.batch_size * self.queries_per_s
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,7 +73,18 @@ class LatencyStats:
 
 
 def summarize(latencies_ns: np.ndarray | list[int], batch_size: int = 1) -> LatencyStats:
-    """Statistics of per-call latencies given in nanoseconds."""
+    """Statistics of per-call latencies given in nanoseconds.
+
+    Args:
+        latencies_ns: latency of each call, in nanoseconds.
+        batch_size: samples per call (for the throughput).
+
+    Returns:
+        The LatencyStats, in milliseconds.
+
+    Raises:
+        ValueError: no latencies.
+    """
     values = np.sort(np.asarray(latencies_ns, dtype=np.float64)) / 1e6
     if values.size == 0:
         raise ValueError("no latency samples to summarize")

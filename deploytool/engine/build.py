@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploytool import machine
+from deploytool.artifacts import ENGINE_SUFFIXES, load_onnx, manifest_path, read_external_weights
+from deploytool.dtypes import TENSORRT_DTYPES
+from deploytool.engine import lowering, plugins
 from deploytool.engine.manifest import build_manifest
-from deploytool.artifacts import manifest_path
 from deploytool.engine.plan import FUNCTION_PATH, MIN_TENSORRT, PLUGIN_PATH, EngineBuildPlan, plan_engine
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.io import atomic_path, check_parent_dir, refuse_overwrite, write_bytes, write_json
 from deploytool.ops import DOMAIN
 
 INSTALL = 'pip install "deploytool[tensorrt]" on a machine with an NVIDIA GPU and driver'
@@ -64,8 +68,6 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
         MissingDependency: no TensorRT or GPU.
         CheckFailed: TensorRT failed to parse or build.
     """
-    from deploytool.artifacts import ENGINE_SUFFIXES
-    from deploytool.io import check_parent_dir, refuse_overwrite
 
     for what, path in (("engine", out), ("timing cache", timing_cache)):
         if path is not None:
@@ -97,7 +99,6 @@ def require_tensorrt_and_gpu(purpose: str = "build-engine"):
     """The tensorrt module, or MissingDependency naming everything that is missing, in one line."""
     import importlib
 
-    from deploytool.machine import gpu
 
     missing = []
     try:
@@ -105,7 +106,7 @@ def require_tensorrt_and_gpu(purpose: str = "build-engine"):
     except Exception:  # ImportError, or a broken install (missing libnvinfer) raising anything on import
         trt = None
         missing.append("TensorRT")
-    if gpu() is None:
+    if machine.gpu() is None:
         missing.append("an NVIDIA GPU with a working CUDA driver")
     if missing:
         raise MissingDependency(f"{purpose} needs {' and '.join(missing)}: {INSTALL}")
@@ -120,10 +121,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
-    from deploytool.machine import describe_machine
-    from deploytool.engine import plugins
-    from deploytool.io import write_bytes
-
     plugin_module = plugins.load_plugins() if plan.op_path == PLUGIN_PATH else None
     if plugin_module is not None:
         plugin_module.EMBEDDED_PTX.clear()  # record only what this build compiles
@@ -159,7 +156,7 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
         raise CheckFailed(f"TensorRT could not build the engine: {logger.last_error or 'no error message'}")
 
     manifest = build_manifest(
-        plan, machine=describe_machine(), op_path=op_path, plugin_layers=plugin_layers,
+        plan, machine=machine.describe_machine(), op_path=op_path, plugin_layers=plugin_layers,
         embedded_ptx=dict(plugin_module.EMBEDDED_PTX) if plugin_module and plugin_layers else {},
         kernel_source_sha256=plugins.kernel_source_sha256(), io=_io(trt, network))
     meta_path = write_engine(out, bytes(serialized), manifest)
@@ -170,8 +167,16 @@ def _build(trt, plan: EngineBuildPlan, out: Path) -> EngineBuildResult:
 
 def write_engine(out: Path, engine: bytes, manifest: dict) -> Path:
     """Write the engine, then its manifest (returned): a failed engine write leaves the old pair as it was,
-    never a new manifest describing the old engine."""
-    from deploytool.io import atomic_path, write_bytes, write_json
+    never a new manifest describing the old engine.
+
+    Args:
+        out: the engine path.
+        engine: the serialized engine.
+        manifest: its manifest.
+
+    Returns:
+        The manifest's path.
+    """
 
     with atomic_path(manifest_path(out)) as meta_tmp:
         write_json(meta_tmp, manifest)
@@ -192,15 +197,12 @@ def _model_bytes(plan: EngineBuildPlan) -> bytes:
     """
     import onnx
 
-    from deploytool.artifacts import load_onnx, read_external_weights
 
     # lowering converts the weights, so it needs them in memory; otherwise the parser reads external
     # data itself, relative to the model's path
     model = load_onnx(plan.onnx_path)
     if plan.lower_to:
-        from deploytool.engine.lowering import lower_precision
-
-        model = lower_precision(read_external_weights(model, plan.onnx_path), plan.lower_to, plan.fp32_regions)
+        model = lowering.lower_precision(read_external_weights(model, plan.onnx_path), plan.lower_to, plan.fp32_regions)
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
@@ -229,12 +231,20 @@ def _network_flags(trt, names: list[str]) -> int:
     return flags
 
 
-#: TensorRT names these data types as NumPy does (trt.float16 is "float16")
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")
+#: TensorRT names these data types as NumPy does (trt.float16 is "float16"): dtypes.TENSORRT_DTYPES
+DTYPE_NAMES = TENSORRT_DTYPES
 
 
 def dtype_name(trt, dtype) -> str:
-    """NumPy/torch spelling of a TensorRT data type; used by the manifest, the runner and the plugins."""
+    """NumPy/torch spelling of a TensorRT data type; used by the manifest, the runner and the plugins.
+
+    Args:
+        trt: the tensorrt module.
+        dtype: a trt.DataType.
+
+    Returns:
+        Its name, as dtypes.TENSORRT_DTYPES spells it.
+    """
     names = {getattr(trt, name): name for name in DTYPE_NAMES if hasattr(trt, name)}
     return names[dtype]
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from deploytool.dtypes import LOWER_PRECISIONS, NUMPY_TO_ONNX, PRECISION_DTYPES
 from deploytool.errors import BadInput, first_line
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+from deploytool.ops.onnx_functions import attach
 
 #: inputs that the ONNX spec requires in float32 whatever the data type (op -> input positions)
 _FP32_INPUTS = {"Resize": {2}, "Upsample": {1}}
@@ -34,111 +36,163 @@ def lower_precision(model, precision: str, fp32_regions: list[dict[str, list[str
 
     Each region is {"from": tensors, "to": tensors} (EngineBuildPlan.fp32_regions): every node on a
     path from one of its `from` tensors to one of its `to` tensors keeps float32, and so do
-    constants that only such nodes read. BadInput says why a model cannot be lowered.
-    """
-    import onnx
-    from onnx import TensorProto, helper
+    constants that only such nodes read.
 
-    target = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}.get(precision)
+    Args:
+        model: the float32 onnx.ModelProto (left unchanged).
+        precision: "fp16" or "bf16".
+        fp32_regions: the regions that keep float32.
+
+    Returns:
+        The lowered, checked onnx.ModelProto (metadata `deploytool.lowered_to` = precision).
+
+    Raises:
+        BadInput: why the model cannot be lowered (control flow, a local function outside the routing,
+            a weight beyond the precision's range, a result over 2 GiB or that fails onnx.checker).
+    """
+    target = NUMPY_TO_ONNX[PRECISION_DTYPES[precision]] if precision in LOWER_PRECISIONS else None
     if target is None:
         raise BadInput(f"cannot lower to {precision!r}: choose fp16 or bf16")
+    lowering = _Lowering(model, precision, target, fp32_regions)
+    lowering.lower_nodes()
+    lowering.cast_fp32_makers()
+    lowering.restore_outputs()
+    return lowering.finish()
 
-    def refuse(problem: str, way_out: str = "build in fp32"):
-        return BadInput(f"cannot lower this model to {precision} in-graph: {problem}; {way_out}")
 
-    lowered = onnx.ModelProto()
-    lowered.CopyFrom(model)
-    graph = lowered.graph
-    nodes = list(graph.node)
-    kept = _kept_nodes(nodes, fp32_regions)
-    local = {(f.domain, f.name) for f in lowered.functions}
-    for i, node in enumerate(nodes):
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise refuse(f"node {node.name or node.op_type} holds a subgraph (control flow)")
-        if i not in kept and (node.domain, node.op_type) in local:
-            raise refuse(f"node {node.name or node.op_type} calls the local function {node.op_type} outside the routing")
-    types = _tensor_types(lowered, refuse)
-    graph_inputs = {v.name for v in graph.input}
-    initializers = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
-    taken = set(types) | {n for node in nodes for n in [*node.input, *node.output, node.name]}
+class _Lowering:
+    """One lowering's state: the copied graph (its nodes checked when made), the names it uses, the
+    tensors converted so far and those that hold `precision` now. Its phases run in the order
+    `lower_precision` calls them."""
 
-    def fresh(base: str) -> str:
+    def __init__(self, model, precision: str, target: int, fp32_regions: list[dict[str, list[str]]]):
+        import onnx
+
+        self.precision, self.target = precision, target
+        self.lowered = onnx.ModelProto()
+        self.lowered.CopyFrom(model)
+        self.graph = self.lowered.graph
+        self.nodes = list(self.graph.node)
+        self.kept = _kept_nodes(self.nodes, fp32_regions)
+        self.check_nodes()  # before type inference, which a subgraph would fail less clearly
+        self.types = _tensor_types(self.lowered, self.refuse)
+        self.graph_inputs = {v.name for v in self.graph.input}
+        self.initializers = {t.name: t for t in self.graph.initializer if t.name not in self.graph_inputs}
+        self.taken = set(self.types) | {n for node in self.nodes for n in [*node.input, *node.output, node.name]}
+        self.out_nodes: list = []
+        self.converted: dict[tuple[str, int], str] = {}
+        self.low: set[str] = set()  # tensors that now hold `precision`
+
+    def refuse(self, problem: str, way_out: str = "build in fp32") -> BadInput:
+        return BadInput(f"cannot lower this model to {self.precision} in-graph: {problem}; {way_out}")
+
+    def fresh(self, base: str) -> str:
         """A tensor or node name the graph does not use yet (ONNX Runtime wants both unique)."""
         name, k = base, 1
-        while name in taken:
+        while name in self.taken:
             name, k = f"{base}_{k}", k + 1
-        taken.add(name)
+        self.taken.add(name)
         return name
 
-    def cast(source: str, result: str, to: int):
-        return helper.make_node("Cast", [source], [result], to=to, name=fresh(f"cast_{result}"))
+    def cast(self, source: str, result: str, to: int):
+        from onnx import helper
 
-    out_nodes: list = []
-    converted: dict[tuple[str, int], str] = {}
-    low: set[str] = set()  # tensors that now hold `precision`
+        return helper.make_node("Cast", [source], [result], to=to, name=self.fresh(f"cast_{result}"))
 
-    def as_type(name: str, to: int) -> str:
+    def as_type(self, name: str, to: int) -> str:
         """`name` converted to `to`: a weight's data is converted once, anything else gets a Cast."""
-        if (name, to) not in converted:
-            new = fresh(f"{name}__{'fp32' if to == TensorProto.FLOAT else precision}")
-            if to != TensorProto.FLOAT and name in initializers:
-                graph.initializer.append(_convert_tensor(initializers[name], new, precision, refuse))
+        from onnx import TensorProto
+
+        if (name, to) not in self.converted:
+            new = self.fresh(f"{name}__{'fp32' if to == TensorProto.FLOAT else self.precision}")
+            if to != TensorProto.FLOAT and name in self.initializers:
+                self.graph.initializer.append(_convert_tensor(self.initializers[name], new, self.precision, self.refuse))
             else:
-                out_nodes.append(cast(name, new, to))
-            converted[(name, to)] = new
-        return converted[(name, to)]
+                self.out_nodes.append(self.cast(name, new, to))
+            self.converted[(name, to)] = new
+        return self.converted[(name, to)]
 
-    for i, node in enumerate(nodes):
-        fp32_only = range(len(node.input)) if i in kept else _FP32_INPUTS.get(node.op_type, ())
-        for j, name in enumerate(node.input):
-            if j in fp32_only:
-                if name in low:
-                    node.input[j] = as_type(name, TensorProto.FLOAT)
-            elif types.get(name) == TensorProto.FLOAT and name not in low:
-                node.input[j] = as_type(name, target)
-        if i not in kept:
-            _retype_attributes(node, target, precision, refuse)
-            low.update(o for o in node.output if types.get(o) == TensorProto.FLOAT)
-        out_nodes.append(node)
+    def check_nodes(self) -> None:
+        """Refuse control flow, and a local function called outside the regions that keep float32."""
+        import onnx
 
-    # ops that make float32 whatever they read (RandomNormal without dtype, a LayerNormalization's
-    # statistics, ...): their float32 outputs are cast to `precision` where they are made
-    after = _infer_types(lowered, out_nodes)  # outputs' declared types are the old ones: not used
-    made_fp32 = {t for t in low if after.get(t) == TensorProto.FLOAT}
-    repaired = []
-    for node in out_nodes:
-        repaired.append(node)
-        for j, name in enumerate(node.output):
-            if name in made_fp32:
-                node.output[j] = made = fresh(f"{name}__fp32")
-                repaired.append(cast(made, name, target))
-    del graph.node[:]
-    graph.node.extend(repaired)
+        local = {(f.domain, f.name) for f in self.lowered.functions}
+        for i, node in enumerate(self.nodes):
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise self.refuse(f"node {node.name or node.op_type} holds a subgraph (control flow)")
+            if i not in self.kept and (node.domain, node.op_type) in local:
+                raise self.refuse(f"node {node.name or node.op_type} calls the local function {node.op_type} "
+                                  "outside the routing")
 
-    producers = {o: node for node in graph.node for o in node.output}
-    readers = _readers(graph.node)
-    for name in dict.fromkeys(o.name for o in graph.output):  # back to float32 at the graph's edge, same name
-        if name in low:
-            inner = fresh(f"{name}__{precision}")
-            producer = producers[name]
-            producer.output[:] = [inner if n == name else n for n in producer.output]
-            for reader in readers.get(name, []):
-                reader.input[:] = [inner if n == name else n for n in reader.input]
-            graph.node.append(cast(inner, name, TensorProto.FLOAT))
-    used = {n for node in graph.node for n in node.input} | graph_inputs | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.value_info[:]  # stale types; TensorRT and the checker infer them again
-    entry = lowered.metadata_props.add()
-    entry.key, entry.value = "deploytool.lowered_to", precision
-    if lowered.ByteSize() > _MAX_BYTES:
-        raise refuse("the lowered model is over 2 GiB, more than one protobuf can hold")
-    try:
-        onnx.checker.check_model(lowered, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise refuse(f"the lowered graph does not check ({first_line(exc)})") from exc
-    return lowered
+    def lower_nodes(self) -> None:
+        """Every node outside the kept regions computes in `precision`; its inputs converted as it needs."""
+        from onnx import TensorProto
+
+        for i, node in enumerate(self.nodes):
+            fp32_only = range(len(node.input)) if i in self.kept else _FP32_INPUTS.get(node.op_type, ())
+            for j, name in enumerate(node.input):
+                if j in fp32_only:
+                    if name in self.low:
+                        node.input[j] = self.as_type(name, TensorProto.FLOAT)
+                elif self.types.get(name) == TensorProto.FLOAT and name not in self.low:
+                    node.input[j] = self.as_type(name, self.target)
+            if i not in self.kept:
+                _retype_attributes(node, self.target, self.precision, self.refuse)
+                self.low.update(o for o in node.output if self.types.get(o) == TensorProto.FLOAT)
+            self.out_nodes.append(node)
+
+    def cast_fp32_makers(self) -> None:
+        """Ops that make float32 whatever they read (RandomNormal without dtype, a LayerNormalization's
+        statistics, ...): their float32 outputs are cast to `precision` where they are made."""
+        from onnx import TensorProto
+
+        after = _infer_types(self.lowered, self.out_nodes)  # outputs' declared types are the old ones: not used
+        made_fp32 = {t for t in self.low if after.get(t) == TensorProto.FLOAT}
+        repaired = []
+        for node in self.out_nodes:
+            repaired.append(node)
+            for j, name in enumerate(node.output):
+                if name in made_fp32:
+                    node.output[j] = made = self.fresh(f"{name}__fp32")
+                    repaired.append(self.cast(made, name, self.target))
+        del self.graph.node[:]
+        self.graph.node.extend(repaired)
+
+    def restore_outputs(self) -> None:
+        """The graph's outputs back to float32 at its edge, under the same names."""
+        from onnx import TensorProto
+
+        graph = self.graph
+        producers = {o: node for node in graph.node for o in node.output}
+        readers = _readers(graph.node)
+        for name in dict.fromkeys(o.name for o in graph.output):
+            if name in self.low:
+                inner = self.fresh(f"{name}__{self.precision}")
+                producer = producers[name]
+                producer.output[:] = [inner if n == name else n for n in producer.output]
+                for reader in readers.get(name, []):
+                    reader.input[:] = [inner if n == name else n for n in reader.input]
+                graph.node.append(self.cast(inner, name, TensorProto.FLOAT))
+
+    def finish(self):
+        """Unused weights and stale types dropped, the lowering recorded, the model checked."""
+        import onnx
+
+        graph, lowered = self.graph, self.lowered
+        used = {n for node in graph.node for n in node.input} | self.graph_inputs | {o.name for o in graph.output}
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.value_info[:]  # stale types; TensorRT and the checker infer them again
+        entry = lowered.metadata_props.add()
+        entry.key, entry.value = "deploytool.lowered_to", self.precision
+        if lowered.ByteSize() > _MAX_BYTES:
+            raise self.refuse("the lowered model is over 2 GiB, more than one protobuf can hold")
+        try:
+            onnx.checker.check_model(lowered, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise self.refuse(f"the lowered graph does not check ({first_line(exc)})") from exc
+        return lowered
 
 
 def _kept_nodes(nodes, regions: list[dict[str, list[str]]]) -> set[int]:
@@ -181,7 +235,6 @@ def _infer_types(model, nodes=None) -> dict[str, int]:
     import onnx
     from onnx import TensorProto, ValueInfoProto
 
-    from deploytool.ops.onnx_functions import attach
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
     work = onnx.ModelProto(ir_version=model.ir_version)
@@ -279,7 +332,15 @@ def routing_regions(nodes) -> list[dict[str, list[str]]]:
 
 def layers_between(layers: list[tuple[list[str], list[str]]], region: dict[str, list[str]]) -> list[int]:
     """Indices of the layers (given as (input tensor names, output tensor names), in network order)
-    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one)."""
+    that read, directly or not, a `from` tensor and feed, directly or not, a `to` tensor (or are one).
+
+    Args:
+        layers: (inputs, outputs) of each layer, in network order.
+        region: {"from": tensor names, "to": tensor names}.
+
+    Returns:
+        The indices of the layers in the region, ascending.
+    """
     reached = set(region.get("from", []))
     forward = set()
     for i, (inputs, outputs) in enumerate(layers):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from deploytool import __version__
+
 SCHEMA = 1
 
 
@@ -17,8 +19,19 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
 
     `embedded_ptx` maps plugin id -> {"in->outs" dtype variant: sha256 of the PTX the AOT plugin
     handed TensorRT during this build}; the engine embeds the variant each plugin layer runs.
+
+    Args:
+        plan: the EngineBuildPlan built from.
+        machine: the machine's description (machine.describe_machine()).
+        op_path: how deploytool's ops were built (plugin or function).
+        plugin_layers: names of the plugin layers.
+        embedded_ptx: plugin id -> {dtype variant: sha256 of its PTX}.
+        kernel_source_sha256: sha256 of the kernel source (None without the plugin).
+        io: the network's inputs and outputs.
+
+    Returns:
+        The manifest, as written beside the engine.
     """
-    from deploytool import __version__
 
     return {
         "schema": SCHEMA,
@@ -47,7 +60,15 @@ def build_manifest(plan, *, machine: dict, op_path: str, plugin_layers: list[str
 
 
 def load_problems(manifest: dict, machine: dict) -> list[str]:
-    """Why the engine described by `manifest` would not load on `machine`; empty when it should."""
+    """Why the engine described by `manifest` would not load on `machine`; empty when it should.
+
+    Args:
+        manifest: the engine's manifest.
+        machine: this machine's description (machine.describe_machine()).
+
+    Returns:
+        One line per problem.
+    """
     problems = []
     if not machine.get("tensorrt"):
         problems.append('TensorRT is not installed here (pip install "deploytool[tensorrt]")')

@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deploytool.artifacts import graph_signature, load_onnx, read_external_weights
+from deploytool.dtypes import PRECISION_NAMES, PRECISIONS
+from deploytool.engine import lowering
 from deploytool.errors import BadInput
 from deploytool.io import sha256_file
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+from deploytool.signature import META_KEY, from_json
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 #: deploytool ops that have a TensorRT plugin (plugins/deploytool_trt_plugin.py)
 PLUGIN_OPS = (TEMPERED_SOFTMAX, HARD_SELECT)
 PLUGIN_PATH = "plugin"
@@ -31,7 +34,6 @@ MAX_DIM = 1 << 20
 MAX_WORKSPACE_MIB = 1 << 20
 
 #: input dtype -> the precision it means
-_FLOAT_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -99,45 +101,15 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     _check_batches(min_batch, opt_batch, max_batch)
     if not isinstance(workspace_mib, int) or not 1 <= workspace_mib <= MAX_WORKSPACE_MIB:
         raise BadInput(f"workspace must be a whole number of MiB from 1 to {MAX_WORKSPACE_MIB}, got {workspace_mib}")
-    from deploytool.artifacts import load_onnx
-    from deploytool.signature import META_KEY, from_json
-
     model = load_onnx(onnx_path)
     metadata = {p.key: p.value for p in model.metadata_props}
     examples = from_json(metadata[META_KEY], str(onnx_path)).dim_examples if META_KEY in metadata else {}
     inputs = _graph_inputs(model)
-    named = sorted({d for inp in inputs for d in inp["shape"][1:] if isinstance(d, str) and d})
-    unknown = [name for name in dims or {} if name not in named]
-    if unknown:  # a misspelt dim would otherwise be fixed at the example's size without a word
-        raise BadInput(f"the model has no dynamic dim {unknown[0]!r} besides the batch; its dynamic dims are "
-                       f"{', '.join(named) or 'none'}")
+    _check_dims(dims, inputs)
     profile = _profile(inputs, (min_batch, opt_batch, max_batch), _dim_ranges(dims, examples))
-    model_precision = _model_precision(inputs)
-    lower_to = _lower_to(model_precision, precision)
-
-    ours = [n for n in model.graph.node if n.domain == DOMAIN]
-    functions = {f.name for f in model.functions if f.domain == DOMAIN}
-    no_body = sorted({n.op_type for n in ours} - functions)
-    unknown = sorted({n.op_type for n in ours} - set(PLUGIN_OPS))
-    if unknown and set(unknown) & set(no_body):
-        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(unknown)} have neither a plugin nor an ONNX "
-                       "function body; re-export the model with deploytool export")
-    use_plugin = plugin and any(n.op_type in PLUGIN_OPS for n in ours)
-    if not use_plugin and no_body:
-        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(no_body)} have no ONNX function body, so they "
-                       "need the plugin: build with it, or re-export with deploytool export")
-    plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
-    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
-    from deploytool.engine.lowering import lower_precision, routing_regions
-
-    regions = routing_regions(list(model.graph.node)) if lower_to else []
-    if lower_to and check_lowering:  # so that a plan that passes (--dry-run) is one the build can lower
-        from deploytool.artifacts import read_external_weights
-
-        try:
-            lower_precision(read_external_weights(model, onnx_path), lower_to, regions)
-        except BadInput as exc:
-            raise BadInput(f"{onnx_path}: {exc}") from None
+    lower_to = _lower_to(_model_precision(inputs), precision)
+    use_plugin, plugin_ids, names = _op_path(model, onnx_path, plugin)
+    regions = _regions(model, onnx_path, lower_to, check_lowering)
     return EngineBuildPlan(
         onnx_path=str(onnx_path),
         onnx_sha256=sha256_file(onnx_path),
@@ -160,6 +132,48 @@ def plan_engine(onnx_path: str | Path, *, precision: str = "fp32", min_batch: in
     )
 
 
+def _check_dims(dims: dict[str, tuple[int, int, int]] | None, inputs: list[dict]) -> None:
+    """Refuse a dim in `dims` that the model does not have (it would otherwise be fixed at the example's
+    size without a word)."""
+    named = sorted({d for inp in inputs for d in inp["shape"][1:] if isinstance(d, str) and d})
+    unknown = [name for name in dims or {} if name not in named]
+    if unknown:
+        raise BadInput(f"the model has no dynamic dim {unknown[0]!r} besides the batch; its dynamic dims are "
+                       f"{', '.join(named) or 'none'}")
+
+
+def _op_path(model, onnx_path: str | Path, plugin: bool) -> tuple[bool, list[str], list[str]]:
+    """(whether the plugin runs deploytool's ops, its plugin ids, the deploytool nodes' names); ops that
+    neither path can build are refused."""
+    ours = [n for n in model.graph.node if n.domain == DOMAIN]
+    functions = {f.name for f in model.functions if f.domain == DOMAIN}
+    no_body = sorted({n.op_type for n in ours} - functions)
+    unknown = sorted({n.op_type for n in ours} - set(PLUGIN_OPS))
+    if unknown and set(unknown) & set(no_body):
+        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(unknown)} have neither a plugin nor an ONNX "
+                       "function body; re-export the model with deploytool export")
+    use_plugin = plugin and any(n.op_type in PLUGIN_OPS for n in ours)
+    if not use_plugin and no_body:
+        raise BadInput(f"{onnx_path}: deploytool ops {', '.join(no_body)} have no ONNX function body, so they "
+                       "need the plugin: build with it, or re-export with deploytool export")
+    plugin_ids = sorted({f"{DOMAIN}::{n.op_type}" for n in ours if n.op_type in PLUGIN_OPS}) if use_plugin else []
+    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node) if n.domain == DOMAIN]
+    return use_plugin, plugin_ids, names
+
+
+def _regions(model, onnx_path: str | Path, lower_to: str | None, check_lowering: bool) -> list[dict[str, list[str]]]:
+    """The regions that keep float32 when the model is lowered to `lower_to` (none when it is not);
+    with `check_lowering`, the model is lowered once so that a plan that passes (--dry-run) is one the
+    build can lower."""
+    regions = lowering.routing_regions(list(model.graph.node)) if lower_to else []
+    if lower_to and check_lowering:
+        try:
+            lowering.lower_precision(read_external_weights(model, onnx_path), lower_to, regions)
+        except BadInput as exc:
+            raise BadInput(f"{onnx_path}: {exc}") from None
+    return regions
+
+
 def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
     for name, value in (("min batch", min_batch), ("opt batch", opt_batch), ("max batch", max_batch)):
         if not isinstance(value, int) or not 1 <= value <= MAX_DIM:
@@ -169,8 +183,6 @@ def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
 
 
 def _graph_inputs(model) -> list[dict]:
-    from deploytool.artifacts import graph_signature
-
     inputs = [{"name": m.name, "dtype": m.dtype, "shape": list(m.shape)} for m in graph_signature(model)[0]]
     if not inputs:
         raise BadInput("the ONNX model has no inputs")
@@ -218,7 +230,7 @@ def _profile(inputs: list[dict], batch: tuple[int, int, int], dims: dict[str, li
 
 
 def _model_precision(inputs: list[dict]) -> str:
-    floats = {_FLOAT_PRECISIONS[i["dtype"]] for i in inputs if i["dtype"] in _FLOAT_PRECISIONS}
+    floats = {PRECISION_NAMES[i["dtype"]] for i in inputs if i["dtype"] in PRECISION_NAMES}
     if len(floats) > 1:
         raise BadInput(f"the model mixes float input types {sorted(floats)}; export it in one precision")
     return floats.pop() if floats else "fp32"

@@ -13,6 +13,7 @@ from types import ModuleType
 
 from deploytool.deps import require
 from deploytool.errors import MissingDependency
+from deploytool.io import sha256_file
 
 PLUGIN_MODULE = "deploytool_trt_plugin"
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -21,6 +22,14 @@ _CANDIDATES = (_PACKAGE / "_data" / "plugins" / f"{PLUGIN_MODULE}.py",
 
 
 def plugin_file() -> Path:
+    """The Python module, installed with deploytool, that registers its TensorRT plugins (see load_plugins).
+
+    Returns:
+        Its path.
+
+    Raises:
+        MissingDependency: it is not installed.
+    """
     for path in _CANDIDATES:
         if path.is_file():
             return path
@@ -47,6 +56,5 @@ def load_plugins() -> ModuleType:
 
 def kernel_source_sha256() -> str:
     """sha256 of the Triton kernel source the plugins compile (read as a file: no triton import)."""
-    from deploytool.io import sha256_file
 
     return sha256_file(_PACKAGE / "kernels" / "triton_kernel.py")

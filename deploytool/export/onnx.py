@@ -24,20 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploytool import io
-from deploytool.artifacts import META_PREFIX
+from deploytool import __version__, io
+from deploytool.artifacts import META_PREFIX, graph_signature
+from deploytool.checkpoints import open_module
+from deploytool.choices import DISPATCHES
+from deploytool.comparator import ParityReport, compare_runners
+from deploytool.compare import check_tolerances
 from deploytool.errors import BadInput, CheckFailed, first_line
+from deploytool.feeds import random_feed, sample_feed
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
-from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, attach
+from deploytool.runners.ort import OnnxRuntimeRunner
+from deploytool.runners.torch import TorchRunner
 from deploytool.signature import BATCH, META_KEY, ModelSignature, is_static, to_json
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from deploytool.compare import ParityReport
-
 VALIDATION_BATCH = 256
-DISPATCHES = ("sparse", "dense")
 #: how fused experts export: deploytool's own dispatch, or ONNX Runtime's com.microsoft::MoE where it can
 MOE_OPS = ("deploytool", "ort")
 #: the largest static batch an export accepts: beyond it the example alone outgrows memory
@@ -72,6 +76,7 @@ class ExportResult:
 
     @property
     def passed(self) -> bool:
+        """Whether validation passed (True when the export was not validated)."""
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +136,6 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         CheckFailed: the export or its validation failed (`report` holds the ExportResult); nothing is
             left at `path` unless `keep_invalid`.
     """
-    from deploytool.compare import check_tolerances
 
     start = time.perf_counter()
     path = io.check_parent_dir(path)
@@ -143,7 +147,7 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     if static_batch is not None and not 1 <= static_batch <= MAX_STATIC_BATCH:
         raise BadInput(f"static batch must be between 1 and {MAX_STATIC_BATCH}, got {static_batch}")
     if dispatch not in DISPATCHES:
-        raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
+        raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(sorted(DISPATCHES, reverse=True))}")
     if moe_op not in MOE_OPS:
         raise BadInput(f"unknown MoE op {moe_op!r}; choose {' or '.join(MOE_OPS)}")
     module, example, source, sha256, run_config, own_dims = _resolve(model, checkpoint, example_inputs, top_k)
@@ -185,7 +189,6 @@ def _resolve(model: Any, checkpoint: str | Path | None, example_inputs: Any, top
 
             set_top_k(model, top_k)
         return model, example_inputs, f"module:{type(model).__name__}", state_dict_sha256(model), None, {}
-    from deploytool.checkpoints import open_module
 
     source = open_module(model, checkpoint=checkpoint, top_k=top_k)
     example = example_inputs if example_inputs is not None else source.example_inputs
@@ -236,17 +239,10 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         CheckFailed: the exported graph lacks the routing ops or fails onnx.checker.
     """
     import onnx
-    import torch
 
-    from deploytool import __version__
-    from deploytool.artifacts import graph_signature
     from deploytool.hf import dynamic_dims as hf_dynamic_dims
-    from deploytool.hf import input_vocab as hf_vocab
     from deploytool.hf import is_hf_model
-    from deploytool.model_io import NamedModule, as_named_inputs, module_signature
-    from deploytool.nn import moe_op_mode
-    from deploytool.ops.onnx_functions import attach
-    from deploytool.signature import ModelSignature
+    from deploytool.model_io import NamedModule, as_named_inputs
 
     example = _sized(as_named_inputs(module, example_inputs), static_batch)
     named = NamedModule(module, list(example), output_names=output_names,
@@ -254,6 +250,26 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     if dynamic_dims is None and is_hf_model(module):
         dynamic_dims = hf_dynamic_dims(example)
     dims = _dynamic_dims(example, dynamic_dims, static_batch)
+    proto, traced = _trace(named, example, dims, dispatch=dispatch, moe_op=moe_op, opset=opset)
+    signature = _graph_signature(proto, named, example, dims, traced)
+    metadata = _write_metadata(proto, signature, source=source, sha256=sha256, opset=opset, dispatch=dispatch,
+                               moe_op=moe_op)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
+    return proto, metadata, signature, named
+
+
+def _trace(named, example: dict, dims: dict[str, dict[int, str]], *, dispatch: str, moe_op: str, opset: int):
+    """(the ModelProto torch.onnx's dynamo export makes, with deploytool's local functions attached; the
+    traced signature). Refuses a graph without the routing ops the module's routers must emit."""
+    import torch
+
+    from deploytool.model_io import module_signature
+    from deploytool.nn import moe_op_mode
+
+    module = named.model
     with export_mode(module, dispatch), moe_op_mode(module, "ort" if moe_op == "ort" else None):
         traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
         shapes = tuple({axis: torch.export.Dim(name) for axis, name in dims[n].items()} or None for n in example)
@@ -274,6 +290,16 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         raise CheckFailed(f"the exported graph lacks the deploytool routing ops {sorted(wanted - ops)} (found "
                           f"{sorted(ops)}); the model must route through deploytool routers")
     attach(proto, opset)
+    return proto, traced
+
+
+def _graph_signature(proto, named, example: dict, dims: dict[str, dict[int, str]], traced) -> ModelSignature:
+    """The exported graph's signature: its tensors, the traced routers and dim examples, and the token
+    vocabulary a Hugging Face model bounds its ids by. A dim asked to be dynamic that the graph fixed is
+    refused."""
+    from deploytool.hf import input_vocab as hf_vocab
+
+    module = named.model
     inputs, outputs = graph_signature(proto)
     fixed = [(meta.name, axis, meta.shape[axis]) for meta in inputs for axis in dims.get(meta.name, {})
              if is_static(meta.shape[axis])]
@@ -282,7 +308,13 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         raise BadInput(f"input {name!r} dim {axis} cannot be dynamic: {type(module).__name__} computes with it at "
                        f"size {size} (a weight or a reshape fixes it); export it with that dim fixed")
     vocab = {n: size for n, size in hf_vocab(module).items() if n in example}
-    signature = ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples, vocab)
+    return ModelSignature(tuple(inputs), tuple(outputs), traced.routers, traced.dim_examples, vocab)
+
+
+def _write_metadata(proto, signature: ModelSignature, *, source: str, sha256: str, opset: int, dispatch: str,
+                    moe_op: str) -> dict[str, str]:
+    """Write deploytool's metadata props and the signature into `proto`; the props written (signature aside)."""
+
     metadata = {
         "version": __version__,
         "checkpoint_sha256": sha256,
@@ -295,11 +327,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"routed model exported by deploytool {__version__} from {source}"
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
-    return proto, {META_PREFIX + k: v for k, v in metadata.items()}, signature, named
+    return {META_PREFIX + k: v for k, v in metadata.items()}
 
 
 def _moe_op_notes(module: nn.Module, moe_op: str, dispatch: str) -> list[str]:
@@ -393,7 +421,15 @@ def _dynamic_dims(example: dict, dynamic_dims: Mapping[str, Mapping[int, str]] |
 @contextlib.contextmanager
 def export_mode(module: nn.Module, dispatch: str | None = None) -> Iterator[None]:
     """Eval mode, hard routing and `dispatch` (None: the model's own) on every RoutedExperts; all
-    restored afterwards, so the caller's module is unchanged."""
+    restored afterwards, so the caller's module is unchanged.
+
+    Args:
+        module: the routed model.
+        dispatch: "dense", "sparse" or None.
+
+    Yields:
+        Nothing; the module is in export mode inside the block.
+    """
     from deploytool.nn import dispatch_mode, routing_mode
 
     was_training = module.training
@@ -424,8 +460,20 @@ def _quiet_torch() -> Iterator[None]:
 def validation_inputs(signature: ModelSignature, data: Any, run_config: dict | None,
                       seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Input sets keyed by label: held-out samples (when a data set is known) and random samples at
-    batch 1 and a larger batch. A static-batch export takes them in chunks of its batch."""
-    from deploytool.feeds import random_feed, sample_feed
+    batch 1 and a larger batch. A static-batch export takes them in chunks of its batch.
+
+    Args:
+        signature: the exported model's signature.
+        data: validation inputs as export_onnx takes them, or None.
+        run_config: the run's config.json (its data set), or None.
+        seed: seed of the split and the random samples.
+
+    Returns:
+        {label: feed}.
+
+    Raises:
+        BadInput: data that do not fit the signature.
+    """
 
     sets: dict[str, dict[str, np.ndarray]] = {}
     held_out = None
@@ -442,10 +490,17 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
     """ONNX Runtime (CPU) against the module with dense dispatch, on every input set.
 
     A static-batch model is fed in chunks of its own batch (parity.run_batched pads the last one).
+
+    Args:
+        named: the NamedModule that was exported.
+        onnx_path: the exported file.
+        inputs: input sets by label.
+        atol: absolute tolerance (None: by dtype).
+        rtol: relative tolerance (None: by dtype).
+
+    Returns:
+        The ParityReport of onnxruntime against torch.
     """
-    from deploytool.compare import ParityReport, compare_runners
-    from deploytool.runners.ort import OnnxRuntimeRunner
-    from deploytool.runners.torch import TorchRunner
 
     first = next(iter(inputs.values()))
     example = dict(first) if named.keyword else tuple(first[n] for n in named.names)
@@ -453,8 +508,8 @@ def validate_export(named, onnx_path: str | Path, inputs: dict[str, dict[str, np
                            output_names=named.user_output_names),
                OnnxRuntimeRunner(onnx_path, device="cpu")]
     comparisons = compare_runners(runners, inputs, atol=atol, rtol=rtol, batch_size=VALIDATION_BATCH)
-    return ParityReport(str(onnx_path), [r.name for r in runners], {k: _rows(v) for k, v in inputs.items()},
-                        comparisons)
+    return ParityReport(model=str(onnx_path), backends=[r.name for r in runners],
+                        inputs={k: _rows(v) for k, v in inputs.items()}, comparisons=comparisons)
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:

@@ -14,6 +14,7 @@ import os
 import torch
 
 from deploytool.deps import require
+from deploytool.errors import BadInput
 
 OP_NAME = "deploytool::tempered_softmax_select"
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -21,7 +22,16 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def torch_tempered_softmax_select(logits: torch.Tensor, temperature: float,
                                   index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch with the kernel's numerics: float32 softmax, top-1 of the probs as stored."""
+    """Plain torch with the kernel's numerics: float32 softmax, top-1 of the probs as stored.
+
+    Args:
+        logits: [..., E] float32, float16 or bfloat16.
+        temperature: the softmax temperature, > 0.
+        index_dtype: torch.int64 or torch.int32.
+
+    Returns:
+        (probs in the dtype of logits, index).
+    """
     probs = torch.softmax(logits.float() / temperature, dim=-1).to(logits.dtype)
     return probs, probs.argmax(dim=-1).to(index_dtype)
 
@@ -53,8 +63,19 @@ def _(logits: torch.Tensor, temperature: float, index_dtype: torch.dtype):
 
 def tempered_softmax_select(logits: torch.Tensor, temperature: float,
                             index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs [..., E] in the dtype of logits, index [...] int64 or int32) in one pass over each row."""
-    from deploytool.errors import BadInput
+    """(probs [..., E] in the dtype of logits, index [...] int64 or int32) in one pass over each row.
+
+    Args:
+        logits: [..., E] float32, float16 or bfloat16, E >= 2.
+        temperature: the softmax temperature, > 0.
+        index_dtype: torch.int64 or torch.int32.
+
+    Returns:
+        (probs, index).
+
+    Raises:
+        BadInput: a dtype, shape, temperature or index dtype the kernel does not take.
+    """
 
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise BadInput(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from deploytool.dtypes import TRITON_LANG_TYPES
+
 #: widest column block; rows with more experts loop over blocks of this size (online softmax)
 MAX_BLOCK_E = 4096
 #: elements per program: compiled programs keep a tile in registers; the interpreter is fastest with
@@ -139,6 +141,15 @@ def blocks(n_rows: int | None, n_cols: int | None, *, interpret: bool = False,
     """Tile shape: a whole row per block when it fits, as many rows per program as the tile allows.
 
     n_cols None (unknown at build time) loops over max_block_e blocks, which is correct for any width.
+
+    Args:
+        n_rows: rows, or None when unknown.
+        n_cols: experts, or None when unknown.
+        interpret: size the tile for Triton's CPU interpreter.
+        max_block_e: the widest column block.
+
+    Returns:
+        The Blocks.
     """
     tile = INTERPRETER_TILE if interpret else GPU_TILE
     block_e = max_block_e if n_cols is None else min(triton.next_power_of_2(n_cols), max_block_e)
@@ -155,12 +166,30 @@ def temperature_bits(temperature: float) -> int:
 
 
 def grid(n_rows: int, cfg: Blocks) -> tuple[int]:
-    """One program per BLOCK_B rows (the AOT plugin states the same rule symbolically)."""
+    """One program per BLOCK_B rows (the AOT plugin states the same rule symbolically).
+
+    Args:
+        n_rows: rows.
+        cfg: the tile shape.
+
+    Returns:
+        The launch grid.
+    """
     return (triton.cdiv(n_rows, cfg.block_b),)
 
 
 def launch(logits, temperature: float, index_dtype=None, *, max_block_e: int = MAX_BLOCK_E):
-    """TemperedSoftmax + top-1 on a 2-D tensor: compiled on CUDA, in the interpreter for CPU tensors."""
+    """TemperedSoftmax + top-1 on a 2-D tensor: compiled on CUDA, in the interpreter for CPU tensors.
+
+    Args:
+        logits: [rows, experts].
+        temperature: the softmax temperature.
+        index_dtype: torch.int64 (default) or torch.int32.
+        max_block_e: the widest column block.
+
+    Returns:
+        (probs, index).
+    """
     import torch
 
     probs = torch.empty_like(logits)
@@ -169,7 +198,16 @@ def launch(logits, temperature: float, index_dtype=None, *, max_block_e: int = M
 
 
 def hard_select(probs, index_dtype=None, *, max_block_e: int = MAX_BLOCK_E):
-    """The HardSelect variant the TensorRT plugin embeds: (one-hot mask, index) of a 2-D tensor."""
+    """The HardSelect variant the TensorRT plugin embeds: (one-hot mask, index) of a 2-D tensor.
+
+    Args:
+        probs: [rows, experts].
+        index_dtype: torch.int64 (default) or torch.int32.
+        max_block_e: the widest column block.
+
+    Returns:
+        (mask, index).
+    """
     import torch
 
     mask = torch.empty_like(probs)
@@ -200,7 +238,7 @@ def _run(x, temp_bits: int, probs, mask, index_dtype, max_block_e: int):
 # --- ahead-of-time compilation for the TensorRT plugin ----------------------------------------
 
 #: TensorRT / torch dtype names -> Triton pointer element types
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+TRITON_TYPES = TRITON_LANG_TYPES
 
 
 @dataclass(frozen=True)
@@ -222,6 +260,18 @@ def compile_ptx(x_dtype: str, *, probs_dtype: str | None = None, mask_dtype: str
     triton.backends.compiler.GPUTarget (default: the current GPU). The PTX ISA version is capped at
     `ptx_limit` (default: what the local CUDA driver can JIT), because Triton labels its PTX with the
     ISA of its own bundled ptxas, which may be newer than the driver that loads the engine.
+
+    Args:
+        x_dtype: the input's dtype.
+        probs_dtype: the probs output's dtype (None: HardSelect).
+        mask_dtype: the mask output's dtype, or None.
+        index_dtype: the index output's dtype, or None.
+        n_cols: the expert count when known at build time.
+        target: the GPU target (default: the current GPU).
+        ptx_limit: the highest PTX ISA version to emit.
+
+    Returns:
+        The CompiledKernel.
     """
     pointer = {name: f"*{TRITON_TYPES[dtype]}" for name, dtype in
                (("x_ptr", x_dtype), ("probs_ptr", probs_dtype), ("mask_ptr", mask_dtype),
@@ -286,6 +336,17 @@ def drop_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
     TensorRT AOT plugin passes exactly inputs, extra int32 scalars and outputs, so the entry must
     declare exactly those. Only parameters the kernel body never reads are dropped; anything else
     is an error rather than a kernel reading garbage.
+
+    Args:
+        ptx: the PTX text.
+        name: the kernel's entry name.
+        keep: the parameters to keep.
+
+    Returns:
+        The PTX with the entry's parameter list cut.
+
+    Raises:
+        RuntimeError: a dropped parameter the kernel body reads.
     """
     head = f".entry {name}("
     start = ptx.index(head) + len(head)

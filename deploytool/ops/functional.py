@@ -22,7 +22,15 @@ def _exporting() -> bool:
 
 
 def tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / temperature) over the last axis, the max subtracted before the division."""
+    """softmax(logits / temperature) over the last axis, the max subtracted before the division.
+
+    Args:
+        logits: [..., E].
+        temperature: > 0.
+
+    Returns:
+        The probs, in the dtype of logits.
+    """
     if _exporting():
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{TEMPERED_SOFTMAX}", (logits,), {"temperature": float(temperature)},

@@ -73,7 +73,15 @@ def functions(opset: int) -> list:
 
 
 def attach(model, opset: int | None = None):
-    """Add (or replace) the deploytool functions in `model` and import the `deploytool` domain."""
+    """Add (or replace) the deploytool functions in `model` and import the `deploytool` domain.
+
+    Args:
+        model: the onnx.ModelProto (changed in place).
+        opset: the standard-domain opset of the functions' bodies (default: the model's).
+
+    Returns:
+        `model`.
+    """
     from onnx import helper
 
     if opset is None:

@@ -6,7 +6,18 @@ import numpy as np
 
 
 def tempered_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / temperature) over the last axis, max-subtracted, in float64."""
+    """softmax(logits / temperature) over the last axis, max-subtracted, in float64.
+
+    Args:
+        logits: [..., E].
+        temperature: > 0.
+
+    Returns:
+        The probs, float64.
+
+    Raises:
+        ValueError: a temperature that is not > 0.
+    """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
@@ -26,7 +37,15 @@ def hard_select(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tempered_softmax_select(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """The fused op: (probs float64, index int64)."""
+    """The fused op: (probs float64, index int64).
+
+    Args:
+        logits: [..., E].
+        temperature: > 0.
+
+    Returns:
+        (probs, index).
+    """
     probs = tempered_softmax(logits, temperature)
     return probs, hard_select(probs)[1]
 

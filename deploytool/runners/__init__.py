@@ -13,44 +13,159 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deploytool.artifacts import TARGET_KINDS, reader_of
+from deploytool.deps import require
 from deploytool.errors import BadInput
 from deploytool.runners.base import Runner
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend: its runner class (`module:Class`), the library it imports, the artifact it reads."""
+    """A backend, everything a command asks about it.
+
+    Attributes:
+        runner: its runner class, `module:Class` (imported only by `make_runner`).
+        library: the library it imports.
+        artifact: the artifact it reads: "run" (a module rebuilt from a run directory or Hugging Face
+            folder, or a module given), "onnx" or "engine" (see `artifacts.TARGET_KINDS`).
+        options: fixed runner options.
+        summary: one line for doctor and --help.
+        device: where it computes, "cpu" or "cuda" (a cuda backend's latency is host time, copies included).
+        requires: what doctor must find besides `library` ("onnxruntime-cuda": ONNX Runtime's CUDA
+            provider; "gpu": an NVIDIA GPU).
+        native: the backend that reads its artifact when none is named (`runtime.load`'s "auto").
+    """
 
     runner: str
     library: str
-    artifact: str                      # "run" (a run directory or module), "onnx" or "engine"
-    options: dict[str, Any] = field(default_factory=dict)  # fixed runner options
+    artifact: str
+    options: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    device: str = "cpu"
+    requires: tuple[str, ...] = ()
+    native: bool = False
+
+    @property
+    def needs(self) -> list[str]:
+        """Everything it needs here: its library, then `requires`."""
+        return [self.library, *self.requires]
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether it computes on a GPU."""
+        return self.device == "cuda"
+
+    @property
+    def runs_weights(self) -> bool:
+        """Whether it runs the module's own weights (the torch backends), not an exported model."""
+        return self.artifact == "run"
 
 
 #: backend name as the CLI spells it -> how to run it; "torch" keeps the model's own dispatch
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": None},
-                     "PyTorch eager, the model's own dispatch"),
+                     "PyTorch eager, the model's own dispatch", native=True),
     "torch-dense": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": "dense"},
                            "PyTorch eager, every expert runs and a mask selects"),
     "torch-sparse": Backend("deploytool.runners.torch:TorchRunner", "torch", "run", {"dispatch": "sparse"},
                             "PyTorch eager, only the chosen expert runs"),
     "onnxruntime": Backend("deploytool.runners.ort:OnnxRuntimeRunner", "onnxruntime", "onnx", {"device": "cpu"},
-                           "ONNX Runtime on the CPU"),
+                           "ONNX Runtime on the CPU", native=True),
     "onnxruntime-cuda": Backend("deploytool.runners.ort:OnnxRuntimeRunner", "onnxruntime", "onnx",
-                                {"device": "cuda"}, "ONNX Runtime's CUDA provider (onnxruntime-gpu, a GPU)"),
+                                {"device": "cuda"}, "ONNX Runtime's CUDA provider (onnxruntime-gpu, a GPU)",
+                                device="cuda", requires=("onnxruntime-cuda", "gpu")),
     "tensorrt": Backend("deploytool.runners.trt:TensorRTRunner", "tensorrt", "engine", {},
-                        "a TensorRT engine (TensorRT >= 10.9, a GPU)"),
+                        "a TensorRT engine (TensorRT >= 10.9, a GPU)", device="cuda", requires=("gpu",), native=True),
 }
-#: artifact kind -> the backend that reads it natively (a Hugging Face folder is rebuilt like a run)
-NATIVE = {"run": "torch", "hf": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}
-_ARTIFACT_WORDS = {"run": "the run directory of the model (its checkpoint)", "onnx": "an ONNX model path",
-                   "engine": "an engine path (build one with `deploytool build-engine`)"}
+
+
+def native_backend(kind: str) -> str:
+    """The backend that reads a target of `kind` when none is named.
+
+    Args:
+        kind: a target kind (`artifacts.TARGET_KINDS`: run, hf, onnx, engine).
+
+    Returns:
+        The backend's name.
+
+    Raises:
+        BadInput: an unknown kind.
+    """
+    reader = reader_of(kind)
+    return next(name for name, entry in BACKENDS.items() if entry.native and entry.artifact == reader)
+
+
+#: target kind -> the backend that reads it natively (derived: a kind added in artifacts appears here)
+NATIVE = {kind: native_backend(kind) for kind in TARGET_KINDS}
+
+
+def backends_reading(kind: str) -> list[str]:
+    """The backends that read a target of `kind`, in registry order.
+
+    Args:
+        kind: a target kind (run, hf, onnx, engine).
+
+    Returns:
+        Their names.
+
+    Raises:
+        BadInput: an unknown kind.
+    """
+    reader = reader_of(kind)
+    return [name for name, entry in BACKENDS.items() if entry.artifact == reader]
+
+
+def entry_of(runner: Runner) -> Backend:
+    """The registry entry of the backend a runner belongs to (its class's `backend`).
+
+    Args:
+        runner: a runner made by `make_runner` (or any Runner subclass of the registry's).
+
+    Returns:
+        The Backend.
+    """
+    return BACKENDS[runner.backend]
+
+
+def runs_weights(runner: Runner) -> bool:
+    """Whether `runner` runs a module's own weights (a torch runner), not an exported model.
+
+    Args:
+        runner: the runner.
+
+    Returns:
+        True for the torch backends.
+    """
+    return entry_of(runner).runs_weights
+
+
+def runs_on_gpu(runner: Runner) -> bool:
+    """Whether `runner` computes on a GPU: its backend does, or it was given a CUDA device, or ONNX
+    Runtime put it on its CUDA provider.
+
+    Args:
+        runner: an active or inactive runner.
+
+    Returns:
+        True when its timings include copies to and from a GPU.
+    """
+    device = str(getattr(runner, "device", "cpu"))
+    providers = getattr(runner, "active_providers", [])
+    return entry_of(runner).on_gpu or device.startswith("cuda") or "CUDAExecutionProvider" in providers
 
 
 def check_backend(name: str) -> Backend:
-    """The registry entry of `name`, or BadInput listing the known backends."""
+    """The registry entry of `name`.
+
+    Args:
+        name: a backend name as the CLI spells it.
+
+    Returns:
+        Its Backend.
+
+    Raises:
+        BadInput: an unknown name, listing the known backends.
+    """
     if name not in BACKENDS:
         raise BadInput(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return BACKENDS[name]
@@ -73,8 +188,7 @@ def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
     """
     entry = check_backend(backend)
     if artifact is None:
-        raise BadInput(f"backend {backend} needs {_ARTIFACT_WORDS[entry.artifact]}")
-    from deploytool.deps import require
+        raise BadInput(f"backend {backend} needs {TARGET_KINDS[entry.artifact].wanted}")
 
     clash = next((k for k, v in options.items() if k in entry.options and v != entry.options[k]), None)
     if clash is not None:
@@ -88,7 +202,18 @@ def make_runner(backend: str, artifact: Any, **options: Any) -> Runner:
 
 def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
     """Backend names from "a,b" or a list: known names, each once (a backend compared or timed against
-    itself proves nothing), at least `minimum` of them."""
+    itself proves nothing), at least `minimum` of them.
+
+    Args:
+        value: "a,b" or a sequence of names.
+        minimum: the fewest backends accepted.
+
+    Returns:
+        The names.
+
+    Raises:
+        BadInput: an unknown or repeated name, or too few.
+    """
     names = [b.strip() for b in value.split(",")] if isinstance(value, str) else [str(b).strip() for b in value]
     names = [b for b in names if b]
     for name in names:
@@ -102,16 +227,35 @@ def parse_backends(value: str | Sequence[str], minimum: int = 1) -> list[str]:
 
 
 def artifact_of(backend: str) -> str:
-    """The artifact kind `backend` reads: "run", "onnx" or "engine"."""
+    """The artifact kind `backend` reads.
+
+    Args:
+        backend: a backend name.
+
+    Returns:
+        "run", "onnx" or "engine".
+
+    Raises:
+        BadInput: an unknown backend.
+    """
     return check_backend(backend).artifact
 
 
 def reads(backend: str, kind: str) -> bool:
-    """Whether `backend` reads an artifact of `kind` (the torch backends read run dirs and HF folders)."""
-    from deploytool.artifacts import MODULE_KINDS
+    """Whether `backend` reads a target of `kind` (the torch backends read run dirs and HF folders).
 
-    return artifact_of(backend) == ("run" if kind in MODULE_KINDS else kind)
+    Args:
+        backend: a backend name.
+        kind: a target kind (run, hf, onnx, engine).
+
+    Returns:
+        True when it does.
+
+    Raises:
+        BadInput: an unknown backend or kind.
+    """
+    return artifact_of(backend) == reader_of(kind)
 
 
-__all__ = ["BACKENDS", "NATIVE", "Backend", "Runner", "artifact_of", "check_backend", "make_runner",
-           "parse_backends", "reads"]
+__all__ = ["BACKENDS", "NATIVE", "Backend", "Runner", "artifact_of", "backends_reading", "check_backend",
+           "entry_of", "make_runner", "native_backend", "parse_backends", "reads", "runs_on_gpu", "runs_weights"]

@@ -36,11 +36,13 @@ class Runner(abc.ABC):
 
     # --- lifecycle ---------------------------------------------------------------------------
     def activate(self) -> None:
+        """Load the model (session, engine, module on its device); a no-op when active."""
         if not self.is_active:
             self._activate()
             self.is_active = True
 
     def deactivate(self) -> None:
+        """Release what `activate` loaded; a no-op when inactive."""
         if self.is_active:
             self._deactivate()
             self.is_active = False
@@ -54,6 +56,17 @@ class Runner(abc.ABC):
 
     # --- inference ---------------------------------------------------------------------------
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one feed.
+
+        Args:
+            feed: arrays keyed by input name.
+
+        Returns:
+            {output name: array}, every router's index and probs included.
+
+        Raises:
+            RuntimeError: the runner is not active.
+        """
         if not self.is_active:
             raise RuntimeError(f"{self.name} runner is not active; use `with runner:` or call activate()")
         return self._infer(feed)
@@ -73,10 +86,12 @@ class Runner(abc.ABC):
 
     @property
     def inputs(self) -> list[TensorMeta]:
+        """The model's inputs (from its signature)."""
         return list(self.signature.inputs)
 
     @property
     def outputs(self) -> list[TensorMeta]:
+        """The model's outputs (from its signature)."""
         return list(self.signature.outputs)
 
     @abc.abstractmethod

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deploytool.artifacts import check_onnx_file
+from deploytool.artifacts import check_onnx_file, load_onnx
+from deploytool.deps import require
 from deploytool.dtypes import ORT_DTYPES
 from deploytool.errors import BadInput, MissingDependency, first_line
 from deploytool.runners.base import Runner
@@ -25,7 +26,19 @@ MAX_THREADS = 1024
 LOG_SEVERITY = 4
 
 def load_session(path: str | Path, providers: list[str], options=None):
-    """An InferenceSession, with ORT's load errors (not ONNX, truncated, bad graph) as one-line BadInput."""
+    """An InferenceSession, with ORT's load errors (not ONNX, truncated, bad graph) as one-line BadInput.
+
+    Args:
+        path: the .onnx file.
+        providers: ONNX Runtime execution providers, in order of preference.
+        options: an onnxruntime.SessionOptions (default: new ones).
+
+    Returns:
+        The onnxruntime.InferenceSession.
+
+    Raises:
+        BadInput: a path that is no ONNX file, or a file ONNX Runtime cannot load.
+    """
     ort = _ort()
     path = check_onnx_file(path)
     if options is None:
@@ -38,8 +51,6 @@ def load_session(path: str | Path, providers: list[str], options=None):
 
 
 def _ort():
-    from deploytool.deps import require
-
     ort = require("onnxruntime", "the onnxruntime backend")
     ort.set_default_logger_severity(LOG_SEVERITY)  # a failing run logs through the default logger
     return ort
@@ -69,6 +80,14 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def providers(self) -> list[str]:
+        """The execution providers to ask for, in order of preference.
+
+        Returns:
+            CUDA then CPU where CUDA is wanted and available, else CPU.
+
+        Raises:
+            MissingDependency: device "cuda" without ONNX Runtime's CUDA provider.
+        """
         available = _ort().get_available_providers()
         if self.device == "cuda" and CUDA_EP not in available:
             raise MissingDependency('onnxruntime has no CUDA provider: pip install "deploytool[gpu]" on a GPU machine')
@@ -99,6 +118,7 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def active_providers(self) -> list[str]:
+        """The providers the open session runs on ([] when none is open)."""
         return self.session.get_providers() if self.session is not None else []
 
     def _signature(self) -> ModelSignature:
@@ -140,12 +160,18 @@ class OnnxRuntimeRunner(Runner):
 
 def gather_bounds(model_path: str | Path, names: list[str]) -> dict[str, int]:
     """{input name: rows of the initializer it indexes} for each of `names` that a Gather (axis 0) uses
-    as its indices over an initializer, directly or through a Cast; {} when the graph cannot be read."""
+    as its indices over an initializer, directly or through a Cast; {} when the graph cannot be read.
+
+    Args:
+        model_path: the .onnx file.
+        names: integer input names.
+
+    Returns:
+        {input name: rows it may index}.
+    """
     if not names:
         return {}
     try:
-        from deploytool.artifacts import load_onnx
-
         graph = load_onnx(model_path).graph
     except Exception:  # noqa: BLE001 - a bound is a refinement: no bound when the graph is unreadable here
         return {}

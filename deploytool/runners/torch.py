@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deploytool.checkpoints import open_module
+from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput
 from deploytool.runners.base import Runner
 from deploytool.signature import BATCH, ModelSignature
@@ -16,7 +18,6 @@ from deploytool.signature import BATCH, ModelSignature
 if TYPE_CHECKING:
     from torch import nn
 
-DISPATCHES = ("dense", "sparse")
 
 
 class TorchRunner(Runner):
@@ -37,7 +38,7 @@ class TorchRunner(Runner):
                  top_k: int | None = None):
         super().__init__(name)
         if dispatch not in (None, *DISPATCHES):
-            raise BadInput(f"unknown dispatch {dispatch!r}; choose dense or sparse")
+            raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(DISPATCHES)}")
         self.dispatch = dispatch
         self.device = device
         self.checkpoint = checkpoint
@@ -46,8 +47,6 @@ class TorchRunner(Runner):
         self._module = None
         self._named = None
         if isinstance(model, (str, Path)):
-            from deploytool.checkpoints import open_module
-
             source = open_module(model, checkpoint=checkpoint, top_k=top_k)
             self.run_dir: Path | None = Path(model)
             self._module = source.module

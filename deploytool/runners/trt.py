@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from deploytool import machine
+from deploytool.artifacts import manifest_signature, read_manifest
+from deploytool.dtypes import LOWER_PRECISIONS, PRECISION_DTYPES
+from deploytool.engine.build import dtype_name, require_tensorrt_and_gpu
+from deploytool.engine.manifest import load_problems
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
 from deploytool.runners.base import Runner
 from deploytool.signature import ModelSignature
@@ -20,23 +25,19 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, name: str | None = None):
-        from deploytool.artifacts import read_manifest
-
         super().__init__(name)
         self.engine_path = Path(engine_path)
         self.manifest = read_manifest(self.engine_path)
-        self.compute_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(self.manifest.get("precision"))
+        precision = self.manifest.get("precision")
+        self.compute_dtype = PRECISION_DTYPES[precision] if precision in LOWER_PRECISIONS else None
         self.engine = self.context = self.stream = None
 
     def _activate(self) -> None:
         import torch
 
-        from deploytool.machine import describe_machine
-        from deploytool.engine.build import require_tensorrt_and_gpu
-        from deploytool.engine.manifest import load_problems
 
         trt = self._trt = require_tensorrt_and_gpu("the tensorrt backend")
-        problems = load_problems(self.manifest, describe_machine())
+        problems = load_problems(self.manifest, machine.describe_machine())
         if problems:
             raise MissingDependency(f"engine {self.engine_path} will not load here: {'; '.join(problems)}")
         # the logger and runtime must outlive the engine deserialized from them
@@ -57,8 +58,6 @@ class TensorRTRunner(Runner):
         self._runtime = self._logger = None
 
     def _signature(self) -> ModelSignature:
-        from deploytool.artifacts import manifest_signature
-
         return manifest_signature(self.manifest, self.engine_path)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,6 +93,5 @@ class TensorRTRunner(Runner):
 def _torch_dtype(trt, dtype):
     import torch
 
-    from deploytool.engine.build import dtype_name
 
     return getattr(torch, dtype_name(trt, dtype))

@@ -12,22 +12,36 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deploytool.deps import require
+from deploytool.dtypes import TRITON_DTYPES
 from deploytool.errors import BadInput, CheckFailed
 from deploytool.signature import TensorMeta, is_static
 
-# NumPy dtype name -> Triton data type (Triton's model_configuration.md "Datatypes" table)
-TRITON_DTYPES = {
-    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16",
-}
 # deploytool backend -> how config.pbtxt names it, and where its instances run
 _BACKEND_FIELDS = {
     "tensorrt": ({"platform": "tensorrt_plan"}, "KIND_GPU"),
     "onnxruntime": ({"backend": "onnxruntime"}, "KIND_AUTO"),
     "python": ({"backend": "python"}, "KIND_CPU"),
 }
+#: Triton backends package writes (each config.pbtxt names one); "python" serves any target through model.py
+TRITON_BACKENDS = tuple(_BACKEND_FIELDS)
+#: what a Triton backend other than python serves, by the artifact the deploytool backend of its name reads
+SERVES = {"engine": "a TensorRT engine (deploytool build-engine)", "onnx": "an ONNX file (deploytool export)"}
+
+
+def triton_backend(runtime_backend: str) -> str:
+    """The Triton backend that serves what a deploytool backend reads: its namesake where Triton has one
+    (tensorrt, onnxruntime), else python (model.py runs the deploytool runtime).
+
+    Args:
+        runtime_backend: a deploytool backend name (deploytool.runners.BACKENDS).
+
+    Returns:
+        A name in TRITON_BACKENDS.
+    """
+    return runtime_backend if runtime_backend in _BACKEND_FIELDS else "python"
+
+
 #: the largest max_batch_size a config may declare: beyond it one request's tensors outgrow a server
 MAX_BATCH = 65536
 #: the most model instances, and the longest queue delay, a config may declare
@@ -63,7 +77,39 @@ class Batching:
             if not 1 <= size <= self.max_batch:
                 raise BadInput(f"preferred batch size {size} must be between 1 and the max batch {self.max_batch}")
 
+    @classmethod
+    def choose(cls, batching: Batching | None, *, max_batch: int = 64, dynamic: bool = False,
+               preferred: tuple[int, ...] = (8, 32), max_queue_delay_us: int = 100) -> Batching:
+        """`batching` when given (and none of the single settings differs from its default), else the
+        Batching the single settings make: how package and serve take either.
+
+        Args:
+            batching: a Batching, or None.
+            max_batch: as the field.
+            dynamic: as the field.
+            preferred: as the field.
+            max_queue_delay_us: as the field.
+
+        Returns:
+            The Batching.
+
+        Raises:
+            BadInput: both `batching` and a single setting given, or settings out of range.
+        """
+        given = dict(max_batch=max_batch, dynamic=dynamic, preferred=tuple(preferred),
+                     max_queue_delay_us=max_queue_delay_us)
+        if batching is None:
+            return cls(**given)
+        if not isinstance(batching, cls):
+            raise BadInput(f"batching must be a deploytool.serving.config.Batching, got {type(batching).__name__}")
+        defaults = cls()
+        also = [k for k, v in given.items() if v != getattr(defaults, k)]
+        if also:
+            raise BadInput(f"give batching= or {', '.join(also)}, not both")
+        return batching
+
     def section(self) -> dict[str, Any] | None:
+        """config.pbtxt's dynamic_batching section; None when the dynamic batcher is off."""
         if not self.dynamic:
             return None
         section: dict[str, Any] = {"max_queue_delay_microseconds": self.max_queue_delay_us}
@@ -85,6 +131,17 @@ def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, 
 
     A tensor whose only dim is the batch (the routing index, [batch]) gets dims [1]; with `reshape`
     the backend still sees [batch] (`reshape { shape: [] }`), without it the model returns [batch, 1].
+
+    Args:
+        meta: the tensor.
+        max_batch: the config's max_batch_size.
+        reshape: let the backend see a batch-only tensor as [batch].
+
+    Returns:
+        The entry, as protobuf field names.
+
+    Raises:
+        BadInput: a dtype Triton cannot serve, or a fixed batch dim with batching on.
     """
     dtype = TRITON_DTYPES.get(meta.dtype)
     if dtype is None:
@@ -105,7 +162,23 @@ def tensor_config(meta: TensorMeta, max_batch: int, reshape: bool) -> dict[str, 
 
 def model_config(name: str, inputs: list[TensorMeta], outputs: list[TensorMeta], *, backend: str,
                  batching: Batching, instances: int = 1, parameters: dict[str, str] | None = None) -> dict[str, Any]:
-    """The ModelConfig for one model, as a dict of protobuf field names."""
+    """The ModelConfig for one model, as a dict of protobuf field names.
+
+    Args:
+        name: the model's name.
+        inputs: its inputs.
+        outputs: its outputs.
+        backend: tensorrt, onnxruntime or python.
+        batching: max batch and the dynamic batcher.
+        instances: model instances.
+        parameters: the python backend's parameters, or None.
+
+    Returns:
+        The config.
+
+    Raises:
+        BadInput: an unknown backend, instances out of range, or a tensor Triton cannot serve.
+    """
     if backend not in _BACKEND_FIELDS:
         raise BadInput(f"unknown Triton backend {backend!r}; choose {', '.join(_BACKEND_FIELDS)}")
     if not 1 <= instances <= MAX_INSTANCES:
@@ -170,7 +243,6 @@ def validate(text: str) -> bool:
 
     A parse failure is a bug in the generator (the inputs were already checked): CheckFailed.
     """
-    from deploytool.deps import require
 
     text_format = require("google.protobuf.text_format", "checking config.pbtxt against Triton's schema")
     model_config_pb2 = require("tritonclient.grpc.model_config_pb2", "checking config.pbtxt against Triton's schema")

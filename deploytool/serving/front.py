@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from deploytool.errors import BadInput
+from deploytool.io import loads_json
 
 #: the largest request body the front reads (Triton's own default limit, --http-max-input-size)
 MAX_BODY_BYTES = 64 << 20
@@ -73,7 +74,6 @@ def check_infer_request(path: str, headers: Mapping[str, str], body: bytes,
         size = int(header_length) if header_length is not None else len(body)
         if not 0 <= size <= len(body):
             return f"Inference-Header-Content-Length {size} is outside the body of {len(body)} bytes"
-        from deploytool.io import loads_json
 
         request = loads_json(body[:size].decode(), "the request")
     except (BadInput, ValueError, zlib.error) as exc:

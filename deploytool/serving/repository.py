@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import top_k_of
+from deploytool.artifacts import artifact_kind, load_onnx, manifest_path, open_artifact, read_manifest, top_k_of
+from deploytool.artifacts import max_batch as profile_max_batch
 from deploytool.batch_sizes import check_batch_sizes
+from deploytool.dtypes import NUMPY_OF_TRITON
 from deploytool.errors import BadInput
-from deploytool.signature import ModelSignature
+from deploytool.runners import artifact_of, make_runner, native_backend, reads
+from deploytool.runtime import resolve_backend
 from deploytool.serving import config as cfg
+from deploytool.signature import ModelSignature
 
-TRITON_BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
+TRITON_BACKENDS = ("auto", *cfg.TRITON_BACKENDS)
 VERSION = "1"
-# artifact kind -> Triton backend that serves it natively
-_NATIVE = {"engine": "tensorrt", "onnx": "onnxruntime", "run": "python"}
 # the artifact's name inside the version directory (Triton's default model file names)
 _ARTIFACT = {"engine": "model.plan", "onnx": "model.onnx", "run": "run"}
 _RUN_FILES = (io.CONFIG_FILE, io.WEIGHTS_FILE, io.METRICS_FILE)
@@ -56,7 +58,7 @@ class Package:
 def package(target: str | Path, repository: str | Path, name: str, *, max_batch: int = 64,
             dynamic_batching: bool = False, preferred_batch: str | Sequence[int] = (8, 32),
             max_queue_delay_us: int = 100, instances: int = 1, backend: str = "auto",
-            force: bool = False, top_k: int | None = None) -> Package:
+            force: bool = False, top_k: int | None = None, batching: cfg.Batching | None = None) -> Package:
     """Write `repository/name` for `target` (engine -> tensorrt_plan, ONNX -> onnxruntime, run dir -> python).
 
     backend="python" serves any target through the deploytool runtime (model.py in the Python backend).
@@ -78,6 +80,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         backend: auto (the target's own), tensorrt, onnxruntime or python.
         force: replace an existing `repository/name`.
         top_k: for a Hugging Face folder, experts per token of the exported model (None: its own k).
+        batching: max batch and dynamic batcher as one `serving.config.Batching`, instead of the four
+            single settings above (giving both is refused).
 
     Returns:
         The Package written.
@@ -87,11 +91,46 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
             the target; an existing entry without `force`.
         MissingDependency: tritonclient (Triton's schema) is missing.
     """
-    from deploytool.artifacts import artifact_kind
-    from deploytool.runtime import resolve_backend
-
     cfg.check_name(name)
     target, repository = Path(target), Path(repository)
+    model_dir = _check_destination(target, repository, name, force)
+    if backend not in TRITON_BACKENDS:
+        raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
+    kind = artifact_kind(target)
+    if kind == "hf":
+        return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
+                           dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
+                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force,
+                           batching=batching)
+    if top_k is not None:
+        raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
+    backend = _triton_backend(target, kind, backend)
+    preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
+    batching = cfg.Batching.choose(batching, max_batch=max_batch, dynamic=dynamic_batching, preferred=preferred,
+                                   max_queue_delay_us=max_queue_delay_us)
+
+    if kind == "onnx":
+        _external_data(target)  # every external-data file checked before anything reads it
+    signature, notes = _signature(target, kind, batching.max_batch)
+    runtime_backend = parameters = None
+    if backend == "python":
+        runtime_backend = resolve_backend(target)[1]
+        parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
+    config = cfg.model_config(name, list(signature.inputs), list(signature.outputs), backend=backend,
+                              batching=batching, instances=instances, parameters=parameters)
+    text = cfg.render(config)
+    validated = cfg.validate(text)
+    readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
+    clean_stale_builds(repository, name)
+    files = _write_model_dir(model_dir, target, kind, backend, text, readme_text)
+    return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
+                   model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
+                   files=files, config=config, validated=validated, notes=notes)
+
+
+def _check_destination(target: Path, repository: Path, name: str, force: bool) -> Path:
+    """`repository/name`, once it is a place package may write: not the target or inside it, not inside a
+    run directory, and new or (with force) a folder package wrote."""
     if repository.exists() and not repository.is_dir():
         raise BadInput(f"repository {repository} exists and is a file; give a directory")
     model_dir = repository / name
@@ -105,38 +144,22 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
         raise BadInput(f"{model_dir} already exists; replace it with force "
                        "(the old model stays intact until the new one is complete)")
     check_replaceable(model_dir, repository)
-    if backend not in TRITON_BACKENDS:
-        raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
-    kind = artifact_kind(target)
-    if kind == "hf":
-        return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
-                           dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
-                           max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend, force=force)
-    if top_k is not None:
-        raise BadInput(f"top-k applies to a Hugging Face MoE folder; {target} is a {kind} (export with --top-k)")
-    backend = _NATIVE[kind] if backend == "auto" else backend
-    if backend != "python" and _NATIVE[kind] != backend:
-        wants = ("a TensorRT engine (deploytool build-engine)" if backend == "tensorrt"
-                 else "an ONNX file (deploytool export)")
-        raise BadInput(f"the {backend} backend serves {wants}, not {target}; or use the python backend")
-    preferred = tuple(check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True))
-    batching = cfg.Batching(max_batch, dynamic_batching, preferred, max_queue_delay_us)
+    return model_dir
 
-    if kind == "onnx":
-        _external_data(target)  # every external-data file checked before anything reads it
-    signature, notes = _signature(target, kind, max_batch)
-    inputs, outputs = list(signature.inputs), list(signature.outputs)
-    runtime_backend = parameters = None
-    if backend == "python":
-        runtime_backend = resolve_backend(target)[1]
-        parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
-    config = cfg.model_config(name, inputs, outputs, backend=backend, batching=batching, instances=instances,
-                              parameters=parameters)
-    text = cfg.render(config)
-    validated = cfg.validate(text)
-    readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
 
-    clean_stale_builds(repository, name)
+def _triton_backend(target: Path, kind: str, backend: str) -> str:
+    """The Triton backend that serves a target of `kind`: "auto" picks the one that serves it natively
+    (the registry's native backend where Triton has it, else python); another must read the target."""
+    backend = cfg.triton_backend(native_backend(kind)) if backend == "auto" else backend
+    if backend != "python" and not reads(backend, kind):
+        raise BadInput(f"the {backend} backend serves {cfg.SERVES[artifact_of(backend)]}, not {target}; "
+                       "or use the python backend")
+    return backend
+
+
+def _write_model_dir(model_dir: Path, target: Path, kind: str, backend: str, config_text: str,
+                     readme_text: str) -> list[str]:
+    """Build the model folder under a temporary name and swap it in whole; the files written."""
     with io.atomic_dir(model_dir) as tmp:
         # the marker first, naming this process: a package killed before the swap leaves a folder that the
         # next package of this name removes (clean_stale_builds); at the end it lists the files written
@@ -144,16 +167,14 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                                                  "building": io.process_id(os.getpid())}))
         version = tmp / VERSION
         version.mkdir()
-        (tmp / "config.pbtxt").write_text(text)
+        (tmp / "config.pbtxt").write_text(config_text)
         _copy_artifact(target, kind, version / _ARTIFACT[kind])
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
         (tmp / "README.md").write_text(readme_text)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
         (tmp / MARKER).write_text(io.dumps_json({"written_by": "deploytool package", "files": files}))
-    return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
-                   model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
-                   files=files, config=config, validated=validated, notes=notes)
+    return files
 
 
 #: the file in every model folder `package` writes, listing what it wrote: `force` replaces only such a folder
@@ -241,15 +262,12 @@ def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature,
     """The target's signature (a run directory's from the torch runner, which also proves the
     checkpoint loads; an ONNX model's from ONNX Runtime, which proves it loads) and README notes; a
     model without routers is refused."""
-    from deploytool.artifacts import open_artifact
-    from deploytool.runners import make_runner
-
     notes: list[str] = []
     if kind == "run":
-        signature = make_runner("torch", target).signature
+        signature = make_runner(native_backend(kind), target).signature
     elif kind == "onnx":
         open_artifact(target)  # the stored signature's checks
-        runner = make_runner("onnxruntime", target)  # opens an InferenceSession: a model ORT cannot load fails here
+        runner = make_runner(native_backend(kind), target)  # opens an InferenceSession: a model ORT cannot load fails here
         signature = runner.signature
         runner.session = None
     else:
@@ -266,9 +284,6 @@ def _engine_notes(engine: Path, max_batch: int) -> list[str]:
     Refuses a max batch above the engine's optimisation profile: Triton would accept batches the engine
     cannot run.
     """
-    from deploytool.artifacts import max_batch as profile_max_batch
-    from deploytool.artifacts import read_manifest
-
     manifest = read_manifest(engine)
     profile_max = profile_max_batch(manifest)
     if profile_max is not None and max_batch > profile_max:
@@ -301,16 +316,12 @@ def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
             (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target.parent / location, dest.parent / location)
     else:
-        from deploytool.artifacts import manifest_path
-
         shutil.copyfile(manifest_path(target), manifest_path(dest))
 
 
 def _external_data(onnx_path: Path) -> list[str]:
     """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
     import onnx
-
-    from deploytool.artifacts import load_onnx
 
     graph = load_onnx(onnx_path).graph
     locations = set()
@@ -335,15 +346,32 @@ def _external_data(onnx_path: Path) -> list[str]:
 # --- README ------------------------------------------------------------------------------------
 
 def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
-    """How to serve this model with tritonserver and call it: the exact command and a client example."""
-    name, max_batch = config["name"], config["max_batch_size"]
-    backend = config.get("platform") or config["backend"]
-    numpy_dtypes = {v: k for k, v in cfg.TRITON_DTYPES.items()}
+    """How to serve this model with tritonserver and call it: the exact command and a client example.
+
+    Args:
+        repository: the model repository.
+        config: the model's config (as serving.config.model_config makes it).
+        notes: paragraphs on loading it (an engine's plugin and TensorRT version).
+
+    Returns:
+        The README's Markdown.
+    """
+    max_batch = config["max_batch_size"]
     examples = []  # (name, Triton dtype, NumPy dtype, shape of 2 samples, shape of one)
     for x in config["input"]:
         dims = [d if d > 0 else 8 for d in x["dims"]]
         shape, one_row = ([2, *dims], [1, *dims]) if max_batch > 0 else (dims, dims)
-        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), numpy_dtypes[x["data_type"]], shape, one_row))
+        examples.append((x["name"], x["data_type"].removeprefix("TYPE_"), NUMPY_OF_TRITON[x["data_type"]], shape,
+                         one_row))
+    lines = [*_readme_serving(repository, config), *[line for note in notes for line in (note, "")],
+             *_readme_tensors(config), *_readme_client(config["name"], config, examples)]
+    return "\n".join(lines)
+
+
+def _readme_serving(repository: Path, config: dict[str, Any]) -> list[str]:
+    """The README's title, the tritonserver command, and for the Python backend what its server needs."""
+    name = config["name"]
+    backend = config.get("platform") or config["backend"]
     env = ""
     if backend == "python":
         env = ('LD_LIBRARY_PATH="$(python -c \'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))\'):'
@@ -371,15 +399,25 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
             "for you.",
             "",
         ]
-    lines += [*[line for note in notes for line in (note, "")],
-              f"Tensors as a request sends them (max_batch_size {max_batch}"
-              + (": a leading batch dimension is added to every shape):" if max_batch > 0 else "):"),
-              ""]
+    return lines
+
+
+def _readme_tensors(config: dict[str, Any]) -> list[str]:
+    """The README's list of tensors, as a request sends them."""
+    max_batch = config["max_batch_size"]
+    lines = [f"Tensors as a request sends them (max_batch_size {max_batch}"
+             + (": a leading batch dimension is added to every shape):" if max_batch > 0 else "):"),
+             ""]
     for kind in ("input", "output"):
         for t in config[kind]:
             full = ([-1] if max_batch > 0 else []) + list(t["dims"])
             lines.append(f"- {kind} `{t['name']}`: {t['data_type'].removeprefix('TYPE_')} {full}")
-    lines += [
+    return lines
+
+
+def _readme_client(name: str, config: dict[str, Any], examples: list[tuple]) -> list[str]:
+    """The README's Python client and curl examples."""
+    return [
         "",
         "Client (`pip install \"tritonclient[http]\"`):",
         "",
@@ -406,7 +444,6 @@ def readme(repository: Path, config: dict[str, Any], notes: list[str]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _py(text: str) -> str:

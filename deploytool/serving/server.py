@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
+from deploytool.batch_sizes import check_batch_sizes
+from deploytool.deps import require
 from deploytool.errors import BadInput, CheckFailed, MissingDependency
+from deploytool.serving.config import Batching, check_name
 from deploytool.serving.front import HttpFront, limits_of
 
 DEFAULT_PORT = 8000
@@ -54,17 +57,21 @@ class Server:
 
     @property
     def http_url(self) -> str:
+        """host:port of the HTTP endpoint, as a client gives it."""
         return f"{_client_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint, as a client gives it."""
         return f"{_client_host(self.host)}:{self.grpc_port}"
 
     @property
     def log_file(self) -> Path:
+        """tritonserver's log (in the temporary folder until `keep_log`)."""
         return self.workdir / "tritonserver.log"
 
     def is_alive(self) -> bool:
+        """Whether tritonserver still runs."""
         return self._triton.is_alive()
 
     def keep_log(self) -> Path | None:
@@ -113,7 +120,8 @@ class Server:
 def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.1", grpc_port: int | None = None,
           name: str = DEFAULT_NAME, max_batch: int = 64, dynamic_batching: bool = False,
           preferred_batch: str | Sequence[int] = (8, 32), max_queue_delay_us: int = 100, instances: int = 1,
-          block: bool = True, on_ready: Any = None, top_k: int | None = None) -> Server:
+          block: bool = True, on_ready: Any = None, top_k: int | None = None,
+          batching: Batching | None = None) -> Server:
     """Serve `target` (run dir, Hugging Face MoE folder, ONNX file or engine) on `host:port` (HTTP) and `grpc_port` (default port+1).
 
     block=True serves until Ctrl-C/SIGTERM and shuts down cleanly (no tritonserver left behind);
@@ -135,6 +143,8 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         on_ready: called with the Server once the model answers.
         top_k: for a Hugging Face folder, experts per token of the model served (None: its own k); the
             folder is exported to ONNX (sparse dispatch) and that model is served.
+        batching: max batch and dynamic batcher as one `serving.config.Batching`, instead of the four
+            single settings above (giving both is refused).
 
     Returns:
         The Server (stopped already when `block`).
@@ -143,10 +153,7 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         BadInput: a bad target, name or option, a port in use.
         MissingDependency: pytriton is missing, or tritonserver could not start or load the model.
     """
-    from deploytool.batch_sizes import check_batch_sizes
-    from deploytool.deps import require
-    from deploytool.serving.config import check_name
-    from deploytool.serving.repository import package
+    from deploytool.serving.repository import package  # looked up per call: tests stop a serve here
 
     check_name(name)
     preferred_batch = check_batch_sizes(preferred_batch, "preferred batch sizes", allow_empty=True)
@@ -163,7 +170,7 @@ def serve(target: str | Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.
         (workdir / OWNER_FILE).write_text(_process_id(os.getpid()))
         packaged = package(target, workdir / "models", name, max_batch=max_batch, dynamic_batching=dynamic_batching,
                            preferred_batch=preferred_batch, max_queue_delay_us=max_queue_delay_us,
-                           instances=instances, backend="python", top_k=top_k)
+                           instances=instances, backend="python", top_k=top_k, batching=batching)
         # tritonserver's HTTP listens on loopback only; the user's port is deploytool's front, which checks
         # every inference request's declared shapes before tritonserver allocates for them (serving.front)
         internal_port = _free_loopback_port()
@@ -341,7 +348,16 @@ def _libpython_first() -> Iterator[None]:
 
 
 def check_port_free(host: str, port: int, what: str = "HTTP") -> None:
-    """BadInput naming the port when something already listens on host:port (or the host is unknown)."""
+    """BadInput naming the port when something already listens on host:port (or the host is unknown).
+
+    Args:
+        host: the address.
+        port: the port.
+        what: how messages name it (HTTP, gRPC).
+
+    Raises:
+        BadInput: a port out of range or in use, or an unknown host.
+    """
     if not 0 < port < 65536:
         raise BadInput(f"{what} port {port} is not a valid port (1-65535)")
     try:
