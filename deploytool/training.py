@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,20 @@ from deploytool.artifacts import MODULE_PREFIX, RunDir, load_run
 from deploytool.data import MAX_CLASSES  # fit's labels obey the bound data sets do
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
+
+
+@dataclass(frozen=True)
+class GuardedLoss:
+    """A RoutedExperts' routing loss plus `weight` * load_guard(routing, `target`), while committing."""
+
+    base: Any      # nn.RoutingLoss
+    target: Any    # torch.Tensor [n_experts]: the loads to keep
+    weight: float
+
+    def __call__(self, routing: Any, temperature: float) -> Any:
+        from deploytool.losses import load_guard
+
+        return self.base(routing, temperature) + self.weight * load_guard(routing.probs, self.target)
 
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:
