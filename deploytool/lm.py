@@ -134,6 +134,34 @@ def budget_steps(steps: int | None, tokens: int | None, *, seq_len: int, batch_s
     return steps
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started here (gloo on CPU,
+    NCCL when CUDA is available) unless the caller started it; (0, 1) on one process.
+
+    Returns:
+        (rank, world size).
+    """
+    import os
+
+    import torch
+
+    if not torch.distributed.is_available():
+        return 0, 1
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
 def checkpoint_dir(out: str | Path) -> Path:
     """Where a run to `out` keeps its resumable checkpoint: `<out>.checkpoint` beside it."""
     out = Path(out).resolve()
@@ -184,6 +212,10 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
             raise BadInput(f"nothing to resume: no checkpoint at {checkpoint}")
         start, seconds, state = _load_checkpoint(checkpoint, model, opt, settings)
     vocab = model_vocab(model)
+    rank, world = distributed()
+    if settings.batch_size % world:
+        raise BadInput(f"batch_size {settings.batch_size} (windows per step, over all processes) must be a multiple "
+                       f"of the {world} processes")
     torch.manual_seed(settings.seed + start)
     step = start
     began = time.perf_counter()
@@ -193,14 +225,16 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
             model.train()
             for step in range(start, settings.steps):
                 rng = np.random.default_rng([settings.seed, step])
-                ids, labels = (torch.from_numpy(a) for a in window_batch(
-                    train, random_starts(train, settings.seq_len, settings.batch_size, rng), settings.seq_len, vocab))
+                starts = random_starts(train, settings.seq_len, settings.batch_size, rng)[rank::world]  # this rank's
+                ids, labels = (torch.from_numpy(a) for a in window_batch(train, starts, settings.seq_len, vocab))
                 for group in opt.param_groups:
                     group["lr"] = settings.lr_at(step)
                 set_temperature(model, temperature_at(settings, step, settings.steps))
                 loss = loss_fn(lm_logits(model, ids), labels, ids) + collect_routing_loss(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:
+                    _average_gradients(params, world)
                 opt.step()
                 done = step + 1 - start
                 elapsed = time.perf_counter() - began
@@ -212,7 +246,7 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
                     _save_checkpoint(checkpoint, model, opt, settings, step + 1,
                                      seconds + time.perf_counter() - began, state)
     except KeyboardInterrupt:
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             done = step  # the step in flight is lost; every step before it is in the weights
             _save_checkpoint(checkpoint, model, opt, settings, done, seconds + time.perf_counter() - began, state)
             import sys
@@ -228,6 +262,17 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
             "resumed_from": start or None, "state": state}
 
 
+def _average_gradients(params: list[Any], world: int) -> None:
+    """Every rank's gradients averaged (a parameter without one counts as zeros), as DDP would."""
+    import torch
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -235,7 +280,16 @@ def _clock(seconds: float) -> str:
 
 def _save_checkpoint(path: Path, model: Any, opt: Any, settings: LMSettings, step: int, seconds: float,
                      state: dict[str, Any]) -> None:
-    """Weights, optimizer moments and the step, written as a new directory swapped into place."""
+    """Weights, optimizer moments and the step, written as a new directory swapped into place (by rank 0,
+    the others waiting for it)."""
+    rank, world = distributed()
+    if rank == 0:
+        _write_checkpoint(path, model, opt, settings, step, seconds, state)
+    _barrier(world)
+
+
+def _write_checkpoint(path: Path, model: Any, opt: Any, settings: LMSettings, step: int, seconds: float,
+                      state: dict[str, Any]) -> None:
     opt_state = opt.state_dict()
     tensors = {f"{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
     with io.atomic_dir(path, replace=True) as tmp:
@@ -363,6 +417,7 @@ def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, 
     elif top_k is not None:
         _set_top_k(model, top_k)
     _check_model(model)
+    progress = progress and distributed()[0] == 0
     steps = budget_steps(steps, tokens, seq_len=seq_len, batch_size=batch_size)
     settings = LMSettings(seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                           weight_decay=weight_decay, seed=seed, temperature=temperature,
@@ -377,7 +432,7 @@ def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, 
                   label="fit")
     metrics = lm_metrics(model, held, seq_len=seq_len, max_tokens=eval_tokens or LM_EVAL_TOKENS)
     metrics.update(heldout=held.name, train_data=train.name, train_seconds=round(run["seconds"], 3),
-                   steps=run["steps"], train_tokens=run["tokens"], seed=seed)
+                   steps=run["steps"], train_tokens=run["tokens"], seed=seed, processes=distributed()[1])
     config = lm_run_config(model, settings, fit={"penalty": penalty, "alpha": alpha, "balance": balance,
                                                  "beta": beta})
     return write_lm_run(out, model, config, metrics, f"{config['model']} fitted", force=force)
@@ -474,6 +529,10 @@ def write_lm_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[st
 
     from deploytool.metrics import plot_lm_routing
 
+    rank, world = distributed()
+    if rank != 0:  # rank 0 alone writes the run
+        _barrier(world)
+        return RunDir(Path(out), config, metrics)
     with io.atomic_dir(out, replace=force) as tmp:
         io.save_weights(tmp / io.WEIGHTS_FILE, unshared(model.state_dict()), metadata={"model": str(config["model"])})
         io.write_json(tmp / io.CONFIG_FILE, config)
@@ -481,6 +540,7 @@ def write_lm_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[st
                         f"{metrics['min_frac_confident']:.1%} confident (least layer)")
         io.write_json(tmp / io.METRICS_FILE, metrics)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    _barrier(world)
     return RunDir(Path(out), config, metrics)
 
 
@@ -558,6 +618,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
     else:
         model = model_or_path
     _check_model(model)
+    progress = progress and distributed()[0] == 0
     if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0 <= distill <= 1:
         raise BadInput(f"distill must be a number from 0 to 1, got {distill!r}")
     if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard) or guard < 0:
@@ -612,7 +673,8 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
                 r.loss = saved_losses[path]
     metrics = lm_metrics(model, held, seq_len=seq_len, max_tokens=eval_tokens, original_k=original_k)
     metrics.update(heldout=held.name, train_data=train.name, train_seconds=round(run["seconds"], 3),
-                   steps=run["steps"], train_tokens=run["tokens"], seed=seed, before=before, load_targets=targets,
+                   steps=run["steps"], train_tokens=run["tokens"], seed=seed, processes=distributed()[1],
+                   before=before, load_targets=targets,
                    perplexity_ratio=metrics["perplexity"] / before.get("topk_perplexity", before["perplexity"]))
     commit_settings = {"penalty": penalty, "alpha": alpha, "balance": balance, "beta": beta, "guard": guard,
                        "distill": distill, "straight_through": straight_through, "original_k": original_k}

@@ -282,7 +282,8 @@ def lm_metrics(model, stream, *, seq_len: int, max_tokens: int = LM_EVAL_TOKENS,
     from deploytool.tokens import IGNORE, eval_starts, window_batch
 
     original_k = original_k or router_k(model)
-    starts = eval_starts(stream, seq_len, max_tokens)
+    rank, world = _rank_world()
+    starts = eval_starts(stream, seq_len, max_tokens)[rank::world]  # under torchrun each rank its share
     vocab = model_vocab(model)
     was_training = model.training
     model.eval()
@@ -312,6 +313,8 @@ def lm_metrics(model, stream, *, seq_len: int, max_tokens: int = LM_EVAL_TOKENS,
         model.train(was_training)
     if not per_router:
         raise BadInput(f"{type(model).__name__} made no routing decision: it has no deploytool router in use")
+    if world > 1:
+        nll, count, per_router = _all_reduced(nll, count, per_router)
     routers = {path: _finish(acc) for path, acc in per_router.items()}
     temps = {path: float(r.temperature) for path, r in named_routers(model)}
     for path, r in routers.items():
@@ -327,6 +330,43 @@ def lm_metrics(model, stream, *, seq_len: int, max_tokens: int = LM_EVAL_TOKENS,
                "expert_load": loads[0], "confident_at": LM_CONFIDENT, "routers": routers}
     metrics["hard_soft_gap"] = metrics["perplexity"] / metrics["soft_perplexity"] - 1
     return metrics
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduced(nll: dict[str, float], count: int, per_router: dict[str, dict[str, Any]]):
+    """The sums of every rank: log-likelihoods, token counts, each router's counts (float64, in one all-reduce)."""
+    import torch
+
+    names, paths = sorted(nll), sorted(per_router)
+    parts = [np.array([nll[n] for n in names] + [count], np.float64)]
+    for path in paths:
+        acc = per_router[path]
+        parts += [np.asarray(acc["counts"], np.float64), np.asarray(acc["hist"], np.float64),
+                  np.array([acc["confident"], acc["sum_max"], acc["n"]], np.float64)]
+    flat = torch.from_numpy(np.concatenate(parts))
+    torch.distributed.all_reduce(flat)
+    values = flat.numpy()
+    nll = dict(zip(names, values[:len(names)].tolist()))
+    count = int(round(values[len(names)]))
+    at = len(names) + 1
+    for path in paths:
+        acc = per_router[path]
+        n_experts, bins = len(acc["counts"]), len(acc["hist"])
+        acc["counts"] = values[at:at + n_experts]
+        acc["hist"] = values[at + n_experts:at + n_experts + bins]
+        acc["confident"], acc["sum_max"], acc["n"] = values[at + n_experts + bins:at + n_experts + bins + 3]
+        acc["n"] = int(round(acc["n"]))
+        at += n_experts + bins + 3
+    return nll, count, per_router
 
 
 def _accumulate(acc: dict[str, Any], routing) -> None:
