@@ -60,11 +60,11 @@ def row(name: str, run_metrics: dict, seconds: float | None, reference: float) -
             "loads": {p: r["expert_load"] for p, r in m["routers"].items()}, "seconds": seconds}
 
 
-def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, seq_len: int, batch_size: int,
-          eval_tokens: int) -> list[dict]:
+def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps: int, seq_len: int,
+          batch_size: int, eval_tokens: int) -> list[dict]:
     import torch
 
-    import deploytool
+    import deploytool.nn
     from deploytool.hf import set_top_k
     from deploytool.lm import commit_lm, fit_lm
     from deploytool.metrics import lm_metrics
@@ -90,17 +90,26 @@ def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, seq_len: in
     set_top_k(naive, 1)
     rows.append(row("naive (k = 1)", lm_metrics(naive, load_tokens(test), seq_len=seq_len, max_tokens=eval_tokens),
                     0.0, reference))
+    plain = dict(alpha=0.0, guard=0.0, temperature_end=1.0, straight_through=False)  # commit_lm as plain top-1
     runs = {
         "plain top-1 fine-tuning": lambda out: fit_lm(top2, train, out=out, top_k=1, steps=steps, lr=1e-3, **common),
         "commit, no distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, distill=0.0, **common),
-        "commit (distillation, default)": lambda out: commit_lm(top2, train, out=out, steps=steps, **common),
+        "**commit** (distillation, default)": lambda out: commit_lm(top2, train, out=out, steps=steps, **common),
+        "plain top-1 fine-tuning + distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, **plain,
+                                                                         **common),
+        f"commit, {long_steps} steps": lambda out: commit_lm(top2, train, out=out, steps=long_steps, **common),
     }
     for i, (name, go) in enumerate(runs.items()):
         out = work / f"row{i}-s{seed}"
         t0 = time.process_time()
         run = go(out)
         rows.append(row(name, run.metrics, time.process_time() - t0, reference))
-    del deploytool
+        if i == 0:  # the plain model's routers at commit's deployed temperature: the output is the same at k = 1
+            cold = open_module(out).module
+            deploytool.nn.set_temperature(cold, 0.05)
+            rows.append(row("plain top-1 fine-tuning, temperature then set to 0.05",
+                            lm_metrics(cold, load_tokens(test), seq_len=seq_len, max_tokens=eval_tokens), None,
+                            reference))
     return rows
 
 
@@ -123,12 +132,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every row")
+    parser.add_argument("--long-steps", type=int, default=2500, help="steps of the last row (within 3x plain's CPU)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=1 << 15)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = {s: study(args.work, s, pretrain_steps=args.pretrain_steps, steps=args.steps, seq_len=args.seq_len,
+    results = {s: study(args.work, s, pretrain_steps=args.pretrain_steps, steps=args.steps, long_steps=args.long_steps,
+                        seq_len=args.seq_len,
                         batch_size=args.batch_size, eval_tokens=args.eval_tokens) for s in args.seeds}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print(markdown(results))

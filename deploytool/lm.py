@@ -551,7 +551,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
               batch_size: int = 16, lr: float = COMMIT_LR, penalty: str = "frank", alpha: float = COMMIT_ALPHA,
               balance: str = "entropy", beta: float = COMMIT_BETA, guard: float = COMMIT_GUARD,
               distill: float = COMMIT_DISTILL, temperature_end: float = COMMIT_TEMPERATURE_END,
-              straight_through: bool = True, seed: int = 0, checkpoint_every: int = 0, resume: bool = False,
+              straight_through: bool = False, seed: int = 0, checkpoint_every: int = 0, resume: bool = False,
               eval_tokens: int | None = None, progress: bool = True, force: bool = False) -> RunDir:
     """Make a top-k MoE language model commit to top-1: fine-tune it at k = 1 until every router is confident.
 
@@ -560,8 +560,11 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
     plus per router the confidence penalty, a balance term and the load guard (losses.load_guard: KL from
     the router's soft loads before the commit to each batch's, so no expert that carried traffic dies),
     while the temperature anneals from the routers' own to `temperature_end`. At k = 1 a router's
-    combine weight is 1 and the LM loss alone would not reach it: `straight_through` multiplies the
-    weight by p / p.detach() (1 forward, the probability's gradient backward).
+    combine weight is 1 and the LM loss does not reach it: the routers move only by the penalty (towards
+    the expert each already prefers) and the guard, so the experts adapt to a routing that stays close to
+    the original's top-1 choices. `straight_through` multiplies the weight by p / p.detach() (the same
+    forward, the probability's gradient backward) to let the LM loss move the routers: measured worse
+    (docs/routing.md), the experts then chase a routing that keeps changing.
 
     Args:
         model_or_path: a model with deploytool routers (from_hf), a save_pretrained folder or an LM run dir.
@@ -582,7 +585,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
         distill: the weight of the KL to the original model's next-token distribution, 0..1 (the LM loss
             gets 1 - distill).
         temperature_end: the routers' final (deployed) temperature.
-        straight_through: let the LM loss reach the routers at k = 1.
+        straight_through: let the LM loss reach the routers at k = 1 (off: measured worse).
         seed: seeds torch and the windows.
         checkpoint_every: a checkpoint every this many steps at `<out>.checkpoint` (0: only on Ctrl-C).
         resume: continue from that checkpoint.
