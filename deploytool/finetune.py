@@ -59,16 +59,16 @@ def commit(run_or_module: Any, *, out: str | Path, data: Any = None, test_data: 
         model_epochs: stage 2, every parameter, temperature annealed from where the routers stand (their
             trained value, or `temperature_end` after stage 1) to `temperature_end`.
         penalty: confidence penalty (frank | entropy | none) used while committing.
-        alpha: its weight.
+        alpha: its weight (None: ALPHA, or lm.COMMIT_ALPHA for a language model).
         balance: balance term (entropy | switch | none).
-        beta: its weight.
-        guard: weight of the load guard, KL(loads before || batch loads) per router, the loads before being
-            each router's mean soft routing probabilities on `data`; it keeps every expert that carried
-            traffic from dying. 0 turns it off.
-        temperature_end: the final router temperature.
+        beta: its weight (None: BETA, or lm.COMMIT_BETA).
+        guard: weight of the load guard (None: GUARD, or lm.COMMIT_GUARD), KL(loads before || batch loads)
+            per router, the loads before being each router's mean soft routing probabilities on `data`; it
+            keeps every expert that carried traffic from dying. 0 turns it off.
+        temperature_end: the final router temperature (None: 0.02, or lm.COMMIT_TEMPERATURE_END).
         router_lr: AdamW learning rate of stage 1 (cosine decay).
-        model_lr: AdamW learning rate of stage 2 (cosine decay).
-        batch_size: rows per step.
+        model_lr: AdamW learning rate of stage 2, cosine decay (None: MODEL_LR, or lm.COMMIT_LR).
+        batch_size: rows per step (None: 64; a language model: 16 windows).
         seed: seeds torch and the shuffling.
         lm: more options of lm.commit_lm for a language model (seq_len, steps or tokens, distill,
             checkpoint_every, resume, eval_tokens, ...).

@@ -241,8 +241,8 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
                 rate = done * tokens_per_step / max(elapsed, 1e-9)
                 eta = (settings.steps - step - 1) * tokens_per_step / max(rate, 1e-9)
                 advance(status=f"loss {loss.item():.3f}  {rate:,.0f} tok/s  ETA {_clock(eta)}")
-                if checkpoint is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 \
-                        and step + 1 < settings.steps:
+                due = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+                if checkpoint is not None and due and step + 1 < settings.steps:
                     _save_checkpoint(checkpoint, model, opt, settings, step + 1,
                                      seconds + time.perf_counter() - began, state)
     except KeyboardInterrupt:
@@ -356,8 +356,8 @@ def fit(model: Any, train_data: Any, **options: Any) -> RunDir:
     return fit_classes(model, train_data, **options)
 
 
-def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, seq_len: int = 128, steps: int | None = None,
-           tokens: int | None = None, test_data: Any = None, test_fraction: float = 0.1,
+def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, seq_len: int = 128,
+           steps: int | None = None, tokens: int | None = None, test_data: Any = None, test_fraction: float = 0.1,
            tokenizer: str | Path | None = None, batch_size: int = 16, lr: float = 1e-3, lr_schedule: str = "cosine",
            weight_decay: float = 0.0, seed: int = 0, temperature: float = 1.0, temperature_end: float | None = None,
            penalty: str | None = None, alpha: float = 0.0, balance: str = "switch", beta: float = 0.01,

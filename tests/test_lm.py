@@ -9,7 +9,7 @@ import pytest
 
 from deploytool import io
 from deploytool.errors import BadInput
-from deploytool.tokens import IGNORE, TokenStream, load_tokens, split_tokens, window_batch
+from deploytool.tokens import IGNORE, load_tokens, split_tokens, window_batch
 from conftest import assert_one_line_error
 
 torch = pytest.importorskip("torch")
@@ -117,7 +117,8 @@ def test_commit_makes_a_top_k_model_top_1_and_its_run_rebuilds_at_top_1(fitted, 
 
     _, run = fitted
     committed = deploytool.commit(run.path, out=tmp_path / "c", data=str(ids_file),
-                                  lm={"steps": 4, "seq_len": 16, "eval_tokens": 256, "straight_through": True}, batch_size=4, progress=False)
+                                  lm={"steps": 4, "seq_len": 16, "eval_tokens": 256, "straight_through": True},
+                                  batch_size=4, progress=False)
     assert committed.config["top_k"] == 1 and committed.config["commit"]["original_k"] == 2
     assert committed.metrics["before"]["topk_perplexity"] == pytest.approx(run.metrics["topk_perplexity"])
     assert committed.config["temperature"] == pytest.approx(0.05)

@@ -107,7 +107,8 @@ def _show(result: dict, json: bool) -> None:
         con.print(table("before", ["metric", "value"], [(k, v) for k, v in m["before"].items()
                                                            if isinstance(v, (int, float, str))]))
     routers = m.get("routers") or {}
-    if m.get("task") == "lm" or len(routers) > 1 or any(r.get("decisions", 0) > m.get("n_test", 0) for r in routers.values()):
+    if m.get("task") == "lm" or len(routers) > 1 or any(r.get("decisions", 0) > m.get("n_test", 0)
+                                                        for r in routers.values()):
         con.print(table("per router (every decision: one per sample, or one per token)",
                         ["router", "decisions", "confident", "mean max prob", "min expert load", "expert load"],
                         [(path, r["decisions"], f"{r['frac_confident']:.1%}", f"{r['mean_max_prob']:.3f}",
