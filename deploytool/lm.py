@@ -248,7 +248,8 @@ def lm_loop(model: Any, train: Any, settings: LMSettings, *, loss_fn: Callable[[
     except KeyboardInterrupt:
         if checkpoint is not None and rank == 0:
             done = step  # the step in flight is lost; every step before it is in the weights
-            _save_checkpoint(checkpoint, model, opt, settings, done, seconds + time.perf_counter() - began, state)
+            # rank 0 alone, without a barrier: the other ranks are being interrupted too
+            _write_checkpoint(checkpoint, model, opt, settings, done, seconds + time.perf_counter() - began, state)
             import sys
 
             sys.stderr.write(f"interrupted at step {done} of {settings.steps}: resume from {checkpoint} with "

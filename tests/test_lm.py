@@ -214,3 +214,23 @@ def test_fit_and_commit_from_the_cli(cli, ids_file, tmp_path):
     code, _, err = cli("commit", tmp_path / "f", "--data", ids_file, "--out", tmp_path / "d", "--steps", 2,
                        "--tokens", 9)
     assert_one_line_error(code, err, 2, "in steps or in tokens")
+
+
+def test_text_is_tokenised_by_the_model_folder_s_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deploytool.tokens import has_tokenizer
+
+    vocab = {"[UNK]": 0, "def": 1, "x": 2, "return": 3, ":": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "model"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    text = tmp_path / "code.txt"
+    text.write_text("def x : return x y")
+    assert has_tokenizer(folder) and not has_tokenizer(tmp_path)
+    stream = load_tokens(text, tokenizer=folder)
+    assert stream.ids.tolist() == [1, 2, 4, 3, 2, 0] and stream.vocab == 5
+    assert "tokenised by model's tokenizer" in stream.name
+    assert load_tokens(text).vocab == 256  # no tokenizer: bytes
