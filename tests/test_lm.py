@@ -234,3 +234,12 @@ def test_text_is_tokenised_by_the_model_folder_s_tokenizer(tmp_path):
     assert stream.ids.tolist() == [1, 2, 4, 3, 2, 0] and stream.vocab == 5
     assert "tokenised by model's tokenizer" in stream.name
     assert load_tokens(text).vocab == 256  # no tokenizer: bytes
+
+
+def test_lm_options_on_a_built_in_run_are_refused_not_ignored(cli, tmp_path):
+    import deploytool
+
+    run = deploytool.train(deploytool.TrainConfig(epochs=1, expert_hidden=8), tmp_path / "soft", progress=False)
+    code, _, err = cli("commit", run.path, "--out", tmp_path / "c", "--steps", 5)
+    assert_one_line_error(code, err, 2, "language-model options (steps)")
+    assert not (tmp_path / "c").exists()

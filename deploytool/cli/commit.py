@@ -39,7 +39,7 @@ def commit(
     test_data: Annotated[Optional[str], _opt("Held-out tokens (default: the last 10% of --data).",
                                              "--test-data")] = None,
     seq_len: Annotated[int, _opt("LM: tokens per window.", "--seq-len")] = 128,
-    steps: Annotated[Optional[int], _opt("LM: budget in optimizer steps.", "--steps")] = None,
+    steps: Annotated[Optional[int], _opt("LM: budget in optimizer steps (default 200).", "--steps")] = None,
     tokens: Annotated[Optional[int], _opt("LM: budget in training tokens (instead of --steps).", "--tokens")] = None,
     batch_size: Annotated[Optional[int], _opt("Rows (LM: windows) per step (default 64, LM 16).",
                                               "--batch-size")] = None,
@@ -59,13 +59,13 @@ def commit(
     from deploytool.cli.train import show_run
     from deploytool.finetune import commit as run_commit
 
-    lm = None
+    given = {"steps": steps, "tokens": tokens, "checkpoint_every": checkpoint_every or None, "resume": resume or None}
+    lm = {k: v for k, v in given.items() if v is not None}  # refused for a built-in run, not ignored
     if data is not None:
-        lm = {"seq_len": seq_len, "steps": steps, "tokens": tokens, "distill": distill,
-              "checkpoint_every": checkpoint_every, "resume": resume}
+        lm.update(seq_len=seq_len, distill=distill)
         if steps is None and tokens is None:
             lm["steps"] = 200
     run = run_commit(run_dir, out=out, data=data, test_data=test_data, router_epochs=router_epochs,
                      model_epochs=model_epochs, alpha=alpha, beta=beta, guard=guard, temperature_end=temperature_end,
-                     model_lr=lr, batch_size=batch_size, seed=seed, lm=lm, progress=not (quiet or json), force=force)
+                     model_lr=lr, batch_size=batch_size, seed=seed, lm=lm or None, progress=not (quiet or json), force=force)
     show_run(run, json)
