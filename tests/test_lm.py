@@ -243,3 +243,18 @@ def test_lm_options_on_a_built_in_run_are_refused_not_ignored(cli, tmp_path):
     code, _, err = cli("commit", run.path, "--out", tmp_path / "c", "--steps", 5)
     assert_one_line_error(code, err, 2, "language-model options (steps)")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_committed_lm_run_exports_and_verifies_with_the_torch_backend(fitted, ids_file, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import deploytool
+    from deploytool.export.onnx import export_onnx
+    from deploytool.parity import verify
+
+    _, run = fitted
+    committed = deploytool.commit(run.path, out=tmp_path / "c", data=str(ids_file), batch_size=4, progress=False,
+                                  lm={"steps": 2, "seq_len": 16, "eval_tokens": 128})
+    export_onnx(committed.path, tmp_path / "m.onnx")
+    report = verify(tmp_path / "m.onnx", checkpoint=committed.path, samples=8)
+    assert report.passed
