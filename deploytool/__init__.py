@@ -17,7 +17,7 @@ _API = {
     "train": "deploytool.training",
     "load_run": "deploytool.artifacts",
     "load_model": "deploytool.checkpoints",
-    "fit": "deploytool.training",
+    "fit": "deploytool.lm",
     "load_weights_into": "deploytool.checkpoints",
     "commit": "deploytool.finetune",
     "report": "deploytool.metrics",

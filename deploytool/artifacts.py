@@ -144,7 +144,7 @@ def load_run(path: str | Path) -> RunDir:
         raise BadInput(f"run directory {path} does not exist or is not a directory")
     config = io.read_json(path / io.CONFIG_FILE, "run config")
     check_run_config(config, path / io.CONFIG_FILE)
-    if not is_module_run(config):
+    if not is_module_run(config) and not is_hf_run(config):
         _check_expert_count(config, path)
     metrics_path = path / io.METRICS_FILE
     metrics = io.read_json(metrics_path, "metrics") if metrics_path.exists() else {}
@@ -192,6 +192,13 @@ def check_run_config(config: Any, source: str | Path) -> None:
     for key in ("temperature", "temperature_start"):
         if key in config and (not is_finite_number(config[key]) or config[key] <= 0):
             raise BadInput(f"{source}: {key}={config[key]!r} must be a finite number > 0")
+    if is_hf_run(config):
+        hf_config, top_k = config.get("hf_config"), config.get("top_k")
+        if not (isinstance(hf_config, dict) and isinstance(hf_config.get("model_type"), str)):
+            raise BadInput(f"{source}: hf_config must be a transformers config (a JSON object with a model_type)")
+        if not _is_int(top_k) or not 1 <= top_k <= MAX_EXPERTS:
+            raise BadInput(f"{source}: top_k={top_k!r} must be a whole number from 1 to {MAX_EXPERTS}")
+        return
     if is_module_run(config):
         shape = config.get("input_shape")
         if shape is not None and not (isinstance(shape, list) and all(_is_int(d) and d >= 1 for d in shape)):
@@ -257,6 +264,22 @@ def is_module_run(config: dict[str, Any]) -> bool:
         True when its "model" is "module:<ClassName>".
     """
     return str(config.get("model", "")).startswith(MODULE_PREFIX)
+
+
+#: the "model" of a run of a transformers model (fit or commit of a language model): "hf:<class name>"
+HF_PREFIX = "hf:"
+
+
+def is_hf_run(config: dict[str, Any]) -> bool:
+    """A run of a transformers model: config.json records its hf_config and top_k (checkpoints rebuilds it).
+
+    Args:
+        config: a run's config.json.
+
+    Returns:
+        Whether its "model" is "hf:<class name>".
+    """
+    return str(config.get("model", "")).startswith(HF_PREFIX)
 
 
 def builtin_run(path: str | Path) -> RunDir:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import builtin_run, is_hf_folder, load_run
+from deploytool.artifacts import builtin_run, is_hf_folder, is_hf_run, load_run
 from deploytool.errors import BadInput
 
 
@@ -43,9 +43,10 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     """The module a run directory or Hugging Face folder holds, ready to run or export.
 
     Args:
-        path: a run directory of a built-in model, or a transformers `save_pretrained` folder.
+        path: a run directory of a built-in model or of a transformers model (fit or commit of a language
+            model: rebuilt from the config it recorded), or a transformers `save_pretrained` folder.
         checkpoint: other weights for a run directory.
-        top_k: experts per token of a Hugging Face model's routers (None: its own).
+        top_k: experts per token of a Hugging Face model's routers (None: its own, or the run's).
 
     Returns:
         The ModuleSource.
@@ -60,6 +61,10 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     if not path.is_dir():
         raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
                        "save_pretrained folder")
+    if (path / io.CONFIG_FILE).is_file() and not is_hf_folder(path):
+        run = load_run(path)
+        if is_hf_run(run.config):
+            return _open_hf_run(run, checkpoint, top_k)
     if is_hf_folder(path):
         from deploytool import hf
 
@@ -75,6 +80,33 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     weights = Path(checkpoint) if checkpoint else run.weights
     return ModuleSource(load_model(run.path, weights), example_inputs(run.config), {}, run.path, [weights],
                         run.config)
+
+
+def _open_hf_run(run: Any, checkpoint: str | Path | None, top_k: int | None) -> ModuleSource:
+    """A run of a transformers model (fit or commit of a language model): built from the config.json it
+    recorded, converted by from_hf at its top_k (or `top_k`), its weights loaded, its temperature set."""
+    import torch
+
+    from deploytool import hf
+    from deploytool.deps import require
+    from deploytool.nn import set_temperature
+
+    require("transformers", "a run of a Hugging Face model")
+    import transformers
+
+    hf_config = run.config["hf_config"]
+    try:
+        config_class = transformers.CONFIG_MAPPING[hf_config["model_type"]]
+        config = config_class.from_dict(hf_config)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BadInput(f"{run.path / io.CONFIG_FILE}: transformers cannot build its hf_config: {exc}") from exc
+    model = hf.from_hf(model.eval(), top_k=top_k if top_k is not None else int(run.config["top_k"]))
+    weights = Path(checkpoint) if checkpoint else run.weights
+    _load_state(model, weights, str(run.config["model"]))
+    set_temperature(model, float(run.config.get("temperature", 1.0)))
+    example = hf.example_inputs(model)
+    return ModuleSource(model.eval(), example, hf.dynamic_dims(example), run.path, [weights], run.config)
 
 
 def load_model(path: str | Path, checkpoint: str | Path | None = None):
@@ -127,6 +159,20 @@ def load_weights_into(module: Any, run_dir: str | Path, checkpoint: str | Path |
     if "temperature" in run.config:
         set_temperature(module, float(run.config["temperature"]))
     return module.eval()
+
+
+def load_state(model: Any, weights: str | Path, what: str) -> None:
+    """Load safetensors weights into `model`, checked (names, shapes, floating point, finite).
+
+    Args:
+        model: the module.
+        weights: the safetensors file.
+        what: the model's name in messages.
+
+    Raises:
+        BadInput: weights that do not match `model` or hold NaN or inf.
+    """
+    _load_state(model, weights, what)
 
 
 def _load_state(model: Any, weights: str | Path, what: str) -> None:

@@ -18,7 +18,6 @@ annealing the whole model with the guard stays within 1 point of the soft accura
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,50 +34,44 @@ GUARD = 1.0   # the load guard's weight; 0 turns it off (then the anneal collaps
 _LOAD_BATCH = 1024
 
 
-@dataclass(frozen=True)
-class GuardedLoss:
-    """A RoutedExperts' routing loss plus `weight` * load_guard(routing, `target`), while committing."""
-
-    base: Any      # nn.RoutingLoss
-    target: Any    # torch.Tensor [n_experts]: the loads to keep
-    weight: float
-
-    def __call__(self, routing: Any, temperature: float) -> Any:
-        from deploytool.losses import load_guard
-
-        return self.base(routing, temperature) + self.weight * load_guard(routing.probs, self.target)
-
-
-def commit(run_or_module: Any, *, out: str | Path, data: tuple[Any, Any] | None = None,
-           test_data: tuple[Any, Any] | None = None, router_epochs: int = ROUTER_EPOCHS,
-           model_epochs: int = MODEL_EPOCHS, penalty: str = "frank", alpha: float = ALPHA, balance: str = "entropy",
-           beta: float = BETA, guard: float = GUARD, temperature_end: float = 0.02, router_lr: float = 1e-2,
-           model_lr: float = MODEL_LR, batch_size: int = 64, seed: int = 0, progress: bool = True,
+def commit(run_or_module: Any, *, out: str | Path, data: Any = None, test_data: Any = None,
+           router_epochs: int = ROUTER_EPOCHS, model_epochs: int = MODEL_EPOCHS, penalty: str = "frank",
+           alpha: float | None = None, balance: str = "entropy", beta: float | None = None, guard: float | None = None,
+           temperature_end: float | None = None, router_lr: float = 1e-2, model_lr: float | None = None,
+           batch_size: int | None = None, seed: int = 0, lm: dict[str, Any] | None = None, progress: bool = True,
            force: bool = False):
     """Fine-tune a trained routed model so that its routers commit to one expert; write a new run directory.
 
+    A language model (token `data`, a transformers save_pretrained folder, a run of one, or a module with
+    top-k routers) goes to lm.commit_lm: top-k to top-1 (see there); the options left None take its defaults.
+
     Args:
         run_or_module: a run directory of a built-in model, or your own nn.Module with deploytool Routers
-            (then `data` is required).
+            (then `data` is required); or a language model (a from_hf model, a save_pretrained folder, an
+            LM run directory).
         out: the new run directory; never the input run.
-        data: (x, y) to fine-tune on; default: the run's own training data.
-        test_data: (x, y) the metrics are measured on; default: the run's test data, else `data`.
+        data: (x, y) to fine-tune on; default: the run's own training data. For a language model: token
+            data (.npz, .npy, .bin, a text file, a tokens.TokenStream).
+        test_data: (x, y) the metrics are measured on; default: the run's test data, else `data`; for a
+            language model held-out token data (default: the last 10% of `data`).
         router_epochs: stage 1, routers only, temperature annealed from the routers' current value to
             `temperature_end` (0 by default: measured worse than annealing the whole model).
         model_epochs: stage 2, every parameter, temperature annealed from where the routers stand (their
             trained value, or `temperature_end` after stage 1) to `temperature_end`.
         penalty: confidence penalty (frank | entropy | none) used while committing.
-        alpha: its weight.
+        alpha: its weight (None: ALPHA, or lm.COMMIT_ALPHA for a language model).
         balance: balance term (entropy | switch | none).
-        beta: its weight.
-        guard: weight of the load guard, KL(loads before || batch loads) per router, the loads before being
-            each router's mean soft routing probabilities on `data`; it keeps every expert that carried
-            traffic from dying. 0 turns it off.
-        temperature_end: the final router temperature.
+        beta: its weight (None: BETA, or lm.COMMIT_BETA).
+        guard: weight of the load guard (None: GUARD, or lm.COMMIT_GUARD), KL(loads before || batch loads)
+            per router, the loads before being each router's mean soft routing probabilities on `data`; it
+            keeps every expert that carried traffic from dying. 0 turns it off.
+        temperature_end: the final router temperature (None: 0.02, or lm.COMMIT_TEMPERATURE_END).
         router_lr: AdamW learning rate of stage 1 (cosine decay).
-        model_lr: AdamW learning rate of stage 2 (cosine decay).
-        batch_size: rows per step.
+        model_lr: AdamW learning rate of stage 2, cosine decay (None: MODEL_LR, or lm.COMMIT_LR).
+        batch_size: rows per step (None: 64; a language model: 16 windows).
         seed: seeds torch and the shuffling.
+        lm: more options of lm.commit_lm for a language model (seq_len, steps or tokens, distill,
+            checkpoint_every, resume, eval_tokens, ...).
         progress: draw progress bars on a terminal.
         force: replace a non-empty `out` (never the input run).
 
@@ -93,11 +86,30 @@ def commit(run_or_module: Any, *, out: str | Path, data: tuple[Any, Any] | None 
 
     import torch
 
+    if _is_language_model(run_or_module, data):
+        from deploytool.lm import commit_lm
+
+        given = {"alpha": alpha, "beta": beta, "guard": guard, "temperature_end": temperature_end, "lr": model_lr,
+                 "batch_size": batch_size}
+        if data is None:
+            raise BadInput("committing a language model needs token data (data=, --data): .npz, .npy, .bin or text")
+        return commit_lm(run_or_module, data, out=out, test_data=test_data, penalty=penalty, balance=balance,
+                         seed=seed, progress=progress, force=force,
+                         **{k: v for k, v in given.items() if v is not None}, **(lm or {}))
+    if lm:
+        raise BadInput(f"language-model options ({', '.join(sorted(lm))}) apply to a language model with token data")
+    alpha = ALPHA if alpha is None else alpha
+    beta = BETA if beta is None else beta
+    guard = GUARD if guard is None else guard
+    temperature_end = 0.02 if temperature_end is None else temperature_end
+    model_lr = MODEL_LR if model_lr is None else model_lr
+    batch_size = 64 if batch_size is None else batch_size
+
     from deploytool.metrics import routing_metrics
     from deploytool.nn import RoutingLoss, named_routers, routed_modules
     from deploytool.recipes import LoopSettings
-    from deploytool.training import (as_xy, check_run_target, evaluate, module_config, training_loop,
-                                     write_run)
+    from deploytool.training import (GuardedLoss, as_xy, check_run_target, evaluate, module_config,
+                                     training_loop, write_run)
 
     try:
         loss = RoutingLoss(penalty=penalty, alpha=alpha, balance=balance, beta=beta)
@@ -174,6 +186,28 @@ def commit(run_or_module: Any, *, out: str | Path, data: tuple[Any, Any] | None 
         config = {**source.config, "penalty": penalty, "alpha": alpha, "balance": balance, "beta": beta,
                   "temperature": temperature_end, "committed_from": str(source.path), "commit": settings}
     return write_run(out, model, config, metrics, f"{config['model']} committed", force=force)
+
+
+def _is_language_model(target: Any, data: Any) -> bool:
+    """Token data, a save_pretrained folder, a run of a transformers model, or a module with top-k routers."""
+    from deploytool.artifacts import is_hf_folder, is_hf_run
+    from deploytool.tokens import is_token_source
+
+    if is_token_source(data):
+        return True
+    if isinstance(target, (str, Path)):
+        from deploytool import io
+
+        if is_hf_folder(target):
+            return True
+        config_path = Path(target) / io.CONFIG_FILE
+        try:
+            return config_path.is_file() and is_hf_run(io.read_json(config_path, "run config"))
+        except BadInput:
+            return False
+    from deploytool.nn import named_routers
+
+    return any(hasattr(r, "rule") for _, r in named_routers(target))
 
 
 def soft_loads(model: Any, x: Any) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     """The routing-quality figures of a run directory, with the paths of its artifacts.
 
     Args:
-        run_dir: a run directory of `train`, `fit` or `commit`.
+        run_dir: a run directory of `train`, `fit` or `commit` (a language model's metrics: LM_SUMMARY_KEYS).
 
     Returns:
         {"run_dir", "plot" (None when absent), "config", "metrics"}.
@@ -158,10 +158,11 @@ def report(run_dir: str | Path) -> dict[str, Any]:
     source = run.path / io.METRICS_FILE
     if not run.metrics:
         raise BadInput(f"{run.path} has no {io.METRICS_FILE}; train into it first")
-    missing = [k for k in SUMMARY_KEYS if k not in run.metrics]
+    keys = LM_SUMMARY_KEYS if run.metrics.get("task") == "lm" else SUMMARY_KEYS
+    missing = [k for k in keys if k not in run.metrics]
     if missing:
         raise BadInput(f"{source} is not a deploytool metrics file (lacks {', '.join(missing)})")
-    for key in SUMMARY_KEYS:
+    for key in keys:
         value = run.metrics[key]
         values = value if key == "expert_load" and isinstance(value, list) and value else [value]
         if not all(is_finite_number(v) for v in values):
@@ -173,3 +174,252 @@ def report(run_dir: str | Path) -> dict[str, Any]:
 
 SUMMARY_KEYS = ("soft_accuracy", "hard_accuracy", "hard_soft_gap", "mean_max_prob", "frac_confident",
                 "min_expert_load", "routing_entropy", "expert_load")
+
+
+# --- language models ----------------------------------------------------------------------------------
+
+#: a token's routing is confident when its top probability reaches this, at the deployed temperature
+LM_CONFIDENT = 0.9
+#: the held-out tokens an LM is measured on, by default (bounded whatever the corpus' size)
+LM_EVAL_TOKENS = 1 << 15
+LM_SUMMARY_KEYS = ("perplexity", "soft_perplexity", "mean_max_prob", "frac_confident", "min_frac_confident",
+                   "min_expert_load", "expert_load")
+
+
+def lm_logits(model, ids):
+    """Next-token logits [B, T, V] of a causal LM (a transformers model or a module returning logits first).
+
+    Args:
+        model: the language model.
+        ids: int64 token ids [B, T].
+
+    Returns:
+        The logits tensor.
+    """
+    from deploytool.hf import call_options
+    from deploytool.model_io import primary_output
+
+    out = model(ids, **call_options(model))
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else primary_output(out)
+
+
+def model_vocab(model) -> int | None:
+    """The vocabulary of a transformers model's config (None for other modules)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+
+
+def router_k(model) -> int:
+    """The most experts any router of `model` picks per position (1 for deploytool Routers)."""
+    from deploytool.nn import named_routers
+
+    return max((int(getattr(r, "k", 1)) for _, r in named_routers(model)), default=1)
+
+
+def routing_as(model, how: str | int):
+    """Temporarily route every router of `model` "hard" (top-1), "soft" (every expert weighted by its
+    probability) or with k experts (an int): top-k routers get a rule, RoutedExperts a routing mode.
+
+    Args:
+        model: a module with deploytool routers.
+        how: "hard", "soft" or k.
+
+    Returns:
+        A context manager restoring every router on exit.
+    """
+    import contextlib
+    from dataclasses import replace
+
+    from deploytool.nn import named_routers, routing_mode
+
+    @contextlib.contextmanager
+    def manage():
+        topk = [r for _, r in named_routers(model) if hasattr(r, "rule")]
+        saved = [r.rule for r in topk]
+        for r in topk:
+            if how == "soft":
+                r.rule = replace(r.rule, k=r.n_experts, combine="prob", groups=None)
+            else:
+                r.rule = r.rule.with_k(1 if how == "hard" else min(int(how), r.n_experts))
+        try:
+            with routing_mode(model, "soft" if how == "soft" else "hard"):
+                yield
+        finally:
+            for r, rule in zip(topk, saved):
+                r.rule = rule
+    return manage()
+
+
+def lm_metrics(model, stream, *, seq_len: int, max_tokens: int = LM_EVAL_TOKENS, batch_size: int = 8,
+               original_k: int | None = None) -> dict[str, Any]:
+    """Perplexity and routing quality of a language model on held-out tokens, per router.
+
+    Perplexity is measured three ways: hard (every router picks its top-1 expert: what a committed model
+    deploys), soft (every expert weighted by its probability) and, when `original_k` > 1, with the
+    routers picking that many (an imported top-k model's own routing). Confidence (top probability >=
+    LM_CONFIDENT at each router's current temperature) and expert loads (top-1 choices) are per router,
+    over every token, under hard routing.
+
+    Args:
+        model: a causal LM with deploytool routers (e.g. converted by from_hf).
+        stream: the held-out tokens.TokenStream.
+        seq_len: tokens per window.
+        max_tokens: at most this many held-out tokens are read (evenly spaced windows).
+        batch_size: windows per forward.
+        original_k: the routers' k before a commit (default: their current k).
+
+    Returns:
+        The metrics dict ("task": "lm"; `routers` holds the per-router figures by module path).
+
+    Raises:
+        BadInput: a model that made no routing decision, or ids outside its vocabulary.
+    """
+    import torch
+
+    from deploytool.errors import BadInput
+    from deploytool.nn import named_routers, record_routing
+    from deploytool.tokens import IGNORE, eval_starts, window_batch
+
+    original_k = original_k or router_k(model)
+    rank, world = _rank_world()
+    starts = eval_starts(stream, seq_len, max_tokens)[rank::world]  # under torchrun each rank its share
+    vocab = model_vocab(model)
+    was_training = model.training
+    model.eval()
+    modes: list[tuple[str, str | int]] = [("perplexity", "hard"), ("soft_perplexity", "soft")]
+    if original_k > 1:
+        modes.append(("topk_perplexity", original_k))
+    nll = {name: 0.0 for name, _ in modes}
+    count = 0
+    per_router: dict[str, dict[str, Any]] = {}
+    try:
+        with torch.no_grad():
+            for i in range(0, len(starts), batch_size):
+                ids, labels = (torch.from_numpy(a) for a in window_batch(stream, starts[i:i + batch_size], seq_len,
+                                                                         vocab))
+                count += int((labels != IGNORE).sum())
+                for name, how in modes:
+                    with routing_as(model, how), record_routing(model) as calls:
+                        logits = lm_logits(model, ids)
+                        nll[name] += float(torch.nn.functional.cross_entropy(
+                            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
+                            reduction="sum"))
+                        if how == "hard":
+                            for path, outs in calls.items():
+                                for routing in outs:
+                                    _accumulate(per_router.setdefault(path, {}), routing)
+    finally:
+        model.train(was_training)
+    if not per_router:
+        raise BadInput(f"{type(model).__name__} made no routing decision: it has no deploytool router in use")
+    if world > 1:
+        nll, count, per_router = _all_reduced(nll, count, per_router)
+    routers = {path: _finish(acc) for path, acc in per_router.items()}
+    temps = {path: float(r.temperature) for path, r in named_routers(model)}
+    for path, r in routers.items():
+        r["temperature"] = temps.get(path)
+    loads = [r["expert_load"] for r in routers.values()]
+    decisions = sum(r["decisions"] for r in routers.values())
+    metrics = {"task": "lm", "n_tokens": count, "seq_len": seq_len, "original_k": original_k,
+               **{name: math.exp(total / max(count, 1)) for name, total in nll.items()},
+               "mean_max_prob": sum(r["mean_max_prob"] * r["decisions"] for r in routers.values()) / decisions,
+               "frac_confident": sum(r["frac_confident"] * r["decisions"] for r in routers.values()) / decisions,
+               "min_frac_confident": min(r["frac_confident"] for r in routers.values()),
+               "min_expert_load": min(r["min_expert_load"] for r in routers.values()),
+               "expert_load": loads[0], "confident_at": LM_CONFIDENT, "routers": routers}
+    metrics["hard_soft_gap"] = metrics["perplexity"] / metrics["soft_perplexity"] - 1
+    return metrics
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduced(nll: dict[str, float], count: int, per_router: dict[str, dict[str, Any]]):
+    """The sums of every rank: log-likelihoods, token counts, each router's counts (float64, in one all-reduce)."""
+    import torch
+
+    names, paths = sorted(nll), sorted(per_router)
+    parts = [np.array([nll[n] for n in names] + [count], np.float64)]
+    for path in paths:
+        acc = per_router[path]
+        parts += [np.asarray(acc["counts"], np.float64), np.asarray(acc["hist"], np.float64),
+                  np.array([acc["confident"], acc["sum_max"], acc["n"]], np.float64)]
+    flat = torch.from_numpy(np.concatenate(parts))
+    torch.distributed.all_reduce(flat)
+    values = flat.numpy()
+    nll = dict(zip(names, values[:len(names)].tolist()))
+    count = int(round(values[len(names)]))
+    at = len(names) + 1
+    for path in paths:
+        acc = per_router[path]
+        n_experts, bins = len(acc["counts"]), len(acc["hist"])
+        acc["counts"] = values[at:at + n_experts]
+        acc["hist"] = values[at + n_experts:at + n_experts + bins]
+        acc["confident"], acc["sum_max"], acc["n"] = values[at + n_experts + bins:at + n_experts + bins + 3]
+        acc["n"] = int(round(acc["n"]))
+        at += n_experts + bins + 3
+    return nll, count, per_router
+
+
+def _accumulate(acc: dict[str, Any], routing) -> None:
+    probs = routing.probs.detach().double().reshape(-1, routing.probs.shape[-1])
+    index = routing.index.reshape(len(probs), -1)[:, 0]  # hard routing: one decision per token
+    top = probs.max(dim=-1).values.numpy()
+    n = probs.shape[-1]
+    acc["counts"] = acc.get("counts", 0) + np.bincount(index.numpy(), minlength=n)
+    acc["hist"] = acc.get("hist", 0) + np.histogram(top, bins=20, range=(0.0, 1.0))[0]
+    acc["confident"] = acc.get("confident", 0) + int((top >= LM_CONFIDENT).sum())
+    acc["sum_max"] = acc.get("sum_max", 0.0) + float(top.sum())
+    acc["n"] = acc.get("n", 0) + len(top)
+
+
+def _finish(acc: dict[str, Any]) -> dict[str, Any]:
+    load = acc["counts"] / max(acc["n"], 1)
+    return {"decisions": int(acc["n"]), "mean_max_prob": acc["sum_max"] / max(acc["n"], 1),
+            "frac_confident": acc["confident"] / max(acc["n"], 1), "expert_load": load.tolist(),
+            "min_expert_load": float(load.min()), "max_prob_histogram": acc["hist"].astype(int).tolist()}
+
+
+def plot_lm_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One row per router (layer): its confidence histogram and its expert loads.
+
+    Args:
+        metrics: what lm_metrics returns.
+        path: the PNG to write (atomically).
+        title: the figure's title.
+
+    Returns:
+        `path`.
+    """
+    from matplotlib.figure import Figure
+
+    from deploytool.io import atomic_path
+
+    routers = metrics["routers"]
+    fig = Figure(figsize=(11, 2.6 * len(routers) + 0.6))
+    axes = fig.subplots(len(routers), 2, squeeze=False)
+    for (name, r), (left, right) in zip(routers.items(), axes):
+        hist = np.asarray(r["max_prob_histogram"])
+        edges = np.linspace(0, 1, len(hist) + 1)
+        left.bar(edges[:-1], hist, width=edges[1] - edges[0], align="edge", color="#4477aa")
+        left.axvline(LM_CONFIDENT, color="#cc3311", ls="--")
+        left.set(title=f"{name}: {r['frac_confident']:.1%} of tokens >= {LM_CONFIDENT}", yscale="log",
+                 xlabel="top routing probability", ylabel="tokens (log)")
+        load = np.asarray(r["expert_load"])
+        right.bar(range(len(load)), load, color="#228833")
+        right.axhline(1 / len(load), color="grey", ls=":")
+        right.set(title=f"{name}: expert load (top-1), min {load.min():.1%}", xlabel="expert",
+                  ylabel="share of tokens", xticks=range(len(load)))
+    fig.suptitle(title or f"perplexity {metrics['perplexity']:.3f} (soft {metrics['soft_perplexity']:.3f})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    return Path(path)

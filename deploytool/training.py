@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,49 @@ from deploytool.artifacts import MODULE_PREFIX, RunDir, load_run
 from deploytool.data import MAX_CLASSES  # fit's labels obey the bound data sets do
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig
+
+
+@dataclass(frozen=True)
+class GuardedLoss:
+    """A RoutedExperts' routing loss plus `weight` * load_guard(routing, `target`), while committing."""
+
+    base: Any      # nn.RoutingLoss
+    target: Any    # torch.Tensor [n_experts]: the loads to keep
+    weight: float
+
+    def __call__(self, routing: Any, temperature: float) -> Any:
+        from deploytool.losses import load_guard
+
+        return self.base(routing, temperature) + self.weight * load_guard(_global_rows(routing.probs), self.target)
+
+
+def _global_rows(probs: Any) -> Any:
+    """`probs` [..., E] as rows whose mean is the batch's mean routing over every process: under torchrun
+    the mean of all ranks' rows (one row, all-reduced with its gradient), so the guard sees the whole batch
+    as one process would; on one process `probs` itself."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return probs
+    class SumOverRanks(torch.autograd.Function):  # all-reduce whose gradient is all-reduced too
+        @staticmethod
+        def forward(ctx, tensor):
+            out = tensor.clone()
+            dist.all_reduce(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad
+
+    rows = probs.reshape(-1, probs.shape[-1])
+    total = SumOverRanks.apply(rows.sum(dim=0))
+    count = rows.new_tensor(float(len(rows)))
+    dist.all_reduce(count)  # a constant: no gradient to carry
+    return (total / count).unsqueeze(0)
 
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:

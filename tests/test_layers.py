@@ -13,8 +13,8 @@ PACKAGE = Path(deploytool.__file__).parent
 #: the layers of docs/architecture.md, by module (a package stands for all its modules)
 LAYERS = {
     0: ["deploytool", "errors", "deps", "io", "dtypes", "choices", "signature", "artifacts", "machine", "batch_sizes", "progress"],
-    1: ["nn", "moe", "hf", "checkpoints", "dispatch", "losses", "models", "data", "feeds", "model_io", "compare", "kernels", "ops", "recipes"],
-    2: ["export", "engine", "runners", "comparator", "training", "metrics"],
+    1: ["nn", "moe", "hf", "checkpoints", "dispatch", "losses", "models", "data", "tokens", "feeds", "model_io", "compare", "kernels", "ops", "recipes"],
+    2: ["export", "engine", "runners", "comparator", "training", "metrics", "lm"],
     3: ["parity", "benchmark", "serving", "runtime", "diagnostics"],
     4: ["pipeline", "penalty_study", "finetune"],
     5: ["cli"],

@@ -1,4 +1,4 @@
-"""`deploytool train`, `deploytool report`, `deploytool study`."""
+"""`deploytool train`, `deploytool fit` (language models), `deploytool report`, `deploytool study`."""
 
 from __future__ import annotations
 
@@ -96,14 +96,19 @@ def _show(result: dict, json: bool) -> None:
     if json:
         print_json(result)
         return
-    from deploytool.metrics import SUMMARY_KEYS
+    from deploytool.metrics import LM_SUMMARY_KEYS, SUMMARY_KEYS
 
     m = result["metrics"]
     con = console()
-    con.print(table(f"routing quality: {result['run_dir']}", ["metric", "value"],
-                    [(k, m[k]) for k in SUMMARY_KEYS if k in m]))
+    keys = (*LM_SUMMARY_KEYS[:2], "topk_perplexity", "original_k", *LM_SUMMARY_KEYS[2:], "heldout", "n_tokens") \
+        if m.get("task") == "lm" else SUMMARY_KEYS
+    con.print(table(f"routing quality: {result['run_dir']}", ["metric", "value"], [(k, m[k]) for k in keys if k in m]))
+    if isinstance(m.get("before"), dict):
+        con.print(table("before", ["metric", "value"], [(k, v) for k, v in m["before"].items()
+                                                           if isinstance(v, (int, float, str))]))
     routers = m.get("routers") or {}
-    if len(routers) > 1 or any(r.get("decisions", 0) > m.get("n_test", 0) for r in routers.values()):
+    if m.get("task") == "lm" or len(routers) > 1 or any(r.get("decisions", 0) > m.get("n_test", 0)
+                                                        for r in routers.values()):
         con.print(table("per router (every decision: one per sample, or one per token)",
                         ["router", "decisions", "confident", "mean max prob", "min expert load", "expert load"],
                         [(path, r["decisions"], f"{r['frac_confident']:.1%}", f"{r['mean_max_prob']:.3f}",
@@ -111,3 +116,47 @@ def _show(result: dict, json: bool) -> None:
                          for path, r in routers.items()]))
     if result.get("plot"):
         con.print(f"plot: {result['plot']}")
+
+
+@app.command()
+def fit(
+    model: Annotated[Path, typer.Argument(help="A language model: a transformers save_pretrained folder (MoE) or "
+                                          "a run directory of one.")],
+    data: Annotated[str, typer.Option("--data", help="Token ids (.npz with 'ids', .npy, .bin of uint16) or a text "
+                                      "file (the folder's tokenizer, else bytes).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run directory to write.")],
+    test_data: Annotated[Optional[str], _opt("Held-out tokens (default: the last --test-fraction of --data).",
+                                             "--test-data")] = None,
+    test_fraction: Annotated[float, _opt("Share of --data held out without --test-data.", "--test-fraction")] = 0.1,
+    seq_len: Annotated[int, _opt("Tokens per window.", "--seq-len")] = 128,
+    steps: Annotated[Optional[int], _opt("Budget in optimizer steps.", "--steps")] = None,
+    tokens: Annotated[Optional[int], _opt("Budget in training tokens (instead of --steps).", "--tokens")] = None,
+    batch_size: Annotated[int, _opt("Windows per step.", "--batch-size")] = 16,
+    lr: Annotated[float, _opt("AdamW learning rate (warmup, cosine decay).", "--lr")] = 1e-3,
+    top_k: Annotated[Optional[int], _opt("Experts per token while training (default: the model's own).",
+                                         "--top-k")] = None,
+    penalty: Annotated[Optional[str], _opt("Set the routers' loss: frank, entropy or none (default: keep theirs).",
+                                           "--penalty")] = None,
+    alpha: Annotated[float, _opt("Weight of the penalty.", "--alpha")] = 0.0,
+    balance: Annotated[str, _opt("Balance term with --penalty: entropy, switch or none.", "--balance")] = "switch",
+    beta: Annotated[float, _opt("Weight of the balance term.", "--beta")] = 0.01,
+    temperature: Annotated[float, _opt("Router temperature at the start.", "--temperature")] = 1.0,
+    temperature_end: Annotated[Optional[float], _opt("Anneal the temperature to this value.",
+                                                     "--temperature-end")] = None,
+    checkpoint_every: Annotated[int, _opt("Write <out>.checkpoint every N steps (0: only on Ctrl-C).",
+                                          "--checkpoint-every")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>.checkpoint.")] = False,
+    seed: Annotated[int, _opt("Random seed.", "--seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a run directory at --out.")] = False,
+    json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a language model with deploytool routers on token data; write a run directory."""
+    from deploytool.lm import fit_lm
+
+    run = fit_lm(model, data, out=out, top_k=top_k, seq_len=seq_len, steps=steps, tokens=tokens,
+                 test_data=test_data, test_fraction=test_fraction, batch_size=batch_size, lr=lr, seed=seed,
+                 temperature=temperature, temperature_end=temperature_end, penalty=penalty, alpha=alpha,
+                 balance=balance, beta=beta, checkpoint_every=checkpoint_every, resume=resume,
+                 progress=not (quiet or json), force=force)
+    show_run(run, json)
