@@ -26,8 +26,8 @@ DEFAULT_DIM = 8
 
 
 def load_feed(data: str | Path | np.ndarray | Mapping[str, Any], signature: ModelSignature, *,
-              samples: int | None = None, seed: int = 0, data_options: Mapping[str, Any] | None = None
-              ) -> tuple[str, Feed]:
+              samples: int | None = None, seed: int = 0, data_options: Mapping[str, Any] | None = None,
+              tokenizer: str | Path | None = None) -> tuple[str, Feed]:
     """(label, feed) for `signature` from `data`, checked against the signature.
 
     Arrays a user gives (an array, a dict of arrays, a .npz of one array per input name) are checked as
@@ -43,6 +43,9 @@ def load_feed(data: str | Path | np.ndarray | Mapping[str, Any], signature: Mode
         samples: how many samples to take (None: all held-out rows).
         seed: the data split's seed.
         data_options: options of a built-in data set (e.g. n_features for blobs).
+        tokenizer: for a token model (one integer input [batch, tokens]), the model folder whose tokenizer
+            tokenises a text file (None or no tokenizer there: bytes); a .npy, .bin or text file is then
+            read as a token stream (deploytool.tokens) and cut into windows of the model's token count.
 
     Returns:
         A label saying where the rows came from, and the feed.
@@ -54,7 +57,7 @@ def load_feed(data: str | Path | np.ndarray | Mapping[str, Any], signature: Mode
         raise BadInput(f"samples must be a whole number >= 1, got {samples!r}")
     if data_options is not None and not isinstance(data_options, Mapping):
         raise BadInput(f"data_options must be a table of options, got {data_options!r}")
-    label, named, rows = _read(data, signature, samples, seed, dict(data_options or {}))
+    label, named, rows = _read(data, signature, samples, seed, dict(data_options or {}), tokenizer)
     missing = [n for n in signature.input_names if n not in named]
     if missing:
         raise BadInput(f"{label} has no input(s) {missing}; the model takes {signature.describe()}")
@@ -172,7 +175,8 @@ def any_batch(signature: ModelSignature) -> ModelSignature:
 
 
 def sample_feed(signature: ModelSignature, *, data: Any = None, run_config: Mapping[str, Any] | None = None,
-                samples: int | None = None, seed: int = 0, made_up: int = 512) -> tuple[str, Feed]:
+                samples: int | None = None, seed: int = 0, made_up: int = 512,
+                tokenizer: str | Path | None = None) -> tuple[str, Feed]:
     """The samples a command runs on: `data` when given, else the data set the run was trained on (when
     it has one), else `made_up` made-up samples from the signature.
 
@@ -183,6 +187,7 @@ def sample_feed(signature: ModelSignature, *, data: Any = None, run_config: Mapp
         samples: how many samples (None: all held-out ones).
         seed: the data split's seed (a run's own seed for its data set).
         made_up: how many made-up samples at most, when nothing else is known.
+        tokenizer: the model folder whose tokenizer reads a text file for a token model (load_feed).
 
     Returns:
         (label, feed).
@@ -191,7 +196,7 @@ def sample_feed(signature: ModelSignature, *, data: Any = None, run_config: Mapp
         BadInput: data that cannot feed this model.
     """
     if data is not None:
-        return load_feed(data, signature, samples=samples, seed=seed)
+        return load_feed(data, signature, samples=samples, seed=seed, tokenizer=tokenizer)
     if run_config and run_config.get("dataset"):
         dataset, run_seed = run_config["dataset"], run_config.get("seed", seed)
         options = run_config.get("data_options", {})
@@ -212,9 +217,13 @@ MAX_MADE_UP_BYTES = 1 << 30
 
 
 def _read(data: Any, signature: ModelSignature, samples: int | None, seed: int,
-          data_options: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
+          data_options: Mapping[str, Any], tokenizer: str | Path | None = None) -> tuple[str, dict[str, Any], bool]:
     """(label, arrays by input name, whether they are a data set's rows)."""
     names = signature.input_names
+    token_input = _token_input(signature)
+    if token_input is not None and isinstance(data, (str, Path)) and Path(data).is_file() \
+            and not str(data).endswith(".npz"):
+        return _token_windows(Path(data), signature, token_input, samples, tokenizer)
     if isinstance(data, Mapping):
         return "arrays", dict(data), False
     if isinstance(data, np.ndarray):
@@ -234,6 +243,31 @@ def _read(data: Any, signature: ModelSignature, samples: int | None, seed: int,
     rows = ds.x_test if samples is None or samples <= len(ds.x_test) else np.concatenate([ds.x_test, ds.x_train])
     label = f"{ds.name} held-out" + ("" if rows is ds.x_test else " + train")
     return label, _single(names, rows, f"data set {ds.name}"), True
+
+
+#: windows a token file gives when no sample count is asked for
+DEFAULT_TOKEN_WINDOWS = 64
+
+
+def _token_input(signature: ModelSignature) -> str | None:
+    """The input of a token model: its only input, integer, [batch, tokens]."""
+    if len(signature.inputs) != 1:
+        return None
+    meta = signature.inputs[0]
+    return meta.name if len(meta.shape) == 2 and meta.dtype.startswith(("int", "uint")) else None
+
+
+def _token_windows(path: Path, signature: ModelSignature, name: str, samples: int | None,
+                   tokenizer: str | Path | None) -> tuple[str, dict[str, Any], bool]:
+    """Evenly spaced windows of a token file, as long as the model's tokens dim (its export example)."""
+    from deploytool.tokens import eval_starts, load_tokens, window_batch
+
+    stream = load_tokens(path, tokenizer=tokenizer)
+    dim = signature.inputs[0].shape[1]
+    length = dim if is_static(dim) else signature.dim_examples.get(str(dim), DEFAULT_DIM)
+    count = min(samples or DEFAULT_TOKEN_WINDOWS, MAX_MADE_UP)
+    ids, _ = window_batch(stream, eval_starts(stream, length, count * length), length, signature.vocab.get(name))
+    return f"{path.name} ({len(ids)} windows of {length} tokens)", {name: ids[:count]}, False
 
 
 def _single(names: list[str], rows: np.ndarray, what: str) -> dict[str, np.ndarray]:

@@ -90,7 +90,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     notes = check_runners_match(runners, metadata, target.source_weights if checkpoint_used is not None else None)
     run_config = target.run_config() if data is None else None
     label, feed = sample_feed(target.signature, data=data, run_config=run_config, samples=samples, seed=seed,
-                              made_up=samples)
+                              made_up=samples, tokenizer=target.source)
     comparisons = compare_runners(runners, {label: feed}, atol=atol, rtol=rtol)
     return ParityReport(model=", ".join(map(str, paths)), backends=[r.name for r in runners],
                         inputs={label: batch_of(feed)}, comparisons=comparisons,

@@ -268,3 +268,19 @@ def test_a_probe_token_at_a_near_tie_does_not_refuse_a_router_that_breaks_it_the
     ties[0] = True
     assert _same_choice(index, weights, hf_index, weights, ties)
     assert not _same_choice(index, weights, hf_index, weights, torch.ones(len(index), dtype=torch.bool))
+
+
+def test_verify_and_bench_take_a_text_file_as_token_windows(cli, hf_folder, tmp_path):
+    import json
+
+    import deploytool
+
+    path = deploytool.export_onnx(hf_folder, tmp_path / "k1.onnx", top_k=1, validate=False).path
+    text = tmp_path / "some text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    report = deploytool.verify(path, checkpoint=hf_folder, data=text, samples=8)
+    assert report.passed and "windows of 16 tokens" in next(iter(report.inputs))
+    code, out, err = cli("bench", str(path), "--data", str(text), "--batch-sizes", "2", "--duration-s", "0.2",
+                         "--json", "-")
+    assert code == 0, err
+    assert "windows of 16 tokens" in json.dumps(json.loads(out))

@@ -455,7 +455,8 @@ def _check_same_model(runners: list, target: Target, skipped: dict[str, str], no
 def _pool(signature, target: Target, data: Any, seed: int, notes: list[str]) -> tuple[str, Feed]:
     """Samples to pick feeds from: `data`, else the run's data set (training rows too), else made up."""
     config = target.run_config() if data is None else None
-    label, feed = sample_feed(signature, data=data, run_config=config, samples=10**9, seed=seed, made_up=RANDOM_POOL)
+    label, feed = sample_feed(signature, data=data, run_config=config, samples=10**9, seed=seed, made_up=RANDOM_POOL,
+                              tokenizer=target.source)
     if data is None and config is None:
         notes.append("no data set known: made-up inputs from the model's signature (give data for real ones)")
     return label.replace(" held-out", ""), feed
