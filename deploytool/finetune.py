@@ -223,26 +223,10 @@ def soft_loads(model: Any, x: Any) -> dict[str, Any]:
     Returns:
         {router path: float64 tensor [n_experts] summing to 1}, for the routers that made decisions.
     """
-    import torch
+    from deploytool.nn import mean_routing_probs, routing_mode
 
-    from deploytool.nn import record_routing, routing_mode
-
-    was_training = model.training
-    model.eval()
-    sums: dict[str, Any] = {}
-    try:
-        with torch.no_grad(), routing_mode(model, "soft"), record_routing(model) as calls:
-            for i in range(0, len(x), _LOAD_BATCH):
-                model(x[i:i + _LOAD_BATCH])
-                for path, outs in calls.items():
-                    for routed in outs:
-                        probs = routed.probs.reshape(-1, routed.probs.shape[-1]).double()
-                        total, count = sums.get(path, (0.0, 0))
-                        sums[path] = (total + probs.sum(dim=0), count + len(probs))
-                    outs.clear()
-    finally:
-        model.train(was_training)
-    return {path: total / count for path, (total, count) in sums.items() if count}
+    with routing_mode(model, "soft"):
+        return mean_routing_probs(model, (lambda i=i: model(x[i:i + _LOAD_BATCH]) for i in range(0, len(x), _LOAD_BATCH)))
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -755,24 +755,14 @@ def lm_soft_loads(model: Any, stream: Any, *, seq_len: int, seed: int = 0, windo
     import torch
 
     from deploytool.metrics import lm_logits, model_vocab
-    from deploytool.nn import record_routing
+    from deploytool.nn import mean_routing_probs
     from deploytool.tokens import random_starts, window_batch
 
     starts = random_starts(stream, seq_len, windows, np.random.default_rng([seed, 1 << 30]))
-    sums: dict[str, Any] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), record_routing(model) as calls:
-            for i in range(0, len(starts), 16):
-                ids, _ = window_batch(stream, starts[i:i + 16], seq_len, model_vocab(model))
-                lm_logits(model, torch.from_numpy(ids))
-                for path, outs in calls.items():
-                    for routing in outs:
-                        probs = routing.probs.reshape(-1, routing.probs.shape[-1]).double()
-                        total, count = sums.get(path, (0.0, 0))
-                        sums[path] = (total + probs.sum(dim=0), count + len(probs))
-                    outs.clear()
-    finally:
-        model.train(was_training)
-    return {path: total / count for path, (total, count) in sums.items() if count}
+    vocab = model_vocab(model)
+
+    def forward(at: int):
+        ids, _ = window_batch(stream, starts[at:at + 16], seq_len, vocab)
+        lm_logits(model, torch.from_numpy(ids))
+
+    return mean_routing_probs(model, (lambda at=at: forward(at) for at in range(0, len(starts), 16)))

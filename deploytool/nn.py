@@ -312,6 +312,34 @@ def record_routing(model: nn.Module) -> Iterator[dict[str, list[RouterOutput]]]:
             handle.remove()
 
 
+def mean_routing_probs(model: nn.Module, forwards) -> dict[str, torch.Tensor]:
+    """Each router's routing probabilities averaged over every position of the forwards run, in eval mode.
+
+    Args:
+        model: a module with deploytool routers.
+        forwards: callables, each running one forward of `model` (a batch).
+
+    Returns:
+        {router path: float64 tensor [n_experts]}, for the routers that made decisions.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, tuple] = {}
+    try:
+        with torch.no_grad(), record_routing(model) as calls:
+            for forward in forwards:
+                forward()
+                for path, outs in calls.items():
+                    for routing in outs:
+                        probs = routing.probs.reshape(-1, routing.probs.shape[-1]).double()
+                        total, count = sums.get(path, (0.0, 0))
+                        sums[path] = (total + probs.sum(dim=0), count + len(probs))
+                    outs.clear()
+    finally:
+        model.train(was_training)
+    return {path: total / count for path, (total, count) in sums.items() if count}
+
+
 def collect_routing_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the routing losses recorded by every RoutedExperts in the last training forward."""
     owners = [*routed_modules(model), *(m for _, m in named_routers(model) if not isinstance(m, Router))]
