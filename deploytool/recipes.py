@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool.artifacts import MAX_EXPERTS  # one bound, also checked in run configs
+from deploytool.choices import ROUTER_KINDS
 from deploytool.errors import BadInput
 from deploytool.losses import (DEFAULT_ALPHA, DEFAULT_BETA, ONE_CLASS_MESSAGE, check_routing_loss,
                                check_temperature)
@@ -155,8 +156,8 @@ class TrainConfig(LoopSettings):
         super().validate()  # the types of every field, then the loop's
         if self.model not in MODELS:
             raise BadInput(f"unknown model {self.model!r}; built-in models: {', '.join(MODELS)}")
-        if self.router not in ("softmax", "sigmoid"):
-            raise BadInput(f"router must be softmax or sigmoid, got {self.router!r}")
+        if self.router not in ROUTER_KINDS:
+            raise BadInput(f"router must be {' or '.join(ROUTER_KINDS)}, got {self.router!r}")
         if self.router == "softmax" and self.experts == 1:
             raise BadInput(f"experts=1: {ONE_CLASS_MESSAGE}")
         if self.experts < 2:
