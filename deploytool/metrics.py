@@ -137,23 +137,37 @@ def plot_routing(metrics: dict[str, Any], path: str | Path, title: str = "") -> 
     return Path(path)
 
 
-def report(run_dir: str | Path) -> dict[str, Any]:
-    """The routing-quality figures of a run directory, with the paths of its artifacts.
+def report(run_dir: str | Path, *, data: str | Path | None = None, seq_len: int = 128,
+           top_k: int | None = None) -> dict[str, Any]:
+    """The routing-quality figures of a run directory, with the paths of its artifacts; or those of a
+    Hugging Face MoE folder, measured on token data.
 
     Args:
-        run_dir: a run directory of `train`, `fit` or `commit` (a language model's metrics: LM_SUMMARY_KEYS).
+        run_dir: a run directory of `train`, `fit` or `commit` (a language model's metrics: LM_SUMMARY_KEYS),
+            or a transformers save_pretrained folder (measured now, on `data`).
+        data: for a Hugging Face folder: token data (see deploytool.tokens; a text file is tokenised by
+            the folder's tokenizer, else read as bytes).
+        seq_len: for a Hugging Face folder: tokens per window.
+        top_k: for a Hugging Face folder: experts per token its hard figures use (None: 1, what a
+            committed deployment runs; the model's own k gives `topk_perplexity`).
 
     Returns:
         {"run_dir", "plot" (None when absent), "config", "metrics"}.
 
     Raises:
         BadInput: not a run directory, a config.json check_run_config refuses, no metrics.json, or one
-            that lacks a summary figure or holds one that is not a finite number (each named).
+            that lacks a summary figure or holds one that is not a finite number (each named); a Hugging
+            Face folder without token data.
     """
     from deploytool import io
-    from deploytool.artifacts import is_finite_number, load_run
+    from deploytool.artifacts import is_finite_number, is_hf_folder, load_run
     from deploytool.errors import BadInput
 
+    if is_hf_folder(run_dir):
+        return _folder_report(Path(run_dir), data, seq_len, top_k)
+    if data is not None:
+        raise BadInput(f"token data is measured for a Hugging Face folder; {run_dir} is a run, whose metrics "
+                       "were measured when it was trained")
     run = load_run(run_dir)
     source = run.path / io.METRICS_FILE
     if not run.metrics:
@@ -170,6 +184,28 @@ def report(run_dir: str | Path) -> dict[str, Any]:
             raise BadInput(f"{source}: {key}={value!r} must be {wanted}")
     return {"run_dir": str(run.path), "plot": str(run.plot) if run.plot.exists() else None,
             "config": run.config, "metrics": run.metrics}
+
+
+def _folder_report(folder: Path, data: str | Path | None, seq_len: int, top_k: int | None) -> dict[str, Any]:
+    """LM metrics of a save_pretrained folder on `data`, at its own k and at `top_k` (default 1)."""
+    from deploytool.checkpoints import open_module
+    from deploytool.errors import BadInput
+    from deploytool.moe import TopKRouting
+    from deploytool.tokens import check_seq_len, load_tokens
+
+    if data is None:
+        raise BadInput(f"{folder} is a Hugging Face folder, with no training metrics: give token data to "
+                       "measure its routing on (a text file, .npz, .npy or .bin of ids)")
+    seq_len = check_seq_len(seq_len)
+    model = open_module(folder).module
+    own_k = max(r.k for r in model.modules() if isinstance(r, TopKRouting))
+    stream = load_tokens(data, tokenizer=folder)
+    from deploytool.hf import set_top_k
+
+    set_top_k(model, 1 if top_k is None else top_k)
+    metrics = lm_metrics(model, stream, seq_len=seq_len, original_k=own_k)
+    return {"run_dir": str(folder), "plot": None, "config": {"model_type": model.config.model_type,
+                                                             "top_k": own_k}, "metrics": metrics}
 
 
 SUMMARY_KEYS = ("soft_accuracy", "hard_accuracy", "hard_soft_gap", "mean_max_prob", "frac_confident",

@@ -284,3 +284,19 @@ def test_verify_and_bench_take_a_text_file_as_token_windows(cli, hf_folder, tmp_
                          "--json", "-")
     assert code == 0, err
     assert "windows of 16 tokens" in json.dumps(json.loads(out))
+
+
+def test_report_measures_a_folder_on_token_data_and_asks_for_data_without_it(cli, hf_folder, tmp_path):
+    import json
+
+    code, _, err = cli("report", str(hf_folder))
+    assert_one_line_error(code, err, 2, "give token data")
+    text = tmp_path / "code.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 60)
+    code, out, err = cli("report", str(hf_folder), "--data", str(text), "--seq-len", "32", "--json")
+    assert code == 0, err
+    metrics = json.loads(out)["metrics"]
+    assert metrics["original_k"] == 4 and set(metrics["routers"]) == {"model.layers.0.mlp.gate",
+                                                                      "model.layers.1.mlp.gate"}
+    assert metrics["perplexity"] > 1 and sum(metrics["routers"]["model.layers.0.mlp.gate"]["expert_load"]) == \
+        pytest.approx(1.0)

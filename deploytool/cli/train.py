@@ -52,11 +52,19 @@ def train(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A training run directory.")], json: Json = False) -> None:
-    """Show the routing quality of a trained run."""
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory, or a Hugging Face MoE folder.")],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="A Hugging Face folder's token data to measure on (text, .npz, .npy or .bin).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (Hugging Face folder).")] = 128,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Experts per token of the hard figures (Hugging Face folder; default 1).")] = None,
+    json: Json = False,
+) -> None:
+    """Show the routing quality of a trained run, or measure a Hugging Face MoE folder's on token data."""
     from deploytool.metrics import report as load_report
 
-    _show(load_report(run_dir), json)
+    _show(load_report(run_dir, data=data, seq_len=seq_len, top_k=top_k), json)
 
 
 @app.command()
