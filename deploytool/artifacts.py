@@ -433,6 +433,13 @@ class Target(Artifact):
             return self.weights
         return self.source / io.WEIGHTS_FILE if self.source is not None else None
 
+    def module_options(self) -> dict[str, Any]:
+        """Options of the torch runner over `source`: a Hugging Face folder is rebuilt at the top-k the
+        exported model (the target) was made with; {} otherwise."""
+        if not self.source_is_hf or self.signature is None:
+            return {}
+        return {"top_k": top_k_of(self.signature)}
+
     @property
     def source_is_hf(self) -> bool:
         """Whether the source is a Hugging Face folder (no run config, no data set)."""

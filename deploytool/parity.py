@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deploytool.artifacts import MODULE_KINDS, is_hf_folder, resolve_target, top_k_of
+from deploytool.artifacts import MODULE_KINDS, resolve_target
 from deploytool.comparator import ParityReport, check_runners_match, compare_runners
 from deploytool.compare import Tolerance, check_tolerances
 from deploytool.errors import BadInput
@@ -74,7 +74,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
         reader = artifact_of(name)
         if reader == "run":
             runners.append(make_runner(name, target.source, checkpoint=target.weights,
-                                       **hf_options(target.source, target.signature)))
+                                       **target.module_options()))
             continue
         readable = [a for a in arts if a.reader == reader]
         if not readable:
@@ -97,16 +97,3 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
                         checkpoint=str(checkpoint) if checkpoint else None, metadata=metadata, notes=notes)
 
 
-def hf_options(source: Path | None, signature) -> dict:
-    """The torch runner's options for a Hugging Face folder: the top-k the exported model was made with.
-
-    Args:
-        source: the folder (or run directory) the torch runner loads; None when none.
-        signature: the exported model's signature.
-
-    Returns:
-        {"top_k": k} for a Hugging Face folder, else {}.
-    """
-    if source is None or not is_hf_folder(source):
-        return {}
-    return {"top_k": top_k_of(signature)}

@@ -171,3 +171,25 @@ def test_kernel_benchmark_reports_nearest_rank_percentiles_like_every_other_tabl
     stats = summarize(np.asarray(ms) * 1e6)
     assert bench_kernel._stats(ms) == pytest.approx((stats.median_ms, stats.p90_ms, stats.p99_ms))
     assert bench_kernel._stats(ms)[1] == 9.0  # an observed latency, not an interpolated 9.1
+
+
+def test_a_token_routers_pattern_is_matched_by_the_mix_of_its_rows_decisions():
+    from deploytool.benchmark import patterns
+
+    rng = np.random.default_rng(0)
+    # 400 rows of 16 tokens over 4 experts, each row leaning to one expert
+    lean = rng.integers(0, 4, 400)
+    counts = np.stack([np.bincount(np.where(rng.random(16) < 0.7, l, rng.integers(0, 4, 16)), minlength=4)
+                       for l in lean])
+
+    def mix(pattern):
+        rows = np.concatenate(patterns.select_rows(pattern, counts, 4, batch_size=32, seed=1))
+        total = counts[rows].sum(axis=0)
+        return total / total.sum()
+
+    assert np.abs(mix("uniform") - 0.25).max() < 0.02
+    single = mix("single")
+    assert single.max() > 0.6 and single.argmax() == counts.sum(axis=0).argmax()
+    skewed = mix("skewed")
+    assert skewed[0] > skewed[1] > skewed[3]
+    assert patterns.pool_counts(counts, 4).tolist() == counts.sum(axis=0).tolist()

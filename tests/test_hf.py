@@ -281,9 +281,14 @@ def test_verify_and_bench_take_a_text_file_as_token_windows(cli, hf_folder, tmp_
     report = deploytool.verify(path, checkpoint=hf_folder, data=text, samples=8)
     assert report.passed and "windows of 16 tokens" in next(iter(report.inputs))
     code, out, err = cli("bench", str(path), "--data", str(text), "--batch-sizes", "2", "--duration-s", "0.2",
-                         "--json", "-")
+                         "--routing", "uniform,single", "--json", "-")
     assert code == 0, err
-    assert "windows of 16 tokens" in json.dumps(json.loads(out))
+    result = json.loads(out)
+    assert "windows of 16 tokens" in json.dumps(result)
+    assert "torch" in result["backends"]  # rebuilt from the folder the export records, at the export's top-1
+    single = next(line["histograms"]["model.layers.0.mlp.gate"] for line in result["lines"]
+                  if line["routing"] == "single")
+    assert max(single) > 0.4 * sum(single)  # token rows picked so that one expert's tokens dominate
 
 
 def test_report_measures_a_folder_on_token_data_and_asks_for_data_without_it(cli, hf_folder, tmp_path):

@@ -1,9 +1,13 @@
 """Routing patterns: feeds whose rows the router sends uniformly, Zipf-skewed, or all to one expert.
 
 Rows are picked from a pool by the routing decision a backend made on them, so each batch carries the
-wanted expert mix. A batch smaller than the number of experts cannot hold the mix, so a pattern is a
-cycle of feeds: over the cycle the mix is exact, and each feed is as close to it as its size allows
-(rows are dealt to the feeds by stride, so every feed gets floor or ceil of its share of each expert).
+wanted expert mix. A router that decides per token (an MoE language model) cannot be steered row by
+row: there the rows are picked greedily so that the mix of all their tokens' decisions comes as close
+to the pattern's as the pool allows, and the bench reports the mix each backend measured.
+
+A batch smaller than the number of experts cannot hold the mix, so a pattern is a cycle of feeds: over
+the cycle the mix is exact, and each feed is as close to it as its size allows (rows are dealt to the
+feeds by stride, so every feed gets floor or ceil of its share of each expert).
 """
 
 from __future__ import annotations
@@ -98,6 +102,26 @@ def cycle_length(batch_size: int, n_experts: int) -> int:
     return max(1, math.ceil(ROWS_PER_EXPERT * n_experts / batch_size))
 
 
+def pool_counts(routes: np.ndarray, n_experts: int) -> np.ndarray:
+    """Decisions per expert over the pool: `routes` is one expert per row, or [rows, n_experts] counts.
+
+    Args:
+        routes: the pool's routing, as select_rows takes it.
+        n_experts: the router's expert count.
+
+    Returns:
+        [n_experts] int64 counts.
+    """
+    routes = np.asarray(routes, dtype=np.int64)
+    if routes.ndim == 2:
+        return routes.sum(axis=0)[:n_experts]
+    return np.bincount(routes, minlength=n_experts)[:n_experts]
+
+
+#: rows a greedy pick compares at each step (bounded work whatever the pool's size)
+MIX_CANDIDATES = 256
+
+
 def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: int,
                 seed: int = 0) -> list[np.ndarray]:
     """Pool row indices for each feed of the cycle, given the pool's routing decisions `routes`.
@@ -107,7 +131,8 @@ def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: in
 
     Args:
         pattern: uniform, skewed or single.
-        routes: each pool row's expert.
+        routes: each pool row's expert; or, for a router deciding per token, [rows, n_experts] decision
+            counts, matched by the mix of the picked rows' decisions (_by_mix).
         n_experts: the router's expert count.
         batch_size: rows per feed.
         seed: seed of the draw.
@@ -116,20 +141,51 @@ def select_rows(pattern: str, routes: np.ndarray, n_experts: int, batch_size: in
         One array of pool row indices per feed.
     """
     routes = np.asarray(routes, dtype=np.int64)
-    pool_counts = np.bincount(routes, minlength=n_experts)[:n_experts]
-    present = pool_counts > 0
+    if routes.ndim == 2:
+        return _by_mix(pattern, routes, n_experts, batch_size, seed)
+    in_pool = np.bincount(routes, minlength=n_experts)[:n_experts]
+    present = in_pool > 0
     if pattern == "single":
         present = np.zeros(n_experts, dtype=bool)
-        present[int(np.argmax(pool_counts))] = True
+        present[int(np.argmax(in_pool))] = True
     n_feeds = cycle_length(batch_size, n_experts)
     counts = counts_for(shares(pattern, present), n_feeds * batch_size)
     rng = np.random.default_rng(seed)
     grouped = np.concatenate([
-        rng.choice(np.flatnonzero(routes == e), size=int(c), replace=int(c) > pool_counts[e])
+        rng.choice(np.flatnonzero(routes == e), size=int(c), replace=int(c) > in_pool[e])
         for e, c in enumerate(counts) if c
     ])
     feeds = [grouped[f::n_feeds] for f in range(n_feeds)]
     return [rng.permutation(rows) for rows in feeds]
+
+
+def _by_mix(pattern: str, counts: np.ndarray, n_experts: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Rows picked one at a time, each the candidate that brings the cycle's mix of decisions closest
+    (L1) to the pattern's shares; candidates are the unpicked rows (all rows once every row is picked),
+    at most MIX_CANDIDATES of them drawn at random per step."""
+    totals = counts.sum(axis=0)[:n_experts]
+    present = totals > 0
+    if pattern == "single":
+        present = np.zeros(n_experts, dtype=bool)
+        present[int(np.argmax(totals))] = True
+    target = shares(pattern, present)
+    n_feeds = cycle_length(batch_size, n_experts)
+    rng = np.random.default_rng(seed)
+    mix = np.zeros(n_experts)
+    unpicked = np.ones(len(counts), dtype=bool)
+    picked = []
+    for _ in range(n_feeds * batch_size):
+        candidates = np.flatnonzero(unpicked) if unpicked.any() else np.arange(len(counts))
+        if len(candidates) > MIX_CANDIDATES:
+            candidates = rng.choice(candidates, MIX_CANDIDATES, replace=False)
+        after = mix + counts[candidates, :n_experts]
+        error = np.abs(after / np.maximum(after.sum(axis=1, keepdims=True), 1) - target).sum(axis=1)
+        best = int(candidates[np.argmin(error)])
+        picked.append(best)
+        mix += counts[best, :n_experts]
+        unpicked[best] = False
+    picked = np.asarray(picked, dtype=np.int64)
+    return [rng.permutation(picked[f::n_feeds]) for f in range(n_feeds)]
 
 
 def histogram(indices: list[np.ndarray] | np.ndarray, n_experts: int) -> list[int]:

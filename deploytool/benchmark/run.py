@@ -170,7 +170,7 @@ def bench(target: str | Path | Sequence[str | Path], *, backends: Sequence[str] 
                                        settings=dict(warmup_ms=warmup_ms, duration_s=duration_s, min_iters=min_iters),
                                        progress=progress, seed=seed)
     notes = notes + device_notes
-    present = np.bincount(per_sample, minlength=steered.n_experts) > 0
+    present = patterns.pool_counts(per_sample, steered.n_experts) > 0
     if "uniform" in routing and not present.all():
         notes.append(f"router {steered.path}: experts {np.flatnonzero(~present).tolist()} never chosen on these "
                      "samples; uniform spreads over the others")
@@ -258,21 +258,20 @@ def _steered_router(signature, path: str | None):
 
 
 def sample_experts(index: np.ndarray, n_experts: int) -> np.ndarray:
-    """Each sample's expert for pattern selection: its decision, or for a router deciding per token
-    the expert most of its tokens go to.
+    """What pattern selection steers by: each sample's expert for a router deciding once per sample, or
+    for a router deciding per token (or picking k experts) each sample's count of decisions per expert.
 
     Args:
-        index: a router's index output over the pool, [samples] or [samples, tokens...].
+        index: a router's index output over the pool, [samples] or [samples, tokens..., (k)].
         n_experts: its expert count.
 
     Returns:
-        One expert per sample (int64).
+        [samples] int64 experts, or [samples, n_experts] int64 decision counts.
     """
     flat = np.asarray(index, dtype=np.int64).reshape(len(index), -1)
     if flat.shape[1] == 1:
         return flat[:, 0]
-    counts = np.apply_along_axis(np.bincount, 1, flat, minlength=n_experts)
-    return counts.argmax(axis=1)
+    return np.apply_along_axis(np.bincount, 1, flat, minlength=n_experts)[:, :n_experts]
 
 
 def check_feed_size(pool: Feed, batch_sizes: list[int]) -> None:
@@ -398,7 +397,7 @@ def _runner_for(backend: str, target: Target, stack: contextlib.ExitStack, notes
     if reader == "run":
         if target.source is None:
             raise BadInput(f"the {backend} backend needs the training run directory: give the checkpoint")
-        return make_runner(backend, target.source, checkpoint=target.weights)
+        return make_runner(backend, target.source, checkpoint=target.weights, **target.module_options())
     if reader == "onnx":
         return make_runner(backend, _onnx_for(target, stack, notes))
     if target.engine_path is None:
@@ -471,7 +470,7 @@ def _measure(runners, pool: Feed, *, routes: np.ndarray, n_experts: int, batch_s
     Args:
         runners: the active runners, the first the reference of the ratios.
         pool: the samples feeds are picked from.
-        routes: each sample's expert under the steered router.
+        routes: each sample's expert under the steered router, or its decisions per expert (token routers).
         n_experts: that router's expert count.
         batch_sizes: batch sizes to measure.
         routing: routing patterns.
