@@ -155,7 +155,7 @@ def test_loading_a_multi_input_onnx_model_and_running_it_by_name_imports_no_torc
 def test_an_internal_error_is_one_line_exit_70_asking_for_debug(cli, monkeypatch, trained_run):
     import deploytool.metrics
 
-    def broken(run_dir):
+    def broken(run_dir, **_options):  # report takes options for a Hugging Face folder
         raise KeyError("boom")
 
     monkeypatch.setattr(deploytool.metrics, "report", broken)
