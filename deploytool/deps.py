@@ -22,6 +22,7 @@ _INSTALL_HINTS = {
     "tritonclient": 'pip install "tritonclient[grpc]"',
     "google": "pip install protobuf",
     "matplotlib": 'pip install "deploytool[train]" (or matplotlib alone, for plots)',
+    "transformers": 'pip install "deploytool[hf]" (Hugging Face MoE models)',
 }
 
 

@@ -74,6 +74,7 @@ def _commands(report: dict) -> dict:
         "deploytool plugins": bool((report["tensorrt"].get("plugins") or {}).get("registered")),
         "pytriton": _version("nvidia-pytriton") is not None,
         "tritonclient": _version("tritonclient") is not None,
+        "transformers": _version("transformers") is not None,
     }
     needs = {
         "train": ["torch"],
@@ -85,6 +86,7 @@ def _commands(report: dict) -> dict:
         "package": ["onnx", "tritonclient"],  # config.pbtxt is checked against Triton's schema
         "serve": ["pytriton", "tritonclient"],
         "demo": ["torch", "onnx", "onnxscript", "onnxruntime"],
+        "Hugging Face MoE models (from_hf, save_pretrained folders)": ["torch", "transformers"],
     }
     hints = {"gpu": "an NVIDIA GPU with its driver", "tensorrt": 'pip install "deploytool[tensorrt]"',
              "onnxruntime-cuda": 'pip install "deploytool[gpu]" (onnxruntime-gpu) on a GPU machine',

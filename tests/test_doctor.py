@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -139,3 +140,12 @@ def test_doctor_engine_with_a_malformed_profile_is_bad_input(tmp_path, capsys, p
     manifest_path(engine).write_text(json.dumps({**BUILT, "profile": profile}))
     code, _, err = _run(["doctor", "--engine", str(engine)], capsys)
     assert code == 2 and "not a deploytool engine manifest" in err and err.count("\n") == 1, err
+
+
+def test_doctor_says_whether_hugging_face_models_can_be_taken_and_what_to_install():
+    from deploytool.deps import install_hint
+    from deploytool.diagnostics import doctor
+
+    row = doctor()["commands"]["Hugging Face MoE models (from_hf, save_pretrained folders)"]
+    assert row["works"] == (importlib.util.find_spec("transformers") is not None)
+    assert install_hint("transformers") == 'pip install "deploytool[hf]" (Hugging Face MoE models)'
