@@ -61,10 +61,6 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     if not path.is_dir():
         raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
                        "save_pretrained folder")
-    if (path / io.CONFIG_FILE).is_file() and not is_hf_folder(path):
-        run = load_run(path)
-        if is_hf_run(run.config):
-            return _open_hf_run(run, checkpoint, top_k)
     if is_hf_folder(path):
         from deploytool import hf
 
@@ -73,6 +69,10 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
         model = hf.load_folder(path, top_k=top_k)
         example = hf.example_inputs(model)
         return ModuleSource(model, example, hf.dynamic_dims(example), path, sorted(path.glob("*.safetensors")))
+    if (path / io.CONFIG_FILE).is_file():
+        run = load_run(path)
+        if is_hf_run(run.config):
+            return _open_hf_run(run, checkpoint, top_k)
     if top_k is not None:
         raise BadInput(f"top-k applies to a Hugging Face MoE model; {path} is a run of a deploytool model "
                        "(its routers pick one expert)")

@@ -330,10 +330,9 @@ def _convert(blocks: list[_Block], dispatch: str) -> None:
             router.__class__ = _with_behaviour(router, TopKRouting)
             experts.__class__ = _with_behaviour(experts, FusedExpertsDispatch)
             router.init_routing(block.rule, block.parts)
-            experts.dispatch = dispatch
             handle = block.block.register_forward_pre_hook(_positions_hook(router), with_kwargs=True)
             done.append((block, *old, handle))
-            for mode in ("sparse", "dense"):
+            for mode in DISPATCHES:
                 experts.dispatch = mode
                 _check_same(block, expected, block.block(x))
             experts.dispatch = dispatch

@@ -190,6 +190,7 @@ def _folder_report(folder: Path, data: str | Path | None, seq_len: int, top_k: i
     """LM metrics of a save_pretrained folder on `data`, at its own k and at `top_k` (default 1)."""
     from deploytool.checkpoints import open_module
     from deploytool.errors import BadInput
+    from deploytool.hf import set_top_k
     from deploytool.moe import TopKRouting
     from deploytool.tokens import check_seq_len, load_tokens
 
@@ -200,8 +201,6 @@ def _folder_report(folder: Path, data: str | Path | None, seq_len: int, top_k: i
     model = open_module(folder).module
     own_k = max(r.k for r in model.modules() if isinstance(r, TopKRouting))
     stream = load_tokens(data, tokenizer=folder)
-    from deploytool.hf import set_top_k
-
     set_top_k(model, 1 if top_k is None else top_k)
     metrics = lm_metrics(model, stream, seq_len=seq_len, original_k=own_k)
     return {"run_dir": str(folder), "plot": None, "config": {"model_type": model.config.model_type,

@@ -87,14 +87,12 @@ class TopKRule:
             index = hard_select(choice)[1].unsqueeze(-1)
         else:
             index = torch.topk(choice, self.k, dim=-1).indices
-        if self.combine == "one":
+        if self.combine == "one" or (self.combine == "renorm" and self.k == 1):  # at k = 1, p / p is exactly 1
             weights = torch.ones(index.shape, dtype=probs.dtype, device=probs.device)
         else:
             weights = probs.gather(-1, index)
-            if self.combine == "renorm" and self.k > 1:  # at k = 1 p / p is exactly 1
+            if self.combine == "renorm":
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            elif self.combine == "renorm":
-                weights = torch.ones_like(weights)
         if self.scale != 1.0:
             weights = weights * self.scale
         return probs, index, weights

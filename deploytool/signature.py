@@ -350,18 +350,14 @@ def check_signature_data(data: Any, source: str) -> None:
                 if not (d is None or isinstance(d, str) or (_whole(d) and -1 <= d <= MAX_STORED_DIM)):
                     raise bad(f"the dim {d!r} in {t['name']!r}: a dim is a whole number 0..{MAX_STORED_DIM}, "
                               "or a name (or -1) for a dynamic one")
-    examples = data.get("dim_examples", {})
-    if not isinstance(examples, Mapping):
-        raise bad("dim_examples that are not a table")
-    for key, value in examples.items():
-        if not (_whole(value) and 1 <= value <= MAX_EXAMPLE_DIM):
-            raise bad(f"the example size {key}={value!r}: it is a whole number 1..{MAX_EXAMPLE_DIM}")
-    vocab = data.get("vocab", {})
-    if not isinstance(vocab, Mapping):
-        raise bad("vocab that is not a table")
-    for key, value in vocab.items():
-        if not (_whole(value) and 1 <= value <= MAX_VOCAB):
-            raise bad(f"the vocabulary size {key}={value!r}: it is a whole number 1..{MAX_VOCAB}")
+    for field_name, what, most in (("dim_examples", "example size", MAX_EXAMPLE_DIM),
+                                   ("vocab", "vocabulary size", MAX_VOCAB)):
+        table = data.get(field_name, {})
+        if not isinstance(table, Mapping):
+            raise bad(f"{field_name} that is not a table")
+        for key, value in table.items():
+            if not (_whole(value) and 1 <= value <= most):
+                raise bad(f"the {what} {key}={value!r}: it is a whole number 1..{most}")
     routers = data.get("routers", [])
     if not isinstance(routers, list):
         raise bad("routers that are not a list")

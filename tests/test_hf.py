@@ -99,7 +99,7 @@ def test_top_1_commits_every_router_and_runs_one_expert_per_token():
     assert index.shape == (2, 12) and index.dtype == torch.int64
 
 
-def test_sparse_and_dense_dispatch_agree_for_top_k(monkeypatch):
+def test_sparse_and_dense_dispatch_agree_for_top_k():
     from deploytool.hf import from_hf
     from deploytool.nn import dispatch_mode
 
