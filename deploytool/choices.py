@@ -14,3 +14,9 @@ DISPATCHES = ("dense", "sparse")
 ROUTER_KINDS = ("softmax", "sigmoid")
 #: the built-in models a run's config.json may name, in `deploytool.models.MODELS` order (it builds them)
 BUILTIN_MODELS = ("routed-mlp", "routed-cnn", "moe-transformer")
+#: how an export lowers experts that ONNX Runtime's fused com.microsoft::MoE op can compute: "deploytool"
+#: (deploytool's own dispatch, any runtime), "ort" (the MoE op; ONNX Runtime only) or "auto" (the op on
+#: small batches, deploytool's sparse graph on large ones, chosen by an ONNX If on the row count)
+MOE_OPS = ("deploytool", "ort", "auto")
+#: the MoE-op choices that put the op into the graph
+MOE_OP_NODES = ("ort", "auto")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploytool.dispatch import exported_ort_moe, exported_sparse
+from deploytool.dispatch import MoELayout, decision_logits, exported_experts, exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.nn import DISPATCHES, RouterOutput, RoutingLoss
 from deploytool.ops.functional import hard_select, tempered_softmax
@@ -217,6 +217,8 @@ class TopKRouter(TopKRouting, nn.Module):
 
 #: the activations fused experts of your own may use; the clamped SwiGLU is GPT-OSS's
 ACTIVATIONS = ("silu", "gelu", "relu")
+#: the plain activations ONNX Runtime's MoE op computes as torch does (its GELU is an approximation)
+OP_ACTIVATIONS = ("silu", "relu")
 
 
 class FusedExpertsDispatch:
@@ -233,14 +235,16 @@ class FusedExpertsDispatch:
 
     deploytool_experts = True
     dispatch: str
-    #: under export: "ort" emits ONNX Runtime's fused MoE op where `ort_moe_layout` says it can run these
-    #: experts; None uses `dispatch`
+    #: under export: "ort"/"auto" emit ONNX Runtime's fused MoE op with `moe_layout` (both set for the
+    #: export's duration by nn.moe_op_mode); None or "deploytool" use `dispatch`
     moe_op: str | None = None
+    moe_layout: MoELayout | None = None
 
-    def ort_moe_layout(self) -> tuple[dict, tuple] | None:
-        """(the MoE op's activation attributes, (fc1, fc1 bias, fc2, fc2 bias) in its layout), or None
-        where the op cannot compute these experts (a post-expert norm, a gated activation other than
-        SiLU or GPT-OSS's clamped SwiGLU, a plain activation other than ReLU, GELU or SiLU)."""
+    def ort_moe_layout(self) -> MoELayout | None:
+        """These experts in the MoE op's layout (constants: copies where the layout differs), or None
+        where the op cannot compute them (a post-expert norm, a gated activation other than SiLU or
+        GPT-OSS's clamped SwiGLU, a plain activation other than ReLU or SiLU: the op's GELU is not torch's
+        exact one)."""
         if getattr(self, "has_post_expert_norm", False):
             return None
         t = (lambda w: w.transpose(1, 2)) if self.is_transposed else (lambda w: w)
@@ -249,19 +253,19 @@ class FusedExpertsDispatch:
         down_bias = self.down_proj_bias if self.has_bias else None
         if not self.has_gate:
             kind = _activation_name(self.act_fn)
-            return None if kind is None else ({"activation_type": kind}, (t(self.up_proj), up_bias, down, down_bias))
+            return None if kind not in OP_ACTIVATIONS else _layout({"activation_type": kind}, t(self.up_proj), up_bias, down, down_bias)
         up = t(self.gate_up_proj)
         clamped = hasattr(self, "limit") and hasattr(self, "alpha")  # GPT-OSS: (up + 1) * g * sigmoid(alpha g)
         if clamped and not getattr(self, "is_concatenated", True):
             attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": float(self.alpha),
                      "activation_beta": 1.0, "swiglu_limit": float(self.limit)}
-            return attrs, (up, up_bias, down, down_bias)
+            return _layout(attrs, up, up_bias, down, down_bias)
         if clamped or _activation_name(getattr(self, "act_fn", None)) != "silu" or not _splits_gate_then_up(self):
             return None
         half = up.shape[1] // 2  # [gate; up] -> gate0, up0, gate1, up1, ...: the op's CPU layout
         interleave = lambda w: torch.stack((w[:, :half], w[:, half:]), dim=2).reshape(w.shape)  # noqa: E731
         attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
-        return attrs, (interleave(up), None if up_bias is None else interleave(up_bias), down, down_bias)
+        return _layout(attrs, interleave(up), None if up_bias is None else interleave(up_bias), down, down_bias)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` on rows `x [n, H]`."""
@@ -284,11 +288,22 @@ class FusedExpertsDispatch:
                 out = out + self.expert(e, hidden_states) * w.to(hidden_states.dtype)
             return out
         if torch.onnx.is_in_onnx_export():
-            layout = self.ort_moe_layout() if self.moe_op == "ort" else None
-            if layout is not None:
-                return exported_ort_moe(hidden_states, top_k_index, top_k_weights, n_experts, *layout[1], layout[0])
-            return exported_sparse(hidden_states, top_k_index, self.expert, n_experts, top_k_weights)
+            def op() -> torch.Tensor:
+                logits, scale = decision_logits(top_k_index, top_k_weights.to(hidden_states.dtype), n_experts)
+                return self.moe_layout.run(hidden_states, logits, top_k_index.shape[-1], scale)
+
+            return exported_experts(hidden_states, moe_op=self.moe_op, layout=self.moe_layout, op=op,
+                                    sparse=lambda: exported_sparse(hidden_states, top_k_index, self.expert,
+                                                                   n_experts, top_k_weights))
         return _sparse_topk(hidden_states, top_k_index, top_k_weights, self.expert, n_experts)
+
+
+def _layout(attrs: dict, fc1: torch.Tensor, fc1_bias: torch.Tensor | None, fc2: torch.Tensor,
+            fc2_bias: torch.Tensor | None) -> MoELayout:
+    """A MoELayout of detached contiguous copies: constants (initializers) in the traced graph, not ops
+    that would copy the experts' weights again at every inference."""
+    const = lambda t: None if t is None else t.detach().contiguous().clone()  # noqa: E731
+    return MoELayout(attrs, const(fc1), const(fc1_bias), const(fc2), const(fc2_bias))
 
 
 def _activation_name(act) -> str | None:

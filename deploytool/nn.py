@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from deploytool import losses
-from deploytool.choices import DISPATCHES, ROUTER_KINDS
-from deploytool.dispatch import exported_sparse
+from deploytool.choices import DISPATCHES, MOE_OP_NODES, ROUTER_KINDS
+from deploytool.dispatch import MoELayout, exported_experts, exported_sparse
 from deploytool.losses import check_temperature
 from deploytool.ops.functional import hard_select, tempered_softmax
 
@@ -116,6 +116,11 @@ class RoutedExperts(nn.Module):
     may be anything (a vector, a feature map).
     """
 
+    #: under export: "ort"/"auto" run the experts as ONNX Runtime's MoE op with `moe_layout` where
+    #: `routed_moe_layout` can express them (set for the export's duration by moe_op_mode)
+    moe_op: str | None = None
+    moe_layout: MoELayout | None = None
+
     def __init__(self, router: Router, experts: Sequence[nn.Module], dispatch: Dispatch = "dense",
                  loss: RoutingLoss | None = None):
         super().__init__()
@@ -147,9 +152,7 @@ class RoutedExperts(nn.Module):
             if self.dispatch == "sparse":
                 flat = x.reshape(-1, *x.shape[len(lead):])
                 rows = routing.index.reshape(-1)
-                y = (exported_sparse(flat, rows, lambda e, xs: self.experts[e](xs), len(self.experts))
-                     if torch.onnx.is_in_onnx_export()
-                     else self.sparse(flat, rows))
+                y = self._exported(flat, rows, routing.probs) if torch.onnx.is_in_onnx_export() else self.sparse(flat, rows)
                 return RoutedOutput(y.reshape(*lead, *y.shape[1:]), routing.index, routing.probs)
             weights, _ = hard_select(routing.probs)
         else:
@@ -162,6 +165,17 @@ class RoutedExperts(nn.Module):
             output = term if output is None else output + term
         index = weights.argmax(dim=-1) if mode == "gumbel" else routing.index
         return RoutedOutput(output, index, routing.probs)
+
+    def _exported(self, x: torch.Tensor, index: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Sparse dispatch under export: deploytool's graph, or the MoE op routed by the router's own
+        one-hot decision (log of HardSelect's mask: 0 at the chosen expert, -inf elsewhere)."""
+        layout = self.moe_layout if x.dim() == 2 else None
+        if self.moe_layout is not None and layout is None:
+            self.moe_layout_unused = f"its rows are {x.dim()}-D, the MoE op takes [rows, features]"
+        return exported_experts(x, moe_op=self.moe_op, layout=layout,
+                                op=lambda: layout.run(x, torch.log(hard_select(probs.reshape(-1, probs.shape[-1]))[0]), 1),
+                                sparse=lambda: exported_sparse(x, index, lambda e, xs: self.experts[e](xs),
+                                                               len(self.experts)))
 
     def sparse(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Only the chosen expert computes each row of `x [rows, ...]` (`index [rows]`).
@@ -217,8 +231,7 @@ def _plain_stacks(experts: nn.ModuleList) -> list[_PlainStack] | None:
 
 def _flatten(module: nn.Module, stack: _PlainStack) -> bool:
     """Appends what `module` computes, in Sequential's order; False if that is not Linear/ReLU only."""
-    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-            or "forward" in module.__dict__):  # a forward patched on the instance (as accelerate does)
+    if _hooked(module):
         return False
     kind = type(module)
     if kind is nn.Sequential:
@@ -235,6 +248,78 @@ def _flatten(module: nn.Module, stack: _PlainStack) -> bool:
     else:
         return False
     return True
+
+
+def _hooked(module: nn.Module) -> bool:
+    """A hook on the module, or a forward patched on the instance (as accelerate does): calling it may
+    differ from running its layers."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _layers(module: nn.Module, out: list[nn.Module]) -> bool:
+    """Appends the modules `module` runs, Sequentials flattened; False where a hook could change that."""
+    if _hooked(module):
+        return False
+    if type(module) is nn.Sequential:
+        return all(_layers(child, out) for child in module._modules.values())
+    out.append(module)
+    return True
+
+
+#: an expert's inner activation the MoE op computes as torch does, and its name there
+_OP_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
+#: elementwise modules an expert may end with: they run on the op's output
+_TAIL = (nn.ReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Identity)
+
+
+def routed_moe_layout(experts: Sequence[nn.Module]) -> tuple[MoELayout | None, str]:
+    """RoutedExperts' experts as ONNX Runtime's MoE op takes them, or why it cannot.
+
+    Each expert must run exactly `nn.Linear -> nn.ReLU | nn.SiLU -> nn.Linear` (Sequentials flattened, no
+    hooks), optionally followed by the same elementwise modules in every expert (run after the op), with
+    the same input and output widths. Inner widths may differ (zero-padded to the widest); experts whose
+    output is narrower or wider than their input run zero-padded, and the output is cut back.
+
+    Args:
+        experts: the expert modules.
+
+    Returns:
+        (the layout, "") or (None, the reason in a few words).
+    """
+    stacks = []
+    for expert in experts:
+        layers: list[nn.Module] = []
+        if not _layers(expert, layers):
+            return None, "an expert has a hook or a patched forward"
+        if (len(layers) < 3 or type(layers[0]) is not nn.Linear or type(layers[2]) is not nn.Linear
+                or not all(isinstance(m, _TAIL) and not list(m.parameters()) for m in layers[3:])):
+            return None, "its experts are not Linear -> ReLU/SiLU -> Linear (+ elementwise activations)"
+        if type(layers[1]) not in _OP_ACTIVATIONS:
+            return None, (f"the experts' {type(layers[1]).__name__} is not one the op computes exactly "
+                          "(ReLU, SiLU; its GELU is an approximation)")
+        stacks.append(layers)
+    first = stacks[0]
+    if any([repr(m) for m in s[1:2] + s[3:]] != [repr(m) for m in first[1:2] + first[3:]] for s in stacks):
+        return None, "its experts differ in their activations"
+    if len({(s[0].in_features, s[2].out_features) for s in stacks}) > 1:
+        return None, "its experts differ in their input or output widths"
+    width, out = first[0].in_features, first[2].out_features
+    hidden, inner = max(width, out), max(s[0].out_features for s in stacks)
+    with torch.no_grad():
+        def stacked(tensors, shape):  # zero-padded to `shape`, stacked over experts: constants
+            block = torch.zeros(len(tensors), *shape, dtype=first[0].weight.dtype)
+            for e, t in enumerate(tensors):
+                if t is not None:
+                    block[(e, *(slice(0, n) for n in t.shape))] = t.detach()
+            return block
+        fc1 = stacked([s[0].weight for s in stacks], (inner, hidden))
+        fc2 = stacked([s[2].weight for s in stacks], (hidden, inner))
+        fc1_bias = stacked([s[0].bias for s in stacks], (inner,)) if any(s[0].bias is not None for s in stacks) else None
+        fc2_bias = stacked([s[2].bias for s in stacks], (hidden,)) if any(s[2].bias is not None for s in stacks) else None
+    tail = nn.Sequential(*first[3:]) if first[3:] else None
+    return MoELayout({"activation_type": _OP_ACTIVATIONS[type(first[1])]}, fc1, fc1_bias, fc2, fc2_bias,
+                     width=width if width < hidden else None, out=out if out < hidden else None, tail=tail), ""
 
 
 def _plain_experts(stacks: list[_PlainStack], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -280,8 +365,11 @@ def is_router(module: nn.Module) -> bool:
 
 def dispatching_modules(model: nn.Module) -> list[nn.Module]:
     """Every module whose `dispatch` ("dense" | "sparse") says how its experts run."""
-    return [m for m in model.modules()
-            if isinstance(m, RoutedExperts) or getattr(type(m), "deploytool_experts", False)]
+    return [m for m in model.modules() if _dispatches(m)]
+
+
+def _dispatches(module: nn.Module) -> bool:
+    return isinstance(module, RoutedExperts) or getattr(type(module), "deploytool_experts", False)
 
 
 def named_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -392,18 +480,49 @@ def dispatch_mode(model: nn.Module, dispatch: Dispatch | None):
     return _override(model, "dispatch", dispatch)
 
 
-def moe_op_mode(model: nn.Module, moe_op: str | None):
-    """Temporarily make every fused experts module of `model` export as ONNX Runtime's MoE op ("ort") or
-    deploytool's own dispatch (None).
+@contextlib.contextmanager
+def moe_op_mode(model: nn.Module, moe_op: str) -> Iterator[list[str]]:
+    """For the block, make every experts module of `model` export as `moe_op` says: "ort" (ONNX Runtime's
+    fused MoE op wherever it can compute the experts), "auto" (the op on small batches, deploytool's sparse
+    graph on large ones) or "deploytool" (the module's own dispatch); then restore each module's own.
+
+    The MoE op's weights are laid out here, before tracing, as constants, so the graph holds them as
+    initializers rather than ops that would copy the experts at every inference.
 
     Args:
         model: the model.
-        moe_op: "ort" or None.
+        moe_op: "deploytool", "ort" or "auto".
 
-    Returns:
-        A context manager that restores every module's own choice.
+    Yields:
+        One line per experts module that keeps deploytool's dispatch although the op was asked for (its
+        path, class and why); complete when the block ends.
     """
-    return _override(model, "moe_op", moe_op)
+    modules = [(path, m) for path, m in model.named_modules() if _dispatches(m)]
+    saved = [(m.__dict__.get("moe_op"), m.__dict__.get("moe_layout")) for _, m in modules]
+    notes: list[str] = []
+    if moe_op in MOE_OP_NODES and not modules:
+        notes.append("no experts module: the MoE op was not used")
+    try:
+        for path, m in modules:
+            m.moe_op, m.moe_layout = moe_op, None
+            if moe_op in MOE_OP_NODES:
+                if isinstance(m, RoutedExperts):
+                    m.moe_layout, why = routed_moe_layout(m.experts)
+                else:
+                    m.moe_layout, why = m.ort_moe_layout(), "ONNX Runtime's MoE op cannot compute these experts"
+                if m.moe_layout is None:
+                    notes.append(f"{path or 'model'} ({type(m).__name__}): {why}; sparse dispatch instead")
+        yield notes
+    finally:
+        for (path, m), (op, layout) in zip(modules, saved):
+            unused = m.__dict__.pop("moe_layout_unused", None)
+            if unused:
+                notes.append(f"{path or 'model'} ({type(m).__name__}): {unused}; sparse dispatch instead")
+            for name, value in (("moe_op", op), ("moe_layout", layout)):
+                if value is None:
+                    m.__dict__.pop(name, None)  # back to the class's None
+                else:
+                    setattr(m, name, value)
 
 
 def set_dispatch(model: nn.Module, dispatch: Dispatch) -> None:

@@ -37,7 +37,8 @@ def export(
         "--data", help="Held-out data for validation (default: the run's own data set).")] = None,
     moe_op: Annotated[str, typer.Option(
         "--moe-op", help="deploytool: the experts as --dispatch says; ort: ONNX Runtime's fused com.microsoft::MoE "
-                         "op for every experts module it can compute (ONNX Runtime only), the others named.")]
+                         "op for every experts module it can compute (ONNX Runtime only), the others named; "
+                         "auto: the op on small batches, deploytool's sparse graph on large ones (an ONNX If).")]
     = "deploytool",
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Experts per token of a Hugging Face MoE model (1: commit to one expert; default: the "
@@ -80,7 +81,8 @@ def _show(result: dict, json: bool) -> None:
 
 def _dispatch(result: dict) -> str:
     moe_op = result["metadata"].get("deploytool.moe_op", "deploytool")
-    return f"{result['dispatch']} dispatch" + (", ONNX Runtime's MoE op" if moe_op == "ort" else "")
+    return f"{result['dispatch']} dispatch" + {"ort": ", ONNX Runtime's MoE op",
+                                                "auto": ", ONNX Runtime's MoE op on small batches"}.get(moe_op, "")
 
 
 def _picks(router: dict) -> str:

@@ -17,7 +17,7 @@ from deploytool.dtypes import PRECISION_NAMES, PRECISIONS
 from deploytool.engine import lowering
 from deploytool.errors import BadInput
 from deploytool.io import sha256_file
-from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
+from deploytool.ops import DOMAIN, HARD_SELECT, ORT_DOMAIN, TEMPERED_SOFTMAX, all_nodes
 from deploytool.signature import META_KEY, from_json
 
 #: deploytool ops that have a TensorRT plugin (plugins/deploytool_trt_plugin.py)
@@ -144,7 +144,11 @@ def _check_dims(dims: dict[str, tuple[int, int, int]] | None, inputs: list[dict]
 
 def _op_path(model, onnx_path: str | Path, plugin: bool) -> tuple[bool, list[str], list[str]]:
     """(whether the plugin runs deploytool's ops, its plugin ids, the deploytool nodes' names); ops that
-    neither path can build are refused."""
+    neither path can build are refused, and so are ONNX Runtime's own ops (an export with its MoE op)."""
+    contrib = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == ORT_DOMAIN})
+    if contrib:
+        raise BadInput(f"{onnx_path} holds ONNX Runtime's own op {', '.join(contrib)} ({ORT_DOMAIN}), which "
+                       "TensorRT cannot build; export with --moe-op deploytool for an engine")
     ours = [n for n in model.graph.node if n.domain == DOMAIN]
     functions = {f.name for f in model.functions if f.domain == DOMAIN}
     no_body = sorted({n.op_type for n in ours} - functions)

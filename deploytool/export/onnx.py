@@ -27,10 +27,11 @@ import numpy as np
 from deploytool import __version__, io
 from deploytool.artifacts import META_PREFIX, graph_signature
 from deploytool.checkpoints import open_module
-from deploytool.choices import DISPATCHES
+from deploytool.choices import DISPATCHES, MOE_OP_NODES, MOE_OPS
 from deploytool.comparator import ParityReport, compare_runners
 from deploytool.compare import check_tolerances
 from deploytool.errors import BadInput, CheckFailed, first_line
+from deploytool.export.by_rows import lower_by_rows
 from deploytool.feeds import random_feed, sample_feed
 from deploytool.ops import DOMAIN, HARD_SELECT, TEMPERED_SOFTMAX
 from deploytool.ops.onnx_functions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, attach
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 VALIDATION_BATCH = 256
-#: how fused experts export: deploytool's own dispatch, or ONNX Runtime's com.microsoft::MoE where it can
-MOE_OPS = ("deploytool", "ort")
 #: the largest static batch an export accepts: beyond it the example alone outgrows memory
 MAX_STATIC_BATCH = 65536
 
@@ -124,9 +123,11 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
         seed: seed of the data split and the random samples.
         top_k: experts per token of a Hugging Face MoE model (a save_pretrained folder, or a model
             converted by from_hf); 1 commits every router to one expert; None keeps the model's k.
-        moe_op: "deploytool" (the experts as `dispatch` says) or "ort": every fused experts module ONNX
-            Runtime's com.microsoft::MoE op can compute becomes that one node (ONNX Runtime only: other
-            runtimes lack the op); the others keep `dispatch`, each named in `notes`.
+        moe_op: "deploytool" (the experts as `dispatch` says), "ort" (every experts module ONNX Runtime's
+            com.microsoft::MoE op can compute becomes that one node: ONNX Runtime only, other runtimes
+            lack the op) or "auto" (the op on batches below dispatch.AUTO_MIN_ROWS rows, deploytool's
+            sparse graph from there on, chosen by an ONNX If on the row count); the experts it cannot
+            compute keep sparse dispatch, each named in `notes`. Not with dense dispatch.
 
     Returns:
         The ExportResult (its `validation` holds the parity report).
@@ -149,11 +150,12 @@ def export_onnx(model: str | Path | nn.Module, path: str | Path, *, checkpoint: 
     if dispatch not in DISPATCHES:
         raise BadInput(f"unknown dispatch {dispatch!r}; choose {' or '.join(sorted(DISPATCHES, reverse=True))}")
     if moe_op not in MOE_OPS:
-        raise BadInput(f"unknown MoE op {moe_op!r}; choose {' or '.join(MOE_OPS)}")
+        raise BadInput(f"unknown MoE op {moe_op!r}; choose {', '.join(MOE_OPS)}")
+    if moe_op in MOE_OP_NODES and dispatch == "dense":
+        raise BadInput(f"MoE op {moe_op!r} runs only the chosen experts; it does not go with dense dispatch")
     module, example, source, sha256, run_config, own_dims = _resolve(model, checkpoint, example_inputs, top_k)
     io.refuse_overwrite(path, *([model, checkpoint] if isinstance(model, (str, Path)) else []))
-    notes = _moe_op_notes(module, moe_op, dispatch)  # eager, before tracing: it runs the activations
-    proto, metadata, signature, named = to_onnx(
+    proto, metadata, signature, named, notes = to_onnx(
         module, example, opset=opset, static_batch=static_batch, dynamic_dims=dynamic_dims or own_dims or None,
         output_names=output_names, dispatch=dispatch, source=source, sha256=sha256, moe_op=moe_op)
     result = ExportResult(path, opset, static_batch, dispatch, metadata, signature, 0.0, notes=notes)
@@ -217,7 +219,8 @@ def _save(proto, path: Path) -> None:
 def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSET, static_batch: int | None = None,
             dynamic_dims: Mapping[str, Mapping[int, str]] | None = None, output_names: Sequence[str] | None = None,
             dispatch: str = "sparse", source: str = "", sha256: str = "", moe_op: str = "deploytool"):
-    """(checked ModelProto, its deploytool metadata props, its signature, the NamedModule it came from).
+    """(checked ModelProto, its deploytool metadata props, its signature, the NamedModule it came from,
+    one line per experts module that kept deploytool's dispatch although `moe_op` asked for the MoE op).
 
     Args:
         module: the routed model.
@@ -229,7 +232,8 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         dispatch: "sparse" or "dense".
         source: where the model came from (recorded in the metadata).
         sha256: its weights' sha256 (recorded).
-        moe_op: "deploytool" or "ort" (ONNX Runtime's MoE op for the fused experts it can run).
+        moe_op: "deploytool", "ort" (ONNX Runtime's MoE op for the experts it can run) or "auto" (the op
+            below dispatch.AUTO_MIN_ROWS rows, the sparse graph from there on, by an ONNX If).
 
     Returns:
         The tuple above.
@@ -250,7 +254,7 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
     if dynamic_dims is None and is_hf_model(module):
         dynamic_dims = hf_dynamic_dims(example)
     dims = _dynamic_dims(example, dynamic_dims, static_batch)
-    proto, traced = _trace(named, example, dims, dispatch=dispatch, moe_op=moe_op, opset=opset)
+    proto, traced, notes = _trace(named, example, dims, dispatch=dispatch, moe_op=moe_op, opset=opset)
     signature = _graph_signature(proto, named, example, dims, traced)
     metadata = _write_metadata(proto, signature, source=source, sha256=sha256, opset=opset, dispatch=dispatch,
                                moe_op=moe_op)
@@ -258,19 +262,20 @@ def to_onnx(module: nn.Module, example_inputs: Any, *, opset: int = DEFAULT_OPSE
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
-    return proto, metadata, signature, named
+    return proto, metadata, signature, named, notes
 
 
 def _trace(named, example: dict, dims: dict[str, dict[int, str]], *, dispatch: str, moe_op: str, opset: int):
-    """(the ModelProto torch.onnx's dynamo export makes, with deploytool's local functions attached; the
-    traced signature). Refuses a graph without the routing ops the module's routers must emit."""
+    """(the ModelProto torch.onnx's dynamo export makes, with deploytool's local functions attached and its
+    ByRows markers made Ifs; the traced signature; the MoE-op notes). Refuses a graph without the routing
+    ops the module's routers must emit."""
     import torch
 
     from deploytool.model_io import module_signature
     from deploytool.nn import moe_op_mode
 
     module = named.model
-    with export_mode(module, dispatch), moe_op_mode(module, "ort" if moe_op == "ort" else None):
+    with export_mode(module, dispatch), moe_op_mode(module, moe_op) as notes:
         traced = module_signature(named, example, dynamic=dims)  # also checks every router runs once
         shapes = tuple({axis: torch.export.Dim(name) for axis, name in dims[n].items()} or None for n in example)
         with _quiet_torch():
@@ -289,8 +294,9 @@ def _trace(named, example: dict, dims: dict[str, dict[int, str]], *, dispatch: s
     if not wanted <= ops:
         raise CheckFailed(f"the exported graph lacks the deploytool routing ops {sorted(wanted - ops)} (found "
                           f"{sorted(ops)}); the model must route through deploytool routers")
+    lower_by_rows(proto)
     attach(proto, opset)
-    return proto, traced
+    return proto, traced, notes
 
 
 def _graph_signature(proto, named, example: dict, dims: dict[str, dict[int, str]], traced) -> ModelSignature:
@@ -328,19 +334,6 @@ def _write_metadata(proto, signature: ModelSignature, *, source: str, sha256: st
         entry.key, entry.value = key, value
     proto.doc_string = f"routed model exported by deploytool {__version__} from {source}"
     return {META_PREFIX + k: v for k, v in metadata.items()}
-
-
-def _moe_op_notes(module: nn.Module, moe_op: str, dispatch: str) -> list[str]:
-    """One line per fused experts module that ONNX Runtime's MoE op cannot run (it kept `dispatch`)."""
-    if moe_op != "ort":
-        return []
-    from deploytool.moe import FusedExpertsDispatch
-
-    fused = [(p, m) for p, m in module.named_modules() if isinstance(m, FusedExpertsDispatch)]
-    if not fused:
-        return [f"no fused experts module: the MoE op was not used ({dispatch} dispatch throughout)"]
-    return [f"{path} ({type(m).__name__}): ONNX Runtime's MoE op cannot compute these experts; {dispatch} "
-            "dispatch instead" for path, m in fused if m.ort_moe_layout() is None]
 
 
 def _routing_ops(named) -> set[str]:
