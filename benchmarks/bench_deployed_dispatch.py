@@ -1,13 +1,17 @@
-"""Deployed dispatch on ONNX Runtime CPU: the sparse export vs the dense export vs ORT's MoE op.
+"""Deployed dispatch on ONNX Runtime CPU: deploytool's exports (sparse, dense, MoE op, auto) vs ORT's MoE op.
 
 routed-mlp (E=8 experts Linear(64, 256) ReLU Linear(256, 64) ReLU, router Linear(64, 8), head
-Linear(64, 10)) is exported twice with torch.onnx (dynamo): dispatch="sparse" (deploytool.dispatch:
-each expert on its own rows) and dispatch="dense" (every expert on every row, one-hot mask). Routing
+Linear(64, 10)) is exported by deploytool.export_onnx (what `deploytool export` writes: the logits and
+the router's index and probs) four ways: dispatch="sparse" (the default; deploytool.dispatch: each
+expert on its own rows), dispatch="dense" (every expert on every row, one-hot mask), moe_op="ort"
+(com.microsoft::MoE, routed by the router's own HardSelect) and moe_op="auto" (the MoE op below 128
+rows, the sparse graph from there on, by an ONNX If). Routing
 is steered by the router's weights, not the inputs (x ~ N(0, 1)):
   uniform  router weight 8*I on the first 8 features: a row goes to its largest of them;
   skewed   the same plus a bias falling by 3 per expert: most rows go to the first experts;
   single   weight 0, bias favouring expert 0: every row goes there.
-`moe` is the same model built by hand around com.microsoft.MoE (k=1, activation relu,
+`moe` is the same model built by hand around com.microsoft.MoE, returning the logits only (the floor
+for the op: no routing outputs, no If) (k=1, activation relu,
 normalize_routing_weights=1, so the one chosen expert's weight is exactly 1): router Gemm ->
 Softmax -> MoE (fc1 = each expert's first Linear [E, 256, 64], fc2 = its second [E, 64, 256]) ->
 Relu (the expert's final ReLU, which the op has no slot for; relu(1 * y) = relu(y)) -> head Gemm.
@@ -23,20 +27,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import deploytool
 from deploytool.benchmark import harness
 from deploytool.benchmark.stats import summarize
 from deploytool.io import write_json
 from deploytool.machine import machine_info
 from deploytool.models import RoutedMLP
-from deploytool.nn import dispatch_mode, routing_mode
-from deploytool.ops.onnx_functions import DEFAULT_OPSET, attach
+from deploytool.ops.onnx_functions import DEFAULT_OPSET
 
 E, D, HIDDEN, CLASSES = 8, 64, 256, 10
 #: (label, routing, batch or (B, T), include the MoE op)
@@ -44,9 +50,12 @@ CASES = [("routed-mlp", "uniform", 1, False), ("routed-mlp", "uniform", 64, True
          ("routed-mlp", "uniform", 4096, True), ("routed-mlp", "skewed", 64, False),
          ("routed-mlp", "skewed", 4096, False), ("routed-mlp", "single", 64, False),
          ("routed-mlp", "single", 4096, False), ("token", "uniform", (16, 256), False)]
-#: (label, batch) -> the most sparse/dense may be; batch -> the most sparse/moe may be (issue 12)
+#: (label, batch) -> the most the default (sparse) / dense may be; batch -> the most auto / moe may be
 DENSE_TARGETS = {("routed-mlp", 4096): 0.15, ("routed-mlp", 64): 0.5, ("routed-mlp", 1): 1.0, ("token", 4096): 0.5}
 MOE_TARGETS = {4096: 1.0, 64: 1.0}
+#: deploytool's exports: kind -> export_onnx options
+COLUMNS = ("dense", "sparse", "ort", "auto", "moe")
+EXPORTS = {"dense": {"dispatch": "dense"}, "sparse": {}, "ort": {"moe_op": "ort"}, "auto": {"moe_op": "auto"}}
 
 
 def steer(model: RoutedMLP, routing: str) -> None:
@@ -63,14 +72,10 @@ def steer(model: RoutedMLP, routing: str) -> None:
                 layer.bias.copy_(-3.0 * torch.arange(E))
 
 
-def export(model: RoutedMLP, example: torch.Tensor, dispatch: str) -> bytes:
-    dynamic = {i: torch.export.Dim(f"d{i}") for i in range(example.dim() - 1)}
-    with routing_mode(model, "hard"), dispatch_mode(model, dispatch), torch.no_grad():
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=(dynamic,),
-                                    opset_version=DEFAULT_OPSET, optimize=True, verbose=False)
-    proto = program.model_proto
-    attach(proto, DEFAULT_OPSET)
-    return proto.SerializeToString()
+def export(model: RoutedMLP, example: torch.Tensor, options: dict, path: Path) -> bytes:
+    dims = {"x": {1: "tokens"}} if example.dim() == 3 else None
+    deploytool.export_onnx(model, path, example_inputs=example, dynamic_dims=dims, validate=False, **options)
+    return path.read_bytes()
 
 
 def moe_graph(model: RoutedMLP) -> bytes:
@@ -115,6 +120,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
 
+    tmp = Path(tempfile.mkdtemp(prefix="bench-deployed-"))
     torch.manual_seed(0)
     model = RoutedMLP(D, CLASSES, n_experts=E, expert_hidden=HIDDEN, width=D).eval()
     rng = np.random.default_rng(0)
@@ -126,21 +132,22 @@ def main() -> None:
             layer = model.routed.router.net[0]
             routers[routing] = (layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy())
             example = torch.randn(2, D) if label == "routed-mlp" else torch.randn(2, 3, D)
-            graphs[label, routing] = {"dense": export(model, example, "dense"), "sparse": export(model, example, "sparse")}
+            graphs[label, routing] = {k: export(model, example, options, tmp / f"{label}-{routing}-{k}.onnx")
+                                      for k, options in EXPORTS.items()}
             if label == "routed-mlp" and routing == "uniform":
                 graphs[label, routing]["moe"] = moe_graph(model)
 
     print(f"ONNX Runtime {ort.__version__} CPU; routed-mlp E={E}, D={D}, expert hidden {HIDDEN}; "
           f"latency in ms (median, p90, p99); ratios of medians")
-    header = (f"{'model':<10} {'routing':<8} {'rows':>5} {'thr':>3} {'experts %':<24} {'dense':>20} {'sparse':>20} "
-              f"{'moe op':>20} {'sp/dense':>8} {'sp/moe':>6}  targets")
+    header = (f"{'model':<10} {'routing':<8} {'rows':>5} {'thr':>3} {'experts %':<24} "
+              + " ".join(f"{k:>20}" for k in COLUMNS) + f" {'sp/dense':>8} {'auto/moe':>8} {'auto/ort':>8}  targets")
     print(header)
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         for label, routing, shape, with_moe in CASES:
             batch = shape if isinstance(shape, int) else shape[0] * shape[1]
             x = rng.standard_normal((*np.atleast_1d(shape), D)).astype(np.float32)
-            kinds = [k for k in ("dense", "sparse", "moe") if k in graphs[label, routing] and (with_moe or k != "moe")]
+            kinds = [k for k in COLUMNS if k in graphs[label, routing] and (with_moe or k != "moe")]
             sessions = {k: session(graphs[label, routing][k], threads) for k in kinds}
             results = {k: s.run(None, {s.get_inputs()[0].name: x}) for k, s in sessions.items()}
             for k in kinds[1:]:
@@ -152,23 +159,24 @@ def main() -> None:
             stats = dict(zip(kinds, (summarize(ns, batch) for ns in
                                      harness.measure(fns, warmup_ms=args.warmup_ms, duration_s=args.duration_s))))
             ratio = stats["sparse"].median_ms / stats["dense"].median_ms
-            moe_ratio = stats["sparse"].median_ms / stats["moe"].median_ms if "moe" in stats else None
+            moe_ratio = stats["auto"].median_ms / stats["moe"].median_ms if "moe" in stats else None
+            ort_ratio = stats["auto"].median_ms / stats["ort"].median_ms
             verdicts = []
             if routing == "uniform" and (label, batch) in DENSE_TARGETS:
                 goal = DENSE_TARGETS[label, batch]
                 verdicts.append(f"dense<={goal}: {'met' if ratio <= goal else 'MISSED'}")
             if moe_ratio is not None:
                 goal = MOE_TARGETS[batch]
-                verdicts.append(f"moe<={goal}: {'met' if moe_ratio <= goal else 'MISSED'}")
-            cells = {k: (f"{stats[k].median_ms:6.3f} {stats[k].p90_ms:6.3f} {stats[k].p99_ms:6.3f}" if k in stats else "-")
-                     for k in ("dense", "sparse", "moe")}
-            print(f"{label:<10} {routing:<8} {batch:>5} {threads:>3} {mix:<24} {cells['dense']:>20} {cells['sparse']:>20} "
-                  f"{cells['moe']:>20} {ratio:8.3f} {moe_ratio if moe_ratio is not None else float('nan'):6.3f}  "
+                verdicts.append(f"auto/moe<={goal}: {'met' if moe_ratio <= goal else 'MISSED'}")
+            cells = " ".join(f"{stats[k].median_ms:6.3f} {stats[k].p90_ms:6.3f} {stats[k].p99_ms:6.3f}" if k in stats
+                             else f"{'-':>20}" for k in COLUMNS)
+            print(f"{label:<10} {routing:<8} {batch:>5} {threads:>3} {mix:<24} {cells} {ratio:8.3f} "
+                  f"{moe_ratio if moe_ratio is not None else float('nan'):8.3f} {ort_ratio:8.3f}  "
                   f"{', '.join(verdicts)}", flush=True)
             rows.append({"model": label, "routing": routing, "shape": shape, "threads": threads,
                          "histogram": hist.tolist(),
                          **{k: v.to_dict() for k, v in stats.items()}, "sparse_over_dense": ratio,
-                         "sparse_over_moe": moe_ratio, "targets": verdicts})
+                         "auto_over_moe": moe_ratio, "auto_over_ort": ort_ratio, "targets": verdicts})
     machine = machine_info()
     print(f"{machine['cpu']}, {machine['cores']} cores; threads 0 = ORT's default")
     if args.json:

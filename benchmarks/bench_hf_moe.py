@@ -11,6 +11,7 @@ process (deploytool's harness), so their ratios share the machine's load:
   sparse       deploytool.from_hf(top_k=1) + export_onnx (the default: each expert on its tokens), ORT
   dense        the same with dispatch="dense", ORT
   moe-op       the same with moe_op="ort" (com.microsoft::MoE), ORT
+  auto         the same with moe_op="auto" (the MoE op below 128 tokens a call, sparse from there on), ORT
 Every ONNX model's logits are checked against hf-k1 first. torch and ORT run with the same thread count.
 
     python benchmarks/bench_hf_moe.py [--duration-s 1.5] [--threads 2,1] [--json out.json]
@@ -40,9 +41,9 @@ FAMILIES = {"mixtral": lambda h: dict(intermediate_size=2 * h, num_local_experts
                                         decoder_sparse_step=1, mlp_only_layers=[])}
 #: (hidden, batch, tokens)
 SIZES = [(64, 8, 64), (256, 8, 64), (256, 32, 128)]
-KINDS = ("hf-k2", "hf-k1", "plain-k1", "sparse", "dense", "moe-op")
+KINDS = ("hf-k2", "hf-k1", "plain-k1", "sparse", "dense", "moe-op", "auto")
 TARGETS = {"hf-k2": 0.4, "plain-k1": 0.5}  # sparse / that row, at most
-OWN_LOWERINGS = ("sparse", "dense", "moe-op")
+OWN_LOWERINGS = ("sparse", "dense", "moe-op", "auto")
 
 
 def build(family: str, hidden: int):
@@ -115,7 +116,8 @@ def main() -> None:
             stem = f"{family}-{hidden}"
             paths = {"plain-k1": plain_export(model, example, tmp / f"{stem}-plain.onnx")}
             converted = deploytool.from_hf(copy.deepcopy(model), top_k=1)
-            for kind, options in (("sparse", {}), ("dense", {"dispatch": "dense"}), ("moe-op", {"moe_op": "ort"})):
+            for kind, options in (("sparse", {}), ("dense", {"dispatch": "dense"}), ("moe-op", {"moe_op": "ort"}),
+                                  ("auto", {"moe_op": "auto"})):
                 paths[kind] = deploytool.export_onnx(converted, tmp / f"{stem}-{kind}.onnx", example_inputs=example,
                                                      validate=False, **options).path
             with torch.no_grad():
