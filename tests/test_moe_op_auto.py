@@ -209,3 +209,9 @@ def test_an_untyped_marker_is_refused_in_one_line():
 
     with pytest.raises(CheckFailed, match="has no output type"):
         lower_by_rows(_marker_graph(typed=False))
+
+
+def test_auto_exports_a_half_precision_model_whose_block_output_is_the_graph_output(tmp_path):
+    model = Experts(12).eval().half()
+    result = deploytool.export_onnx(model, tmp_path / "h.onnx", example_inputs=torch.randn(4, 12).half(), moe_op="auto")
+    assert result.passed and not result.notes and _ops(tmp_path / "h.onnx")[0].count("If") == 1
