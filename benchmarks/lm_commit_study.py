@@ -5,7 +5,8 @@ test/, idlelib/, site-packages/ and encodings/ left out), files sorted by path, 
 A Mixtral config (hidden 64, 2 layers, 8 experts, top-2) is trained from scratch with `deploytool fit`, then
 made top-1 at the same step budget: naive (k = 1, no training), plain top-1 fine-tuning (LM loss, k = 1),
 `deploytool commit` without distillation, and `deploytool commit` (distillation from the top-2 model's logits,
-the default). Prints the markdown table and writes a JSON beside --work. One thread (OMP_NUM_THREADS=1).
+the default), each row from `deploytool.lm_study.study_lm` (what `deploytool study --model DIR --data TOKENS`
+runs). Prints the markdown table and writes a JSON beside --work. One thread (OMP_NUM_THREADS=1).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/lm_commit_study.py --work /tmp/lmstudy --seeds 0 1
 """
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sysconfig
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -52,78 +51,30 @@ def base_model(seed: int):
     return from_hf(MixtralForCausalLM(config).eval())
 
 
-def row(name: str, run_metrics: dict, seconds: float | None, reference: float) -> dict:
-    m = run_metrics
-    return {"method": name, "perplexity": m["perplexity"], "ratio": m["perplexity"] / reference,
-            "confident": {p: r["frac_confident"] for p, r in m["routers"].items()},
-            "min_load": min(r["min_expert_load"] for r in m["routers"].values()),
-            "loads": {p: r["expert_load"] for p, r in m["routers"].items()}, "seconds": seconds}
-
-
 def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps: int, seq_len: int,
           batch_size: int, eval_tokens: int) -> list[dict]:
+    """The seed's top-2 model (trained once, cached in --work), then its rows from deploytool.lm_study.study_lm:
+    the four ways and MORE_METHODS at `steps`, the shipped commit again at `long_steps`."""
     import torch
 
-    import deploytool.nn
-    from deploytool.hf import set_top_k
-    from deploytool.lm import commit_lm, fit_lm
-    from deploytool.metrics import lm_metrics
-    from deploytool.tokens import load_tokens
+    from deploytool.lm import fit_lm
+    from deploytool.lm_study import METHODS, MORE_METHODS, study_lm
 
     torch.set_num_threads(1)
     train, test = corpus(work)
-    common = dict(seq_len=seq_len, batch_size=batch_size, test_data=test, eval_tokens=eval_tokens, progress=False,
-                  force=True, seed=seed)
+    common = dict(seq_len=seq_len, batch_size=batch_size, test_data=test, eval_tokens=eval_tokens)
     top2 = work / f"top2-s{seed}"
     if not (top2 / "metrics.json").exists():
         fit_lm(base_model(seed), train, out=top2, steps=pretrain_steps, lr=3e-3, penalty="none", balance="switch",
-               beta=0.01, **common)
-    ref = json.loads((top2 / "metrics.json").read_text())
-    reference = ref["topk_perplexity"]
-    rows = [dict(row("top-2 original", {**ref, "perplexity": reference}, None, reference))]  # trained once, cached
-    rows[0]["confident"] = {p: float("nan") for p in ref["routers"]}
-    rows[0]["min_load"] = float("nan")
-
-    from deploytool.checkpoints import open_module
-
-    naive = open_module(top2).module
-    set_top_k(naive, 1)
-    rows.append(row("naive (k = 1)", lm_metrics(naive, load_tokens(test), seq_len=seq_len, max_tokens=eval_tokens),
-                    0.0, reference))
-    plain = dict(alpha=0.0, guard=0.0, temperature_end=1.0, straight_through=False)  # commit_lm as plain top-1
-    runs = {
-        "plain top-1 fine-tuning": lambda out: fit_lm(top2, train, out=out, top_k=1, steps=steps, lr=1e-3, **common),
-        "commit, no distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, distill=0.0, **common),
-        "**commit** (distillation, default)": lambda out: commit_lm(top2, train, out=out, steps=steps, **common),
-        "plain top-1 fine-tuning + distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, **plain,
-                                                                         **common),
-        f"commit, {long_steps} steps": lambda out: commit_lm(top2, train, out=out, steps=long_steps, **common),
-    }
-    for i, (name, go) in enumerate(runs.items()):
-        out = work / f"row{i}-s{seed}"
-        t0 = time.process_time()
-        run = go(out)
-        rows.append(row(name, run.metrics, time.process_time() - t0, reference))
-        if i == 0:  # the plain model's routers at commit's deployed temperature: the output is the same at k = 1
-            cold = open_module(out).module
-            deploytool.nn.set_temperature(cold, 0.05)
-            rows.append(row("plain top-1 fine-tuning, temperature then set to 0.05",
-                            lm_metrics(cold, load_tokens(test), seq_len=seq_len, max_tokens=eval_tokens), None,
-                            reference))
-    return rows
-
-
-def markdown(results: dict[int, list[dict]]) -> str:
-    lines = ["| seed | method | perplexity | x top-2 | confident (layer 0 / 1) | min expert load | CPU s |",
-             "|---|---|---|---|---|---|---|"]
-    for seed, rows in results.items():
-        for r in rows:
-            conf = " / ".join("-" if math.isnan(v) else f"{v:.1%}" for v in r["confident"].values())
-            load = "-" if math.isnan(r["min_load"]) else f"{r['min_load']:.1%}"
-            secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-            lines.append(f"| {seed} | {r['method']} | {r['perplexity']:.3f} | {r['ratio']:.3f} | {conf} | {load} | "
-                         f"{secs} |")
-    return "\n".join(lines)
+               beta=0.01, progress=False, force=True, seed=seed, **common)
+    names = list(METHODS)
+    order = [*names[:2], *list(MORE_METHODS)[:1], *names[2:], *list(MORE_METHODS)[1:]]
+    rows = study_lm(top2, data=train, out=None, seeds=[seed], steps=steps, methods=order, progress=False,
+                    **common)["rows"][seed]
+    commit = names[-1]
+    longer = study_lm(top2, data=train, out=None, seeds=[seed], steps=long_steps, methods=[commit], progress=False,
+                      **common)["rows"][seed][1]
+    return [*rows, {**longer, "method": f"commit, {long_steps} steps"}]
 
 
 def main() -> None:
@@ -142,7 +93,9 @@ def main() -> None:
                         seq_len=args.seq_len,
                         batch_size=args.batch_size, eval_tokens=args.eval_tokens) for s in args.seeds}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
-    print(markdown(results))
+    from deploytool.lm_study import per_seed_table
+
+    print(per_seed_table(results))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ _API = {
     "commit": "deploytool.finetune",
     "report": "deploytool.metrics",
     "study": "deploytool.penalty_study",
+    "study_lm": "deploytool.lm_study",
     "demo": "deploytool.pipeline",
     "confidence_penalty": "deploytool.losses",
     "confidence_penalty_from_logits": "deploytool.losses",

@@ -136,7 +136,8 @@ def budget_steps(steps: int | None, tokens: int | None, *, seq_len: int, batch_s
 
 def distributed() -> tuple[int, int]:
     """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started here (gloo on CPU,
-    NCCL when CUDA is available) unless the caller started it; (0, 1) on one process.
+    NCCL when CUDA is available) unless the caller started it, and destroyed at exit (atexit, no barrier);
+    (0, 1) on one process.
 
     Returns:
         (rank, world size).
@@ -152,7 +153,20 @@ def distributed() -> tuple[int, int]:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return 0, 1
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import atexit
+
+        atexit.register(_destroy_group)  # ours to end: without it a rank may abort at interpreter teardown
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group() -> None:
+    """Destroy the process group `distributed` started, without a barrier (a rank interrupted by Ctrl-C
+    would never reach one), so no rank aborts with "terminate called without an active exception" when
+    the interpreter tears gloo down."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _barrier(world: int) -> None:

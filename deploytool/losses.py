@@ -122,15 +122,93 @@ def routing_penalty(kind: str, logits: "torch.Tensor", temperature: float, alpha
     raise ValueError(f"unknown penalty {kind!r}; choose one of {', '.join(PENALTIES)}")
 
 
+def _world() -> int:
+    """The processes of an initialised torch.distributed group (1 without one)."""
+    import torch
+
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_over_ranks(tensor: "torch.Tensor") -> "torch.Tensor":
+    """`tensor` summed over every process, the gradient summed over every process too (each rank's loss
+    holds the same global term, and the ranks' gradients are averaged afterwards)."""
+    import torch
+
+    dist = torch.distributed
+
+    class SumOverRanks(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            out = t.clone()
+            dist.all_reduce(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad
+
+    return SumOverRanks.apply(tensor)
+
+
+def batch_mean(probs: "torch.Tensor") -> "torch.Tensor":
+    """The mean routing distribution over the whole batch: the mean of `probs` [..., n_experts] over every
+    row of every process.
+
+    Under torchrun (an initialised process group of 2 or more) the ranks' row sums and row counts are
+    all-reduced, the sums with their gradient, so a balance term or the load guard sees the batch one
+    process would see; on one process it is the plain mean over the rows.
+
+    Args:
+        probs: routing probabilities [..., n_experts].
+
+    Returns:
+        [n_experts].
+    """
+    rows = probs.reshape(-1, probs.shape[-1])
+    if _world() < 2:
+        return rows.mean(dim=0)
+    import torch
+
+    count = rows.new_tensor(float(len(rows)))
+    torch.distributed.all_reduce(count)  # a constant: no gradient to carry
+    return _sum_over_ranks(rows.sum(dim=0)) / count
+
+
+def batch_share(index: "torch.Tensor", n: int, dtype: "torch.dtype") -> "torch.Tensor":
+    """The share of the whole batch's rows (every process's) whose expert is `index` [rows], per expert;
+    no gradient.
+
+    Args:
+        index: each row's expert.
+        n: the number of experts.
+        dtype: the result's dtype.
+
+    Returns:
+        [n].
+    """
+    import torch
+
+    counts = torch.nn.functional.one_hot(index.reshape(-1), n).to(dtype)
+    if _world() < 2:
+        return counts.mean(dim=0)
+    total = torch.cat([counts.sum(dim=0), counts.new_tensor([float(len(counts))])])
+    torch.distributed.all_reduce(total)
+    return total[:-1] / total[-1]
+
+
 def batch_entropy_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor":
     """log n - H(mean routing distribution over the batch): 0 when experts share traffic evenly.
 
-    It asks the batch, not each row, to be spread out, so it does not fight the confidence penalty.
+    It asks the batch, not each row, to be spread out, so it does not fight the confidence penalty. Under
+    torchrun the batch is every process's (batch_mean).
     """
     import torch
 
     n = probs.shape[dim]
-    mean = probs.mean(dim=0)
+    mean = batch_mean(probs.movedim(dim, -1))
     tiny = torch.finfo(probs.dtype).tiny
     return math.log(n) + (mean * torch.log(mean.clamp(min=tiny))).sum()
 
@@ -138,13 +216,12 @@ def batch_entropy_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor
 def switch_balance(probs: "torch.Tensor", dim: int = -1) -> "torch.Tensor":
     """Switch Transformer load balancing, E * sum_i f_i * P_i (1 when balanced).
 
-    f_i (share of rows whose top-1 is i) carries no gradient; P_i is the mean router probability.
+    f_i (share of rows whose top-1 is i) carries no gradient; P_i is the mean router probability; both over
+    the whole batch, every process's under torchrun (batch_share, batch_mean).
     """
-    import torch
-
     n = probs.shape[dim]
-    f = torch.nn.functional.one_hot(probs.argmax(dim=dim), n).to(probs.dtype).mean(dim=0)
-    return n * (f * probs.mean(dim=0)).sum()
+    f = batch_share(probs.argmax(dim=dim), n, probs.dtype)
+    return n * (f * batch_mean(probs.movedim(dim, -1))).sum()
 
 
 def load_guard(probs: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
@@ -153,7 +230,7 @@ def load_guard(probs: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
     The balance term against given loads (those a model had before a fine-tune): an expert's term grows
     as -target_i * log(mean p_i), without bound as its load goes to 0, so an expert that carried traffic
     cannot be starved; an expert with target 0 is free. With a uniform target it is a log-barrier
-    balance.
+    balance. Under torchrun the batch is every process's (batch_mean).
 
     Args:
         probs: routing probabilities [rows, n_experts].
@@ -171,7 +248,7 @@ def load_guard(probs: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
         raise ValueError(f"load_guard: target has shape {list(target.shape)}, the routing has "
                          f"{probs.shape[-1]} experts")
     tiny = torch.finfo(probs.dtype).tiny
-    mean = probs.reshape(-1, probs.shape[-1]).mean(dim=0)
+    mean = batch_mean(probs)
     target = target.to(device=probs.device, dtype=probs.dtype)
     return (target * (torch.log(target.clamp(min=tiny)) - torch.log(mean.clamp(min=tiny)))).sum()
 

@@ -3,7 +3,7 @@
 Compares temperature annealing alone, the confidence penalty (frank), an entropy penalty and Gumbel
 straight-through routing, each with the batch-entropy balance term, the Switch Transformer term or
 none, over several seeds, starting from a built-in model's recipe. Writes that model's markdown table into
-docs/routing.md (its own section; other models' sections are kept).
+docs/routing.md (its own section; other models' sections are kept: study_doc).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploytool import io
 from deploytool.errors import BadInput
+from deploytool.study_doc import check_out, pick, section_markers, write_section
 
 #: the recipe each built-in model's study varies
 RECIPES = {"routed-mlp": "digits-4", "routed-cnn": "digits-cnn", "moe-transformer": "digits-transformer"}
@@ -62,18 +62,6 @@ def summarise(runs: list[dict[str, Any]], min_mean_hard: float | None = MIN_MEAN
                             and row["worst_min_expert_load"] >= TARGETS["min_load"]
                             and (min_mean_hard is None or row["mean_hard_accuracy"] >= min_mean_hard))
     return row
-
-
-def section_markers(model: str) -> tuple[str, str]:
-    """The HTML comments that open and close a model's section in the study document.
-
-    Args:
-        model: the built-in model's name.
-
-    Returns:
-        (begin, end).
-    """
-    return f"<!-- study: {model} -->", f"<!-- /study: {model} -->"
 
 
 def to_markdown(rows: list[dict[str, Any]], recipe: str, seeds: int, when: str, epochs: int | None = None, *,
@@ -124,54 +112,6 @@ def to_markdown(rows: list[dict[str, Any]], recipe: str, seeds: int, when: str, 
     return "\n".join(lines)
 
 
-INTRO = """# Routing study: making the router commit to one expert
-
-Hard accuracy routes each test sample (each token, for a token-level router) to its top-1 expert only (what
-inference does); soft accuracy blends experts with the router's weights (what training sees). *Confident* =
-share of routing decisions (over every router) whose top routing probability is >= 0.99. Worst = worst over
-seeds. Each model's section below is rewritten by `deploytool study --model NAME`.
-"""
-
-
-def merge_section(existing: str | None, section: str, model: str) -> str:
-    """`existing` document with `model`'s section replaced (or appended); a new document if None.
-
-    Args:
-        existing: the document's text, or None.
-        section: the model's new section (to_markdown).
-        model: the model's name.
-
-    Returns:
-        The whole document.
-    """
-    begin, end = section_markers(model)
-    if existing is None:
-        return f"{INTRO}\n{section}\n"
-    if begin in existing and end in existing:
-        head, rest = existing.split(begin, 1)
-        return head + section + rest.split(end, 1)[1]
-    return existing.rstrip("\n") + "\n\n" + section + "\n"
-
-
-def _pick(names: list[str] | None, known: dict[str, Any], what: str) -> list[str]:
-    if not names:
-        return list(known)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise BadInput(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def _read_markdown(path: Path) -> str | None:
-    """The text the study's section goes into (None for a new file); read before any training."""
-    if not path.is_file():
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"output file {path} is not a text (markdown) file; give another path") from exc
-
-
 def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | None = None,
           recipe: str | None = None, progress: bool = True, model: str = "routed-mlp",
           methods: list[str] | None = None, balances: list[str] | None = None) -> dict[str, Any]:
@@ -196,7 +136,7 @@ def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | 
     """
     from deploytool.progress import progress_bar
     from deploytool.recipes import load_recipe
-    from deploytool.training import check_writable_parent, train
+    from deploytool.training import train
 
     def whole(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -211,18 +151,8 @@ def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | 
         recipe = RECIPES[model]
     base = load_recipe(recipe, {"epochs": epochs})  # every run's settings checked before the first
     model = base.model
-    combos = [(m, b) for m in _pick(methods, METHODS, "method") for b in _pick(balances, BALANCE, "balance")]
-    out = Path(out)
-    if out.is_dir():
-        raise BadInput(f"output path {out} is a directory; give a markdown file path")
-    if out.suffix.lower() != ".md":
-        raise BadInput(f"output path {out} must end in .md (the study is written as markdown)")
-    check_writable_parent(out, "output file")  # before minutes of training, not after
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out = io.check_parent_dir(out)
-    if out.exists() and not out.is_file():
-        raise BadInput(f"output path {out} is not a regular file")
-    existing = _read_markdown(out)
+    combos = [(m, b) for m in pick(methods, METHODS, "method") for b in pick(balances, BALANCE, "balance")]
+    out, existing = check_out(out)  # before any training
     overrides = {"epochs": epochs} if epochs is not None else {}
     floor = MIN_MEAN_HARD.get(Path(str(recipe)).stem)
     rows = []
@@ -241,5 +171,5 @@ def study(out: str | Path = "docs/routing.md", *, seeds: int = 3, epochs: int | 
     section = to_markdown(rows, str(recipe), seeds, time.strftime("%Y-%m-%d"), epochs, model=model,
                           description=description, min_mean_hard=floor,
                           complete=len(combos) == len(METHODS) * len(BALANCE))
-    io.write_bytes(out, merge_section(existing, section, model).encode())
+    write_section(out, existing, section, model)
     return {"path": str(out), "rows": rows, "targets": {**TARGETS, "min_mean_hard": floor}, "markdown": section}

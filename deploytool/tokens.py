@@ -34,6 +34,8 @@ MAX_NPZ_TOKENS = 1 << 27
 #: the longest window
 MAX_SEQ_LEN = 1 << 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+#: model files (ONNX, weights, TensorRT engines), never token data: their bytes would read as a "text"
+MODEL_SUFFIXES = (".onnx", ".safetensors", ".plan", ".engine")
 
 
 @dataclass
@@ -82,15 +84,19 @@ def load_tokens(source: str | Path | TokenStream, *, tokenizer: str | Path | Non
         The TokenStream.
 
     Raises:
-        BadInput: a missing file, arrays that are not 1-D integer ids (or a mask of another length),
-            negative ids, an empty stream, a text too large to tokenise whole, or a tokenizer that fails.
+        BadInput: a missing file, a model file (MODEL_SUFFIXES), arrays that are not 1-D integer ids (or a
+            mask of another length), negative ids, an empty stream, a text too large to tokenise whole, or a
+            tokenizer that fails.
     """
     from deploytool.io import check_file
 
     if isinstance(source, TokenStream):
         return source
+    suffix = Path(source).suffix.lower()
+    if suffix in MODEL_SUFFIXES:
+        raise BadInput(f"{source} is a model file ({suffix}), not token data: give token ids (.npz, .npy, .bin) "
+                       "or a text file")
     path = check_file(source, "token data")
-    suffix = path.suffix.lower()
     if suffix == ".npz":
         stream = _load_npz(path)
     elif suffix == ".npy":

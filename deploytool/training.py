@@ -30,36 +30,7 @@ class GuardedLoss:
     def __call__(self, routing: Any, temperature: float) -> Any:
         from deploytool.losses import load_guard
 
-        return self.base(routing, temperature) + self.weight * load_guard(_global_rows(routing.probs), self.target)
-
-
-def _global_rows(probs: Any) -> Any:
-    """`probs` [..., E] as rows whose mean is the batch's mean routing over every process: under torchrun
-    the mean of all ranks' rows (one row, all-reduced with its gradient), so the guard sees the whole batch
-    as one process would; on one process `probs` itself."""
-    import torch
-
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return probs
-    class SumOverRanks(torch.autograd.Function):  # all-reduce whose gradient is all-reduced too
-        @staticmethod
-        def forward(ctx, tensor):
-            out = tensor.clone()
-            dist.all_reduce(out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            grad = grad.clone()
-            dist.all_reduce(grad)
-            return grad
-
-    rows = probs.reshape(-1, probs.shape[-1])
-    total = SumOverRanks.apply(rows.sum(dim=0))
-    count = rows.new_tensor(float(len(rows)))
-    dist.all_reduce(count)  # a constant: no gradient to carry
-    return (total / count).unsqueeze(0)
+        return self.base(routing, temperature) + self.weight * load_guard(routing.probs, self.target)
 
 
 def temperature_at(config: LoopSettings | TrainConfig, step: int, total: int) -> float:

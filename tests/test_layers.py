@@ -15,8 +15,8 @@ LAYERS = {
     0: ["deploytool", "errors", "deps", "io", "dtypes", "choices", "signature", "artifacts", "machine", "batch_sizes", "progress"],
     1: ["nn", "moe", "hf", "checkpoints", "dispatch", "losses", "models", "data", "tokens", "feeds", "model_io", "compare", "kernels", "ops", "recipes"],
     2: ["export", "engine", "runners", "comparator", "training", "metrics", "lm"],
-    3: ["parity", "benchmark", "serving", "runtime", "diagnostics"],
-    4: ["pipeline", "penalty_study", "finetune"],
+    3: ["parity", "benchmark", "serving", "runtime", "diagnostics", "study_doc"],
+    4: ["pipeline", "penalty_study", "finetune", "lm_study"],
     5: ["cli"],
 }
 

@@ -79,6 +79,13 @@ def test_bad_token_files_are_named(tmp_path, content, match):
         load_tokens(tmp_path / "x.npy")
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "model.safetensors", "model.plan", "m.ENGINE"])
+def test_model_files_are_refused_as_token_data(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x08\x07ab")
+    with pytest.raises(BadInput, match="model file"):
+        load_tokens(tmp_path / name)
+
+
 # --- fit, commit, the run rebuilt ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

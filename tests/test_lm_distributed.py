@@ -1,4 +1,5 @@
-"""`fit` of a language model under torchrun --nproc-per-node 2 (gloo on CPU) matches one process."""
+"""`fit` and `commit` of a language model under torchrun --nproc-per-node 2 (gloo on CPU) match one process,
+with a confidence penalty, a balance term (over the whole batch: losses.batch_mean) and commit's load guard."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ model = from_hf(tiny_model("mixtral", num_experts_per_tok=2))
 seen = set()
 model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.add(args[0].shape[0]) if m.training else None)
 deploytool.fit(model, sys.argv[1], out=sys.argv[2], seq_len=16, steps=3, batch_size=4, eval_tokens=256,
-               penalty="none", balance="none", progress=False)
+               penalty="frank", alpha=0.5, balance="switch", beta=0.5, progress=False)
 print("windows per step", sorted(seen))
 """
 #: what two processes may differ from one by: the same windows and averaged gradients, summed in another order
@@ -50,6 +51,7 @@ def test_two_cpu_processes_write_the_run_one_process_writes(tmp_path):
                           str(script), str(ids), str(tmp_path / "two")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert two.returncode == 0, two.stderr
+    assert "terminate called" not in two.stderr  # the process group deploytool started is destroyed at exit
     assert "windows per step [4]" in one.stdout and two.stdout.count("windows per step [2]") == 2  # a shard each
     a, b = io.load_weights(tmp_path / "one" / io.WEIGHTS_FILE), io.load_weights(tmp_path / "two" / io.WEIGHTS_FILE)
     assert set(a) == set(b)
@@ -69,8 +71,8 @@ import sys
 import torch
 import deploytool
 torch.set_num_threads(1)
-deploytool.commit(sys.argv[1], out=sys.argv[2], data=sys.argv[3], batch_size=4, progress=False,
-                  lm={{"steps": 3, "seq_len": 16, "eval_tokens": 256}})
+deploytool.commit(sys.argv[1], out=sys.argv[2], data=sys.argv[3], batch_size=4, progress=False, balance="entropy",
+                  beta=0.5, lm={{"steps": 3, "seq_len": 16, "eval_tokens": 256}})
 """
 
 
@@ -80,7 +82,7 @@ COMMIT_WEIGHT_TOLERANCE = 1e-4
 
 
 @pytest.mark.slow
-def test_commit_on_two_cpu_processes_matches_one_with_the_guard_over_the_whole_batch(tmp_path):
+def test_commit_on_two_cpu_processes_matches_one_with_the_guard_and_balance_over_the_whole_batch(tmp_path):
     from hf_models import tiny_model
 
     from deploytool import io
@@ -96,6 +98,7 @@ def test_commit_on_two_cpu_processes_matches_one_with_the_guard_over_the_whole_b
         done = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / "mix"), str(tmp_path / out),
                                str(ids)], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+        assert "terminate called" not in done.stderr
     a, b = io.load_weights(tmp_path / "one" / io.WEIGHTS_FILE), io.load_weights(tmp_path / "two" / io.WEIGHTS_FILE)
     worst = max(float((a[name] - b[name]).abs().max()) for name in a)
     assert worst <= COMMIT_WEIGHT_TOLERANCE

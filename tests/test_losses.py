@@ -113,6 +113,14 @@ def test_batch_entropy_balance_is_zero_when_balanced_and_positive_when_not():
     assert losses.batch_entropy_balance(starved).item() == pytest.approx(math.log(4))
 
 
+def test_batch_mean_on_one_process_is_the_plain_mean_over_rows_bit_for_bit():
+    probs = torch.softmax(torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(losses.batch_mean(probs), probs.reshape(-1, 4).mean(dim=0))
+    index = probs.argmax(dim=-1)
+    share = torch.nn.functional.one_hot(index.reshape(-1), 4).float().mean(dim=0)
+    assert torch.equal(losses.batch_share(index, 4, torch.float32), share)
+
+
 def test_switch_balance_is_one_when_balanced():
     balanced = torch.eye(4, dtype=torch.float64).repeat(2, 1)
     assert losses.switch_balance(balanced).item() == pytest.approx(1.0)

@@ -33,7 +33,7 @@ def test_zero_epochs_is_refused_not_ignored(tmp_path):
 
 
 def test_a_models_reduced_study_replaces_only_its_own_section(tmp_path):
-    from deploytool.penalty_study import merge_section, section_markers
+    from deploytool.study_doc import merge_section, section_markers
 
     out = tmp_path / "routing.md"
     begin, end = section_markers("routed-mlp")

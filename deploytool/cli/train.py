@@ -72,21 +72,34 @@ def study(
     out: Annotated[Path, typer.Option("--out", "-o", help="Markdown file for the table (the model's section is "
                                       "replaced, others kept).")] = Path("docs/routing.md"),
     model: Annotated[str, typer.Option("--model", help="Built-in model whose recipe the study varies: "
-                                       "routed-mlp, routed-cnn or moe-transformer.")] = "routed-mlp",
+                                       "routed-mlp, routed-cnn or moe-transformer; or, with --data, a Hugging "
+                                       "Face MoE folder or an LM run made top-1 four ways.")] = "routed-mlp",
+    data: Annotated[Optional[str], _opt("Token data of a language model's study (.npz, .npy, .bin or text).",
+                                        "--data")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per configuration.", min=1)] = 3,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the epochs of every run.")] = None,
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Only this method (repeatable), e.g. "
                                                         "'frank penalty'.")] = None,
     balance: Annotated[Optional[list[str]], typer.Option("--balance", help="Only this balance term (repeatable), "
                                                          "e.g. 'batch entropy'.")] = None,
+    steps: Annotated[Optional[int], _opt("LM study: the budget of every row in optimizer steps.", "--steps")] = None,
+    tokens: Annotated[Optional[int], _opt("LM study: the budget in training tokens (instead of --steps).",
+                                          "--tokens")] = None,
+    test_data: Annotated[Optional[str], _opt("LM study: held-out tokens (default: the last 10% of --data).",
+                                             "--test-data")] = None,
+    seq_len: Annotated[Optional[int], _opt("LM study: tokens per window (128).", "--seq-len")] = None,
+    batch_size: Annotated[Optional[int], _opt("LM study: windows per step (16).", "--batch-size")] = None,
+    eval_tokens: Annotated[Optional[int], _opt("LM study: held-out tokens measured.", "--eval-tokens")] = None,
     json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Compare temperature-only, frank, entropy and Gumbel routing, each with every balance term, on digits."""
-    from deploytool.penalty_study import study as run_study
+    """Compare temperature-only, frank, entropy and Gumbel routing on digits; or, with --data, the ways a top-k
+    language model is made top-1 (naive, plain fine-tuning, commit without and with distillation)."""
+    from deploytool.lm_study import study as run_study
 
-    result = run_study(out, seeds=seeds, epochs=epochs, model=model, methods=method, balances=balance,
-                       progress=not (quiet or json))
+    result = run_study(model, data=data, out=out, seeds=seeds, epochs=epochs, methods=method, balances=balance,
+                       progress=not (quiet or json), steps=steps, tokens=tokens, test_data=test_data,
+                       seq_len=seq_len, batch_size=batch_size, eval_tokens=eval_tokens)
     if json:
         print_json(result)
     else:
