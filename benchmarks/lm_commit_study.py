@@ -66,18 +66,23 @@ def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps:
 
     import deploytool.nn
     from deploytool.hf import set_top_k
-    from deploytool.lm import commit_lm, fit_lm
+    from deploytool.lm import LMCommitSettings, LMSettings, commit_lm, fit_lm, routing_loss
     from deploytool.metrics import lm_metrics
     from deploytool.tokens import load_tokens
 
     torch.set_num_threads(1)
     train, test = corpus(work)
-    common = dict(seq_len=seq_len, batch_size=batch_size, test_data=test, eval_tokens=eval_tokens, progress=False,
-                  force=True, seed=seed)
+    common = dict(test_data=test, progress=False, force=True)
+    loop = dict(seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+    def commit(out, loss=None, **settings):
+        return commit_lm(top2, train, out=out, settings=LMCommitSettings(**loop, eval_tokens=eval_tokens, **settings),
+                         loss=loss, **common)
+
     top2 = work / f"top2-s{seed}"
     if not (top2 / "metrics.json").exists():
-        fit_lm(base_model(seed), train, out=top2, steps=pretrain_steps, lr=3e-3, penalty="none", balance="switch",
-               beta=0.01, **common)
+        fit_lm(base_model(seed), train, out=top2, loop=LMSettings(**loop, steps=pretrain_steps, lr=3e-3),
+               loss=routing_loss(penalty="none", balance="switch", beta=0.01), eval_tokens=eval_tokens, **common)
     ref = json.loads((top2 / "metrics.json").read_text())
     reference = ref["topk_perplexity"]
     rows = [dict(row("top-2 original", {**ref, "perplexity": reference}, None, reference))]  # trained once, cached
@@ -90,14 +95,16 @@ def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps:
     set_top_k(naive, 1)
     rows.append(row("naive (k = 1)", lm_metrics(naive, load_tokens(test), seq_len=seq_len, max_tokens=eval_tokens),
                     0.0, reference))
-    plain = dict(alpha=0.0, guard=0.0, temperature_end=1.0, straight_through=False)  # commit_lm as plain top-1
+    # commit_lm as plain top-1: no penalty, no guard, no anneal
+    plain = dict(guard=0.0, temperature_end=1.0, straight_through=False)
+    plain_loss = LMCommitSettings.default_loss(alpha=0.0)
     runs = {
-        "plain top-1 fine-tuning": lambda out: fit_lm(top2, train, out=out, top_k=1, steps=steps, lr=1e-3, **common),
-        "commit, no distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, distill=0.0, **common),
-        "**commit** (distillation, default)": lambda out: commit_lm(top2, train, out=out, steps=steps, **common),
-        "plain top-1 fine-tuning + distillation": lambda out: commit_lm(top2, train, out=out, steps=steps, **plain,
-                                                                         **common),
-        f"commit, {long_steps} steps": lambda out: commit_lm(top2, train, out=out, steps=long_steps, **common),
+        "plain top-1 fine-tuning": lambda out: fit_lm(top2, train, out=out, top_k=1, eval_tokens=eval_tokens,
+                                                      loop=LMSettings(**loop, steps=steps, lr=1e-3), **common),
+        "commit, no distillation": lambda out: commit(out, steps=steps, distill=0.0),
+        "**commit** (distillation, default)": lambda out: commit(out, steps=steps),
+        "plain top-1 fine-tuning + distillation": lambda out: commit(out, plain_loss, steps=steps, **plain),
+        f"commit, {long_steps} steps": lambda out: commit(out, steps=long_steps),
     }
     for i, (name, go) in enumerate(runs.items()):
         out = work / f"row{i}-s{seed}"
