@@ -148,6 +148,7 @@ def commit(target: Any, *, out: str | Path, data: Any = None, test_data: Any = N
     from deploytool.lm import LMCommitSettings, _check_loss
 
     _check_loss(loss)
+    target = _read(target)
     if _is_language_model(target, data):
         from deploytool.lm import commit_lm
 
@@ -275,13 +276,35 @@ def _write_committed(out: Path, model: Any, source: Any, settings: CommitSetting
     return write_run(out, model, config, metrics, f"{config['model']} committed", force=force)
 
 
+def _read(target: Any) -> Any:
+    """A path's run directory or Hugging Face folder, its config.json read once (artifacts.RunDir or
+    HFFolder); the path itself when it cannot be read (whoever reads it then says why); a module as is."""
+    from deploytool.artifacts import HFFolder, folder_config, is_hf_config, load_run
+
+    if not isinstance(target, (str, Path)):
+        return target
+    config = folder_config(target)
+    if config is None:
+        return target
+    if is_hf_config(config):
+        return HFFolder(Path(target), config)
+    try:
+        return load_run(target, config=config)
+    except BadInput:
+        return target
+
+
 def _is_language_model(target: Any, data: Any) -> bool:
     """Token data, a save_pretrained folder, a run of a transformers model, or a module with top-k routers."""
-    from deploytool.artifacts import is_hf_folder, is_hf_run
+    from deploytool.artifacts import HFFolder, RunDir, is_hf_folder, is_hf_run
     from deploytool.tokens import is_token_source
 
     if is_token_source(data):
         return True
+    if isinstance(target, HFFolder):
+        return True
+    if isinstance(target, RunDir):
+        return is_hf_run(target.config)
     if isinstance(target, (str, Path)):
         from deploytool import io
 
@@ -325,12 +348,12 @@ def _from_run(path: str | Path, data, test_data):
     """The model of a built-in run, and its data (the run's own split unless given)."""
     from deploytool.data import load_dataset
     from deploytool.models import input_shape
-    from deploytool.artifacts import load_run
+    from deploytool.artifacts import RunDir, load_run
     from deploytool.checkpoints import load_model
     from deploytool.training import as_xy
 
-    run = load_run(path)
-    model = load_model(run.path)  # a run of your own module is refused here, with what to do instead
+    run = path if isinstance(path, RunDir) else load_run(path)
+    model = load_model(run)  # a run of your own module is refused here, with what to do instead
     shape = input_shape(run.config)
     if data is None or test_data is None:
         own = load_dataset(run.config.get("dataset", "digits"), run.config.get("seed", 0),

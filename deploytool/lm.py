@@ -711,7 +711,8 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, settings: LMCom
     (docs/routing.md), the experts then chase a routing that keeps changing.
 
     Args:
-        model_or_path: a model with deploytool routers (from_hf), a save_pretrained folder or an LM run dir.
+        model_or_path: a model with deploytool routers (from_hf), a save_pretrained folder or an LM run dir
+            (a path, or as artifacts.run_or_hf_folder read it: its config.json is not read again).
         data: token data (.npz, .npy, .bin, a text file) or a tokens.TokenStream.
         out: the new run directory (never inside the input).
         settings: the commit's settings (None: LMCommitSettings(), the measured defaults).
@@ -729,6 +730,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, settings: LMCom
     """
     import torch
 
+    from deploytool.artifacts import HFFolder
     from deploytool.metrics import LM_EVAL_TOKENS, lm_logits, lm_metrics, router_k
     from deploytool.nn import named_routers
     from deploytool.tokens import IGNORE, load_tokens, split_tokens
@@ -741,11 +743,12 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, settings: LMCom
     s = settings
     tokenizer = None
     source_path = None
-    if isinstance(model_or_path, (str, Path)):
+    if isinstance(model_or_path, (str, Path, RunDir, HFFolder)):
         from deploytool.checkpoints import open_module
 
-        source_path = Path(model_or_path)
-        model = open_module(source_path).module
+        read = isinstance(model_or_path, (RunDir, HFFolder))
+        source_path = Path(model_or_path.path if read else model_or_path)
+        model = open_module(model_or_path).module
         tokenizer = source_path
         resolved = Path(out).resolve()
         if resolved == source_path.resolve() or source_path.resolve() in resolved.parents:
