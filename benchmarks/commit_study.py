@@ -43,7 +43,7 @@ import deploytool
 from deploytool.io import write_json
 from deploytool.machine import cpu_model, machine_info
 
-VARIANTS = {
+VARIANTS = {  # CommitSettings fields, and "alpha" for the routing loss
     "commit": {},
     "commit, no guard": {"guard": 0.0},
     "former recipe": {"router_epochs": 25, "model_epochs": 15, "alpha": 2.0, "model_lr": 2e-3, "guard": 0.0},
@@ -64,7 +64,10 @@ def run(seeds: list[int], work: Path, variants: list[str], commit_seeds: list[in
             options = VARIANTS[variant]
             start = time.perf_counter()
             name = f"{variant.replace(' ', '').replace(',', '-')}{seed}-{commit_seed}"
-            committed = deploytool.commit(soft.path, out=work / name, progress=False, seed=commit_seed, **options)
+            settings = {k: v for k, v in options.items() if k != "alpha"}
+            loss = deploytool.CommitSettings.default_loss(alpha=options["alpha"]) if "alpha" in options else None
+            committed = deploytool.commit(soft.path, out=work / name, progress=False, loss=loss,
+                                          settings=deploytool.CommitSettings(seed=commit_seed, **settings))
             seconds = time.perf_counter() - start
             m, before = committed.metrics, committed.metrics["before"]
             gap = 100 * (m["hard_accuracy"] - before["soft_accuracy"])

@@ -57,7 +57,7 @@ def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps:
     the four ways and MORE_METHODS at `steps`, the shipped commit again at `long_steps`."""
     import torch
 
-    from deploytool.lm import fit_lm
+    from deploytool.lm import LMSettings, fit_lm, routing_loss
     from deploytool.lm_study import METHODS, MORE_METHODS, study_lm
 
     torch.set_num_threads(1)
@@ -65,8 +65,9 @@ def study(work: Path, seed: int, *, pretrain_steps: int, steps: int, long_steps:
     common = dict(seq_len=seq_len, batch_size=batch_size, test_data=test, eval_tokens=eval_tokens)
     top2 = work / f"top2-s{seed}"
     if not (top2 / "metrics.json").exists():
-        fit_lm(base_model(seed), train, out=top2, steps=pretrain_steps, lr=3e-3, penalty="none", balance="switch",
-               beta=0.01, progress=False, force=True, seed=seed, **common)
+        fit_lm(base_model(seed), train, out=top2, test_data=test, eval_tokens=eval_tokens, progress=False, force=True,
+               loop=LMSettings(seq_len=seq_len, batch_size=batch_size, steps=pretrain_steps, lr=3e-3, seed=seed),
+               loss=routing_loss(penalty="none", balance="switch", beta=0.01))
     names = list(METHODS)
     order = [*names[:2], *list(MORE_METHODS)[:1], *names[2:], *list(MORE_METHODS)[1:]]
     rows = study_lm(top2, data=train, out=None, seeds=[seed], steps=steps, methods=order, progress=False,

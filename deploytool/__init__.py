@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 _API = {
     "TrainConfig": "deploytool.recipes",
+    "LoopSettings": "deploytool.recipes",
+    "LMSettings": "deploytool.lm",
+    "CommitSettings": "deploytool.finetune",
+    "LMCommitSettings": "deploytool.lm",
     "load_recipe": "deploytool.recipes",
     "train": "deploytool.training",
     "load_run": "deploytool.artifacts",

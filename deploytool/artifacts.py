@@ -126,11 +126,29 @@ class RunDir:
         return self.path / io.ROUTING_PLOT
 
 
-def load_run(path: str | Path) -> RunDir:
+def read_config(folder: str | Path, what: str = "run config") -> Any:
+    """THE reader of a folder's config.json (a run directory's or a Hugging Face folder's): every command
+    reads it through here, once (tests count the calls).
+
+    Args:
+        folder: the run directory or folder.
+        what: how messages name the file.
+
+    Returns:
+        The parsed JSON.
+
+    Raises:
+        BadInput: a missing or unreadable file, or text that is not JSON.
+    """
+    return io.read_json(Path(folder) / io.CONFIG_FILE, what)
+
+
+def load_run(path: str | Path, *, config: Any = None) -> RunDir:
     """Read a run directory's config and metrics (weights are loaded by checkpoints.load_model).
 
     Args:
         path: the run directory.
+        config: its config.json as already read (read_config), so that it is not read again.
 
     Returns:
         The RunDir.
@@ -142,7 +160,7 @@ def load_run(path: str | Path) -> RunDir:
     path = io.check_path(path, "run directory")  # a symlink loop is named as one, not as missing
     if not path.is_dir():
         raise BadInput(f"run directory {path} does not exist or is not a directory")
-    config = io.read_json(path / io.CONFIG_FILE, "run config")
+    config = read_config(path) if config is None else config
     check_run_config(config, path / io.CONFIG_FILE)
     if not is_module_run(config) and not is_hf_run(config):
         _check_expert_count(config, path)
@@ -282,12 +300,12 @@ def is_hf_run(config: dict[str, Any]) -> bool:
     return str(config.get("model", "")).startswith(HF_PREFIX)
 
 
-def builtin_run(path: str | Path) -> RunDir:
+def builtin_run(path: str | Path | RunDir) -> RunDir:
     """`load_run` of a run of a built-in model: a run of your own module (from `fit`) is refused, since
     nothing here can rebuild its class.
 
     Args:
-        path: the run directory.
+        path: the run directory, or the RunDir already read.
 
     Returns:
         The RunDir.
@@ -295,7 +313,7 @@ def builtin_run(path: str | Path) -> RunDir:
     Raises:
         BadInput: not a run directory, or a run of your own module.
     """
-    run = load_run(path)
+    run = path if isinstance(path, RunDir) else load_run(path)
     if is_module_run(run.config):
         raise BadInput(f"{run.path} holds a {run.config['model'].removeprefix(MODULE_PREFIX)} trained with "
                        "deploytool.fit: build that module yourself, load the weights with "
@@ -308,17 +326,73 @@ def builtin_run(path: str | Path) -> RunDir:
 MODULE_KINDS = tuple(name for name, kind in TARGET_KINDS.items() if kind.holds_module)
 
 
+def is_hf_config(config: Any) -> bool:
+    """A transformers config.json: it names a `model_type` and no deploytool model."""
+    return isinstance(config, dict) and isinstance(config.get("model_type"), str) and "model" not in config
+
+
+def _folder_config(path: Path) -> tuple[bool, Any]:
+    """(whether `path` is a directory with a config.json, that config or None when it cannot be read)."""
+    if not (path.is_dir() and (path / io.CONFIG_FILE).is_file()):
+        return False, None
+    try:
+        return True, read_config(path, "config")
+    except BadInput:
+        return True, None
+
+
+def folder_config(path: str | Path) -> Any:
+    """A directory's config.json, read once; None when there is none or it cannot be read (whoever
+    needs it then says why, reading it again on that error path only).
+
+    Args:
+        path: a run directory or Hugging Face folder (anything else gives None).
+
+    Returns:
+        The parsed config.json, or None.
+    """
+    return _folder_config(Path(path))[1]
+
+
 def is_hf_folder(path: str | Path) -> bool:
     """A transformers `save_pretrained` folder: config.json names a `model_type` and no deploytool model."""
-    path = Path(path)
-    config_path = path / io.CONFIG_FILE
-    if not (path.is_dir() and config_path.is_file()):
-        return False
-    try:
-        config = io.read_json(config_path, "config")
-    except BadInput:
-        return False
-    return isinstance(config, dict) and isinstance(config.get("model_type"), str) and "model" not in config
+    return is_hf_config(_folder_config(Path(path))[1])
+
+
+@dataclass
+class HFFolder:
+    """A Hugging Face `save_pretrained` folder as read: its path and config.json.
+
+    Attributes:
+        path: the folder.
+        config: its config.json (transformers').
+    """
+
+    path: Path
+    config: dict[str, Any]
+
+
+def run_or_hf_folder(path: str | Path | RunDir | HFFolder) -> RunDir | HFFolder:
+    """A run directory or a Hugging Face folder, its config.json read once (what open_module, commit and
+    report take instead of reading it again).
+
+    Args:
+        path: the directory (a RunDir or HFFolder is returned as it is).
+
+    Returns:
+        The HFFolder, or the RunDir (checked as load_run checks it).
+
+    Raises:
+        BadInput: not a directory, no config.json, or a run directory load_run refuses.
+    """
+    if isinstance(path, (RunDir, HFFolder)):
+        return path
+    path = io.check_path(path, "run directory")
+    if not path.is_dir():
+        raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
+                       "save_pretrained folder")
+    config = read_config(path)
+    return HFFolder(path, config) if is_hf_config(config) else load_run(path, config=config)
 
 
 def artifact_kind(path: str | Path) -> str:
@@ -333,20 +407,34 @@ def artifact_kind(path: str | Path) -> str:
     Raises:
         BadInput: anything else, saying what was expected.
     """
+    return kind_and_config(Path(path))[0]
+
+
+def kind_and_config(path: str | Path) -> tuple[str, Any]:
+    """artifact_kind's answer, and a directory's config.json as it read it, so that it is not read again.
+
+    Args:
+        path: a run directory, a Hugging Face save_pretrained folder, an ONNX model or an engine.
+
+    Returns:
+        (a key of TARGET_KINDS, the parsed config.json or None when none was read).
+
+    Raises:
+        BadInput: a path that is none of those, saying what was expected.
+    """
     path = Path(path)
     if path.is_dir():
-        if is_hf_folder(path):
-            return "hf"
-        if (path / io.CONFIG_FILE).is_file():
-            return "run"
+        has_config, config = _folder_config(path)
+        if has_config:
+            return ("hf" if is_hf_config(config) else "run"), config
         raise BadInput(f"{path} is a directory without {io.CONFIG_FILE}; give a run directory from `deploytool train` "
                        "or a Hugging Face save_pretrained folder")
     if not path.exists():
         raise BadInput(f"{path} does not exist")
     if path.suffix.lower() == ".onnx":
-        return "onnx"
+        return "onnx", None
     if path.suffix.lower() in ENGINE_SUFFIXES:
-        return "engine"
+        return "engine", None
     raise BadInput(f"{path} is neither a run directory, an .onnx file nor a TensorRT engine "
                    f"({', '.join(ENGINE_SUFFIXES)})")
 
@@ -364,11 +452,15 @@ def open_artifact(path: str | Path) -> Artifact:
         BadInput: a path that is none of those, or a broken file, manifest or signature.
     """
     path = Path(path)
-    kind = artifact_kind(path)
+    return _read_artifact(path, artifact_kind(path))
+
+
+def _read_artifact(path: Path, kind: str, onnx_model: Any = None) -> Artifact:
+    """open_artifact of a path whose kind is known (an ONNX model already parsed given as `onnx_model`)."""
     if kind in MODULE_KINDS:
         return Artifact(path, kind, source_run=path)
     if kind == "onnx":
-        model = load_onnx(path)
+        model = load_onnx(path) if onnx_model is None else onnx_model
         metadata = {p.key: p.value for p in model.metadata_props}
         inputs, outputs = graph_signature(model)
         stored = from_json(metadata[META_KEY], str(path)) if META_KEY in metadata else None
@@ -400,27 +492,104 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     raise BadInput(f"checkpoint {path} does not exist (give a run directory or its model.safetensors)")
 
 
-@dataclass
-class Target(Artifact):
-    """A target resolved for a command: the artifact, and what each reader takes from it.
+class Target:
+    """A target resolved for a command: its kind at once; the rest read on first use, once.
+
+    Only the kind is known when it is made (a directory's config.json read to tell a run from a Hugging
+    Face folder, and kept): the ONNX model is parsed, the manifest read and the source run opened when
+    something asks for them, so `load` of an ONNX model parses nothing with the onnx package (ONNX
+    Runtime reads it) and `package` parses it once.
 
     Attributes:
+        path: the target.
+        kind: a key of TARGET_KINDS.
+        weights: a weights file given as the checkpoint instead of the source's own.
+        signature: the model signature (None for a module kind: the torch runner traces it).
+        metadata: deploytool's metadata ({} for a module kind).
+        source_run: the run directory the target is or records.
         source: the run directory or Hugging Face folder that holds the module's weights: the
             checkpoint given, else the target itself (a module kind), else the run an export records
             while it still exists; None when none is known.
-        weights: a weights file given as the checkpoint instead of the source's own.
         source_found: the source came from the model's metadata, not from the user.
         onnx_path: the ONNX model the onnxruntime backends read (the target, a run's model.onnx, or
             the ONNX model an engine was built from while that file is unchanged); None when none.
         engine_path: the engine the tensorrt backend reads; None when the target is no engine.
     """
 
-    weights: Path | None = None
-    source: Path | None = None
-    source_found: bool = False
-    onnx_path: Path | None = None
-    engine_path: Path | None = None
-    _run: RunDir | None = field(default=None, repr=False)
+    def __init__(self, path: Path, kind: str, *, config: Any = None, checkpoint: str | Path | None = None,
+                 find_onnx: bool = True):
+        self.path, self.kind, self._config, self._find_onnx = path, kind, config, find_onnx
+        self._given, self.weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+        self._artifact: Artifact | None = None
+        self._onnx_model: Any = None
+        self._opened: RunDir | HFFolder | None = None
+        self._onnx_path: Any = _UNSET
+
+    @property
+    def reader(self) -> str:
+        """The artifact a backend reads it as: "run", "onnx" or "engine"."""
+        return reader_of(self.kind)
+
+    def onnx_model(self) -> Any:
+        """The ONNX target's onnx.ModelProto (external data not loaded), parsed once.
+
+        Raises:
+            BadInput: not an ONNX target, or a file that is not an ONNX model.
+        """
+        if self.kind != "onnx":
+            raise BadInput(f"{self.path} is a {self.kind}, not an ONNX model")
+        if self._onnx_model is None:
+            self._onnx_model = load_onnx(self.path)
+        return self._onnx_model
+
+    def artifact(self) -> Artifact:
+        """The artifact as open_artifact reads it (signature, metadata, source run), read once."""
+        if self._artifact is None:
+            self._artifact = _read_artifact(self.path, self.kind,
+                                            self.onnx_model() if self.kind == "onnx" else None)
+        return self._artifact
+
+    @property
+    def signature(self) -> ModelSignature | None:
+        return self.artifact().signature
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.artifact().metadata
+
+    @property
+    def source_run(self) -> Path | None:
+        return self.path if self.kind in MODULE_KINDS else self.artifact().source_run
+
+    @property
+    def source(self) -> Path | None:
+        if self._given is not None:
+            return self._given
+        return self.path if self.kind in MODULE_KINDS else self.source_run
+
+    @property
+    def source_found(self) -> bool:
+        return self._given is None and self.kind not in MODULE_KINDS and self.source_run is not None
+
+    @property
+    def onnx_path(self) -> Path | None:
+        if self._onnx_path is _UNSET:
+            if self.kind in MODULE_KINDS:
+                onnx = self.path / "model.onnx"
+                self._onnx_path = onnx if onnx.is_file() else None
+            elif self.kind == "onnx":
+                self._onnx_path = self.path
+            else:
+                self._onnx_path = engine_onnx(self.path) if self._find_onnx else None
+        return self._onnx_path
+
+    @onnx_path.setter
+    def onnx_path(self, value: Path | None) -> None:  # bench's temporary export of a run
+        self._onnx_path = value
+
+    @property
+    def engine_path(self) -> Path | None:
+        return self.path if self.kind == "engine" else None
 
     def file_for(self, reader: str) -> Path | None:
         """The path a backend reading `reader` ("run", "onnx", "engine") takes; None when there is none."""
@@ -443,7 +612,27 @@ class Target(Artifact):
     @property
     def source_is_hf(self) -> bool:
         """Whether the source is a Hugging Face folder (no run config, no data set)."""
-        return self.source is not None and is_hf_folder(self.source)
+        if self.source is None:
+            return False
+        try:
+            return isinstance(self.opened(), HFFolder)
+        except BadInput:  # a broken source run: `run()` says what is wrong with it
+            return False
+
+    def opened(self) -> RunDir | HFFolder | None:
+        """The source as run_or_hf_folder reads it (its config.json read once per command: the one
+        artifact_kind read for the target itself); None when there is no source.
+
+        Raises:
+            BadInput: a source that is not a readable run directory or folder.
+        """
+        if self._opened is None and self.source is not None:
+            if self._given is None and self.kind in MODULE_KINDS and self._config is not None:
+                self._opened = (HFFolder(self.path, self._config) if self.kind == "hf"
+                                else load_run(self.path, config=self._config))
+            else:
+                self._opened = run_or_hf_folder(self.source)
+        return self._opened
 
     def run(self) -> RunDir | None:
         """The source run directory, read and checked once (None for a Hugging Face folder or no source).
@@ -451,9 +640,8 @@ class Target(Artifact):
         Raises:
             BadInput: a source that is not a readable run directory (see load_run).
         """
-        if self._run is None and self.source is not None and not self.source_is_hf:
-            self._run = load_run(self.source)
-        return self._run
+        opened = self.opened()
+        return opened if isinstance(opened, RunDir) else None
 
     def run_config(self) -> dict[str, Any] | None:
         """The source run's config.json (None for a Hugging Face folder or no source)."""
@@ -461,8 +649,13 @@ class Target(Artifact):
         return run.config if run is not None else None
 
 
+#: a lazily computed attribute not computed yet
+_UNSET = object()
+
+
 def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None, find_onnx: bool = True) -> Target:
-    """Resolve a command's target: its kind, signature, metadata, source of weights and readers' files.
+    """Resolve a command's target: its kind now; its signature, metadata, source of weights and readers'
+    files when first asked (see Target).
 
     Args:
         path: a run directory, a Hugging Face folder, an ONNX model or a TensorRT engine.
@@ -475,19 +668,12 @@ def resolve_target(path: str | Path, *, checkpoint: str | Path | None = None, fi
         The Target (a module kind's signature is None: the torch runner traces it).
 
     Raises:
-        BadInput: a path or checkpoint that is none of those, or a broken file, manifest or signature.
+        BadInput: a path or checkpoint that is none of those; a broken file, manifest or signature when
+            it is read.
     """
-    art = open_artifact(path)
-    source, weights = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-    found = source is None and art.source_run is not None and art.kind not in MODULE_KINDS
-    if art.kind in MODULE_KINDS:
-        onnx = art.path / "model.onnx"
-        return Target(art.path, art.kind, None, {}, art.source_run, weights=weights, source=source or art.path,
-                      onnx_path=onnx if onnx.is_file() else None)
-    onnx = art.path if art.kind == "onnx" else engine_onnx(art.path) if find_onnx else None
-    return Target(art.path, art.kind, art.signature, art.metadata, art.source_run, weights=weights,
-                  source=source or art.source_run, source_found=found, onnx_path=onnx,
-                  engine_path=art.path if art.kind == "engine" else None)
+    path = Path(path)
+    kind, config = kind_and_config(path)
+    return Target(path, kind, config=config, checkpoint=checkpoint, find_onnx=find_onnx)
 
 
 def engine_onnx(engine: Path) -> Path | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import builtin_run, is_hf_folder, is_hf_run, load_run
+from deploytool.artifacts import HFFolder, RunDir, builtin_run, is_hf_run, load_run, run_or_hf_folder
 from deploytool.errors import BadInput
 
 
@@ -39,12 +39,17 @@ class ModuleSource:
     run_config: dict[str, Any] | None = None
 
 
-def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k: int | None = None) -> ModuleSource:
+def open_module(path: str | Path | RunDir | HFFolder, *, checkpoint: str | Path | None = None,
+                top_k: int | None = None) -> ModuleSource:
     """The module a run directory or Hugging Face folder holds, ready to run or export.
+
+    Its config.json is read once (artifacts.run_or_hf_folder), or not at all when `path` is a run or
+    folder already read.
 
     Args:
         path: a run directory of a built-in model or of a transformers model (fit or commit of a language
-            model: rebuilt from the config it recorded), or a transformers `save_pretrained` folder.
+            model: rebuilt from the config it recorded), or a transformers `save_pretrained` folder; or
+            either as artifacts.run_or_hf_folder read it.
         checkpoint: other weights for a run directory.
         top_k: experts per token of a Hugging Face model's routers (None: its own, or the run's).
 
@@ -57,11 +62,16 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
     """
     from deploytool.models import example_inputs
 
-    path = io.check_path(path)
-    if not path.is_dir():
-        raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
-                       "save_pretrained folder")
-    if is_hf_folder(path):
+    if not isinstance(path, (RunDir, HFFolder)):
+        path = io.check_path(path)
+        if not path.is_dir():
+            raise BadInput(f"{path} does not exist or is not a directory: give a run directory or a Hugging Face "
+                           "save_pretrained folder")
+        if not (path / io.CONFIG_FILE).is_file():
+            builtin_run(path)  # says what is missing, as before
+    opened = run_or_hf_folder(path)
+    path = opened.path
+    if isinstance(opened, HFFolder):
         from deploytool import hf
 
         if checkpoint is not None:
@@ -69,16 +79,14 @@ def open_module(path: str | Path, *, checkpoint: str | Path | None = None, top_k
         model = hf.load_folder(path, top_k=top_k)
         example = hf.example_inputs(model)
         return ModuleSource(model, example, hf.dynamic_dims(example), path, sorted(path.glob("*.safetensors")))
-    if (path / io.CONFIG_FILE).is_file():
-        run = load_run(path)
-        if is_hf_run(run.config):
-            return _open_hf_run(run, checkpoint, top_k)
+    if is_hf_run(opened.config):
+        return _open_hf_run(opened, checkpoint, top_k)
     if top_k is not None:
         raise BadInput(f"top-k applies to a Hugging Face MoE model; {path} is a run of a deploytool model "
                        "(its routers pick one expert)")
-    run = builtin_run(path)
+    run = builtin_run(opened)
     weights = Path(checkpoint) if checkpoint else run.weights
-    return ModuleSource(load_model(run.path, weights), example_inputs(run.config), {}, run.path, [weights],
+    return ModuleSource(load_model(run, weights), example_inputs(run.config), {}, run.path, [weights],
                         run.config)
 
 
@@ -109,11 +117,11 @@ def _open_hf_run(run: Any, checkpoint: str | Path | None, top_k: int | None) -> 
     return ModuleSource(model.eval(), example, hf.dynamic_dims(example), run.path, [weights], run.config)
 
 
-def load_model(path: str | Path, checkpoint: str | Path | None = None):
+def load_model(path: str | Path | RunDir, checkpoint: str | Path | None = None):
     """Rebuild the built-in model of a run directory and load its safetensors weights, in eval mode.
 
     Args:
-        path: the run directory.
+        path: the run directory, or the RunDir already read (its config.json is not read again).
         checkpoint: other weights to load instead of the run's own.
 
     Returns:

@@ -40,11 +40,15 @@ COMMIT_DISTILL = 1.0
 
 @dataclass
 class LMSettings:
-    """How the LM loop runs.
+    """How the LM loop runs: `fit_lm`'s loop settings, each value checked when the object is made.
+
+    The budget is `steps` or `tokens` (one of them); tokens round up to whole steps of batch_size x
+    seq_len, and `steps` holds the steps the run takes from then on.
 
     Args:
         seq_len: tokens per window.
         steps: optimizer steps.
+        tokens: the budget in training tokens instead of steps.
         batch_size: windows per step.
         lr: AdamW learning rate (cosine decay to 0 after a warmup of 5% of the steps, or constant).
         lr_schedule: cosine or constant.
@@ -53,10 +57,13 @@ class LMSettings:
         temperature: the routers' temperature at the start.
         temperature_end: at the end (None: constant).
         checkpoint_every: write a checkpoint every this many steps (0: only on Ctrl-C).
+
+    Raises:
+        BadInput: both budgets or neither, or a value of the wrong type or out of range, named.
     """
 
     seq_len: int = 128
-    steps: int = 100
+    steps: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     lr_schedule: str = "cosine"
@@ -65,17 +72,18 @@ class LMSettings:
     temperature: float = 1.0
     temperature_end: float | None = None
     checkpoint_every: int = 0
+    tokens: int | None = None
 
     def __post_init__(self):
         from deploytool.losses import check_temperature
         from deploytool.tokens import check_seq_len
 
         check_seq_len(self.seq_len)
-        for name in ("steps", "batch_size", "seed", "checkpoint_every"):
-            value = getattr(self, name)
-            least = 1 if name in ("steps", "batch_size") else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise BadInput(f"{name} must be a whole number >= {least}, got {value!r}")
+        _check_whole(self, "batch_size", 1)
+        self.steps = budget_steps(self.steps, self.tokens, seq_len=self.seq_len, batch_size=self.batch_size)
+        self.tokens = None  # spent: `steps` is the budget from here on (a resume compares the steps)
+        for name in ("seed", "checkpoint_every"):
+            _check_whole(self, name, 0)
         if self.steps > MAX_STEPS:
             raise BadInput(f"steps={self.steps} is more than the {MAX_STEPS} a run may take")
         if self.batch_size * self.seq_len > 1 << 24:
@@ -104,7 +112,16 @@ class LMSettings:
         return self.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(self.steps - warmup, 1)))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as config.json and a checkpoint record them (the budget in steps)."""
+        settings = asdict(self)
+        settings.pop("tokens")
+        return settings
+
+
+def _check_whole(settings: Any, name: str, least: int) -> None:
+    value = getattr(settings, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise BadInput(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
 def budget_steps(steps: int | None, tokens: int | None, *, seq_len: int, batch_size: int) -> int:
@@ -348,36 +365,45 @@ def unshared(state: dict[str, Any]) -> dict[str, Any]:
 
 # --- fit ---------------------------------------------------------------------------------------------
 
-def fit(model: Any, train_data: Any, **options: Any) -> RunDir:
+def fit(model: Any, data: Any, *, out: str | Path, loop: Any, **options: Any) -> RunDir:
     """Train your own module with deploytool routers: class data goes to training.fit, token data to fit_lm.
 
     Args:
         model: a torch nn.Module with deploytool routers (or a transformers MoE model from from_hf).
-        train_data: (x, y) for a classifier; a token file or tokens.TokenStream for a language model.
-        **options: the options of training.fit or of fit_lm.
+        data: (x, y) for a classifier; a token file or tokens.TokenStream for a language model.
+        out: the run directory to write.
+        loop: the loop's settings: a recipes.LoopSettings for (x, y), an LMSettings for token data.
+        **options: the other options of training.fit (test_data, loss_fn, progress, force) or of fit_lm
+            (loss, top_k, test_data, test_fraction, tokenizer, resume, eval_tokens, progress, force).
 
     Returns:
         The RunDir.
 
     Raises:
-        BadInput: as training.fit or fit_lm.
+        BadInput: settings of the other kind of data, or as training.fit or fit_lm.
     """
+    from deploytool.recipes import LoopSettings
     from deploytool.tokens import is_token_source
 
-    if is_token_source(train_data):
-        return fit_lm(model, train_data, **options)
+    if is_token_source(data):
+        if not isinstance(loop, LMSettings):
+            raise BadInput(f"token data trains with loop=LMSettings(...) (seq_len, steps or tokens, ...), got "
+                           f"{type(loop).__name__}")
+        return fit_lm(model, data, out=out, loop=loop, **options)
+    if not isinstance(loop, LoopSettings):
+        raise BadInput(f"(x, y) data trains with loop=LoopSettings(...) (epochs, lr, ...), got {type(loop).__name__}")
     from deploytool.training import fit as fit_classes
 
-    return fit_classes(model, train_data, **options)
+    return fit_classes(model, data, out=out, loop=loop, **options)
 
 
-def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, seq_len: int = 128,
-           steps: int | None = None, tokens: int | None = None, test_data: Any = None, test_fraction: float = 0.1,
-           tokenizer: str | Path | None = None, batch_size: int = 16, lr: float = 1e-3, lr_schedule: str = "cosine",
-           weight_decay: float = 0.0, seed: int = 0, temperature: float = 1.0, temperature_end: float | None = None,
-           penalty: str | None = None, alpha: float = 0.0, balance: str = "switch", beta: float = 0.01,
-           checkpoint_every: int = 0, resume: bool = False, eval_tokens: int | None = None, progress: bool = True,
-           force: bool = False) -> RunDir:
+#: what an LM run's config.json records as "fit" when the routers keep their own routing losses
+_OWN_LOSSES = {"penalty": None, "alpha": 0.0, "balance": "switch", "beta": 0.01}
+
+
+def fit_lm(model: Any, data: Any, *, out: str | Path, loop: LMSettings, loss: Any = None, top_k: int | None = None,
+           test_data: Any = None, test_fraction: float = 0.1, tokenizer: str | Path | None = None,
+           resume: bool = False, eval_tokens: int | None = None, progress: bool = True, force: bool = False) -> RunDir:
     """Train a language model with deploytool routers on token data and write a run directory.
 
     Args:
@@ -386,28 +412,16 @@ def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, 
             save_pretrained folder or an LM run directory (checkpoints.open_module).
         data: token ids (.npz, .npy, .bin), a text file, or a tokens.TokenStream.
         out: the run directory to write.
+        loop: the loop's settings (seq_len, the budget in steps or tokens, batch size, lr, temperatures,
+            checkpoint_every).
+        loss: an nn.RoutingLoss every router gets (see `routing_loss`); None keeps the routers' own (a
+            converted model's routers have none).
         top_k: experts per token of a model given by path (None: its own).
-        seq_len: tokens per window.
-        steps: the budget in optimizer steps (or `tokens`).
-        tokens: the budget in training tokens.
         test_data: held-out token data (default: the last `test_fraction` of `data`).
         test_fraction: the share of `data` held out without `test_data`.
         tokenizer: a model folder whose tokenizer reads text files (default: the model's folder when given
             by path; else bytes).
-        batch_size: windows per step.
-        lr: AdamW learning rate.
-        lr_schedule: cosine or constant.
-        weight_decay: AdamW weight decay.
-        seed: seeds torch and the windows.
-        temperature: the routers' temperature at the start.
-        temperature_end: at the end (None: constant).
-        penalty: set every router's routing loss (frank | entropy | none) with alpha, balance, beta; None
-            keeps the routers' own (a converted model's routers have none).
-        alpha: the penalty's weight.
-        balance: the balance term (entropy | switch | none).
-        beta: its weight.
-        checkpoint_every: a checkpoint every this many steps at `<out>.checkpoint` (0: only on Ctrl-C).
-        resume: continue from that checkpoint.
+        resume: continue from the checkpoint at `<out>.checkpoint`.
         eval_tokens: held-out tokens measured (default metrics.LM_EVAL_TOKENS).
         progress: draw a progress bar.
         force: replace a run directory at `out`.
@@ -424,6 +438,8 @@ def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, 
     from deploytool.tokens import load_tokens, split_tokens
     from deploytool.training import check_run_target
 
+    _check_settings(loop, LMSettings, "loop")
+    _check_loss(loss)
     if isinstance(model, (str, Path)):
         from deploytool.checkpoints import open_module
 
@@ -433,24 +449,59 @@ def fit_lm(model: Any, data: Any, *, out: str | Path, top_k: int | None = None, 
         _set_top_k(model, top_k)
     _check_model(model)
     progress = progress and distributed()[0] == 0
-    steps = budget_steps(steps, tokens, seq_len=seq_len, batch_size=batch_size)
-    settings = LMSettings(seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-                          weight_decay=weight_decay, seed=seed, temperature=temperature,
-                          temperature_end=temperature_end, checkpoint_every=checkpoint_every)
     out = check_run_target(out, force)
     train, held = split_tokens(load_tokens(data, tokenizer=tokenizer), test_data, test_fraction=test_fraction,
                                tokenizer=tokenizer)
-    if penalty is not None:
-        _set_routing_loss(model, _routing_loss(penalty, alpha, balance, beta))
-    torch.manual_seed(seed)
-    run = lm_loop(model, train, settings, checkpoint=checkpoint_dir(out), resume=resume, progress=progress,
+    if loss is not None:
+        _set_routing_loss(model, loss)
+    torch.manual_seed(loop.seed)
+    run = lm_loop(model, train, loop, checkpoint=checkpoint_dir(out), resume=resume, progress=progress,
                   label="fit")
-    metrics = lm_metrics(model, held, seq_len=seq_len, max_tokens=eval_tokens or LM_EVAL_TOKENS)
+    metrics = lm_metrics(model, held, seq_len=loop.seq_len, max_tokens=eval_tokens or LM_EVAL_TOKENS)
     metrics.update(heldout=held.name, train_data=train.name, train_seconds=round(run["seconds"], 3),
-                   steps=run["steps"], train_tokens=run["tokens"], seed=seed, processes=distributed()[1])
-    config = lm_run_config(model, settings, fit={"penalty": penalty, "alpha": alpha, "balance": balance,
-                                                 "beta": beta})
+                   steps=run["steps"], train_tokens=run["tokens"], seed=loop.seed, processes=distributed()[1])
+    config = lm_run_config(model, loop, fit=_loss_dict(loss) if loss is not None else dict(_OWN_LOSSES))
     return write_lm_run(out, model, config, metrics, f"{config['model']} fitted", force=force)
+
+
+def routing_loss(*, penalty: str = "frank", alpha: float = 0.0, balance: str = "switch",
+                 beta: float = 0.01) -> Any:
+    """An nn.RoutingLoss, checked: what `fit_lm(loss=)` and `commit_lm(loss=)` take.
+
+    Args:
+        penalty: the confidence penalty (frank | entropy | none).
+        alpha: its weight (>= 0).
+        balance: the balance term (entropy | switch | none).
+        beta: its weight (>= 0).
+
+    Returns:
+        The RoutingLoss.
+
+    Raises:
+        BadInput: an unknown term or a bad weight, named.
+    """
+    from deploytool.nn import RoutingLoss
+
+    try:
+        return RoutingLoss(penalty=penalty, alpha=alpha, balance=balance, beta=beta)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _loss_dict(loss: Any) -> dict[str, Any]:
+    return {"penalty": loss.penalty, "alpha": loss.alpha, "balance": loss.balance, "beta": loss.beta}
+
+
+def _check_loss(loss: Any) -> None:
+    from deploytool.nn import RoutingLoss
+
+    if loss is not None and not isinstance(loss, RoutingLoss):
+        raise BadInput(f"loss must be a deploytool.nn.RoutingLoss (or None), got {type(loss).__name__}")
+
+
+def _check_settings(settings: Any, kind: type, name: str) -> None:
+    if not isinstance(settings, kind):
+        raise BadInput(f"{name} must be a {kind.__name__}, got {type(settings).__name__}")
 
 
 def _check_model(model: Any) -> None:
@@ -463,15 +514,6 @@ def _check_model(model: Any) -> None:
     if not named_routers(model):
         raise BadInput(f"{type(model).__name__} has no deploytool router: convert a transformers MoE model with "
                        "deploytool.from_hf")
-
-
-def _routing_loss(penalty: str, alpha: float, balance: str, beta: float):
-    from deploytool.nn import RoutingLoss
-
-    try:
-        return RoutingLoss(penalty=penalty, alpha=alpha, balance=balance, beta=beta)
-    except (ValueError, TypeError) as exc:
-        raise BadInput(str(exc)) from exc
 
 
 def _set_routing_loss(model: Any, loss: Any, targets: dict[str, Any] | None = None, guard: float = 0.0) -> None:
@@ -561,13 +603,114 @@ def write_lm_run(out: Path, model: Any, config: dict[str, Any], metrics: dict[st
 
 # --- commit ------------------------------------------------------------------------------------------
 
-def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 128, steps: int | None = None,
-              tokens: int | None = None, test_data: Any = None, test_fraction: float = 0.1,
-              batch_size: int = 16, lr: float = COMMIT_LR, penalty: str = "frank", alpha: float = COMMIT_ALPHA,
-              balance: str = "entropy", beta: float = COMMIT_BETA, guard: float = COMMIT_GUARD,
-              distill: float = COMMIT_DISTILL, temperature_end: float = COMMIT_TEMPERATURE_END,
-              straight_through: bool = False, seed: int = 0, checkpoint_every: int = 0, resume: bool = False,
-              eval_tokens: int | None = None, progress: bool = True, force: bool = False) -> RunDir:
+#: a commit's budget when neither steps nor tokens is given
+COMMIT_STEPS = 200
+#: LMCommitSettings fields a built-in commit has no counterpart of (named when they are given there)
+LM_ONLY = ("seq_len", "steps", "tokens", "distill", "straight_through", "checkpoint_every", "resume",
+           "eval_tokens", "test_fraction")
+
+
+@dataclass(frozen=True)
+class LMCommitSettings:
+    """How `commit_lm` fine-tunes a top-k language model to top-1; each value checked when it is made.
+
+    The defaults are the ones measured on the tiny Mixtral-like LM of docs/routing.md; `default_loss()`
+    gives the routing loss they go with.
+
+    Args:
+        seq_len: tokens per window.
+        steps: the budget in optimizer steps (or `tokens`; neither: COMMIT_STEPS).
+        tokens: the budget in training tokens (rounded up to whole steps).
+        batch_size: windows per step.
+        lr: AdamW learning rate (warmup, cosine decay).
+        guard: the load guard's weight (0: off).
+        distill: the weight of the KL to the original model's next-token distribution, 0..1 (the LM loss
+            gets 1 - distill).
+        temperature_end: the routers' final (deployed) temperature.
+        straight_through: let the LM loss reach the routers at k = 1 (off: measured worse).
+        seed: seeds torch and the windows.
+        checkpoint_every: a checkpoint every this many steps at `<out>.checkpoint` (0: only on Ctrl-C).
+        resume: continue from that checkpoint.
+        eval_tokens: held-out tokens measured (None: metrics.LM_EVAL_TOKENS).
+        test_fraction: the share of the data held out without test data.
+
+    Raises:
+        BadInput: both budgets, or a value of the wrong type or out of range, named.
+    """
+
+    seq_len: int = 128
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int = 16
+    lr: float = COMMIT_LR
+    guard: float = COMMIT_GUARD
+    distill: float = COMMIT_DISTILL
+    temperature_end: float = COMMIT_TEMPERATURE_END
+    straight_through: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
+    eval_tokens: int | None = None
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        self.loop(1.0)  # seq_len, the budget, batch_size, lr, seed, checkpoint_every, temperature_end
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
+            raise BadInput(f"distill must be a number from 0 to 1, got {self.distill!r}")
+        check_guard(self.guard)
+        for name in ("straight_through", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInput(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.eval_tokens is not None:
+            _check_whole(self, "eval_tokens", 1)
+        value = self.test_fraction
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise BadInput(f"test_fraction must be a number between 0 and 1, got {value!r}")
+
+    @property
+    def total_steps(self) -> int:
+        """The optimizer steps the budget comes to."""
+        if self.steps is None and self.tokens is None:
+            return COMMIT_STEPS
+        return budget_steps(self.steps, self.tokens, seq_len=self.seq_len, batch_size=self.batch_size)
+
+    def loop(self, temperature: float) -> LMSettings:
+        """The LM loop's settings, its temperature annealed from `temperature` (the routers' own)."""
+        return LMSettings(seq_len=self.seq_len, steps=self.total_steps, batch_size=self.batch_size, lr=self.lr,
+                          seed=self.seed, temperature=temperature, temperature_end=self.temperature_end,
+                          checkpoint_every=self.checkpoint_every)
+
+    def lm_only(self) -> list[str]:
+        """The fields given other values than their defaults that a built-in commit has no counterpart of."""
+        return [name for name in LM_ONLY if getattr(self, name) != getattr(_LM_COMMIT_DEFAULTS, name)]
+
+    @staticmethod
+    def default_loss(**changes: Any) -> Any:
+        """The routing loss an LM commit uses by default (frank penalty COMMIT_ALPHA, entropy balance
+        COMMIT_BETA), with `changes` (penalty, alpha, balance, beta) on top.
+
+        Returns:
+            The nn.RoutingLoss.
+
+        Raises:
+            BadInput: a bad change, named.
+        """
+        return routing_loss(**{"penalty": "frank", "alpha": COMMIT_ALPHA, "balance": "entropy",
+                               "beta": COMMIT_BETA, **changes})
+
+
+def check_guard(guard: Any) -> None:
+    """Refuse a load-guard weight that is not a finite number >= 0.
+
+    Raises:
+        BadInput: naming the guard.
+    """
+    if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard) or guard < 0:
+        raise BadInput(f"guard (the load guard's weight) must be a finite number >= 0, got {guard!r}")
+
+
+def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, settings: LMCommitSettings | None = None,
+              loss: Any = None, test_data: Any = None, progress: bool = True, force: bool = False) -> RunDir:
     """Make a top-k MoE language model commit to top-1: fine-tune it at k = 1 until every router is confident.
 
     Every router picks one expert from the first step (what deployment runs); the loss is the causal-LM
@@ -582,29 +725,13 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
     (docs/routing.md), the experts then chase a routing that keeps changing.
 
     Args:
-        model_or_path: a model with deploytool routers (from_hf), a save_pretrained folder or an LM run dir.
+        model_or_path: a model with deploytool routers (from_hf), a save_pretrained folder or an LM run dir
+            (a path, or as artifacts.run_or_hf_folder read it: its config.json is not read again).
         data: token data (.npz, .npy, .bin, a text file) or a tokens.TokenStream.
         out: the new run directory (never inside the input).
-        seq_len: tokens per window.
-        steps: the budget in optimizer steps (or `tokens`).
-        tokens: the budget in training tokens.
-        test_data: held-out token data (default: the last `test_fraction` of `data`).
-        test_fraction: the share of `data` held out without `test_data`.
-        batch_size: windows per step.
-        lr: AdamW learning rate (warmup, cosine decay).
-        penalty: the confidence penalty (frank | entropy | none).
-        alpha: its weight.
-        balance: the balance term (entropy | switch | none).
-        beta: its weight.
-        guard: the load guard's weight (0: off).
-        distill: the weight of the KL to the original model's next-token distribution, 0..1 (the LM loss
-            gets 1 - distill).
-        temperature_end: the routers' final (deployed) temperature.
-        straight_through: let the LM loss reach the routers at k = 1 (off: measured worse).
-        seed: seeds torch and the windows.
-        checkpoint_every: a checkpoint every this many steps at `<out>.checkpoint` (0: only on Ctrl-C).
-        resume: continue from that checkpoint.
-        eval_tokens: held-out tokens measured (default metrics.LM_EVAL_TOKENS).
+        settings: the commit's settings (None: LMCommitSettings(), the measured defaults).
+        loss: the routers' nn.RoutingLoss (None: LMCommitSettings.default_loss()).
+        test_data: held-out token data (default: the last `settings.test_fraction` of `data`).
         progress: draw a progress bar.
         force: replace a run directory at `out`.
 
@@ -617,18 +744,25 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
     """
     import torch
 
+    from deploytool.artifacts import HFFolder
     from deploytool.metrics import LM_EVAL_TOKENS, lm_logits, lm_metrics, router_k
     from deploytool.nn import named_routers
     from deploytool.tokens import IGNORE, load_tokens, split_tokens
     from deploytool.training import check_run_target
 
+    settings = LMCommitSettings() if settings is None else settings
+    _check_settings(settings, LMCommitSettings, "settings")
+    _check_loss(loss)
+    loss = LMCommitSettings.default_loss() if loss is None else loss
+    s = settings
     tokenizer = None
     source_path = None
-    if isinstance(model_or_path, (str, Path)):
+    if isinstance(model_or_path, (str, Path, RunDir, HFFolder)):
         from deploytool.checkpoints import open_module
 
-        source_path = Path(model_or_path)
-        model = open_module(source_path).module
+        read = isinstance(model_or_path, (RunDir, HFFolder))
+        source_path = Path(model_or_path.path if read else model_or_path)
+        model = open_module(model_or_path).module
         tokenizer = source_path
         resolved = Path(out).resolve()
         if resolved == source_path.resolve() or source_path.resolve() in resolved.parents:
@@ -637,23 +771,17 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
         model = model_or_path
     _check_model(model)
     progress = progress and distributed()[0] == 0
-    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0 <= distill <= 1:
-        raise BadInput(f"distill must be a number from 0 to 1, got {distill!r}")
-    if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard) or guard < 0:
-        raise BadInput(f"guard (the load guard's weight) must be a finite number >= 0, got {guard!r}")
-    loss = _routing_loss(penalty, alpha, balance, beta)
-    steps = budget_steps(steps, tokens, seq_len=seq_len, batch_size=batch_size)
     start_t = float(named_routers(model)[0][1].temperature)
-    settings = LMSettings(seq_len=seq_len, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                          temperature=start_t, temperature_end=temperature_end, checkpoint_every=checkpoint_every)
+    loop = s.loop(start_t)
+    seq_len, seed, distill, guard = s.seq_len, s.seed, s.distill, s.guard
     out = check_run_target(out, force)
-    train, held = split_tokens(load_tokens(data, tokenizer=tokenizer), test_data, test_fraction=test_fraction,
+    train, held = split_tokens(load_tokens(data, tokenizer=tokenizer), test_data, test_fraction=s.test_fraction,
                                tokenizer=tokenizer)
-    eval_tokens = eval_tokens or LM_EVAL_TOKENS
+    eval_tokens = s.eval_tokens or LM_EVAL_TOKENS
     original_k = router_k(model)
     ckpt = checkpoint_dir(out)
     saved_losses = {path: getattr(r, "loss", None) for path, r in named_routers(model)}
-    if resume and (ckpt / "state.json").is_file():
+    if s.resume and (ckpt / "state.json").is_file():
         meta = io.read_json(ckpt / "state.json", "checkpoint state")["state"]
         before, targets = meta["before"], meta["load_targets"]
     else:
@@ -664,7 +792,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
     _set_top_k(model, 1)
     _set_routing_loss(model, loss, {p: torch.tensor(t, dtype=torch.float64) for p, t in targets.items()}, guard)
     hooks = [r.register_forward_hook(_straight_through) for _, r in named_routers(model)
-             if straight_through and hasattr(r, "rule")]
+             if s.straight_through and hasattr(r, "rule")]
 
     def loss_fn(logits, labels, ids):
         flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -681,7 +809,7 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
 
     torch.manual_seed(seed)
     try:
-        run = lm_loop(model, train, settings, loss_fn=loss_fn, checkpoint=ckpt, resume=resume,
+        run = lm_loop(model, train, loop, loss_fn=loss_fn, checkpoint=ckpt, resume=s.resume,
                       state={"before": before, "load_targets": targets}, progress=progress, label="commit")
     finally:
         for hook in hooks:
@@ -694,11 +822,11 @@ def commit_lm(model_or_path: Any, data: Any, *, out: str | Path, seq_len: int = 
                    steps=run["steps"], train_tokens=run["tokens"], seed=seed, processes=distributed()[1],
                    before=before, load_targets=targets,
                    perplexity_ratio=metrics["perplexity"] / before.get("topk_perplexity", before["perplexity"]))
-    commit_settings = {"penalty": penalty, "alpha": alpha, "balance": balance, "beta": beta, "guard": guard,
-                       "distill": distill, "straight_through": straight_through, "original_k": original_k}
+    commit_settings = {**_loss_dict(loss), "guard": guard, "distill": distill,
+                       "straight_through": s.straight_through, "original_k": original_k}
     if source_path is not None:
         commit_settings["committed_from"] = str(source_path)
-    config = lm_run_config(model, settings, commit=commit_settings)
+    config = lm_run_config(model, loop, commit=commit_settings)
     return write_lm_run(out, model, config, metrics, f"{config['model']} committed", force=force)
 
 
@@ -780,3 +908,7 @@ def lm_soft_loads(model: Any, stream: Any, *, seq_len: int, seed: int = 0, windo
         lm_logits(model, torch.from_numpy(ids))
 
     return mean_routing_probs(model, (lambda at=at: forward(at) for at in range(0, len(starts), 16)))
+
+
+#: the defaults `LMCommitSettings.lm_only` compares with
+_LM_COMMIT_DEFAULTS = LMCommitSettings()

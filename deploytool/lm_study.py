@@ -47,19 +47,26 @@ PLAIN_LR = 1e-3
 
 def _fit_top1(model: Any, train: Any, held: Any, out: Path, *, steps: int, seed: int, run: dict[str, Any]) -> Any:
     """Plain top-1 fine-tuning: lm.fit_lm at k = 1 (the LM loss alone, the routers' own losses)."""
-    from deploytool.lm import fit_lm
+    from deploytool.lm import LMSettings, fit_lm
 
-    return fit_lm(model, train, out=out, top_k=1, steps=steps, lr=PLAIN_LR, test_data=held, seed=seed, force=True,
-                  progress=False, **run)
+    loop = LMSettings(seq_len=run["seq_len"], batch_size=run["batch_size"], steps=steps, lr=PLAIN_LR, seed=seed)
+    return fit_lm(model, train, out=out, loop=loop, top_k=1, test_data=held, eval_tokens=run["eval_tokens"],
+                  force=True, progress=False)
+
+
+#: the options of a method that change commit's routing loss rather than its settings
+_LOSS_OPTIONS = ("penalty", "alpha", "balance", "beta")
 
 
 def _commit(model: Any, train: Any, held: Any, out: Path, *, steps: int, seed: int, run: dict[str, Any],
             **options: Any) -> Any:
-    """lm.commit_lm with `options` over its defaults."""
-    from deploytool.lm import commit_lm
+    """lm.commit_lm with `options` (LMCommitSettings fields, or routing-loss ones) over its defaults."""
+    from deploytool.lm import LMCommitSettings, commit_lm
 
-    return commit_lm(model, train, out=out, steps=steps, test_data=held, seed=seed, force=True, progress=False,
-                     **run, **options)
+    loss = LMCommitSettings.default_loss(**{k: v for k, v in options.items() if k in _LOSS_OPTIONS})
+    settings = LMCommitSettings(steps=steps, seed=seed, **run, **{k: v for k, v in options.items()
+                                                                    if k not in _LOSS_OPTIONS})
+    return commit_lm(model, train, out=out, settings=settings, loss=loss, test_data=held, force=True, progress=False)
 
 
 # --- the study -----------------------------------------------------------------------------------------

@@ -160,15 +160,16 @@ def report(run_dir: str | Path, *, data: str | Path | None = None, seq_len: int 
             Face folder without token data.
     """
     from deploytool import io
-    from deploytool.artifacts import is_finite_number, is_hf_folder, load_run
+    from deploytool.artifacts import HFFolder, folder_config, is_finite_number, is_hf_config, load_run
     from deploytool.errors import BadInput
 
-    if is_hf_folder(run_dir):
-        return _folder_report(Path(run_dir), data, seq_len, top_k)
+    config = folder_config(run_dir)  # config.json read once
+    if is_hf_config(config):
+        return _folder_report(HFFolder(Path(run_dir), config), data, seq_len, top_k)
     if data is not None:
         raise BadInput(f"token data is measured for a Hugging Face folder; {run_dir} is a run, whose metrics "
                        "were measured when it was trained")
-    run = load_run(run_dir)
+    run = load_run(run_dir) if config is None else load_run(run_dir, config=config)
     source = run.path / io.METRICS_FILE
     if not run.metrics:
         raise BadInput(f"{run.path} has no {io.METRICS_FILE}; train into it first")
@@ -186,7 +187,7 @@ def report(run_dir: str | Path, *, data: str | Path | None = None, seq_len: int 
             "config": run.config, "metrics": run.metrics}
 
 
-def _folder_report(folder: Path, data: str | Path | None, seq_len: int, top_k: int | None) -> dict[str, Any]:
+def _folder_report(opened: Any, data: str | Path | None, seq_len: int, top_k: int | None) -> dict[str, Any]:
     """LM metrics of a save_pretrained folder on `data`, at its own k and at `top_k` (default 1)."""
     from deploytool.checkpoints import open_module
     from deploytool.errors import BadInput
@@ -194,11 +195,12 @@ def _folder_report(folder: Path, data: str | Path | None, seq_len: int, top_k: i
     from deploytool.moe import TopKRouting
     from deploytool.tokens import check_seq_len, load_tokens
 
+    folder = opened.path
     if data is None:
         raise BadInput(f"{folder} is a Hugging Face folder, with no training metrics: give token data to "
                        "measure its routing on (a text file, .npz, .npy or .bin of ids)")
     seq_len = check_seq_len(seq_len)
-    model = open_module(folder).module
+    model = open_module(opened).module
     own_k = max(r.k for r in model.modules() if isinstance(r, TopKRouting))
     stream = load_tokens(data, tokenizer=folder)
     set_top_k(model, 1 if top_k is None else top_k)

@@ -73,7 +73,7 @@ def verify(model_path: str | Path | Sequence[str | Path], *, checkpoint: str | P
     for name in names:
         reader = artifact_of(name)
         if reader == "run":
-            runners.append(make_runner(name, target.source, checkpoint=target.weights,
+            runners.append(make_runner(name, target.opened(), checkpoint=target.weights,
                                        **target.module_options()))
             continue
         readable = [a for a in arts if a.reader == reader]

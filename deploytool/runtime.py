@@ -18,23 +18,23 @@ from typing import Any
 
 import numpy as np
 
-from deploytool.artifacts import artifact_kind
+from deploytool.artifacts import Target, resolve_target
 from deploytool.errors import BadInput, first_line
 from deploytool.feeds import check_feed
 from deploytool.io import check_path
 from deploytool.runners import BACKENDS as RUNNER_BACKENDS
-from deploytool.runners import backends_reading, make_runner, native_backend, reads
+from deploytool.runners import artifact_of, backends_reading, make_runner, native_backend, reads
 from deploytool.runners.base import Runner
 from deploytool.signature import ModelSignature
 
 BACKENDS = ("auto", *RUNNER_BACKENDS)
 
 
-def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
+def resolve_backend(path: str | Path | Target, backend: str = "auto") -> tuple[str, str]:
     """(artifact kind, runtime backend) for `path`; "auto" picks the backend that reads it natively.
 
     Args:
-        path: a run directory, Hugging Face folder, ONNX model or engine.
+        path: a run directory, Hugging Face folder, ONNX model or engine; or the Target resolved from it.
         backend: a backend name, or "auto".
 
     Returns:
@@ -45,8 +45,11 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, str]:
     """
     if backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
-    check_path(path)
-    kind = artifact_kind(path)
+    if isinstance(path, Target):
+        path, kind = path.path, path.kind
+    else:
+        check_path(path)
+        kind = resolve_target(path).kind
     chosen = native_backend(kind) if backend == "auto" else backend
     if not reads(chosen, kind):
         raise BadInput(f"backend {chosen} does not read {path} (a {kind}); use {', '.join(backends_reading(kind))}")
@@ -72,9 +75,13 @@ def load(path: str | Path, *, backend: str = "auto", **runner_options: Any) -> S
         raise BadInput(f"load takes the path of a run directory, ONNX model or engine, got {type(path).__name__}")
     if not isinstance(backend, str):
         raise BadInput(f"backend must be a name ({', '.join(BACKENDS)}), got {type(backend).__name__}")
-    _, backend = resolve_backend(path, backend)
+    check_path(path)
+    target = resolve_target(path)  # the kind alone: nothing is parsed here (ONNX Runtime reads the model)
+    _, backend = resolve_backend(target, backend)
     check_runner_options(backend, runner_options)
-    return Session(make_runner(backend, Path(path), **runner_options), source=Path(path))
+    # a run directory or folder goes to the torch runner as read (its config.json is not read again)
+    artifact = target.opened() if artifact_of(backend) == "run" else target.path
+    return Session(make_runner(backend, artifact, **runner_options), source=Path(path))
 
 
 def check_runner_options(backend: str, options: Mapping[str, Any]) -> None:

@@ -137,17 +137,15 @@ def train(config: TrainConfig | str | Path | None = None, out: str | Path | None
                      f"penalty {config.penalty}", force=force)
 
 
-def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int,
-        test_data: tuple[Any, Any] | None = None, lr: float = 2e-3, lr_schedule: str = "cosine",
-        weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0, temperature: float = 1.0,
-        temperature_end: float | None = 0.02, routing: str = "soft",
-        loss_fn: Callable[[Any, Any], Any] | None = None, progress: bool = True, force: bool = False) -> RunDir:
+def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, loop: LoopSettings,
+        test_data: tuple[Any, Any] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
+        progress: bool = True, force: bool = False) -> RunDir:
     """Train your own module that contains deploytool Routers with the loop the built-in models use.
 
-    Every Router's temperature anneals geometrically from `temperature` to `temperature_end`; the loss
-    is `loss_fn(output, labels)` on the first tensor forward returns (cross-entropy by default) plus the
-    routing losses (penalty, balance) each RoutedExperts records. Trains `model` in place, then writes
-    the run directory `out` (model.safetensors, config.json with "model": "module:<ClassName>", the
+    Every Router's temperature anneals geometrically from `loop.temperature` to `loop.temperature_end`;
+    the loss is `loss_fn(output, labels)` on the first tensor forward returns (cross-entropy by default)
+    plus the routing losses (penalty, balance) each RoutedExperts records. Trains `model` in place, then
+    writes the run directory `out` (model.safetensors, config.json with "model": "module:<ClassName>", the
     training settings and "input_shape", metrics.json, routing.png), which appears only when complete.
     `load_model` cannot rebuild your class: build it yourself and call `load_weights_into(module, out)`.
 
@@ -156,16 +154,9 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
             class logits first (alone, or first in a tuple/dict).
         train_data: (x, y): x a float array or tensor of any shape, batch first; y integer class labels [N].
         out: the run directory to write.
-        epochs: passes over train_data.
+        loop: the loop's settings (recipes.LoopSettings: epochs, lr, lr_schedule, weight_decay, batch_size,
+            seed, temperature, temperature_end, routing), checked when made.
         test_data: (x, y) the metrics are measured on (default: train_data, and metrics say so).
-        lr: AdamW learning rate.
-        lr_schedule: cosine (decay to 0) or constant.
-        weight_decay: AdamW weight decay.
-        batch_size: rows per step.
-        seed: seeds torch and the shuffling.
-        temperature: the routers' temperature at the start.
-        temperature_end: the temperature at the end (None: constant).
-        routing: soft (blend experts) or gumbel (straight-through) while training.
         loss_fn: replaces cross-entropy: `loss_fn(output, labels) -> scalar tensor`.
         progress: draw a progress bar on a terminal.
         force: replace `out` if it is another run directory (never a directory that is not a run's).
@@ -174,7 +165,8 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
         The RunDir (path, config, metrics); `model` is left trained, in eval mode.
 
     Raises:
-        BadInput: a model without a Router, malformed data, a bad setting or output directory.
+        BadInput: a model without a Router, malformed data, settings that are no LoopSettings, or a bad
+            output directory.
     """
     import torch
 
@@ -185,19 +177,18 @@ def fit(model: Any, train_data: tuple[Any, Any], *, out: str | Path, epochs: int
     if not named_routers(model):
         raise BadInput(f"{type(model).__name__} has no deploytool router: there is no routing to train (a "
                        "transformers MoE model converts with deploytool.from_hf)")
-    settings = LoopSettings(epochs=epochs, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                            batch_size=batch_size, seed=seed, temperature=temperature,
-                            temperature_end=temperature_end, routing=routing)
+    if not isinstance(loop, LoopSettings):
+        raise BadInput(f"loop must be a LoopSettings (epochs, lr, ...), got {type(loop).__name__}")
     out = check_run_target(out, force)
     x, y = as_xy(train_data, "train_data")
     x_test, y_test = as_xy(test_data, "test_data") if test_data is not None else (x, y)
     if x_test.shape[1:] != x.shape[1:]:
         raise BadInput(f"test_data samples have shape {list(x_test.shape[1:])}, train_data's {list(x.shape[1:])}")
-    torch.manual_seed(seed)
-    seconds = training_loop(model, x, y, settings, loss_fn=loss_fn, progress=progress)
-    metrics = evaluate(model, x_test.numpy(), y_test.numpy(), settings, seconds,
+    torch.manual_seed(loop.seed)
+    seconds = training_loop(model, x, y, loop, loss_fn=loss_fn, progress=progress)
+    metrics = evaluate(model, x_test.numpy(), y_test.numpy(), loop, seconds,
                        evaluated_on="test_data" if test_data is not None else "train_data")
-    config = module_config(model, settings, tuple(x.shape[1:]), n_classes=int(max(y.max(), y_test.max())) + 1)
+    config = module_config(model, loop, tuple(x.shape[1:]), n_classes=int(max(y.max(), y_test.max())) + 1)
     return write_run(out, model, config, metrics, f"{config['model']}", force=force)
 
 

@@ -38,7 +38,8 @@ class MyModel(nn.Module):
 def main(out: Path) -> None:
     torch.manual_seed(0)
     data = load_digits(seed=0)
-    run = deploytool.fit(MyModel(), (data.x_train, data.y_train), out=out / "run", epochs=60,
+    run = deploytool.fit(MyModel(), (data.x_train, data.y_train), out=out / "run",
+                         loop=deploytool.LoopSettings(epochs=60),
                          test_data=(data.x_test, data.y_test))
     m = run.metrics
     print(f"hard-routed test accuracy {m['hard_accuracy']:.3f} (soft {m['soft_accuracy']:.3f}), "

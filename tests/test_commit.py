@@ -11,6 +11,7 @@ import torch
 import deploytool
 from deploytool import io
 from deploytool.errors import BadInput
+from deploytool.finetune import CommitSettings
 from deploytool.nn import RoutedExperts, Router, named_routers
 from conftest import assert_one_line_error
 
@@ -25,8 +26,8 @@ def soft_run(tmp_path_factory):
 
 def test_commit_writes_a_new_loadable_run_and_leaves_the_input_alone(soft_run, tmp_path):
     weights = soft_run.weights.read_bytes()
-    run = deploytool.commit(soft_run.path, out=tmp_path / "committed", router_epochs=1, model_epochs=1,
-                            progress=False)
+    run = deploytool.commit(soft_run.path, out=tmp_path / "committed",
+                            settings=CommitSettings(router_epochs=1, model_epochs=1), progress=False)
     assert soft_run.weights.read_bytes() == weights
     config = json.loads((run.path / io.CONFIG_FILE).read_text())
     assert config["committed_from"] == str(soft_run.path)
@@ -44,8 +45,10 @@ def test_commit_writes_a_new_loadable_run_and_leaves_the_input_alone(soft_run, t
 def test_the_load_guard_keeps_every_expert_that_carried_traffic(soft_run, tmp_path):
     """The soft run blends all 4 experts (each >= 10% of the routing weight); committing it without the
     guard starves some of them to nothing (checked below, so that this setup keeps testing the guard)."""
-    guarded = deploytool.commit(soft_run.path, out=tmp_path / "guarded", model_epochs=10, progress=False)
-    bare = deploytool.commit(soft_run.path, out=tmp_path / "bare", model_epochs=10, guard=0.0, progress=False)
+    guarded = deploytool.commit(soft_run.path, out=tmp_path / "guarded",
+                                 settings=CommitSettings(model_epochs=10), progress=False)
+    bare = deploytool.commit(soft_run.path, out=tmp_path / "bare",
+                              settings=CommitSettings(model_epochs=10, guard=0.0), progress=False)
     targets = np.array(guarded.metrics["load_targets"]["routed.router"])
     assert targets.min() >= 0.05 and targets.sum() == pytest.approx(1.0)
     assert guarded.config["commit"]["guard"] == 1.0 and bare.config["commit"]["guard"] == 0.0
@@ -59,11 +62,12 @@ def test_the_load_guard_keeps_every_expert_that_carried_traffic(soft_run, tmp_pa
 def test_commit_refuses_a_bad_guard_weight(soft_run, tmp_path):
     for bad in (-1.0, float("nan"), "1"):
         with pytest.raises(BadInput, match="guard"):
-            deploytool.commit(soft_run.path, out=tmp_path / "c", guard=bad, progress=False)
+            deploytool.commit(soft_run.path, out=tmp_path / "c", settings=CommitSettings(guard=bad), progress=False)
 
 
 def test_router_stage_trains_only_the_routers(soft_run, tmp_path):
-    run = deploytool.commit(soft_run.path, out=tmp_path / "c", router_epochs=1, model_epochs=0, progress=False)
+    run = deploytool.commit(soft_run.path, out=tmp_path / "c",
+                            settings=CommitSettings(router_epochs=1, model_epochs=0), progress=False)
     before, after = io.load_weights(soft_run.weights), io.load_weights(run.weights)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"routed.router.net.0.weight", "routed.router.net.0.bias"}
@@ -103,8 +107,8 @@ def test_commit_a_users_module_needs_data_and_writes_a_module_run(tmp_path):
         def forward(self, v):
             return self.moe(v).output
 
-    run = deploytool.commit(Wrapped(), out=tmp_path / "run", data=(x, y), router_epochs=1, model_epochs=1,
-                            progress=False)
+    run = deploytool.commit(Wrapped(), out=tmp_path / "run", data=(x, y),
+                            settings=CommitSettings(router_epochs=1, model_epochs=1), progress=False)
     assert run.config["model"] == "module:Wrapped" and run.config["penalty"] == "frank"
     assert set(run.metrics["routers"]) == {"moe.router"}
     with pytest.raises(BadInput, match="load_weights_into"):

@@ -13,6 +13,7 @@ import deploytool
 from deploytool import io
 from deploytool.data import load_digits
 from deploytool.errors import BadInput
+from deploytool.recipes import LoopSettings
 from deploytool.nn import RoutedExperts, Router, RoutingLoss, named_routers
 
 
@@ -46,7 +47,7 @@ def fitted(digits_images, tmp_path_factory):
     model = TwoRouterCNN()
     train_data, test_data = digits_images
     out = tmp_path_factory.mktemp("fit") / "run"
-    return model, deploytool.fit(model, train_data, out=out, epochs=4, lr=1e-2, test_data=test_data,
+    return model, deploytool.fit(model, train_data, out=out, loop=LoopSettings(epochs=4, lr=1e-2), test_data=test_data,
                                 progress=False)
 
 
@@ -89,8 +90,9 @@ def test_loss_fn_replaces_cross_entropy_and_seed_makes_runs_repeat(digits_images
     results = []
     for name in ("a", "b"):
         torch.manual_seed(1)
-        run = deploytool.fit(TwoRouterCNN(), train_data, out=tmp_path / name, epochs=1, batch_size=64,
-                             loss_fn=smoothed, seed=3, temperature_end=None, progress=False)
+        run = deploytool.fit(TwoRouterCNN(), train_data, out=tmp_path / name,
+                             loop=LoopSettings(epochs=1, batch_size=64, seed=3, temperature_end=None),
+                             loss_fn=smoothed, progress=False)
         results.append(run.metrics)
     assert calls == [(64, 10)] * 4
     assert results[0]["evaluated_on"] == "train_data" and results[0]["temperature"] == 1.0
@@ -107,13 +109,14 @@ def test_loss_fn_replaces_cross_entropy_and_seed_makes_runs_repeat(digits_images
 ])
 def test_bad_models_and_data_are_refused_before_training(tmp_path, model, data, match):
     with pytest.raises(BadInput, match=match):
-        deploytool.fit(model, data, out=tmp_path / "run", epochs=1, progress=False)
+        deploytool.fit(model, data, out=tmp_path / "run", loop=LoopSettings(epochs=1), progress=False)
     assert not (tmp_path / "run").exists()
 
 
 def test_bad_settings_name_the_setting(tmp_path):
     data = (np.zeros((8, 1, 8, 8), np.float32), np.zeros(8, int))
     with pytest.raises(BadInput, match="epochs must be a whole number >= 1"):
-        deploytool.fit(TwoRouterCNN(), data, out=tmp_path / "run", epochs=0, progress=False)
+        deploytool.fit(TwoRouterCNN(), data, out=tmp_path / "run", loop=LoopSettings(epochs=0), progress=False)
     with pytest.raises(BadInput, match="temperature_end"):
-        deploytool.fit(TwoRouterCNN(), data, out=tmp_path / "run", epochs=1, temperature_end=-1.0, progress=False)
+        deploytool.fit(TwoRouterCNN(), data, out=tmp_path / "run", loop=LoopSettings(epochs=1, temperature_end=-1.0),
+                       progress=False)

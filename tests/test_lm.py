@@ -9,13 +9,14 @@ import pytest
 
 from deploytool import io
 from deploytool.errors import BadInput
+from deploytool.lm import LMCommitSettings, LMSettings, routing_loss
 from deploytool.tokens import IGNORE, load_tokens, split_tokens, window_batch
 from conftest import assert_one_line_error
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-STEPS = dict(seq_len=16, batch_size=4, eval_tokens=256, progress=False)
+STEPS = dict(eval_tokens=256, progress=False)
 
 
 def tiny_mixtral(k: int = 2):
@@ -94,7 +95,8 @@ def fitted(tmp_path_factory, ids_file):
 
     model = tiny_mixtral(k=2)
     out = tmp_path_factory.mktemp("fit") / "run"
-    run = deploytool.fit(model, ids_file, out=out, steps=6, penalty="none", balance="switch", beta=0.01, **STEPS)
+    run = deploytool.fit(model, ids_file, out=out, loop=LMSettings(steps=6, seq_len=16, batch_size=4),
+                         loss=routing_loss(penalty="none", balance="switch", beta=0.01), **STEPS)
     return model, run
 
 
@@ -124,8 +126,9 @@ def test_commit_makes_a_top_k_model_top_1_and_its_run_rebuilds_at_top_1(fitted, 
 
     _, run = fitted
     committed = deploytool.commit(run.path, out=tmp_path / "c", data=str(ids_file),
-                                  lm={"steps": 4, "seq_len": 16, "eval_tokens": 256, "straight_through": True},
-                                  batch_size=4, progress=False)
+                                  settings=LMCommitSettings(steps=4, seq_len=16, eval_tokens=256,
+                                                            straight_through=True, batch_size=4),
+                                  progress=False)
     assert committed.config["top_k"] == 1 and committed.config["commit"]["original_k"] == 2
     assert committed.metrics["before"]["topk_perplexity"] == pytest.approx(run.metrics["topk_perplexity"])
     assert committed.config["temperature"] == pytest.approx(0.05)
@@ -198,7 +201,7 @@ def test_bad_budgets_are_refused_before_training(ids_file, tmp_path, options, ma
     from deploytool.lm import fit_lm
 
     with pytest.raises(BadInput, match=match):
-        fit_lm(tiny_mixtral(), ids_file, out=tmp_path / "r", progress=False, **options)
+        fit_lm(tiny_mixtral(), ids_file, out=tmp_path / "r", loop=LMSettings(**options), progress=False)
     assert not (tmp_path / "r").exists()
 
 
@@ -260,8 +263,8 @@ def test_a_committed_lm_run_exports_and_verifies_with_the_torch_backend(fitted, 
     from deploytool.parity import verify
 
     _, run = fitted
-    committed = deploytool.commit(run.path, out=tmp_path / "c", data=str(ids_file), batch_size=4, progress=False,
-                                  lm={"steps": 2, "seq_len": 16, "eval_tokens": 128})
+    committed = deploytool.commit(run.path, out=tmp_path / "c", data=str(ids_file), progress=False,
+                                  settings=LMCommitSettings(steps=2, seq_len=16, eval_tokens=128, batch_size=4))
     export_onnx(committed.path, tmp_path / "m.onnx")
     report = verify(tmp_path / "m.onnx", checkpoint=committed.path, samples=8)
     assert report.passed

@@ -27,8 +27,9 @@ torch.set_num_threads(1)
 model = from_hf(tiny_model("mixtral", num_experts_per_tok=2))
 seen = set()
 model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.add(args[0].shape[0]) if m.training else None)
-deploytool.fit(model, sys.argv[1], out=sys.argv[2], seq_len=16, steps=3, batch_size=4, eval_tokens=256,
-               penalty="frank", alpha=0.5, balance="switch", beta=0.5, progress=False)
+from deploytool.lm import LMSettings, routing_loss
+deploytool.fit(model, sys.argv[1], out=sys.argv[2], loop=LMSettings(seq_len=16, steps=3, batch_size=4), eval_tokens=256,
+               loss=routing_loss(penalty="frank", alpha=0.5, balance="switch", beta=0.5), progress=False)
 print("windows per step", sorted(seen))
 """
 #: what two processes may differ from one by: the same windows and averaged gradients, summed in another order
@@ -71,8 +72,10 @@ import sys
 import torch
 import deploytool
 torch.set_num_threads(1)
-deploytool.commit(sys.argv[1], out=sys.argv[2], data=sys.argv[3], batch_size=4, progress=False, balance="entropy",
-                  beta=0.5, lm={{"steps": 3, "seq_len": 16, "eval_tokens": 256}})
+from deploytool.lm import LMCommitSettings
+deploytool.commit(sys.argv[1], out=sys.argv[2], data=sys.argv[3], progress=False,
+                  settings=LMCommitSettings(steps=3, seq_len=16, eval_tokens=256, batch_size=4),
+                  loss=LMCommitSettings.default_loss(balance="entropy", beta=0.5))
 """
 
 

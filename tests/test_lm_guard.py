@@ -10,19 +10,20 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 #: a strong penalty and learning rate, so that 40 steps show the collapse the guard prevents
-OPTIONS = dict(seq_len=16, steps=40, batch_size=8, lr=1e-2, alpha=3.0, distill=0.0, eval_tokens=1024,
-               progress=False, force=True)
+SETTINGS = dict(seq_len=16, steps=40, batch_size=8, lr=1e-2, distill=0.0, eval_tokens=1024)
+ALPHA = 3.0
 
 
 def _commit(ids, out, guard: float) -> dict:
     from hf_models import tiny_model
 
     from deploytool.hf import from_hf
-    from deploytool.lm import commit_lm
+    from deploytool.lm import LMCommitSettings, commit_lm
 
     model = from_hf(tiny_model("mixtral", num_local_experts=4, num_experts=4, num_experts_per_tok=2,
                                num_hidden_layers=1))
-    return commit_lm(model, str(ids), out=out, guard=guard, **OPTIONS).metrics
+    return commit_lm(model, str(ids), out=out, settings=LMCommitSettings(guard=guard, **SETTINGS),
+                     loss=LMCommitSettings.default_loss(alpha=ALPHA), progress=False, force=True).metrics
 
 
 def test_the_guard_keeps_every_expert_of_an_lm_commit_alive_and_without_it_one_takes_the_traffic(tmp_path):

@@ -82,7 +82,7 @@ def test_a_new_target_kind_is_one_table_entry(monkeypatch, tmp_path):
     assert native_backend("stub") == "onnxruntime"
     assert backends_reading("stub") == ["onnxruntime", "onnxruntime-cuda"]
     assert reads("onnxruntime-cuda", "stub") and not reads("torch", "stub") and not reads("tensorrt", "stub")
-    monkeypatch.setattr(runtime, "artifact_kind", lambda path: "stub")
+    monkeypatch.setattr(artifacts, "kind_and_config", lambda path: ("stub", None))
     assert runtime.resolve_backend(tmp_path) == ("stub", "onnxruntime")
     with pytest.raises(BadInput, match="backend torch does not read .* use onnxruntime, onnxruntime-cuda"):
         runtime.resolve_backend(tmp_path, "torch")

@@ -386,7 +386,7 @@ def test_resolve_target_finds_each_readers_file_and_reads_the_source_run_once(ex
     assert target.file_for("run") == target.source and target.signature is not None
     reads = []
     real = artifacts.load_run
-    monkeypatch.setattr(artifacts, "load_run", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(artifacts, "load_run", lambda path, **kw: reads.append(path) or real(path, **kw))
     assert target.run_config() == target.run_config() == trained_run.config
     assert len(reads) == 1
     run = artifacts.resolve_target(trained_run.path, checkpoint=trained_run.weights)

@@ -397,7 +397,7 @@ def _runner_for(backend: str, target: Target, stack: contextlib.ExitStack, notes
     if reader == "run":
         if target.source is None:
             raise BadInput(f"the {backend} backend needs the training run directory: give the checkpoint")
-        return make_runner(backend, target.source, checkpoint=target.weights, **target.module_options())
+        return make_runner(backend, target.opened(), checkpoint=target.weights, **target.module_options())
     if reader == "onnx":
         return make_runner(backend, _onnx_for(target, stack, notes))
     if target.engine_path is None:

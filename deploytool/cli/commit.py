@@ -57,15 +57,23 @@ def commit(
 ) -> None:
     """Fine-tune a trained model so that its routers commit to one expert; write a new run directory."""
     from deploytool.cli.train import show_run
+    from deploytool.finetune import CommitSettings
     from deploytool.finetune import commit as run_commit
+    from deploytool.lm import LMCommitSettings
 
-    given = {"steps": steps, "tokens": tokens, "checkpoint_every": checkpoint_every or None, "resume": resume or None}
-    lm = {k: v for k, v in given.items() if v is not None}  # refused for a built-in run, not ignored
-    if data is not None:
-        lm.update(seq_len=seq_len, distill=distill)
-        if steps is None and tokens is None:
-            lm["steps"] = 200
-    run = run_commit(run_dir, out=out, data=data, test_data=test_data, router_epochs=router_epochs,
-                     model_epochs=model_epochs, alpha=alpha, beta=beta, guard=guard, temperature_end=temperature_end,
-                     model_lr=lr, batch_size=batch_size, seed=seed, lm=lm or None, progress=not (quiet or json), force=force)
+    lm_only = {"steps": steps, "tokens": tokens, "checkpoint_every": checkpoint_every or None, "resume": resume or None}
+    shared = {"guard": guard, "temperature_end": temperature_end, "batch_size": batch_size, "seed": seed}
+    if data is not None or any(v is not None for v in lm_only.values()):  # a built-in run refuses them, named
+        kind = LMCommitSettings
+        given = {**shared, **lm_only, "lr": lr}
+        if data is not None:
+            given.update(seq_len=seq_len, distill=distill)
+    else:
+        kind = CommitSettings
+        given = {**shared, "router_epochs": router_epochs, "model_epochs": model_epochs, "model_lr": lr}
+    settings = kind(**{k: v for k, v in given.items() if v is not None})
+    weights = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
+    loss = kind.default_loss(**weights) if weights else None
+    run = run_commit(run_dir, out=out, data=data, test_data=test_data, settings=settings, loss=loss,
+                     progress=not (quiet or json), force=force)
     show_run(run, json)

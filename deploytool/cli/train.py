@@ -173,11 +173,11 @@ def fit(
     quiet: Quiet = False,
 ) -> None:
     """Train a language model with deploytool routers on token data; write a run directory."""
-    from deploytool.lm import fit_lm
+    from deploytool.lm import LMSettings, fit_lm, routing_loss
 
-    run = fit_lm(model, data, out=out, top_k=top_k, seq_len=seq_len, steps=steps, tokens=tokens,
-                 test_data=test_data, test_fraction=test_fraction, batch_size=batch_size, lr=lr, seed=seed,
-                 temperature=temperature, temperature_end=temperature_end, penalty=penalty, alpha=alpha,
-                 balance=balance, beta=beta, checkpoint_every=checkpoint_every, resume=resume,
-                 progress=not (quiet or json), force=force)
+    loop = LMSettings(seq_len=seq_len, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                      temperature=temperature, temperature_end=temperature_end, checkpoint_every=checkpoint_every)
+    loss = routing_loss(penalty=penalty, alpha=alpha, balance=balance, beta=beta) if penalty is not None else None
+    run = fit_lm(model, data, out=out, loop=loop, loss=loss, top_k=top_k, test_data=test_data,
+                 test_fraction=test_fraction, resume=resume, progress=not (quiet or json), force=force)
     show_run(run, json)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deploytool.artifacts import HFFolder, RunDir
 from deploytool.checkpoints import open_module
 from deploytool.choices import DISPATCHES
 from deploytool.errors import BadInput
@@ -46,9 +47,9 @@ class TorchRunner(Runner):
         self.dynamic_dims = dynamic_dims
         self._module = None
         self._named = None
-        if isinstance(model, (str, Path)):
+        if isinstance(model, (str, Path, RunDir, HFFolder)):  # a path, or a run or folder already read
             source = open_module(model, checkpoint=checkpoint, top_k=top_k)
-            self.run_dir: Path | None = Path(model)
+            self.run_dir: Path | None = source.path
             self._module = source.module
             self._example = example_inputs if example_inputs is not None else source.example_inputs
             if dynamic_dims is None and source.dynamic_dims:

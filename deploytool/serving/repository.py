@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import artifact_kind, load_onnx, manifest_path, open_artifact, read_manifest, top_k_of
+from deploytool.artifacts import Target, manifest_path, read_manifest, resolve_target, top_k_of
 from deploytool.artifacts import max_batch as profile_max_batch
 from deploytool.batch_sizes import check_batch_sizes
 from deploytool.dtypes import NUMPY_OF_TRITON
@@ -96,7 +96,8 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     model_dir = _check_destination(target, repository, name, force)
     if backend not in TRITON_BACKENDS:
         raise BadInput(f"unknown backend {backend!r}; choose {', '.join(TRITON_BACKENDS)}")
-    kind = artifact_kind(target)
+    resolved = resolve_target(target)  # read lazily and once: the ONNX model is parsed once, below
+    kind = resolved.kind
     if kind == "hf":
         return _package_hf(target, repository, name, top_k=top_k, max_batch=max_batch,
                            dynamic_batching=dynamic_batching, preferred_batch=preferred_batch,
@@ -110,11 +111,11 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
                                    max_queue_delay_us=max_queue_delay_us)
 
     if kind == "onnx":
-        _external_data(target)  # every external-data file checked before anything reads it
-    signature, notes = _signature(target, kind, batching.max_batch)
+        _external_data(resolved)  # every external-data file checked before anything reads it
+    signature, notes = _signature(resolved, batching.max_batch)
     runtime_backend = parameters = None
     if backend == "python":
-        runtime_backend = resolve_backend(target)[1]
+        runtime_backend = resolve_backend(resolved)[1]
         parameters = {"deploytool_artifact": _ARTIFACT[kind], "deploytool_backend": runtime_backend}
     config = cfg.model_config(name, list(signature.inputs), list(signature.outputs), backend=backend,
                               batching=batching, instances=instances, parameters=parameters)
@@ -122,7 +123,7 @@ def package(target: str | Path, repository: str | Path, name: str, *, max_batch:
     validated = cfg.validate(text)
     readme_text = readme(repository, config, notes)  # before the temporary folder exists: nothing to leave behind
     clean_stale_builds(repository, name)
-    files = _write_model_dir(model_dir, target, kind, backend, text, readme_text)
+    files = _write_model_dir(model_dir, resolved, kind, backend, text, readme_text)
     return Package(repository=repository, name=name, backend=backend, runtime_backend=runtime_backend,
                    model_dir=model_dir, config_path=model_dir / "config.pbtxt", readme=model_dir / "README.md",
                    files=files, config=config, validated=validated, notes=notes)
@@ -157,7 +158,7 @@ def _triton_backend(target: Path, kind: str, backend: str) -> str:
     return backend
 
 
-def _write_model_dir(model_dir: Path, target: Path, kind: str, backend: str, config_text: str,
+def _write_model_dir(model_dir: Path, target: Target, kind: str, backend: str, config_text: str,
                      readme_text: str) -> list[str]:
     """Build the model folder under a temporary name and swap it in whole; the files written."""
     with io.atomic_dir(model_dir) as tmp:
@@ -258,23 +259,24 @@ def _package_hf(folder: Path, repository: Path, name: str, *, top_k: int | None,
     return packaged
 
 
-def _signature(target: Path, kind: str, max_batch: int) -> tuple[ModelSignature, list[str]]:
+def _signature(target: Target, max_batch: int) -> tuple[ModelSignature, list[str]]:
     """The target's signature (a run directory's from the torch runner, which also proves the
     checkpoint loads; an ONNX model's from ONNX Runtime, which proves it loads) and README notes; a
     model without routers is refused."""
     notes: list[str] = []
+    kind = target.kind
     if kind == "run":
-        signature = make_runner(native_backend(kind), target).signature
+        signature = make_runner(native_backend(kind), target.opened()).signature
     elif kind == "onnx":
-        open_artifact(target)  # the stored signature's checks
-        runner = make_runner(native_backend(kind), target)  # opens an InferenceSession: a model ORT cannot load fails here
+        target.artifact()  # the stored signature's checks, on the model parsed once
+        runner = make_runner(native_backend(kind), target.path)  # opens an InferenceSession: a model ORT cannot load fails here
         signature = runner.signature
         runner.session = None
     else:
-        signature = open_artifact(target).signature
+        signature = target.signature
         if kind == "engine":
-            notes = _engine_notes(target, max_batch)
-    signature.require_router(str(target))
+            notes = _engine_notes(target.path, max_batch)
+    signature.require_router(str(target.path))
     return signature, notes
 
 
@@ -303,7 +305,8 @@ def _engine_notes(engine: Path, max_batch: int) -> list[str]:
     return [plugin, machine]
 
 
-def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
+def _copy_artifact(resolved: Target, kind: str, dest: Path) -> None:
+    target = resolved.path
     if kind == "run":
         dest.mkdir()
         for name in _RUN_FILES:
@@ -312,18 +315,19 @@ def _copy_artifact(target: Path, kind: str, dest: Path) -> None:
         return
     shutil.copyfile(target, dest)
     if kind == "onnx":
-        for location in _external_data(target):
+        for location in _external_data(resolved):  # the model parsed once, by the resolver
             (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target.parent / location, dest.parent / location)
     else:
         shutil.copyfile(manifest_path(target), manifest_path(dest))
 
 
-def _external_data(onnx_path: Path) -> list[str]:
+def _external_data(target: Target) -> list[str]:
     """Relative paths of the external-data files an ONNX model refers to (they travel with it)."""
     import onnx
 
-    graph = load_onnx(onnx_path).graph
+    onnx_path = target.path
+    graph = target.onnx_model().graph
     locations = set()
     for tensor in graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -77,7 +77,8 @@ def test_object_arrays_given_to_fit_are_bad_input(tmp_path):
 
     x = np.array([object()] * 4 * 5 * 6, dtype=object).reshape(4, 5, 6)
     with pytest.raises(BadInput, match="numeric arrays"):
-        deploytool.fit(token_moe(), (x, np.zeros(4, int)), out=tmp_path / "run", epochs=1)
+        deploytool.fit(token_moe(), (x, np.zeros(4, int)), out=tmp_path / "run",
+                       loop=deploytool.LoopSettings(epochs=1))
 
 
 @pytest.mark.parametrize("dims", [{"x": [1]}, {"x": {"1": "tokens"}}, ["x"]])
