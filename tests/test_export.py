@@ -157,13 +157,15 @@ def test_module_without_a_router_is_bad_input(tmp_path):
 
 
 def _cached(proto, exported_onnx, trained_run):
-    """What to_onnx returns for the session's exported_onnx: (proto, metadata, signature, named module)."""
+    """What to_onnx returns for the session's exported_onnx: (proto, metadata, signature, named module,
+    MoE-op notes)."""
     from deploytool.artifacts import open_artifact
     from deploytool.model_io import NamedModule
     from deploytool.checkpoints import load_model
 
     metadata = {p.key: p.value for p in proto.metadata_props if p.key != "deploytool.signature"}
-    return proto, metadata, open_artifact(exported_onnx).signature, NamedModule(load_model(trained_run.path), ["x"])
+    return (proto, metadata, open_artifact(exported_onnx).signature, NamedModule(load_model(trained_run.path), ["x"]),
+            [])
 
 
 @pytest.fixture
