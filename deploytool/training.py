@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deploytool import io
-from deploytool.artifacts import MODULE_PREFIX, RunDir, load_run
+from deploytool.artifacts import MODULE_PREFIX, RunDir
 from deploytool.data import MAX_CLASSES  # fit's labels obey the bound data sets do
 from deploytool.errors import BadInput
 from deploytool.recipes import LoopSettings, TrainConfig

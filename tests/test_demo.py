@@ -37,10 +37,11 @@ def test_a_failed_check_is_reported_as_a_failed_step_and_exits_1(cli, tmp_path, 
 
     import deploytool.parity
     import deploytool.training
+    from deploytool.artifacts import load_run
 
     def train(recipe, out, **options):  # the session's run stands in for training: the check is what fails
         shutil.copytree(trained_run.path, out, dirs_exist_ok=True)
-        return deploytool.training.load_run(out)
+        return load_run(out)
 
     monkeypatch.setattr(deploytool.training, "train", train)
 

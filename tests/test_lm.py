@@ -121,7 +121,6 @@ def test_fit_writes_an_lm_run_that_rebuilds_with_the_same_logits(fitted):
 def test_commit_makes_a_top_k_model_top_1_and_its_run_rebuilds_at_top_1(fitted, ids_file, tmp_path):
     import deploytool
     from deploytool.checkpoints import open_module
-    from deploytool.metrics import lm_logits
     from deploytool.nn import named_routers
 
     _, run = fitted
