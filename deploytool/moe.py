@@ -253,7 +253,9 @@ class FusedExpertsDispatch:
         down_bias = self.down_proj_bias if self.has_bias else None
         if not self.has_gate:
             kind = _activation_name(self.act_fn)
-            return None if kind not in OP_ACTIVATIONS else _layout({"activation_type": kind}, t(self.up_proj), up_bias, down, down_bias)
+            if kind not in OP_ACTIVATIONS:
+                return None
+            return _layout({"activation_type": kind}, t(self.up_proj), up_bias, down, down_bias)
         up = t(self.gate_up_proj)
         clamped = hasattr(self, "limit") and hasattr(self, "alpha")  # GPT-OSS: (up + 1) * g * sigmoid(alpha g)
         if clamped and not getattr(self, "is_concatenated", True):

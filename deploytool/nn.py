@@ -152,7 +152,8 @@ class RoutedExperts(nn.Module):
             if self.dispatch == "sparse":
                 flat = x.reshape(-1, *x.shape[len(lead):])
                 rows = routing.index.reshape(-1)
-                y = self._exported(flat, rows, routing.probs) if torch.onnx.is_in_onnx_export() else self.sparse(flat, rows)
+                y = (self._exported(flat, rows, routing.probs) if torch.onnx.is_in_onnx_export()
+                     else self.sparse(flat, rows))
                 return RoutedOutput(y.reshape(*lead, *y.shape[1:]), routing.index, routing.probs)
             weights, _ = hard_select(routing.probs)
         else:
@@ -172,8 +173,8 @@ class RoutedExperts(nn.Module):
         layout = self.moe_layout if x.dim() == 2 else None
         if self.moe_layout is not None and layout is None:
             self.moe_layout_unused = f"its rows are {x.dim()}-D, the MoE op takes [rows, features]"
-        return exported_experts(x, moe_op=self.moe_op, layout=layout,
-                                op=lambda: layout.run(x, torch.log(hard_select(probs.reshape(-1, probs.shape[-1]))[0]), 1),
+        decision = lambda: torch.log(hard_select(probs.reshape(-1, probs.shape[-1]))[0])  # noqa: E731
+        return exported_experts(x, moe_op=self.moe_op, layout=layout, op=lambda: layout.run(x, decision(), 1),
                                 sparse=lambda: exported_sparse(x, index, lambda e, xs: self.experts[e](xs),
                                                                len(self.experts)))
 
@@ -315,8 +316,9 @@ def routed_moe_layout(experts: Sequence[nn.Module]) -> tuple[MoELayout | None, s
             return block
         fc1 = stacked([s[0].weight for s in stacks], (inner, hidden))
         fc2 = stacked([s[2].weight for s in stacks], (hidden, inner))
-        fc1_bias = stacked([s[0].bias for s in stacks], (inner,)) if any(s[0].bias is not None for s in stacks) else None
-        fc2_bias = stacked([s[2].bias for s in stacks], (hidden,)) if any(s[2].bias is not None for s in stacks) else None
+        biased = lambda i: any(s[i].bias is not None for s in stacks)  # noqa: E731
+        fc1_bias = stacked([s[0].bias for s in stacks], (inner,)) if biased(0) else None
+        fc2_bias = stacked([s[2].bias for s in stacks], (hidden,)) if biased(2) else None
     tail = nn.Sequential(*first[3:]) if first[3:] else None
     return MoELayout({"activation_type": _OP_ACTIVATIONS[type(first[1])]}, fc1, fc1_bias, fc2, fc2_bias,
                      width=width if width < hidden else None, out=out if out < hidden else None, tail=tail), ""

@@ -99,7 +99,8 @@ class Relu6Linear(nn.Linear):
     (lambda: Experts(12, tail=(lambda: nn.Softmax(-1),)), "not Linear -> ReLU/SiLU -> Linear"),
 ])
 def test_experts_the_op_cannot_compute_keep_sparse_dispatch_and_are_named(tmp_path, make, why):
-    result = deploytool.export_onnx(make().eval(), tmp_path / "m.onnx", example_inputs=torch.randn(4, 12), moe_op="auto")
+    result = deploytool.export_onnx(make().eval(), tmp_path / "m.onnx", example_inputs=torch.randn(4, 12),
+                                    moe_op="auto")
     assert result.passed and len(result.notes) == 1 and why in result.notes[0] and "routed" in result.notes[0]
     assert "MoE" not in _ops(tmp_path / "m.onnx")[1] and "If" not in _ops(tmp_path / "m.onnx")[0]
 
@@ -193,8 +194,10 @@ def test_by_rows_becomes_an_if_whose_branches_hold_only_their_own_nodes(tmp_path
     assert lower_by_rows(model) == 1
     onnx.checker.check_model(model, full_check=True)
     by_op = {n.op_type: n for n in model.graph.node}
-    then, other = (next(a.g for a in by_op["If"].attribute if a.name == name) for name in ("then_branch", "else_branch"))
-    assert [n.output[0] for n in then.node] == ["few_tmp", "few"] and [n.output[0] for n in other.node] == ["many_tmp", "many"]
+    branches = {a.name: a.g for a in by_op["If"].attribute}
+    then, other = branches["then_branch"], branches["else_branch"]
+    assert [n.output[0] for n in then.node] == ["few_tmp", "few"]
+    assert [n.output[0] for n in other.node] == ["many_tmp", "many"]
     outside = [n.output[0] for n in model.graph.node]
     assert "s" in outside and "x1" in outside and "ByRows" not in by_op  # shared and graph outputs stay outside
     onnx.save(model, tmp_path / "m.onnx")

@@ -76,8 +76,8 @@ def lower_by_rows(model: Any) -> int:
         def branch(members: set[int], result: str, label: str) -> Any:
             body = [nodes[j] for j in sorted(members)]
             infos = [typed[o] for n in body for o in n.output if o in typed and o != result]
-            return helper.make_graph(body, f"{out}_{label}", [], [helper.make_tensor_value_info(result, elem_type, None)],
-                                     value_info=infos)
+            declared = helper.make_tensor_value_info(result, elem_type, None)
+            return helper.make_graph(body, f"{out}_{label}", [], [declared], value_info=infos)
 
         rows = next(a.i for a in marker.attribute if a.name == "rows")
         prefix = f"{marker.name or out}_by_rows"
@@ -110,6 +110,7 @@ def _subgraph_inputs(node: Any) -> list[str]:
     names: list[str] = []
     for attribute in node.attribute:
         for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-            local = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            local = ({o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+                     | {t.name for t in sub.initializer})
             names += [name for n in sub.node for name in (*n.input, *_subgraph_inputs(n)) if name and name not in local]
     return names
