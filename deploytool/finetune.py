@@ -279,17 +279,12 @@ def _write_committed(out: Path, model: Any, source: Any, settings: CommitSetting
 def _read(target: Any) -> Any:
     """A path's run directory or Hugging Face folder, its config.json read once (artifacts.RunDir or
     HFFolder); the path itself when it cannot be read (whoever reads it then says why); a module as is."""
-    from deploytool.artifacts import HFFolder, folder_config, is_hf_config, load_run
+    from deploytool.artifacts import run_or_hf_folder
 
     if not isinstance(target, (str, Path)):
         return target
-    config = folder_config(target)
-    if config is None:
-        return target
-    if is_hf_config(config):
-        return HFFolder(Path(target), config)
     try:
-        return load_run(target, config=config)
+        return run_or_hf_folder(target)
     except BadInput:
         return target
 

@@ -169,7 +169,7 @@ def report(run_dir: str | Path, *, data: str | Path | None = None, seq_len: int 
     if data is not None:
         raise BadInput(f"token data is measured for a Hugging Face folder; {run_dir} is a run, whose metrics "
                        "were measured when it was trained")
-    run = load_run(run_dir) if config is None else load_run(run_dir, config=config)
+    run = load_run(run_dir, config=config)
     source = run.path / io.METRICS_FILE
     if not run.metrics:
         raise BadInput(f"{run.path} has no {io.METRICS_FILE}; train into it first")
