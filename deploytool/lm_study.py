@@ -134,11 +134,12 @@ def study_lm(model_or_path: Any, *, data: Any, out: str | Path | None = "docs/ro
     name = name or (path.resolve().name if path is not None else type(original).__name__)
     run = {"seq_len": seq_len, "batch_size": batch_size, "eval_tokens": eval_tokens or LM_EVAL_TOKENS}
     source = path if path is not None else original
+    reference = _reference_row(original, held, run)  # the same for every seed: measured once
     rows: dict[int, list[dict[str, Any]]] = {}
     with (tempfile.TemporaryDirectory(prefix="deploytool-lm-study-") as tmp,
           progress_bar("lm study runs", len(seed_list) * len(names), progress) as advance):
         for seed in seed_list:
-            rows[seed] = _seed_rows(source, original, train, held, Path(tmp) / f"s{seed}", names, steps=steps,
+            rows[seed] = _seed_rows(source, reference, train, held, Path(tmp) / f"s{seed}", names, steps=steps,
                                     seed=seed, run=run, advance=advance)
     worst = _worst(rows)
     section = to_markdown(rows, worst, name=name, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -184,18 +185,28 @@ def _fresh(source: Any) -> Any:
     return copy
 
 
-def _seed_rows(source: Any, original: Any, train: Any, held: Any, work: Path, names: list[str], *, steps: int,
-               seed: int, run: dict[str, Any], advance: Any) -> list[dict[str, Any]]:
-    """The reference row and one row per method for one seed."""
+def _reference_row(original: Any, held: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """The top-k original's row: its perplexity at its own k, the reference of every ratio."""
+    from deploytool.metrics import lm_metrics, router_k
+
+    k = router_k(original)
+    ref = lm_metrics(original, held, original_k=k, seq_len=run["seq_len"], max_tokens=run["eval_tokens"])
+    perplexity = ref["topk_perplexity"]
+    return {**row(ORIGINAL.format(k=k), {**ref, "perplexity": perplexity}, None, perplexity),
+            "confident": None, "min_load": None}
+
+
+def _seed_rows(source: Any, first: dict[str, Any], train: Any, held: Any, work: Path, names: list[str], *,
+               steps: int, seed: int, run: dict[str, Any], advance: Any) -> list[dict[str, Any]]:
+    """The reference row `first` and one row per method for one seed."""
     from deploytool.checkpoints import open_module
     from deploytool.hf import set_top_k
-    from deploytool.metrics import lm_metrics, router_k
+    from deploytool.metrics import lm_metrics
     from deploytool.nn import set_temperature
 
     measure = {"seq_len": run["seq_len"], "max_tokens": run["eval_tokens"]}
-    ref = lm_metrics(original, held, original_k=router_k(original), **measure)
-    reference = ref["topk_perplexity"]
-    rows = [{**row(ORIGINAL.format(k=router_k(original)), {**ref, "perplexity": reference}, None, reference), "confident": None, "min_load": None}]
+    reference = first["perplexity"]
+    rows = [dict(first)]
     plain_dir = None
     for i, name in enumerate(names):
         kind, options = ALL_METHODS[name]
